@@ -1,0 +1,3 @@
+from bnkit.cli import main
+
+raise SystemExit(main())

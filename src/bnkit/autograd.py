@@ -1,0 +1,220 @@
+"""Batch norm as torch custom ops with a hand-derived backward.
+
+Four ops, registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` and
+``torch.export`` see them as opaque nodes with known output shapes (``register_fake``):
+
+* ``bnkit::forward_train(x, weight, bias, eps) -> (y, mean, var)``
+* ``bnkit::forward_eval(x, running_mean, running_var, weight, bias, eps) -> y``
+* ``bnkit::backward_train(dy, x, weight, mean, invstd, ...) -> (dx, dw, db)``
+* ``bnkit::backward_eval(dy, x, running_mean, running_var, weight, eps, ...) -> (dx, dw, db)``
+
+The forward ops carry an autograd formula (``register_autograd``) that calls the backward
+ops. When the backward itself must be differentiable (double backward: grad mode is on
+while it runs) it is computed instead from :mod:`bnkit.reference` in plain torch ops, so
+autograd can differentiate it again. Every op picks its backend per call through
+:func:`bnkit.kernels.backend_for`.
+
+The formulas (symbols of ``docs/math.md``), with ``c1 = sum(dy)/M``, ``c2 = sum(dy*xhat)/M``::
+
+    training:  dx = w*invstd * (dy - c1 - xhat*c2),  dw = sum(dy*xhat),  db = sum(dy)
+    eval:      dx = w*invstd * dy,                   dw = sum(dy*xhat),  db = sum(dy)
+
+Backends compute ``dx`` as ``a*dy + k*(x - mean) + c`` with ``a = w*invstd``,
+``k = -a*invstd*c2`` and ``c = -a*c1``: one elementwise pass that never forms the
+cancelling ``b*x + const`` form.
+"""
+
+
+import torch
+from torch import Tensor
+
+from bnkit import reference as ref
+from bnkit.kernels import backend_for
+
+__all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train"]
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` laid out with the strides of ``x`` (kernels index both with one set of strides)."""
+    if t.stride() == x.stride():
+        return t
+    out = torch.empty_like(x, dtype=t.dtype)
+    out.copy_(t)
+    return out
+
+
+def _param_dtype(weight: Tensor | None, bias: Tensor | None) -> torch.dtype | None:
+    for p in (weight, bias):
+        if p is not None:
+            return p.dtype
+    return None
+
+
+def _empty_channels(x: Tensor) -> tuple[Tensor, Tensor]:
+    sd = ref.stats_dtype(x.dtype)
+    c = x.shape[1]
+    return x.new_empty((c,), dtype=sd), x.new_empty((c,), dtype=sd)
+
+
+# --- training forward -------------------------------------------------------------------
+
+
+@torch.library.custom_op("bnkit::forward_train", mutates_args=())
+def forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)`` of a training-mode batch norm (var biased, per channel)."""
+    y, mean, var = backend_for(x).forward_train(x, weight, bias, eps)
+    return y, mean, var
+
+
+@forward_train.register_fake
+def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    mean, var = _empty_channels(x)
+    return torch.empty_like(x), mean, var
+
+
+def _forward_train_setup(ctx, inputs, output) -> None:
+    x, weight, _bias, eps = inputs
+    _y, mean, var = output
+    ctx.save_for_backward(x, weight, mean, var)
+    ctx.eps = eps
+    ctx.param_dtype = _param_dtype(weight, _bias)
+
+
+def _forward_train_backward(ctx, gy: Tensor, _gmean: Tensor, _gvar: Tensor):
+    x, weight, mean, var = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    if torch.is_grad_enabled():
+        # Double backward: rebuild mean and invstd from x in plain ops so that autograd
+        # sees how they depend on x.
+        m, v = ref.batch_stats(x)
+        dx, dw, db = ref.backward_train(gy, x, m, ref.invstd(v, ctx.eps), weight)
+    else:
+        inv = ref.invstd(var, ctx.eps)
+        dx, dw, db = backward_train(gy, x, weight, mean, inv, need_x, need_w or need_b)
+    dw = dw.to(ctx.param_dtype) if need_w else None
+    db = db.to(ctx.param_dtype) if need_b else None
+    return (dx if need_x else None), dw, db, None
+
+
+forward_train.register_autograd(_forward_train_backward, setup_context=_forward_train_setup)
+
+
+@torch.library.custom_op("bnkit::backward_train", mutates_args=())
+def backward_train(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    need_input_grad: bool,
+    need_param_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dw, db)`` of the training forward; ``dx`` is empty unless asked for."""
+    dy = _like(dy, x)
+    backend = backend_for(x)
+    sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean)
+    sum_dy_xhat = sum_dy_xmu * invstd
+    if need_input_grad:
+        m = ref.count_per_channel(x)
+        a = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        k = -a * invstd * (sum_dy_xhat / m)
+        c = -a * (sum_dy / m)
+        dx = backend.backward_input(dy, x, mean, a, k, c)
+    else:
+        dx = x.new_empty((0,))
+    return dx, sum_dy_xhat, sum_dy
+
+
+@backward_train.register_fake
+def _(dy, x, weight, mean, invstd, need_input_grad, need_param_grad):
+    dw, db = _empty_channels(x)
+    return (torch.empty_like(x) if need_input_grad else x.new_empty((0,))), dw, db
+
+
+# --- eval forward -----------------------------------------------------------------------
+
+
+def _eval_scale(running_var: Tensor, weight: Tensor | None, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    inv = ref.invstd(running_var.to(dtype), eps)
+    return inv, (inv if weight is None else inv * weight.to(dtype))
+
+
+@torch.library.custom_op("bnkit::forward_eval", mutates_args=())
+def forward_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """``y = (x - running_mean) * w / sqrt(running_var + eps) + b`` (eval mode, one pass)."""
+    sd = ref.stats_dtype(x.dtype)
+    _inv, scale = _eval_scale(running_var, weight, eps, sd)
+    shift = torch.zeros_like(scale) if bias is None else bias.to(sd)
+    return backend_for(x).forward_eval(x, running_mean.to(sd), scale, shift)
+
+
+@forward_eval.register_fake
+def _(x, running_mean, running_var, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+def _forward_eval_setup(ctx, inputs, output) -> None:
+    x, running_mean, running_var, weight, _bias, eps = inputs
+    ctx.save_for_backward(x, running_mean, running_var, weight)
+    ctx.eps = eps
+    ctx.param_dtype = _param_dtype(weight, _bias)
+
+
+def _forward_eval_backward(ctx, gy: Tensor):
+    x, running_mean, running_var, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    if torch.is_grad_enabled():
+        sd = ref.stats_dtype(x.dtype)
+        inv = ref.invstd(running_var.to(sd), ctx.eps)
+        dx, dw, db = ref.backward_eval(gy, x, running_mean.to(sd), inv, weight)
+    else:
+        dx, dw, db = backward_eval(gy, x, running_mean, running_var, weight, ctx.eps, need_x, need_w or need_b)
+    dw = dw.to(ctx.param_dtype) if need_w else None
+    db = db.to(ctx.param_dtype) if need_b else None
+    return (dx if need_x else None), None, None, dw, db, None
+
+
+forward_eval.register_autograd(_forward_eval_backward, setup_context=_forward_eval_setup)
+
+
+@torch.library.custom_op("bnkit::backward_eval", mutates_args=())
+def backward_eval(
+    dy: Tensor,
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    need_input_grad: bool,
+    need_param_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dw, db)`` of the eval forward; running statistics are constants."""
+    dy = _like(dy, x)
+    sd = ref.stats_dtype(x.dtype)
+    backend = backend_for(x)
+    inv, scale = _eval_scale(running_var, weight, eps, sd)
+    if need_input_grad:
+        zeros = torch.zeros_like(scale)
+        dx = backend.forward_eval(dy, zeros, scale, zeros)
+    else:
+        dx = x.new_empty((0,))
+    if need_param_grad:
+        sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, running_mean.to(sd))
+        return dx, sum_dy_xmu * inv, sum_dy
+    dw, db = _empty_channels(x)
+    return dx, dw.zero_(), db.zero_()
+
+
+@backward_eval.register_fake
+def _(dy, x, running_mean, running_var, weight, eps, need_input_grad, need_param_grad):
+    dw, db = _empty_channels(x)
+    return (torch.empty_like(x) if need_input_grad else x.new_empty((0,))), dw, db

@@ -1,0 +1,213 @@
+"""``bnkit.nn.BatchNorm1d/2d/3d`` and their lazy forms: torch's classes, bnkit's forward.
+
+Each class subclasses its ``torch.nn`` twin, so parameters, buffers, ``state_dict`` keys,
+``repr``, ``reset_*``, legacy-checkpoint loading and every ``isinstance(m, _BatchNorm)``
+check in the ecosystem (``swa_utils.update_bn``, ``convert_sync_batchnorm``, timm,
+detectron2, fvcore) work unchanged. Only ``forward`` is bnkit's, plus two keyword-only
+options that default to torch's behaviour: ``channel_dim`` and ``nonfinite``.
+
+The four modes (``training`` x ``track_running_stats``), as in torch:
+
+=============  =====================  ==========================================
+training       track_running_stats    normalizes with / updates running stats
+=============  =====================  ==========================================
+True           True                   batch statistics / yes
+True           False                  batch statistics / no (there are none)
+False          True                   running statistics / no
+False          False                  batch statistics / no
+=============  =====================  ==========================================
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from bnkit.functional import batch_norm_pure, write_running_stats
+from bnkit.nonfinite import check_policy, get_nonfinite_policy
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+]
+
+# torch >= 2.9 added ``bias=`` to the constructors; pass it only where torch takes it.
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+
+
+class _BatchNormForward:
+    """bnkit's forward for any subclass of ``torch.nn.modules.batchnorm._NormBase``."""
+
+    channel_dim: int = 1
+    nonfinite: str | None = None
+
+    def _init_bnkit(self, channel_dim: int, nonfinite: str | None) -> None:
+        if not isinstance(channel_dim, int):
+            raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+        self.channel_dim = channel_dim
+        self.nonfinite = check_policy(nonfinite)
+
+    def _check_channels(self, input: Tensor) -> None:
+        # torch reports a channel mismatch from its kernel; bnkit says it before any work.
+        dim = self.channel_dim % input.dim() if input.dim() else 0
+        if self.num_features and input.dim() > dim and input.shape[dim] != self.num_features:
+            for name in ("running_mean", "weight"):
+                t = getattr(self, name, None)
+                if t is not None:
+                    raise RuntimeError(f"{name} should contain {input.shape[dim]} elements not {t.numel()}")
+
+    def _momentum(self) -> float | Tensor:
+        # torch's exponential_average_factor, as a tensor for momentum=None so that
+        # torch.compile keeps the whole step in one graph (torch's own module breaks it).
+        if self.momentum is not None:
+            return self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            return 1.0 / (self.num_batches_tracked + 1).to(torch.float64)
+        return 0.0
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
+        self._check_channels(input)
+        update = self.training and self.track_running_stats
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        y, new_mean, new_var = batch_norm_pure(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self._momentum(),
+            self.eps,
+            mask=mask,
+            channel_dim=self.channel_dim,
+        )
+        if update:
+            self._commit_running_stats(new_mean, new_var)
+        return y
+
+    def _commit_running_stats(self, new_mean: Tensor | None, new_var: Tensor | None) -> None:
+        """The one place a module mutates its buffers (after the non-finite policy)."""
+        policy = self.nonfinite or get_nonfinite_policy()
+        if policy != "propagate" and new_mean is not None and new_var is not None:
+            finite = bool(torch.isfinite(new_mean).all() and torch.isfinite(new_var).all())
+            if not finite:
+                where = f"{type(self).__name__}({self.num_features})"
+                message = (
+                    f"{where}: batch statistics are not finite; running statistics and "
+                    "num_batches_tracked were left unchanged"
+                )
+                if policy == "raise":
+                    raise FloatingPointError(f"{where}: batch statistics are not finite (nonfinite='raise')")
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                return
+        if self.num_batches_tracked is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+        write_running_stats(self.running_mean, self.running_var, new_mean, new_var)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.channel_dim != 1:
+            text += f", channel_dim={self.channel_dim}"
+        if self.nonfinite is not None:
+            text += f", nonfinite={self.nonfinite!r}"
+        return text
+
+
+def _make_init(torch_cls: type):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        channel_dim: int = 1,
+        nonfinite: str | None = None,
+    ) -> None:
+        extra = {"bias": bias} if _TORCH_TAKES_BIAS else {}
+        if not bias and not _TORCH_TAKES_BIAS:
+            raise TypeError("bias=False needs torch >= 2.9")
+        torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
+        self._init_bnkit(channel_dim, nonfinite)
+
+    return __init__
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """Drop-in for ``torch.nn.BatchNorm1d``: input (N, C) or (N, C, L)."""
+
+    __init__ = _make_init(nn.BatchNorm1d)
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """Drop-in for ``torch.nn.BatchNorm2d``: input (N, C, H, W)."""
+
+    __init__ = _make_init(nn.BatchNorm2d)
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    """Drop-in for ``torch.nn.BatchNorm3d``: input (N, C, D, H, W)."""
+
+    __init__ = _make_init(nn.BatchNorm3d)
+
+
+def _make_lazy_init(torch_cls: type):
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        channel_dim: int = 1,
+        nonfinite: str | None = None,
+    ) -> None:
+        torch_cls.__init__(self, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_bnkit(channel_dim, nonfinite)
+
+    return __init__
+
+
+class _LazyChannels:
+    def initialize_parameters(self, input: Tensor) -> None:
+        # torch reads the channel count from dim 1; bnkit honours channel_dim.
+        if self.has_uninitialized_params():
+            moved = input.movedim(self.channel_dim, 1) if self.channel_dim != 1 else input
+            super().initialize_parameters(moved)
+
+
+class LazyBatchNorm1d(_LazyChannels, _BatchNormForward, nn.LazyBatchNorm1d):
+    """Drop-in for ``torch.nn.LazyBatchNorm1d``; becomes :class:`BatchNorm1d`."""
+
+    cls_to_become = BatchNorm1d
+    __init__ = _make_lazy_init(nn.LazyBatchNorm1d)
+
+
+class LazyBatchNorm2d(_LazyChannels, _BatchNormForward, nn.LazyBatchNorm2d):
+    """Drop-in for ``torch.nn.LazyBatchNorm2d``; becomes :class:`BatchNorm2d`."""
+
+    cls_to_become = BatchNorm2d
+    __init__ = _make_lazy_init(nn.LazyBatchNorm2d)
+
+
+class LazyBatchNorm3d(_LazyChannels, _BatchNormForward, nn.LazyBatchNorm3d):
+    """Drop-in for ``torch.nn.LazyBatchNorm3d``; becomes :class:`BatchNorm3d`."""
+
+    cls_to_become = BatchNorm3d
+    __init__ = _make_lazy_init(nn.LazyBatchNorm3d)
