@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.functional import batch_norm_pure, write_running_stats
+from bnkit.nn.modes import resolve_mode
 from bnkit.nonfinite import check_policy, get_nonfinite_policy
 
 __all__ = [
@@ -68,16 +69,27 @@ class _BatchNormForward:
         # torch.compile keeps the whole step in one graph (torch's own module breaks it).
         if self.momentum is not None:
             return self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if resolve_mode(self)[1] and self.num_batches_tracked is not None:
             return 1.0 / (self.num_batches_tracked + 1).to(torch.float64)
         return 0.0
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
-        update = self.training and self.track_running_stats
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
+        use_batch_stats, update = resolve_mode(self)
+        has_running = self.running_mean is not None and self.running_var is not None
+        if update and not use_batch_stats and has_running:
+            # "eval but keep updating": normalize with the running statistics as they
+            # were, then fold this batch into them.
+            y, _, _ = batch_norm_pure(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                      False, 0.0, self.eps, mask=mask, channel_dim=self.channel_dim)
+            with torch.no_grad():
+                _, new_mean, new_var = batch_norm_pure(
+                    input.detach(), self.running_mean, self.running_var, None, None, True, self._momentum(),
+                    self.eps, mask=mask, channel_dim=self.channel_dim)
+            self._commit_running_stats(new_mean, new_var)
+            return y
+        keep = has_running and (update or not use_batch_stats)
         y, new_mean, new_var = batch_norm_pure(
             input,
             self.running_mean if keep else None,
