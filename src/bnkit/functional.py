@@ -177,3 +177,24 @@ def write_running_stats(
             running_mean.copy_(new_mean)
         if running_var is not None and new_var is not None and new_var is not running_var:
             running_var.copy_(new_var)
+
+# Variants (bnkit.functional_variants), re-exported here; imported last because they build on the above.
+from bnkit.functional_variants import (  # noqa: E402
+    batch_norm_act,
+    batch_norm_act_pure,
+    batch_renorm,
+    batch_renorm_pure,
+    frozen_batch_norm,
+    ghost_batch_norm,
+    ghost_batch_norm_pure,
+)
+
+__all__ += [
+    "batch_norm_act",
+    "batch_norm_act_pure",
+    "batch_renorm",
+    "batch_renorm_pure",
+    "frozen_batch_norm",
+    "ghost_batch_norm",
+    "ghost_batch_norm_pure",
+]

@@ -81,8 +81,8 @@ class _BatchNormForward:
         if update and not use_batch_stats and has_running:
             # "eval but keep updating": normalize with the running statistics as they
             # were, then fold this batch into them.
-            y, _, _ = batch_norm_pure(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                      False, 0.0, self.eps, mask=mask, channel_dim=self.channel_dim)
+            y, _, _ = self._batch_norm_pure(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                            False, 0.0, self.eps, mask=mask, channel_dim=self.channel_dim)
             with torch.no_grad():
                 _, new_mean, new_var = batch_norm_pure(
                     input.detach(), self.running_mean, self.running_var, None, None, True, self._momentum(),
@@ -90,7 +90,7 @@ class _BatchNormForward:
             self._commit_running_stats(new_mean, new_var)
             return y
         keep = has_running and (update or not use_batch_stats)
-        y, new_mean, new_var = batch_norm_pure(
+        y, new_mean, new_var = self._batch_norm_pure(
             input,
             self.running_mean if keep else None,
             self.running_var if keep else None,
@@ -105,6 +105,14 @@ class _BatchNormForward:
         if update:
             self._commit_running_stats(new_mean, new_var)
         return y
+
+    def _batch_norm_pure(self, input: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The pure function that makes the output (``batch_norm_pure``'s signature).
+
+        Variants (``bnkit.nn.act``, ``bnkit.nn.variants``) override only this and reuse the
+        mode logic of :meth:`forward` and the buffer writes of :meth:`_commit_running_stats`.
+        """
+        return batch_norm_pure(input, *args, **kwargs)
 
     def _commit_running_stats(self, new_mean: Tensor | None, new_var: Tensor | None) -> None:
         """The one place a module mutates its buffers (after the non-finite policy)."""

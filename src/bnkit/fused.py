@@ -1,0 +1,348 @@
+r"""Batch norm fused with an activation, and the memory-saving (InPlace-ABN) mode.
+
+Forward: ``z = act(y)`` with ``y = w * xhat + b`` (the batch-norm output, see
+:mod:`bnkit.reference`); the activation runs in place on the freshly made ``y``, so no
+second full-size tensor exists (except for silu/gelu in the standard mode, whose backward
+needs ``y``).
+
+Backward, with ``g = dz * act'(y)`` the gradient reaching the batch norm, is the batch-norm
+backward of :mod:`bnkit.reference` applied to ``g``::
+
+    dx = w * invstd * (g - c1 - xhat * c2),  c1 = sum(g)/M,  c2 = sum(g * xhat)/M
+    dw = sum(g * xhat),                       db = sum(g)
+
+Standard mode saves ``x`` (for ``xhat``) and ``z`` (``act'`` from the output: identity,
+relu, leaky_relu and elu with a positive parameter) or ``y`` (silu, gelu).
+
+Memory-saving mode (Rota Bulò et al., "In-Place Activated BatchNorm", CVPR 2018) saves
+only ``z`` and per-channel vectors, and rebuilds everything in the backward::
+
+    y    = act^{-1}(z)          leaky_relu: y = z if z >= 0 else z / slope
+                                elu:        y = z if z >= 0 else log1p(z / alpha)
+    xhat = (y - b) / w
+    g    = dz * act'(y)         leaky_relu: slope where z < 0;  elu: z + alpha where z < 0
+
+Substituting ``xhat`` keeps ``w`` out of every denominator of ``dx``::
+
+    dx = a * g + k * (y - b) + c,   a = w * invstd,  k = -invstd * c2,  c = -a * c1
+    c2 = sum(g * (y - b)) / (w * M)
+
+which is exactly the backend contract (``backward_reduce(g, y, b)`` and
+``backward_input(g, y, b, a, k, c)`` with ``b`` in the place of the mean).
+
+Channels whose scale cannot be divided out (``|w| <= RECOVERY_RATIO * |b| + tiny``, in
+particular ``w == 0``) lose ``xhat`` in ``y``: ``y`` is ``b`` up to rounding. Instead of
+changing the forward (InPlace-ABN uses ``|w| + eps`` as the scale), bnkit keeps ``xhat`` of
+just those channels in a side tensor of shape (N, n_lost, *) and computes their ``dw`` and
+``dx`` from it; it is empty in the usual case. Precision limits of the inversion (float32):
+``xhat`` is recovered to about ``eps * |b| / |w| <= 1e-4``; ELU's inverse loses digits where
+``exp(y)`` is small (error about ``eps / exp(y)``) and fails once the output saturates at
+``-alpha`` (``y < log(eps)``, -15.9 in float32, -36 in float64) - InPlace-ABN shares both.
+
+The memory-saving backward runs over batch chunks of at most :data:`CHUNK_ELEMENTS`
+elements (at least one sample), so besides ``dx`` it allocates only chunk-sized temporaries.
+With ``inplace=True`` the forward writes ``z`` over ``x`` (also chunk by chunk; the
+statistics come from two ``backward_reduce`` passes first). No double backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bnkit import autograd as bn_ops
+from bnkit import reference as ref
+from bnkit.kernels import backend_for
+
+__all__ = [
+    "ACTIVATIONS",
+    "CHUNK_ELEMENTS",
+    "INVERTIBLE_ACTIVATIONS",
+    "RECOVERY_RATIO",
+    "activation_grad",
+    "activation_inverse",
+    "apply_activation",
+    "batch_norm_act_forward",
+    "check_activation",
+]
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
+INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
+# Memory-saving backward: channels with |w| <= RECOVERY_RATIO * |b| + tiny keep xhat aside.
+RECOVERY_RATIO = 1e-3
+# Memory-saving backward/in-place forward: elements per batch chunk (at least one sample).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def check_activation(activation: str, activation_param: float, memory_saving: bool) -> None:
+    """Raise ``ValueError`` for an unknown activation or one memory saving cannot invert."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if not memory_saving:
+        return
+    if activation not in INVERTIBLE_ACTIVATIONS:
+        raise ValueError(
+            f"memory_saving=True needs an invertible activation ({', '.join(INVERTIBLE_ACTIVATIONS)}), "
+            f"got {activation!r}: its input cannot be rebuilt from its output"
+        )
+    if activation in ("leaky_relu", "elu") and not activation_param > 0:
+        raise ValueError(
+            f"memory_saving=True with {activation!r} needs activation_param > 0 to be invertible, "
+            f"got {activation_param!r}"
+        )
+
+
+def _grad_from_output(activation: str, param: float) -> bool:
+    # act'(y) can be read off z = act(y) when act is monotonic with a known sign split.
+    return activation in ("identity", "relu") or (activation in ("leaky_relu", "elu") and param > 0)
+
+
+def apply_activation(y: Tensor, activation: str, param: float, inplace: bool) -> Tensor:
+    """``act(y)``, written over ``y`` when ``inplace`` (silu/gelu never in place here)."""
+    if activation == "identity":
+        return y
+    if activation == "relu":
+        return y.relu_() if inplace else F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu_(y, param) if inplace else F.leaky_relu(y, param)
+    if activation == "elu":
+        return F.elu_(y, param) if inplace else F.elu(y, param)
+    if activation == "silu":
+        return F.silu(y, inplace=inplace)
+    return F.gelu(y)
+
+
+def activation_grad(dz: Tensor, saved: Tensor, activation: str, param: float) -> Tensor:
+    """``dz * act'(y)``; ``saved`` is ``z`` where :func:`_grad_from_output` holds, else ``y``."""
+    if activation == "identity":
+        return dz
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(dz, saved, 0)
+    if activation == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(dz, saved, param, param > 0)
+    if activation == "elu":
+        return torch.ops.aten.elu_backward(dz, param, 1, 1, param > 0, saved)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(dz, saved)
+    return torch.ops.aten.gelu_backward(dz, saved)
+
+
+def activation_inverse(z: Tensor, activation: str, param: float) -> Tensor:
+    """``y = act^{-1}(z)`` for the invertible activations (see the module docstring)."""
+    if activation == "identity":
+        return z
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, 1.0 / param)
+    # elu: clamp so that a saturated output gives a finite (if inexact) y instead of -inf
+    ratio = (z / param).clamp_(min=-1.0 + torch.finfo(z.dtype).eps)
+    return torch.where(z > 0, z, ratio.log1p_())
+
+
+def _batch_chunks(x: Tensor) -> list[tuple[int, int]]:
+    n = x.shape[0]
+    per_sample = max(1, x[0].numel()) if n else 1
+    step = max(1, CHUNK_ELEMENTS // per_sample)
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _same_layout(t: Tensor, like: Tensor) -> Tensor:
+    if t.stride() == like.stride():
+        return t
+    out = torch.empty_like(like, dtype=t.dtype)
+    out.copy_(t)
+    return out
+
+
+def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """Indices of the channels whose ``xhat`` cannot be divided out of ``y`` (or ``None``)."""
+    if weight is None:
+        return None
+    w = weight.detach()
+    b = torch.zeros_like(w) if bias is None else bias.detach().to(w.dtype)
+    floor = torch.finfo(w.dtype).tiny ** 0.5
+    lost = w.abs() <= RECOVERY_RATIO * b.abs() + floor
+    if not bool(lost.any()):
+        return None
+    return lost.nonzero().flatten()
+
+
+def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch ``(mean, var)`` from two ``backward_reduce`` passes, allocating nothing full-size.
+
+    ``sum(x * (x - mean)) = M * var + mean * sum(x - mean)``; the last term (zero in exact
+    arithmetic) is subtracted, so this is the two-pass variance of the numerics policy.
+    """
+    backend = backend_for(x)
+    sd = ref.stats_dtype(x.dtype)
+    m = ref.count_per_channel(x)
+    zeros = torch.zeros(x.shape[1], dtype=sd, device=x.device)
+    s1, _ = backend.backward_reduce(x, x, zeros)
+    mean = s1 / m
+    s1b, sxx = backend.backward_reduce(x, x, mean)
+    var = (sxx - mean * (s1b - m * mean)) / m
+    return mean, var.clamp_(min=0)
+
+
+class _BatchNormAct(torch.autograd.Function):
+    """``(z, mean, var)``; mean/var are the batch statistics (empty in eval mode)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation, param,
+                memory_saving, inplace):
+        sd = ref.stats_dtype(x.dtype)
+        backend = backend_for(x)
+        c = x.shape[1]
+        w = torch.ones(c, dtype=sd, device=x.device) if weight is None else weight.to(sd)
+        b = torch.zeros(c, dtype=sd, device=x.device) if bias is None else bias.to(sd)
+        shape = ref.channel_shape(x)
+        if training:
+            if inplace:
+                mean, var = _stats_by_reduce(x)
+            else:
+                y, mean, var = backend.forward_train(x, weight, bias, eps)
+            inv = ref.invstd(var, eps)
+        else:
+            mean, var = running_mean.to(sd), running_var.to(sd)
+            inv = ref.invstd(var, eps)
+            if not inplace:
+                y = backend.forward_eval(x, mean, inv * w, b)
+        lost = _lost_channels(weight, bias) if memory_saving else None
+        xhat_lost = None
+        if lost is not None:
+            cs = [1, lost.numel(), *shape[2:]]
+            xhat_lost = (x.index_select(1, lost).to(sd) - mean[lost].view(cs)) * inv[lost].view(cs)
+        if inplace:
+            for n0, n1 in _batch_chunks(x):
+                xc = x[n0:n1]
+                xc.copy_(apply_activation(backend.forward_eval(xc, mean, inv * w, b), activation, param, True))
+            ctx.mark_dirty(x)
+            z = x
+        elif memory_saving or _grad_from_output(activation, param):
+            z = apply_activation(y, activation, param, True)
+        else:
+            z = apply_activation(y, activation, param, False)
+
+        ctx.training, ctx.eps, ctx.activation, ctx.param = training, eps, activation, param
+        ctx.memory_saving = memory_saving
+        ctx.param_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else None)
+        ctx.has_lost = lost is not None
+        if memory_saving:
+            extra = (lost, xhat_lost) if lost is not None else ()
+            ctx.save_for_backward(z, w, b, inv, *extra)
+        else:
+            act_saved = z if _grad_from_output(activation, param) else y
+            if training:
+                ctx.save_for_backward(x, act_saved, weight, mean, inv)
+            else:
+                # copies: a module may update its running statistics before this backward runs
+                ctx.save_for_backward(x, act_saved, weight, mean.clone(), var.clone())
+        if training:
+            ctx.mark_non_differentiable(mean, var)
+            return z, mean, var
+        empty = x.new_empty((0,), dtype=sd)
+        ctx.mark_non_differentiable(empty)
+        return z, empty, empty
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dz, _dmean, _dvar):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.memory_saving:
+            dx, dw, db = _memory_saving_backward(ctx, dz, need_x)
+        else:
+            x, act_saved, weight, s1, s2 = ctx.saved_tensors
+            g = activation_grad(_same_layout(dz, act_saved), act_saved, ctx.activation, ctx.param)
+            if ctx.training:
+                dx, dw, db = bn_ops.backward_train(g, x, weight, s1, s2, need_x, need_w or need_b)
+            else:
+                dx, dw, db = bn_ops.backward_eval(g, x, s1, s2, weight, ctx.eps, need_x, need_w or need_b)
+        dw = dw.to(ctx.param_dtype) if need_w else None
+        db = db.to(ctx.param_dtype) if need_b else None
+        return (dx if need_x else None), dw, db, None, None, None, None, None, None, None, None
+
+
+def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Rebuild ``y`` and ``g`` chunk by chunk from ``z``; see the module docstring."""
+    saved = ctx.saved_tensors
+    z, w, b, inv = saved[:4]
+    lost, xhat_lost = (saved[4], saved[5]) if ctx.has_lost else (None, None)
+    dz = _same_layout(dz, z)
+    backend = backend_for(z)
+    act, param = ctx.activation, ctx.param
+    m = ref.count_per_channel(z)
+    dims = ref.reduction_dims(z)
+    chunks = _batch_chunks(z)
+
+    sum_g = torch.zeros_like(w)
+    sum_g_ymb = torch.zeros_like(w)  # sum(g * (y - b))
+    sum_g_xhat_lost = None if lost is None else torch.zeros(lost.numel(), dtype=w.dtype, device=w.device)
+    for n0, n1 in chunks:
+        zc = z[n0:n1]
+        g = activation_grad(dz[n0:n1], zc, act, param)
+        s_g, s_gy = backend.backward_reduce(g, activation_inverse(zc, act, param), b)
+        sum_g += s_g
+        sum_g_ymb += s_gy
+        if lost is not None:
+            gl = g.index_select(1, lost).to(w.dtype)
+            sum_g_xhat_lost += (gl * xhat_lost[n0:n1]).sum(dims)
+    safe_w = torch.where(w == 0, torch.ones_like(w), w)
+    sum_g_xhat = sum_g_ymb / safe_w
+    if lost is not None:
+        sum_g_xhat[lost] = sum_g_xhat_lost
+    if not need_x:
+        return None, sum_g_xhat, sum_g
+
+    a = w * inv
+    if ctx.training:
+        c1, c2 = sum_g / m, sum_g_xhat / m
+        k, c = -inv * c2, -a * c1
+    else:
+        c1 = c2 = k = c = torch.zeros_like(w)
+    if lost is not None:
+        k = k.clone()
+        k[lost] = 0
+    dx = torch.empty_like(z)
+    shape = ref.channel_shape(z)
+    for n0, n1 in chunks:
+        zc = z[n0:n1]
+        g = activation_grad(dz[n0:n1], zc, act, param)
+        dxc = dx[n0:n1]
+        dxc.copy_(backend.backward_input(g, activation_inverse(zc, act, param), b, a, k, c))
+        if lost is not None:
+            cs = (1, lost.numel()) + tuple(shape[2:])
+            gl = g.index_select(1, lost).to(w.dtype)
+            fix = a[lost].view(cs) * (gl - c1[lost].view(cs) - xhat_lost[n0:n1] * c2[lost].view(cs))
+            dxc.index_copy_(1, lost, fix.to(dx.dtype))
+    return dx, sum_g_xhat, sum_g
+
+
+def batch_norm_act_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    memory_saving: bool,
+    inplace: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(z, mean, var)``: fused batch norm + activation on an (N, C, *) input.
+
+    ``training`` normalizes with the batch statistics (returned, var biased); otherwise
+    with ``running_mean``/``running_var`` (and ``mean``/``var`` are ``None``). ``inplace``
+    (memory-saving only) writes ``z`` into ``x`` and returns ``x``.
+    """
+    check_activation(activation, activation_param, memory_saving)
+    if inplace and not memory_saving:
+        raise ValueError("inplace=True needs memory_saving=True: the standard backward reads the input")
+    z, mean, var = _BatchNormAct.apply(
+        x, weight, bias, running_mean, running_var, training, eps, activation, float(activation_param),
+        memory_saving, inplace,
+    )
+    if not training:
+        return z, None, None
+    return z, mean, var
