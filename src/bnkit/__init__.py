@@ -8,6 +8,7 @@ from bnkit import functional, nn
 from bnkit.kernels import available_backends, last_backend, set_backend, use_backend
 from bnkit.nonfinite import nonfinite_policy, set_nonfinite_policy
 from bnkit.utils import convert
+from bnkit.utils.freeze import freeze, unfreeze
 
 __version__ = "0.1.0"
 
@@ -15,11 +16,13 @@ __all__ = [
     "__version__",
     "available_backends",
     "convert",
+    "freeze",
     "functional",
     "last_backend",
     "nn",
     "nonfinite_policy",
     "set_backend",
     "set_nonfinite_policy",
+    "unfreeze",
     "use_backend",
 ]
