@@ -1,0 +1,255 @@
+"""Fused BN + activation vs batch norm followed by the activation, written here in plain torch ops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnkit
+import bnkit.functional as bf
+from bnkit import fused
+
+EPS = 1e-5
+ACTS = ["identity", "relu", "leaky_relu", "elu", "silu", "gelu"]
+INVERTIBLE = ["identity", "leaky_relu", "elu"]
+PARAM = {"leaky_relu": 0.1, "elu": 0.7}
+# (dtype, atol, rtol) for outputs and gradients vs the float64 reference
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}
+
+
+def act_ref(y, activation, p):
+    """The activations from their definitions."""
+    if activation == "identity":
+        return y
+    if activation == "relu":
+        return torch.where(y > 0, y, torch.zeros_like(y))
+    if activation == "leaky_relu":
+        return torch.where(y > 0, y, p * y)
+    if activation == "elu":
+        return torch.where(y > 0, y, p * (torch.exp(y) - 1))
+    if activation == "silu":
+        return y * torch.sigmoid(y)
+    return 0.5 * y * (1 + torch.erf(y / 2**0.5))
+
+
+def bn_act_ref(x, rm, rv, w, b, training, momentum, activation, p):
+    """BN from its equations (biased var to normalize, unbiased to update), then the activation."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if training:
+        mean = x.mean(dims)
+        var = ((x - mean.view(shape)) ** 2).mean(dims)
+        m = x.numel() // x.shape[1]
+        new_rm = (1 - momentum) * rm + momentum * mean.detach()
+        new_rv = (1 - momentum) * rv + momentum * var.detach() * m / (m - 1)
+    else:
+        mean, var, new_rm, new_rv = rm, rv, rm, rv
+    y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + EPS) * w.view(shape) + b.view(shape)
+    return act_ref(y, activation, p), new_rm, new_rv
+
+
+def _data(shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, generator=g, dtype=dtype) * 2 + 0.5
+    w = torch.randn(c, generator=g, dtype=dtype)
+    b = torch.randn(c, generator=g, dtype=dtype) * 0.5
+    rm = torch.randn(c, generator=g, dtype=dtype) * 0.1
+    rv = torch.rand(c, generator=g, dtype=dtype) + 0.5
+    return x, w, b, rm, rv
+
+
+def _compare(activation, memory_saving, training, shape, dtype=torch.float64, w_override=None, inplace=False):
+    x, w, b, rm, rv = _data(shape, dtype)
+    if w_override is not None:
+        w = w_override.to(dtype)
+    p = PARAM.get(activation, 0.01)
+    gz = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    # reference in float64
+    xr, wr, br = (t.double().clone().requires_grad_() for t in (x, w, b))
+    zr, rmr, rvr = bn_act_ref(xr, rm.double(), rv.double(), wr, br, training, 0.1, activation, p)
+    zr.backward(gz.double())
+    # bnkit
+    xb = x.clone().requires_grad_()
+    xin = xb * 1 if inplace else xb  # in-place needs a non-leaf
+    wb, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
+    rmb, rvb = rm.clone(), rv.clone()
+    zb = bf.batch_norm_act(xin, rmb, rvb, wb, bb, training, 0.1, EPS, activation=activation, activation_param=p,
+                           memory_saving=memory_saving, inplace=inplace)
+    if inplace:
+        assert zb is xin
+    zb.backward(gz)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(zb.detach().double(), zr.detach(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(xb.grad.double(), xr.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(wb.grad.double(), wr.grad, atol=atol * 10, rtol=rtol)
+    torch.testing.assert_close(bb.grad.double(), br.grad, atol=atol * 10, rtol=rtol)
+    torch.testing.assert_close(rmb.double(), rmr, atol=atol, rtol=rtol)
+    torch.testing.assert_close(rvb.double(), rvr, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", ACTS)
+def test_standard_matches_reference(activation, training):
+    _compare(activation, False, training, (4, 3, 5, 6))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", INVERTIBLE)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_memory_saving_matches_reference(activation, training, inplace):
+    _compare(activation, True, training, (4, 3, 5, 6), inplace=inplace)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "silu"])
+def test_float32_and_1d_3d(activation):
+    _compare(activation, activation == "leaky_relu", True, (6, 3, 4, 5), dtype=torch.float32)
+    _compare(activation, False, True, (7, 3))
+    _compare(activation, False, True, (2, 3, 3, 4, 2))
+
+
+@pytest.mark.parametrize("activation", INVERTIBLE)
+def test_memory_saving_zero_and_tiny_weight_channels(activation):
+    # channel 0: w == 0 (xhat is gone from the output), channel 1: |w| << |b|, channel 2: normal
+    w = torch.tensor([0.0, 1e-6, 1.3], dtype=torch.float64)
+    for training in (True, False):
+        _compare(activation, True, training, (4, 3, 5, 6), w_override=w)
+        _compare(activation, True, training, (4, 3, 5, 6), w_override=w, inplace=True)
+
+
+def test_memory_saving_chunks(monkeypatch):
+    # several batch chunks, with a remainder, give the same gradients
+    x, *_ = _data((5, 3, 4, 4))
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2 * x[0].numel())
+    _compare("leaky_relu", True, True, (5, 3, 4, 4))
+    _compare("elu", True, True, (5, 3, 4, 4), w_override=torch.tensor([0.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("activation,memory_saving", [(a, False) for a in ACTS] + [(a, True) for a in INVERTIBLE])
+def test_gradcheck(activation, memory_saving):
+    x, w, b, rm, rv = _data((3, 2, 2, 3))
+    p = PARAM.get(activation, 0.01)
+    for training in (True, False):
+        def f(x, w, b, training=training):
+            return bf.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, activation=activation,
+                                     activation_param=p, memory_saving=memory_saving)
+        assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+
+
+def test_memory_saving_saves_only_the_output():
+    x, w, b, *_ = _data((4, 3, 5, 6))
+    x.requires_grad_()
+    w.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z = bf.batch_norm_act(x * 1, None, None, w, b, True, activation="leaky_relu", memory_saving=True,
+                              inplace=True)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == z.data_ptr()
+    assert all(t.numel() <= x.shape[1] for t in saved if t.numel() != x.numel())
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        bf.batch_norm_act(x * 1, None, None, w, b, True, activation="leaky_relu")
+    assert len([t for t in saved if t.numel() == x.numel()]) == 2  # standard mode: x and the output
+
+
+def _peak_bytes(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_memory_saving_backward_is_chunked(monkeypatch):
+    # Besides dx, the backward allocates only chunk-sized temporaries: with 16 chunks the
+    # peak above the start stays well under two full-size tensors (dx + a little), while an
+    # unchunked backward would need dx plus several full-size temporaries.
+    shape = (16, 8, 32, 32)
+    x = torch.randn(shape).requires_grad_()
+    w = torch.rand(8).add_(0.5).requires_grad_()
+    b = torch.randn(8).requires_grad_()
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", x[0].numel())
+    z = bf.batch_norm_act(x, None, None, w, b, True, activation="leaky_relu", memory_saving=True)
+    g = torch.randn(shape)
+    full = x.numel() * x.element_size()
+    peak = _peak_bytes(lambda: z.backward(g))
+    assert peak < 1.75 * full, (peak, full)
+    ref = torch.randn(shape).requires_grad_()
+    zr = F.leaky_relu(F.batch_norm(ref, None, None, w, b, True))
+    assert _peak_bytes(lambda: zr.backward(g)) > peak
+
+
+def test_errors():
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="invertible"):
+        bf.batch_norm_act(x, None, None, training=True, activation="relu", memory_saving=True)
+    with pytest.raises(ValueError, match="activation_param > 0"):
+        bf.batch_norm_act(x, None, None, training=True, activation="leaky_relu", activation_param=0.0,
+                          memory_saving=True)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        bf.batch_norm_act(x, None, None, training=True, activation="tanh")
+    with pytest.raises(ValueError, match="inplace=True needs memory_saving"):
+        bf.batch_norm_act(x, None, None, training=True, inplace=True)
+    with pytest.raises(ValueError, match="invertible"):
+        bnkit.nn.BatchNormAct2d(3, activation="gelu", memory_saving=True)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        bf.batch_norm_act(torch.randn(1, 3), None, None, training=True)
+
+
+@pytest.mark.parametrize("cls,torch_cls,shape", [
+    (bnkit.nn.BatchNormAct1d, nn.BatchNorm1d, (6, 3, 4)),
+    (bnkit.nn.BatchNormAct2d, nn.BatchNorm2d, (4, 3, 5, 5)),
+    (bnkit.nn.BatchNormAct3d, nn.BatchNorm3d, (2, 3, 3, 3, 2)),
+])
+@pytest.mark.parametrize("memory_saving", [False, True])
+def test_module_loads_plain_bn_and_matches(cls, torch_cls, shape, memory_saving):
+    t = torch_cls(3).double()
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+        t.bias.normal_()
+        t.running_mean.normal_()
+    m = cls(3, activation="leaky_relu", activation_param=0.2, memory_saving=memory_saving).double()
+    m.load_state_dict(t.state_dict())
+    assert list(m.state_dict()) == list(t.state_dict())
+    x = torch.randn(shape, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        getattr(t, mode)()
+        getattr(m, mode)()
+        torch.testing.assert_close(m(x), F.leaky_relu(t(x), 0.2), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(m.running_mean, t.running_mean, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(m.running_var, t.running_var, rtol=1e-9, atol=1e-12)
+    assert int(m.num_batches_tracked) == int(t.num_batches_tracked) == 1
+
+
+def test_module_inplace_and_channels_last():
+    m = bnkit.nn.BatchNormAct2d(3, activation="elu", activation_param=1.0, memory_saving=True, inplace=True)
+    t = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    xr = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    inner = xb * 1
+    out = m(inner)
+    assert out is inner and out.is_contiguous(memory_format=torch.channels_last)
+    ref = F.elu(t(xr))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(xb.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.weight.grad, t.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_freeze_keeps_activation():
+    m = nn.Sequential(bnkit.nn.BatchNormAct2d(3, activation="leaky_relu", activation_param=0.3))
+    m(torch.randn(4, 3, 2, 2))
+    x = torch.randn(4, 3, 2, 2)
+    expected = F.leaky_relu(F.batch_norm(x, m[0].running_mean, m[0].running_var, m[0].weight, m[0].bias), 0.3)
+    bnkit.freeze(m)
+    torch.testing.assert_close(m(x), expected)
