@@ -87,6 +87,17 @@ def _check_dtypes(input: Tensor, *others: Tensor | None) -> None:
     raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(other)}")
 
 
+def _check_channel_dim(input: Tensor, channel_dim: int) -> int:
+    """``channel_dim`` as a non-negative dim of ``input``; torch's IndexError when out of range."""
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    ndim = input.dim()
+    if not -ndim <= channel_dim < ndim:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}], "
+                         f"but got {channel_dim}): channel_dim for an input of shape {tuple(input.shape)}")
+    return channel_dim % ndim
+
+
 def batch_norm_pure(
     input: Tensor,
     running_mean: Tensor | None,
@@ -110,7 +121,7 @@ def batch_norm_pure(
     """
     if channel_dim != 1:
         # A view, not a copy: (N, L, C) becomes an (N, C, L) view of channels-last memory.
-        channel_dim = channel_dim % input.dim() if input.dim() else channel_dim
+        channel_dim = _check_channel_dim(input, channel_dim)
         x = input.movedim(channel_dim, 1)
     else:
         x = input
