@@ -245,3 +245,14 @@ def test_argument_validation():
     with pytest.raises(TypeError):
         bnkit.batch_stats(model, "batch", False)  # keyword-only: the call site says what it does
     assert type(model[0]) is nn.BatchNorm2d
+
+
+def test_docs_examples_run():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "beyond.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        exec(compile(block, "docs/beyond.md", "exec"), {})
