@@ -7,7 +7,7 @@ and the backend switches of :mod:`bnkit.kernels`.
 from bnkit import functional, nn
 from bnkit.kernels import available_backends, last_backend, set_backend, use_backend
 from bnkit.nonfinite import nonfinite_policy, set_nonfinite_policy
-from bnkit.utils import convert
+from bnkit.utils import batch_stats, convert
 from bnkit.utils.freeze import freeze, unfreeze
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "available_backends",
+    "batch_stats",
     "convert",
     "freeze",
     "functional",
