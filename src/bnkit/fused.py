@@ -1,9 +1,9 @@
 r"""Batch norm fused with an activation, and the memory-saving (InPlace-ABN) mode.
 
 Forward: ``z = act(y)`` with ``y = w * xhat + b`` (the batch-norm output, see
-:mod:`bnkit.reference`); the activation runs in place on the freshly made ``y``, so no
-second full-size tensor exists (except for silu/gelu in the standard mode, whose backward
-needs ``y``).
+:mod:`bnkit.reference`), in the normalization pass itself when the numba kernels of
+:mod:`bnkit.kernels.cpu_act` apply (the ``cpu`` backend runs, contiguous float32/float64
+input); otherwise composed from the backend primitives plus one in-place activation pass.
 
 Backward, with ``g = dz * act'(y)`` the gradient reaching the batch norm, is the batch-norm
 backward of :mod:`bnkit.reference` applied to ``g``::
@@ -11,8 +11,8 @@ backward of :mod:`bnkit.reference` applied to ``g``::
     dx = w * invstd * (g - c1 - xhat * c2),  c1 = sum(g)/M,  c2 = sum(g * xhat)/M
     dw = sum(g * xhat),                       db = sum(g)
 
-Standard mode saves ``x`` (for ``xhat``) and ``z`` (``act'`` from the output: identity,
-relu, leaky_relu and elu with a positive parameter) or ``y`` (silu, gelu).
+Standard mode saves only ``x`` and per-channel vectors: the backward rebuilds ``y`` (and
+``act'(y)``) from ``x`` inside its two passes (kernels) or with one extra pass (composed).
 
 Memory-saving mode (Rota Bulò et al., "In-Place Activated BatchNorm", CVPR 2018) saves
 only ``z`` and per-channel vectors, and rebuilds everything in the backward::
@@ -39,8 +39,9 @@ just those channels in a side tensor of shape (N, n_lost, *) and computes their 
 ``exp(y)`` is small (error about ``eps / exp(y)``) and fails once the output saturates at
 ``-alpha`` (``y < log(eps)``, -15.9 in float32, -36 in float64) - InPlace-ABN shares both.
 
-The memory-saving backward runs over batch chunks of at most :data:`CHUNK_ELEMENTS`
-elements (at least one sample), so besides ``dx`` it allocates only chunk-sized temporaries.
+The memory-saving backward allocates nothing full-size besides ``dx``: the kernels work
+element by element, and the composed path runs over batch chunks of at most
+:data:`CHUNK_ELEMENTS` elements (at least one sample).
 With ``inplace=True`` the forward writes ``z`` over ``x`` (also chunk by chunk; the
 statistics come from two ``backward_reduce`` passes first). No double backward.
 """
@@ -113,16 +114,18 @@ def apply_activation(y: Tensor, activation: str, param: float, inplace: bool) ->
     return F.gelu(y)
 
 
-def activation_grad(dz: Tensor, saved: Tensor, activation: str, param: float) -> Tensor:
-    """``dz * act'(y)``; ``saved`` is ``z`` where :func:`_grad_from_output` holds, else ``y``."""
+def activation_grad(dz: Tensor, saved: Tensor, activation: str, param: float, from_output: bool = True) -> Tensor:
+    """``dz * act'(y)`` from ``saved = z`` (``from_output``; identity, relu, and leaky_relu/elu
+    with a positive parameter) or from ``saved = y``."""
+    from_output = from_output and _grad_from_output(activation, param)
     if activation == "identity":
         return dz
     if activation == "relu":
         return torch.ops.aten.threshold_backward(dz, saved, 0)
     if activation == "leaky_relu":
-        return torch.ops.aten.leaky_relu_backward(dz, saved, param, param > 0)
+        return torch.ops.aten.leaky_relu_backward(dz, saved, param, from_output)
     if activation == "elu":
-        return torch.ops.aten.elu_backward(dz, param, 1, 1, param > 0, saved)
+        return torch.ops.aten.elu_backward(dz, param, 1, 1, from_output, saved)
     if activation == "silu":
         return torch.ops.aten.silu_backward(dz, saved)
     return torch.ops.aten.gelu_backward(dz, saved)
@@ -184,6 +187,60 @@ def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var.clamp_(min=0)
 
 
+# --- the optional numba kernels ----------------------------------------------------------
+
+# None: use bnkit.kernels.cpu_act when the dispatcher picks the "cpu" backend for a tensor;
+# True/False force it on/off (tests compare both paths).
+FORCE_KERNELS: bool | None = None
+
+
+def _kernels_for(x: Tensor):
+    """:mod:`bnkit.kernels.cpu_act` when it applies to ``x`` (contiguous CPU float32/64), else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous():
+        return None
+    if FORCE_KERNELS is False or (FORCE_KERNELS is None and backend_for(x).name != "cpu"):
+        return None
+    try:
+        from bnkit.kernels import cpu_act
+    except Exception:  # numba missing: the composed path is exact, only slower
+        return None
+    return cpu_act
+
+
+def _flat(t: Tensor):
+    return t.detach().reshape(-1).numpy()
+
+
+def _rows(x: Tensor) -> tuple[int, int, int]:
+    n, c = x.shape[0], x.shape[1]
+    return n * c, c, x.numel() // (n * c)
+
+
+def _row_sums(r: int, dtype=torch.float64) -> tuple[Tensor, Tensor]:
+    return torch.empty(r, dtype=dtype), torch.empty(r, dtype=dtype)
+
+
+def _per_channel(rows: Tensor, c: int) -> Tensor:
+    return rows.view(-1, c).sum(0)
+
+
+def _kernel_stats(k, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch ``(mean, biased var)``: per-row two-pass sums merged with Chan's formula."""
+    r, c, s = _rows(x)
+    row_sum, row_m2 = _row_sums(r)
+    k.row_stats(_flat(x), r, s, row_sum.numpy(), row_m2.numpy())
+    m = x.numel() // c
+    mean = _per_channel(row_sum, c) / m
+    row_mean = row_sum.view(-1, c) / s
+    m2 = row_m2.view(-1, c).sum(0) + (s * (row_mean - mean).square()).sum(0)
+    sd = ref.stats_dtype(x.dtype)
+    return mean.to(sd), (m2 / m).to(sd)
+
+
+def _np(v: Tensor, dtype: torch.dtype):
+    return v.detach().to(dtype).contiguous().numpy()
+
+
 class _BatchNormAct(torch.autograd.Function):
     """``(z, mean, var)``; mean/var are the batch statistics (empty in eval mode)."""
 
@@ -191,37 +248,44 @@ class _BatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation, param,
                 memory_saving, inplace):
         sd = ref.stats_dtype(x.dtype)
-        backend = backend_for(x)
         c = x.shape[1]
-        w = torch.ones(c, dtype=sd, device=x.device) if weight is None else weight.to(sd)
-        b = torch.zeros(c, dtype=sd, device=x.device) if bias is None else bias.to(sd)
-        shape = ref.channel_shape(x)
+        w = torch.ones(c, dtype=sd, device=x.device) if weight is None else weight.detach().to(sd)
+        b = torch.zeros(c, dtype=sd, device=x.device) if bias is None else bias.detach().to(sd)
+        k = _kernels_for(x)
+        y = None
         if training:
-            if inplace:
+            if k is not None:
+                mean, var = _kernel_stats(k, x)
+            elif inplace:
                 mean, var = _stats_by_reduce(x)
             else:
-                y, mean, var = backend.forward_train(x, weight, bias, eps)
-            inv = ref.invstd(var, eps)
+                y, mean, var = backend_for(x).forward_train(x, weight, bias, eps)
         else:
-            mean, var = running_mean.to(sd), running_var.to(sd)
-            inv = ref.invstd(var, eps)
-            if not inplace:
-                y = backend.forward_eval(x, mean, inv * w, b)
+            mean, var = running_mean.detach().to(sd).clone(), running_var.detach().to(sd).clone()
+        inv = ref.invstd(var, eps)
+        a = inv * w
         lost = _lost_channels(weight, bias) if memory_saving else None
         xhat_lost = None
         if lost is not None:
-            cs = [1, lost.numel(), *shape[2:]]
+            cs = [1, lost.numel(), *ref.channel_shape(x)[2:]]
             xhat_lost = (x.index_select(1, lost).to(sd) - mean[lost].view(cs)) * inv[lost].view(cs)
-        if inplace:
+        if k is not None:
+            z = x if inplace else torch.empty_like(x)
+            r, _, s = _rows(x)
+            k.row_act(_flat(x), r, c, s, _np(mean, x.dtype), _np(a, x.dtype), _np(b, x.dtype),
+                      k.KINDS[activation], param, _flat(z))
+        elif inplace:
+            backend = backend_for(x)
             for n0, n1 in _batch_chunks(x):
                 xc = x[n0:n1]
-                xc.copy_(apply_activation(backend.forward_eval(xc, mean, inv * w, b), activation, param, True))
-            ctx.mark_dirty(x)
+                xc.copy_(apply_activation(backend.forward_eval(xc, mean, a, b), activation, param, True))
             z = x
-        elif memory_saving or _grad_from_output(activation, param):
-            z = apply_activation(y, activation, param, True)
         else:
-            z = apply_activation(y, activation, param, False)
+            if y is None:
+                y = backend_for(x).forward_eval(x, mean, a, b)
+            z = apply_activation(y, activation, param, True)
+        if inplace:
+            ctx.mark_dirty(x)
 
         ctx.training, ctx.eps, ctx.activation, ctx.param = training, eps, activation, param
         ctx.memory_saving = memory_saving
@@ -231,12 +295,8 @@ class _BatchNormAct(torch.autograd.Function):
             extra = (lost, xhat_lost) if lost is not None else ()
             ctx.save_for_backward(z, w, b, inv, *extra)
         else:
-            act_saved = z if _grad_from_output(activation, param) else y
-            if training:
-                ctx.save_for_backward(x, act_saved, weight, mean, inv)
-            else:
-                # copies: a module may update its running statistics before this backward runs
-                ctx.save_for_backward(x, act_saved, weight, mean.clone(), var.clone())
+            # only the input: y (and act'(y)) is recomputed in the backward, in the same pass
+            ctx.save_for_backward(x, weight, w, b, mean, var, inv)
         if training:
             ctx.mark_non_differentiable(mean, var)
             return z, mean, var
@@ -251,69 +311,106 @@ class _BatchNormAct(torch.autograd.Function):
         if ctx.memory_saving:
             dx, dw, db = _memory_saving_backward(ctx, dz, need_x)
         else:
-            x, act_saved, weight, s1, s2 = ctx.saved_tensors
-            g = activation_grad(_same_layout(dz, act_saved), act_saved, ctx.activation, ctx.param)
-            if ctx.training:
-                dx, dw, db = bn_ops.backward_train(g, x, weight, s1, s2, need_x, need_w or need_b)
-            else:
-                dx, dw, db = bn_ops.backward_eval(g, x, s1, s2, weight, ctx.eps, need_x, need_w or need_b)
+            dx, dw, db = _standard_backward(ctx, dz, need_x, need_w or need_b)
         dw = dw.to(ctx.param_dtype) if need_w else None
         db = db.to(ctx.param_dtype) if need_b else None
         return (dx if need_x else None), dw, db, None, None, None, None, None, None, None, None
 
 
+def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
+    """BN backward of ``g = dz * act'(y)``, ``y`` rebuilt from the saved ``x``."""
+    x, weight, w, b, mean, var, inv = ctx.saved_tensors
+    act, param = ctx.activation, ctx.param
+    a = inv * w
+    k = _kernels_for(x)
+    if k is None:
+        y = backend_for(x).forward_eval(x, mean, a, b)
+        g = activation_grad(_same_layout(dz, x), y, act, param, from_output=False)
+        del y
+        if ctx.training:
+            return bn_ops.backward_train(g, x, weight, mean, inv, need_x, need_p)
+        return bn_ops.backward_eval(g, x, mean, var, weight, ctx.eps, need_x, need_p)
+    dz = dz.contiguous()
+    r, c, s = _rows(x)
+    m = x.numel() // c
+    dt = x.dtype
+    row_g, row_gx = _row_sums(r)
+    args = (_flat(dz), _flat(x), r, c, s, _np(mean, dt), _np(a, dt), _np(b, dt), k.KINDS[act], param)
+    k.row_reduce_std(*args, row_g.numpy(), row_gx.numpy())
+    sum_g = _per_channel(row_g, c).to(w.dtype)
+    sum_g_xhat = (_per_channel(row_gx, c) * inv.double()).to(w.dtype)
+    if not need_x:
+        return None, sum_g_xhat, sum_g
+    if ctx.training:
+        kk, cc = -a * inv * (sum_g_xhat / m), -a * (sum_g / m)
+    else:
+        kk = cc = torch.zeros_like(a)
+    dx = torch.empty_like(x)
+    k.row_input_std(*args, _np(a, dt), _np(kk, dt), _np(cc, dt), _flat(dx))
+    return dx, sum_g_xhat, sum_g
+
+
 def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Rebuild ``y`` and ``g`` chunk by chunk from ``z``; see the module docstring."""
+    """Rebuild ``y`` and ``g`` from ``z`` (kernels, or torch ops chunk by chunk); see the module docstring."""
     saved = ctx.saved_tensors
     z, w, b, inv = saved[:4]
     lost, xhat_lost = (saved[4], saved[5]) if ctx.has_lost else (None, None)
-    dz = _same_layout(dz, z)
-    backend = backend_for(z)
     act, param = ctx.activation, ctx.param
     m = ref.count_per_channel(z)
     dims = ref.reduction_dims(z)
-    chunks = _batch_chunks(z)
-
-    sum_g = torch.zeros_like(w)
-    sum_g_ymb = torch.zeros_like(w)  # sum(g * (y - b))
-    sum_g_xhat_lost = None if lost is None else torch.zeros(lost.numel(), dtype=w.dtype, device=w.device)
-    for n0, n1 in chunks:
-        zc = z[n0:n1]
-        g = activation_grad(dz[n0:n1], zc, act, param)
-        s_g, s_gy = backend.backward_reduce(g, activation_inverse(zc, act, param), b)
-        sum_g += s_g
-        sum_g_ymb += s_gy
-        if lost is not None:
-            gl = g.index_select(1, lost).to(w.dtype)
-            sum_g_xhat_lost += (gl * xhat_lost[n0:n1]).sum(dims)
-    safe_w = torch.where(w == 0, torch.ones_like(w), w)
-    sum_g_xhat = sum_g_ymb / safe_w
+    k = _kernels_for(z)
+    if k is not None:
+        dz = dz.contiguous()
+        r, c, s = _rows(z)
+        dt = z.dtype
+        floor = -1.0 + torch.finfo(dt).eps
+        row_g, row_gy = _row_sums(r)
+        kargs = (_flat(dz), _flat(z), r, c, s, _np(b, dt), k.KINDS[act], param, floor)
+        k.row_reduce_ms(*kargs, row_g.numpy(), row_gy.numpy())
+        sum_g, sum_g_ymb = _per_channel(row_g, c).to(w.dtype), _per_channel(row_gy, c).to(w.dtype)
+        chunks = [(0, z.shape[0])]
+    else:
+        dz = _same_layout(dz, z)
+        backend = backend_for(z)
+        chunks = _batch_chunks(z)
+        sum_g = torch.zeros_like(w)
+        sum_g_ymb = torch.zeros_like(w)  # sum(g * (y - b))
+        for n0, n1 in chunks:
+            zc = z[n0:n1]
+            g = activation_grad(dz[n0:n1], zc, act, param)
+            s_g, s_gy = backend.backward_reduce(g, activation_inverse(zc, act, param), b)
+            sum_g += s_g
+            sum_g_ymb += s_gy
+    sum_g_xhat = sum_g_ymb / torch.where(w == 0, torch.ones_like(w), w)
     if lost is not None:
-        sum_g_xhat[lost] = sum_g_xhat_lost
+        # the channels whose xhat is not in z: their own g, from small gathers
+        g_lost = activation_grad(dz.index_select(1, lost), z.index_select(1, lost), act, param).to(w.dtype)
+        sum_g_xhat[lost] = (g_lost * xhat_lost).sum(dims)
     if not need_x:
         return None, sum_g_xhat, sum_g
 
     a = w * inv
     if ctx.training:
         c1, c2 = sum_g / m, sum_g_xhat / m
-        k, c = -inv * c2, -a * c1
+        kk, cc = -inv * c2, -a * c1
     else:
-        c1 = c2 = k = c = torch.zeros_like(w)
+        c1 = c2 = kk = cc = torch.zeros_like(w)
     if lost is not None:
-        k = k.clone()
-        k[lost] = 0
-    dx = torch.empty_like(z)
-    shape = ref.channel_shape(z)
-    for n0, n1 in chunks:
-        zc = z[n0:n1]
-        g = activation_grad(dz[n0:n1], zc, act, param)
-        dxc = dx[n0:n1]
-        dxc.copy_(backend.backward_input(g, activation_inverse(zc, act, param), b, a, k, c))
-        if lost is not None:
-            cs = (1, lost.numel()) + tuple(shape[2:])
-            gl = g.index_select(1, lost).to(w.dtype)
-            fix = a[lost].view(cs) * (gl - c1[lost].view(cs) - xhat_lost[n0:n1] * c2[lost].view(cs))
-            dxc.index_copy_(1, lost, fix.to(dx.dtype))
+        kk = kk.clone()
+        kk[lost] = 0
+    if k is not None:
+        dx = torch.empty_like(z)
+        k.row_input_ms(*kargs, _np(a, dt), _np(kk, dt), _np(cc, dt), _flat(dx))
+    else:
+        dx = torch.empty_like(z)
+        for n0, n1 in chunks:
+            zc = z[n0:n1]
+            g = activation_grad(dz[n0:n1], zc, act, param)
+            dx[n0:n1].copy_(backend.backward_input(g, activation_inverse(zc, act, param), b, a, kk, cc))
+    if lost is not None:
+        cs = (1, lost.numel()) + tuple(ref.channel_shape(z)[2:])
+        fix = a[lost].view(cs) * (g_lost - c1[lost].view(cs) - xhat_lost * c2[lost].view(cs))
+        dx.index_copy_(1, lost, fix.to(dx.dtype))
     return dx, sum_g_xhat, sum_g
 
 

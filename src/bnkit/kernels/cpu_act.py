@@ -1,0 +1,158 @@
+r"""numba kernels for batch norm fused with an activation (:mod:`bnkit.fused`), CPU only.
+
+The backend contract (:mod:`bnkit.kernels.base`) has no activation, so composing the
+fused op from it costs one extra pass per direction; these kernels apply the activation
+(and its derivative, and in the memory-saving mode its inverse) inside the normalization
+and gradient passes instead. They take contiguous (N, C, *) float32/float64 tensors seen
+as ``R = N * C`` rows of ``S`` contiguous values (row ``r`` is channel ``r % C``), run rows
+in parallel, and accumulate per-row sums in float64; :mod:`bnkit.fused` sums the rows of
+each channel (and merges the row statistics with Chan's formula).
+
+Activation ids (``kind``): 0 identity, 1 relu, 2 leaky_relu (``p`` = slope), 3 elu
+(``p`` = alpha), 4 silu, 5 gelu (erf form). Symbols as in :mod:`bnkit.fused`:
+``y = (x - mean) * a + b`` (``a = w * invstd``), ``z = act(y)``, ``g = dz * act'(y)``,
+``dx = A * g + K * (x - mean) + Cc`` (standard) or ``A * g + K * (y - b) + Cc`` (memory saving).
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import njit, prange
+
+__all__ = ["KINDS", "row_act", "row_input_ms", "row_input_std", "row_reduce_ms", "row_reduce_std", "row_stats"]
+
+KINDS = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
+_JIT = {"cache": True, "fastmath": {"contract", "nsz"}}
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@njit(inline="always", **_JIT)
+def _act(y, kind, p):
+    if kind == 1:
+        return y if y > 0 else 0.0 * y
+    if kind == 2:
+        return y if y > 0 else y * p
+    if kind == 3:
+        return y if y > 0 else p * math.expm1(y)
+    if kind == 4:
+        return y / (1.0 + math.exp(-y))
+    if kind == 5:
+        return 0.5 * y * (1.0 + math.erf(y * _SQRT1_2))
+    return y
+
+
+@njit(inline="always", **_JIT)
+def _dact_from_input(y, kind, p):
+    if kind == 1:
+        return 1.0 if y > 0 else 0.0
+    if kind == 2:
+        return 1.0 if y > 0 else p
+    if kind == 3:
+        return 1.0 if y > 0 else p * math.exp(y)
+    if kind == 4:
+        s = 1.0 / (1.0 + math.exp(-y))
+        return s * (1.0 + y * (1.0 - s))
+    if kind == 5:
+        return 0.5 * (1.0 + math.erf(y * _SQRT1_2)) + y * _INV_SQRT_2PI * math.exp(-0.5 * y * y)
+    return 1.0
+
+
+@njit(inline="always", **_JIT)
+def _inverse_and_dact(z, kind, p, floor):
+    """``(y, act'(y))`` from ``z = act(y)`` for identity, leaky_relu, elu."""
+    if z > 0 or kind == 0:
+        return z, 1.0
+    if kind == 2:
+        return z / p, p
+    r = z / p
+    return math.log1p(r if r > floor else floor), z + p
+
+
+@njit(parallel=True, **_JIT)
+def row_stats(x, R, S, out_sum, out_m2):
+    """Per row: ``sum(x)`` and ``sum((x - row_mean)**2)`` (two passes over the cached row)."""
+    for r in prange(R):
+        base = r * S
+        s = 0.0
+        for i in range(S):
+            s += x[base + i]
+        m = s / S
+        q = 0.0
+        for i in range(S):
+            d = x[base + i] - m
+            q += d * d
+        out_sum[r] = s
+        out_m2[r] = q
+
+
+@njit(parallel=True, **_JIT)
+def row_act(x, R, C, S, mean, a, b, kind, p, out):
+    """``out = act((x - mean) * a + b)``; ``out`` may be ``x`` (in place)."""
+    for r in prange(R):
+        c = r % C
+        m, aa, bb = mean[c], a[c], b[c]
+        base = r * S
+        for i in range(S):
+            out[base + i] = _act((x[base + i] - m) * aa + bb, kind, p)
+
+
+@njit(parallel=True, **_JIT)
+def row_reduce_std(dz, x, R, C, S, mean, a, b, kind, p, out_g, out_gx):
+    """Per row: ``sum(g)`` and ``sum(g * (x - mean))`` with ``g = dz * act'(y)``."""
+    for r in prange(R):
+        c = r % C
+        m, aa, bb = mean[c], a[c], b[c]
+        base = r * S
+        sg = 0.0
+        sgx = 0.0
+        for i in range(S):
+            xm = x[base + i] - m
+            g = dz[base + i] * _dact_from_input(xm * aa + bb, kind, p)
+            sg += g
+            sgx += g * xm
+        out_g[r] = sg
+        out_gx[r] = sgx
+
+
+@njit(parallel=True, **_JIT)
+def row_input_std(dz, x, R, C, S, mean, a, b, kind, p, A, K, Cc, dx):
+    """``dx = A * g + K * (x - mean) + Cc``."""
+    for r in prange(R):
+        c = r % C
+        m, aa, bb, A_, K_, C_ = mean[c], a[c], b[c], A[c], K[c], Cc[c]
+        base = r * S
+        for i in range(S):
+            xm = x[base + i] - m
+            g = dz[base + i] * _dact_from_input(xm * aa + bb, kind, p)
+            dx[base + i] = A_ * g + K_ * xm + C_
+
+
+@njit(parallel=True, **_JIT)
+def row_reduce_ms(dz, z, R, C, S, b, kind, p, floor, out_g, out_gy):
+    """Per row: ``sum(g)`` and ``sum(g * (y - b))`` with ``y = act^{-1}(z)``."""
+    for r in prange(R):
+        bb = b[r % C]
+        base = r * S
+        sg = 0.0
+        sgy = 0.0
+        for i in range(S):
+            y, d = _inverse_and_dact(z[base + i], kind, p, floor)
+            g = dz[base + i] * d
+            sg += g
+            sgy += g * (y - bb)
+        out_g[r] = sg
+        out_gy[r] = sgy
+
+
+@njit(parallel=True, **_JIT)
+def row_input_ms(dz, z, R, C, S, b, kind, p, floor, A, K, Cc, dx):
+    """``dx = A * g + K * (y - b) + Cc`` with ``y = act^{-1}(z)``."""
+    for r in prange(R):
+        c = r % C
+        bb, A_, K_, C_ = b[c], A[c], K[c], Cc[c]
+        base = r * S
+        for i in range(S):
+            y, d = _inverse_and_dact(z[base + i], kind, p, floor)
+            dx[base + i] = A_ * (dz[base + i] * d) + K_ * (y - bb) + C_
