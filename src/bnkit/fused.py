@@ -48,6 +48,7 @@ statistics come from two ``backward_reduce`` passes first). No double backward.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -194,11 +195,18 @@ def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
 FORCE_KERNELS: bool | None = None
 
 
-def _kernels_for(x: Tensor):
-    """:mod:`bnkit.kernels.cpu_act` when it applies to ``x`` (contiguous CPU float32/64), else None."""
+def _kernels_for(x: Tensor, activation: str):
+    """:mod:`bnkit.kernels.cpu_act` when it applies to ``x`` (contiguous CPU float32/64), else None.
+
+    By default only for the piecewise-linear activations (identity, relu, leaky_relu), whose
+    kernel loops vectorize; elu/silu/gelu call libm per element there, slower than torch's
+    vectorized activation ops that the composed path uses.
+    """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous():
         return None
-    if FORCE_KERNELS is False or (FORCE_KERNELS is None and backend_for(x).name != "cpu"):
+    if FORCE_KERNELS is False:
+        return None
+    if FORCE_KERNELS is None and (activation not in ("identity", "relu", "leaky_relu") or backend_for(x).name != "cpu"):
         return None
     try:
         from bnkit.kernels import cpu_act
@@ -241,6 +249,13 @@ def _np(v: Tensor, dtype: torch.dtype):
     return v.detach().to(dtype).contiguous().numpy()
 
 
+def _kind_and_param(k, activation: str, param: float, dtype: torch.dtype):
+    """The kernel's ``(kind, p)``: piecewise-linear kinds take their slope, as a data-dtype scalar."""
+    kind = k.KINDS[activation]
+    p = k.slope(kind, param) if kind <= 2 else param
+    return kind, (np.float32(p) if dtype == torch.float32 else np.float64(p))
+
+
 class _BatchNormAct(torch.autograd.Function):
     """``(z, mean, var)``; mean/var are the batch statistics (empty in eval mode)."""
 
@@ -251,7 +266,7 @@ class _BatchNormAct(torch.autograd.Function):
         c = x.shape[1]
         w = torch.ones(c, dtype=sd, device=x.device) if weight is None else weight.detach().to(sd)
         b = torch.zeros(c, dtype=sd, device=x.device) if bias is None else bias.detach().to(sd)
-        k = _kernels_for(x)
+        k = _kernels_for(x, activation)
         y = None
         if training:
             if k is not None:
@@ -273,7 +288,7 @@ class _BatchNormAct(torch.autograd.Function):
             z = x if inplace else torch.empty_like(x)
             r, _, s = _rows(x)
             k.row_act(_flat(x), r, c, s, _np(mean, x.dtype), _np(a, x.dtype), _np(b, x.dtype),
-                      k.KINDS[activation], param, _flat(z))
+                      *_kind_and_param(k, activation, param, x.dtype), _flat(z))
         elif inplace:
             backend = backend_for(x)
             for n0, n1 in _batch_chunks(x):
@@ -322,7 +337,7 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
     x, weight, w, b, mean, var, inv = ctx.saved_tensors
     act, param = ctx.activation, ctx.param
     a = inv * w
-    k = _kernels_for(x)
+    k = _kernels_for(x, act)
     if k is None:
         y = backend_for(x).forward_eval(x, mean, a, b)
         g = activation_grad(_same_layout(dz, x), y, act, param, from_output=False)
@@ -335,7 +350,7 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
     m = x.numel() // c
     dt = x.dtype
     row_g, row_gx = _row_sums(r)
-    args = (_flat(dz), _flat(x), r, c, s, _np(mean, dt), _np(a, dt), _np(b, dt), k.KINDS[act], param)
+    args = (_flat(dz), _flat(x), r, c, s, _np(mean, dt), _np(a, dt), _np(b, dt), *_kind_and_param(k, act, param, dt))
     k.row_reduce_std(*args, row_g.numpy(), row_gx.numpy())
     sum_g = _per_channel(row_g, c).to(w.dtype)
     sum_g_xhat = (_per_channel(row_gx, c) * inv.double()).to(w.dtype)
@@ -358,14 +373,14 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
     act, param = ctx.activation, ctx.param
     m = ref.count_per_channel(z)
     dims = ref.reduction_dims(z)
-    k = _kernels_for(z)
+    k = _kernels_for(z, act)
     if k is not None:
         dz = dz.contiguous()
         r, c, s = _rows(z)
         dt = z.dtype
-        floor = -1.0 + torch.finfo(dt).eps
+        floor = np.float32(-1.0 + torch.finfo(dt).eps) if dt == torch.float32 else -1.0 + torch.finfo(dt).eps
         row_g, row_gy = _row_sums(r)
-        kargs = (_flat(dz), _flat(z), r, c, s, _np(b, dt), k.KINDS[act], param, floor)
+        kargs = (_flat(dz), _flat(z), r, c, s, _np(b, dt), *_kind_and_param(k, act, param, dt), floor)
         k.row_reduce_ms(*kargs, row_g.numpy(), row_gy.numpy())
         sum_g, sum_g_ymb = _per_channel(row_g, c).to(w.dtype), _per_channel(row_gy, c).to(w.dtype)
         chunks = [(0, z.shape[0])]
