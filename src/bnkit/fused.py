@@ -232,19 +232,6 @@ def _per_channel(rows: Tensor, c: int) -> Tensor:
     return rows.view(-1, c).sum(0)
 
 
-def _kernel_stats(k, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Batch ``(mean, biased var)``: per-row two-pass sums merged with Chan's formula."""
-    r, c, s = _rows(x)
-    row_sum, row_m2 = _row_sums(r)
-    k.row_stats(_flat(x), r, s, row_sum.numpy(), row_m2.numpy())
-    m = x.numel() // c
-    mean = _per_channel(row_sum, c) / m
-    row_mean = row_sum.view(-1, c) / s
-    m2 = row_m2.view(-1, c).sum(0) + (s * (row_mean - mean).square()).sum(0)
-    sd = ref.stats_dtype(x.dtype)
-    return mean.to(sd), (m2 / m).to(sd)
-
-
 def _np(v: Tensor, dtype: torch.dtype):
     return v.detach().to(dtype).contiguous().numpy()
 
@@ -268,9 +255,18 @@ class _BatchNormAct(torch.autograd.Function):
         b = torch.zeros(c, dtype=sd, device=x.device) if bias is None else bias.detach().to(sd)
         k = _kernels_for(x, activation)
         y = None
+        lost = _lost_channels(weight, bias) if memory_saving else None
+        x_lost = None if lost is None else x.index_select(1, lost)  # before x may be overwritten
+        z = None
         if training:
             if k is not None:
-                mean, var = _kernel_stats(k, x)
+                z = x if inplace else torch.empty_like(x)
+                n, s = x.shape[0], _rows(x)[2]
+                mean64, var64 = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+                k.channel_train_act(_flat(x), n, c, s, _np(w, torch.float64), _np(b, torch.float64), float(eps),
+                                    *_kind_and_param(k, activation, param, x.dtype), _flat(z), mean64.numpy(),
+                                    var64.numpy(), np.empty(3 * c, dtype=_flat(x).dtype))
+                mean, var = mean64.to(sd), var64.to(sd)
             elif inplace:
                 mean, var = _stats_by_reduce(x)
             else:
@@ -279,12 +275,13 @@ class _BatchNormAct(torch.autograd.Function):
             mean, var = running_mean.detach().to(sd).clone(), running_var.detach().to(sd).clone()
         inv = ref.invstd(var, eps)
         a = inv * w
-        lost = _lost_channels(weight, bias) if memory_saving else None
         xhat_lost = None
         if lost is not None:
             cs = [1, lost.numel(), *ref.channel_shape(x)[2:]]
-            xhat_lost = (x.index_select(1, lost).to(sd) - mean[lost].view(cs)) * inv[lost].view(cs)
-        if k is not None:
+            xhat_lost = (x_lost.to(sd) - mean[lost].view(cs)) * inv[lost].view(cs)
+        if z is not None:
+            pass  # made in the statistics pass above
+        elif k is not None:
             z = x if inplace else torch.empty_like(x)
             r, _, s = _rows(x)
             k.row_act(_flat(x), r, c, s, _np(mean, x.dtype), _np(a, x.dtype), _np(b, x.dtype),

@@ -5,8 +5,8 @@ fused op from it costs one extra pass per direction; these kernels apply the act
 (and its derivative, and in the memory-saving mode its inverse) inside the normalization
 and gradient passes instead. They take contiguous (N, C, *) float32/float64 tensors seen
 as ``R = N * C`` rows of ``S`` contiguous values (row ``r`` is channel ``r % C``), run rows
-in parallel, and accumulate per-row sums in float64; :mod:`bnkit.fused` sums the rows of
-each channel (and merges the row statistics with Chan's formula).
+in parallel, and accumulate per-row sums in float64 (:mod:`bnkit.fused` sums the rows of
+each channel); the training forward runs one channel per task (:func:`channel_train_act`).
 
 Activation ids (``kind``): 0 identity, 1 relu, 2 leaky_relu (``p`` = slope), 3 elu
 (``p`` = alpha), 4 silu, 5 gelu (erf form). Symbols as in :mod:`bnkit.fused`:
@@ -20,7 +20,16 @@ import math
 
 from numba import njit, prange
 
-__all__ = ["KINDS", "row_act", "slope", "row_input_ms", "row_input_std", "row_reduce_ms", "row_reduce_std", "row_stats"]
+__all__ = [
+    "KINDS",
+    "channel_train_act",
+    "row_act",
+    "row_input_ms",
+    "row_input_std",
+    "row_reduce_ms",
+    "row_reduce_std",
+    "slope",
+]
 
 KINDS = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
 # reassoc lets LLVM vectorize the float64 row sums; no nnan/ninf: NaN and inf propagate.
@@ -71,23 +80,6 @@ def _inverse_and_dact(z, kind, p, floor):
     return math.log1p(r if r > floor else floor), z + p
 
 
-@njit(parallel=True, **_JIT)
-def row_stats(x, R, S, out_sum, out_m2):
-    """Per row: ``sum(x)`` and ``sum((x - row_mean)**2)`` (two passes over the cached row)."""
-    for r in prange(R):
-        base = r * S
-        s = 0.0
-        for i in range(S):
-            s += x[base + i]
-        m = s / S
-        q = 0.0
-        for i in range(S):
-            d = x[base + i] - m
-            q += d * d
-        out_sum[r] = s
-        out_m2[r] = q
-
-
 # Loops are split on ``kind`` outside the inner loop: the piecewise-linear activations
 # (identity, relu, leaky_relu: ``y if y > 0 else q * y`` with slope q = 1, 0, p) get a
 # branch-free body that LLVM vectorizes; the others call libm per element.
@@ -96,6 +88,49 @@ def row_stats(x, R, S, out_sum, out_m2):
 def slope(kind: int, p: float) -> float:
     """``q`` of the piecewise-linear activations (identity 1, relu 0, leaky_relu p)."""
     return 1.0 if kind == 0 else (0.0 if kind == 1 else p)
+
+
+@njit(parallel=True, **_JIT)
+def channel_train_act(x, N, C, S, w, b, eps, kind, p, out, out_mean, out_var, scratch):
+    """Training forward, one channel per task: its statistics, then ``out = act(y)`` at once.
+
+    A channel's ``N`` rows are read for the mean, again for the variance (two-pass, float64)
+    and a third time to normalize; after the first read they are usually still in cache, so
+    memory is read about once. ``out`` may be ``x``. ``out_mean``/``out_var`` get the batch
+    mean and biased variance (float64); ``scratch`` (3 * C values of the data dtype) holds the
+    per-channel constants rounded to the data dtype, so that float32 data is normalized in
+    float32 (as the reference does) with twice the SIMD width.
+    """
+    M = N * S
+    for c in prange(C):
+        s = 0.0
+        for n in range(N):
+            base = (n * C + c) * S
+            for i in range(S):
+                s += x[base + i]
+        mean = s / M
+        q = 0.0
+        for n in range(N):
+            base = (n * C + c) * S
+            for i in range(S):
+                d = x[base + i] - mean
+                q += d * d
+        var = q / M
+        out_mean[c] = mean
+        out_var[c] = var
+        scratch[3 * c] = mean
+        scratch[3 * c + 1] = w[c] / math.sqrt(var + eps)
+        scratch[3 * c + 2] = b[c]
+        m, aa, bb = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
+        for n in range(N):
+            base = (n * C + c) * S
+            if kind <= 2:
+                for i in range(S):
+                    y = (x[base + i] - m) * aa + bb
+                    out[base + i] = y if y > 0 else y * p
+            else:
+                for i in range(S):
+                    out[base + i] = _act((x[base + i] - m) * aa + bb, kind, p)
 
 
 @njit(parallel=True, **_JIT)
