@@ -94,28 +94,35 @@ def slope(kind: int, p: float) -> float:
 def channel_train_act(x, N, C, S, w, b, eps, kind, p, out, out_mean, out_var, scratch):
     """Training forward, one channel per task: its statistics, then ``out = act(y)`` at once.
 
-    A channel's ``N`` rows are read for the mean, again for the variance (two-pass, float64)
-    and a third time to normalize; after the first read they are usually still in cache, so
-    memory is read about once. ``out`` may be ``x``. ``out_mean``/``out_var`` get the batch
+    Each of a channel's ``N`` rows is read twice while in L1 (row mean, then row M2; float64)
+    and the rows are merged with Chan's formula; the normalizing pass then finds the channel
+    still in cache, so memory is read about once. ``out`` may be ``x``. ``out_mean``/``out_var`` get the batch
     mean and biased variance (float64); ``scratch`` (3 * C values of the data dtype) holds the
     per-channel constants rounded to the data dtype, so that float32 data is normalized in
     float32 (as the reference does) with twice the SIMD width.
     """
     M = N * S
     for c in prange(C):
-        s = 0.0
+        # rows (S contiguous values, in L1) two-pass, merged with Chan's formula
+        cnt = 0.0
+        mean = 0.0
+        m2 = 0.0
         for n in range(N):
             base = (n * C + c) * S
+            s = 0.0
             for i in range(S):
                 s += x[base + i]
-        mean = s / M
-        q = 0.0
-        for n in range(N):
-            base = (n * C + c) * S
+            row_mean = s / S
+            q = 0.0
             for i in range(S):
-                d = x[base + i] - mean
+                d = x[base + i] - row_mean
                 q += d * d
-        var = q / M
+            total = cnt + S
+            delta = row_mean - mean
+            mean += delta * (S / total)
+            m2 += q + delta * delta * (cnt * S / total)
+            cnt = total
+        var = m2 / M
         out_mean[c] = mean
         out_var[c] = var
         scratch[3 * c] = mean
