@@ -1,6 +1,7 @@
 """Benchmark the batch-norm variants against their torch-composed equivalents, plus memory.
 
-Time (median of ``--repeat`` runs after warm-up, forward and forward+backward):
+Time (median and min of ``--repeat`` runs after warm-up, forward and forward+backward;
+ratios are against the first provider of each op, measured in the same run):
 
 * fused BN + leaky_relu (standard, memory-saving) vs bnkit BN alone vs torch BN + LeakyReLU;
 * batch renorm vs the paper's equations in plain torch ops;
@@ -50,7 +51,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # --- timing -----------------------------------------------------------------------------
 
 
-def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
+def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    return timings_ms(fn, repeat, warmup)[0]
+
+
+def timings_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> tuple[float, float]:
+    """``(median, min)`` ms over ``repeat`` runs after ``warmup`` (the min resists a busy machine)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -58,12 +64,12 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def fwd_and_full(make: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list[torch.Tensor],
-                 repeat: int) -> tuple[float, float]:
-    """Median ms of the forward alone and of forward + backward (gradient of ``sum``)."""
+                 repeat: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(median, min) ms of the forward alone and of forward + backward (gradient of a fixed ``dy``)."""
     xg = x.detach().clone().requires_grad_()
     g = torch.ones_like(x)
 
@@ -77,7 +83,7 @@ def fwd_and_full(make: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
             p.grad = None
         make(xg).backward(g)
 
-    return median_ms(fwd, repeat), median_ms(full, repeat)
+    return timings_ms(fwd, repeat), timings_ms(full, repeat)
 
 
 def torch_renorm(x, rm, rv, w, b, eps, r_max, d_max):
@@ -132,10 +138,11 @@ def time_rows(shape: tuple[int, ...], repeat: int) -> list[dict]:
     for op, providers in cases.items():
         base = None
         for provider, make in providers.items():
-            fwd, full = fwd_and_full(make, x, params, repeat)
+            (fwd, fwd_min), (full, full_min) = fwd_and_full(make, x, params, repeat)
             base = base or (fwd, full)
             rows.append({"kind": "time", "op": op, "provider": provider, "shape": "x".join(map(str, shape)),
                          "forward_ms": round(fwd, 3), "full_ms": round(full, 3),
+                         "forward_min_ms": round(fwd_min, 3), "full_min_ms": round(full_min, 3),
                          "forward_vs_first": round(fwd / base[0], 3), "full_vs_first": round(full / base[1], 3),
                          "copy_ms": round(copy_ms, 3)})
     return rows
