@@ -88,16 +88,22 @@ def _compare(activation, memory_saving, training, shape, dtype=torch.float64, w_
     torch.testing.assert_close(rvb.double(), rvr, atol=atol, rtol=rtol)
 
 
+@pytest.fixture
+def composed(monkeypatch):
+    """The path composed from the backend primitives, whatever backend runs (kernels are tested below)."""
+    monkeypatch.setattr(fused, "FORCE_KERNELS", False)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ACTS)
-def test_standard_matches_reference(activation, training):
+def test_standard_matches_reference(composed, activation, training):
     _compare(activation, False, training, (4, 3, 5, 6))
 
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", INVERTIBLE)
 @pytest.mark.parametrize("inplace", [False, True])
-def test_memory_saving_matches_reference(activation, training, inplace):
+def test_memory_saving_matches_reference(composed, activation, training, inplace):
     _compare(activation, True, training, (4, 3, 5, 6), inplace=inplace)
 
 
@@ -109,7 +115,7 @@ def test_float32_and_1d_3d(activation):
 
 
 @pytest.mark.parametrize("activation", INVERTIBLE)
-def test_memory_saving_zero_and_tiny_weight_channels(activation):
+def test_memory_saving_zero_and_tiny_weight_channels(composed, activation):
     # channel 0: w == 0 (xhat is gone from the output), channel 1: |w| << |b|, channel 2: normal
     w = torch.tensor([0.0, 1e-6, 1.3], dtype=torch.float64)
     for training in (True, False):
@@ -117,7 +123,7 @@ def test_memory_saving_zero_and_tiny_weight_channels(activation):
         _compare(activation, True, training, (4, 3, 5, 6), w_override=w, inplace=True)
 
 
-def test_memory_saving_chunks(monkeypatch):
+def test_memory_saving_chunks(composed, monkeypatch):
     # several batch chunks, with a remainder, give the same gradients
     x, *_ = _data((5, 3, 4, 4))
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2 * x[0].numel())
