@@ -98,7 +98,8 @@ class _Tracer(fx.Tracer):
     """torch's leaves plus every batch-norm-like module (bnkit's live outside ``torch.nn``)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_bn_like(m) or super().is_leaf_module(m, module_qualified_name)
+        # Subclasses of the foldable layers stay leaves too, so that fold can see (and skip) them.
+        return _is_bn_like(m) or isinstance(m, _FOLDABLE_TYPES) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _bn_problem(bn: nn.Module) -> str | None:
