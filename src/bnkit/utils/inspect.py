@@ -250,11 +250,13 @@ def plot_running_stats(reports_or_source: list[LayerReport] | Any, path: str | o
     """Write a PNG with one row per layer: per-channel ``running_mean`` (left), ``running_var`` (right).
 
     ``reports_or_source``: the output of :func:`inspect`, or anything :func:`inspect`
-    accepts. Dead channels (``running_var < eps``) are marked in red. Uses matplotlib's
+    accepts. Dead channels (``running_var < eps``) are marked in red, non-finite ones by
+    an orange line; ``running_var`` is drawn on a log scale when it spans decades. Uses matplotlib's
     Agg canvas directly (no pyplot, no global backend change). Returns the path written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if isinstance(reports_or_source, list) and all(isinstance(r, LayerReport) for r in reports_or_source):
         reports = reports_or_source
@@ -278,10 +280,16 @@ def plot_running_stats(reports_or_source: list[LayerReport] | Any, path: str | o
                 ax.plot(r.dead_channels, v[r.dead_channels], "o", markersize=4, color="tab:red", label="dead")
                 ax.legend(loc="upper right", fontsize=7)
             finite = v[np.isfinite(v)]
-            if key == "running_var" and finite.size and (finite > 0).all():
-                ax.set_yscale("log")
+            if key == "running_var" and finite.size and finite.min() > 0 and finite.max() > 100 * finite.min():
+                ax.set_yscale("log")  # spans decades: dead and exploding channels both stay visible
+            bad = np.flatnonzero(~np.isfinite(v))
+            for k, c in enumerate(bad):
+                ax.axvline(c, color="tab:orange", linewidth=1, label="non-finite" if k == 0 else None)
+            if bad.size:
+                ax.legend(loc="upper right", fontsize=7)
             ax.set_title(f"{r.name or '<root>'} {key}", fontsize=8, loc="left")
             ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1][0].set_xlabel("channel", fontsize=8)
     axes[-1][1].set_xlabel("channel", fontsize=8)
     fig.savefig(path, format="png")
