@@ -125,3 +125,9 @@ def test_invalid_policies_are_rejected():
         with bnkit.nonfinite_policy("sometimes"):
             pass
     assert get_nonfinite_policy() == "propagate"
+
+
+def test_naming_a_model_with_torch_layers_warns_that_they_are_not_guarded():
+    model = nn.Sequential(nn.BatchNorm1d(3), bnn.BatchNorm1d(3))
+    with pytest.warns(UserWarning, match=r"1 batch-norm layer\(s\) are torch's.*\(0\)"):
+        assert bnkit.name_layers(model) == ["1"]

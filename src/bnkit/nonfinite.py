@@ -25,6 +25,7 @@ model=model)`` does it for you); otherwise by their class and size.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
@@ -77,14 +78,21 @@ def name_layers(model: nn.Module, prefix: str = "") -> list[str]:
     """Record each bnkit batch-norm layer's qualified name so warnings and errors can use it.
 
     Returns the names recorded. Calling it again (e.g. after wrapping the model) renames.
+    Warns when the model holds torch batch-norm layers, which no policy can guard.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"name_layers expects an nn.Module, got {type(model).__name__}")
-    names = []
+    names, unguarded = [], []
     for name, module in model.named_modules(prefix=prefix):
         if _is_guarded(module):
             setattr(module, _NAME_ATTR, name or type(module).__name__)
             names.append(name)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            unguarded.append(name or type(module).__name__)
+    if unguarded:
+        shown = ", ".join(unguarded[:5]) + (", ..." if len(unguarded) > 5 else "")
+        warnings.warn(f"{len(unguarded)} batch-norm layer(s) are torch's and not guarded by the nonfinite "
+                      f"policy ({shown}); call bnkit.convert(model) first", UserWarning, stacklevel=2)
     return names
 
 

@@ -265,8 +265,13 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold expects an nn.Module, got {type(model).__name__}")
+    try:
+        private = copy.deepcopy(model)
+    except Exception as exc:
+        raise TypeError(f"fold works on a copy of the model and could not deepcopy it: {type(exc).__name__}: {exc}"
+                        ) from exc
     report = FoldReport()
-    folded = _fold_module(copy.deepcopy(model), "", report)
+    folded = _fold_module(private, "", report)
     seen = {p.bn for p in report} | {s.name for s in report.skipped}
     for name, module in model.named_modules():
         if _is_bn_like(module) and name not in seen and not any(name.startswith(s + ".") for s in seen):
