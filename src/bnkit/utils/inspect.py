@@ -33,13 +33,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from bnkit.utils.checkpoint import extract_state_dict, load_checkpoint
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = ["DEFAULT_EPS", "ZERO_WEIGHT_ATOL", "LayerReport", "Summary", "format_table", "inspect",
            "plot_running_stats"]
@@ -228,7 +231,7 @@ def _fmt_summary(s: Summary | None) -> str:
     return text
 
 
-def format_table(reports: list[LayerReport]):
+def format_table(reports: list[LayerReport]) -> Table:
     """A ``rich.table.Table``: one row per layer, summaries as ``mean ± std [min, max]``."""
     from rich.table import Table
 

@@ -175,9 +175,9 @@ def recalibrate(
             accumulators.append(acc)
             handles.append(m.register_forward_pre_hook(acc, with_kwargs=True))
 
-        total = num_batches
-        if total is None and hasattr(data, "__len__"):
-            total = len(data)
+        total = len(data) if hasattr(data, "__len__") else None
+        if num_batches is not None:
+            total = num_batches if total is None else min(total, num_batches)
         batches = data if num_batches is None else itertools.islice(data, num_batches)
         seen = 0
         from tqdm.auto import tqdm
