@@ -198,3 +198,17 @@ def test_unused_layer_keeps_its_statistics_with_a_warning():
         bnkit.recalibrate(net, [torch.randn(4, 2)], progress=False)
     assert torch.equal(net.unused.running_mean, torch.full((2,), 3.0))
     assert net.unused.num_batches_tracked.item() == 0
+
+
+def test_masked_layer_counts_only_unmasked_elements():
+    bn = bnn.BatchNorm1d(3).to(DT)
+    xs = [torch.randn(n, 3, 6, dtype=DT) for n in (2, 4)]
+    masks = [torch.rand(n, 6) > 0.4 for n in (2, 4)]
+    for mk in masks:
+        mk[:, 0] = True
+    bnkit.recalibrate(bn, list(zip(xs, masks, strict=True)), progress=False,
+                      forward=lambda m, b: m(b[0], mask=b[1]))
+    kept = torch.cat([x.transpose(1, 2)[mk] for x, mk in zip(xs, masks, strict=True)])  # (count, C)
+    var, mean = torch.var_mean(kept, dim=0, correction=1)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-10, atol=1e-12)

@@ -57,8 +57,10 @@ class _BatchNormForward:
 
     def _check_channels(self, input: Tensor) -> None:
         # torch reports a channel mismatch from its kernel; bnkit says it before any work.
-        dim = self.channel_dim % input.dim() if input.dim() else 0
-        if self.num_features and input.dim() > dim and input.shape[dim] != self.num_features:
+        if not -input.dim() <= self.channel_dim < input.dim():
+            return  # the functional raises the out-of-range error
+        dim = self.channel_dim % input.dim()
+        if self.num_features and input.shape[dim] != self.num_features:
             for name in ("running_mean", "weight"):
                 t = getattr(self, name, None)
                 if t is not None:

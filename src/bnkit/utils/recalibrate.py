@@ -13,6 +13,7 @@ Per batch and channel the layer's input gives ``(n, mean, M2)`` (two-pass, float
 the batches are merged with Chan's parallel formula (:func:`bnkit.reference.merge_stats`),
 so batches of different sizes are weighted by their element counts: this is not an
 average of per-batch means and variances (which is what a momentum of ``1/k`` gives).
+For a bnkit layer called with ``mask=`` only the unmasked elements count.
 
 While the data flows, every batch-norm layer normalizes with the statistics of the
 current batch, exactly as in training (the activations a deeper layer sees depend on
@@ -51,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit import reference as ref
+from bnkit.masked import check_mask, masked_count
 
 __all__ = ["recalibrate"]
 
@@ -69,21 +71,30 @@ class _Accumulator:
         self.batches = 0
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("mask") is not None or len(args) > 1:
-            raise ValueError("recalibrate does not support batch-norm layers called with a mask")
         x = args[0].detach()
+        mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
         channel_dim = getattr(module, "channel_dim", 1)
         if channel_dim != 1:
             x = x.movedim(channel_dim % x.dim(), 1)
         if x.dim() < 2 or x.shape[1] == 0:
             return
-        n = ref.count_per_channel(x)
-        if n == 0:
-            return
         dims = ref.reduction_dims(x)
         x64 = x.to(torch.float64)
-        mean = x64.mean(dims)
-        m2 = (x64 - mean.view(ref.channel_shape(x))).square().sum(dims)
+        if mask is None:
+            n = ref.count_per_channel(x)
+            if n == 0:
+                return
+            mean = x64.mean(dims)
+            m2 = (x64 - mean.view(ref.channel_shape(x))).square().sum(dims)
+        else:
+            # bnkit's masked layers: only the unmasked elements count (see bnkit.masked).
+            m = check_mask(x, mask)
+            n = masked_count(x, m)
+            if n == 0:
+                return
+            zero = x64.new_zeros(())
+            mean = torch.where(m, x64, zero).sum(dims) / n
+            m2 = torch.where(m, x64 - mean.view(ref.channel_shape(x)), zero).square().sum(dims)
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
         else:
