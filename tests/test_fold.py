@@ -155,6 +155,21 @@ def test_duck_typed_frozen_bn_folds_even_in_training_mode():
     assert_same_function(model, folded, torch.randn(2, 2, 5, 5, dtype=torch.double), 0.0, 1e-10)
 
 
+def test_bnkit_mode_overrides_decide_not_the_training_flag():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).double()
+    randomize_bn(model)
+    model.train()
+    with bnkit.batch_stats(model, normalize_with="running", update_running_stats=False):
+        folded, report = bnkit.fold(model)
+        assert report == [FoldedPair("0", "1"), FoldedPair("2", "3")]
+        x = torch.randn(2, 2, 5, 5, dtype=torch.double)
+        assert_same_function(model, folded, x, 0.0, 1e-10)
+    model.eval()
+    with bnkit.batch_stats(model, normalize_with="batch", update_running_stats=False):
+        _, report = bnkit.fold(model)
+    assert report == [] and all("batch statistics" in s.reason for s in report.skipped)
+
+
 def test_training_mode_and_no_running_stats_are_skipped_with_reasons():
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3),

@@ -50,6 +50,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from bnkit.nn.modes import resolve_mode
+
 __all__ = ["FoldReport", "FoldedPair", "Skipped", "fold"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -108,12 +110,13 @@ def _bn_problem(bn: nn.Module) -> str | None:
         return "no running statistics (track_running_stats=False): it always normalizes with batch statistics"
     if not hasattr(bn, "track_running_stats"):
         return None  # frozen batch norm: running statistics in every mode
-    if bn.training:
+    use_batch, update = resolve_mode(bn)  # torch's rule plus bnkit's overrides (bnkit.batch_stats)
+    if use_batch:
+        if getattr(bn, "_bnkit_normalize_with", None) == "batch":
+            return "set to normalize with batch statistics (bnkit.batch_stats)"
         return "in training mode (call model.eval() first): it normalizes with batch statistics"
-    if getattr(bn, "_bnkit_normalize_with", None) == "batch":
-        return "set to normalize with batch statistics in eval mode"
-    if getattr(bn, "_bnkit_update_running_stats", None):
-        return "set to keep updating its running statistics in eval mode"
+    if update:
+        return "set to keep updating its running statistics (folding would freeze them)"
     return None
 
 
