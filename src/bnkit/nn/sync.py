@@ -1,9 +1,16 @@
 """``bnkit.nn.SyncBatchNorm``: batch norm with statistics over every process of a group.
 
-A subclass of ``torch.nn.SyncBatchNorm`` (same constructor, parameters, buffers,
-``state_dict`` keys, ``repr`` and ``isinstance`` checks) whose forward is bnkit's, so it
-runs wherever ``torch.distributed`` runs: gloo on CPU tensors as well as NCCL on CUDA
-(torch's own module refuses CPU tensors).
+Same constructor, parameters, buffers, ``state_dict`` keys and ``repr`` as
+``torch.nn.SyncBatchNorm``, with bnkit's forward, so it runs wherever ``torch.distributed``
+runs: gloo on CPU tensors as well as NCCL on CUDA (torch's own module refuses CPU tensors).
+
+Why it subclasses ``torch.nn.modules.batchnorm._BatchNorm`` and not
+``torch.nn.SyncBatchNorm``: ``DistributedDataParallel`` raises "SyncBatchNorm layers only
+work with GPU modules" for any CPU model holding an ``isinstance(m, torch.nn.SyncBatchNorm)``
+layer, which would make CPU training under DDP impossible. Every check for
+``_BatchNorm`` (``convert``, ``swa_utils.update_bn``, timm, fvcore) still sees it; only an
+``isinstance(m, torch.nn.SyncBatchNorm)`` check does not. The two torch-specific methods
+(``_check_input_dim``, ``_check_non_zero_input_channels``) are torch's, unchanged.
 
 When it synchronizes: in training mode when it normalizes with batch statistics and the
 group (``process_group``, default the whole world) has more than one process. Otherwise,
@@ -21,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import reference as ref
 from bnkit.distributed import sync_batch_norm, sync_group
@@ -30,7 +38,7 @@ from bnkit.nn.modes import resolve_mode
 __all__ = ["SyncBatchNorm"]
 
 
-class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     """Drop-in for ``torch.nn.SyncBatchNorm`` that also works on CPU (gloo) and is exact.
 
     Input (N, C, *) with any number of spatial dims. Extra keyword-only options as in
@@ -56,10 +64,13 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
         extra = {"bias": bias} if _TORCH_TAKES_BIAS else {}
         if not bias and not _TORCH_TAKES_BIAS:
             raise TypeError("bias=False needs torch >= 2.9")
-        nn.SyncBatchNorm.__init__(
-            self, num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **extra
-        )
+        _BatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
+        self.process_group = process_group
         self._init_bnkit(channel_dim, nonfinite)
+
+    # torch.nn.SyncBatchNorm's input checks (any number of spatial dims, C > 0).
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def _where(self) -> str:
         name = getattr(self, "_bnkit_layer_name", None)
