@@ -59,7 +59,7 @@ def _entry(rank: int, world: int, port: int, outdir: str, scenario: str, timeout
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
-    verdicts: dict[str, str | None] = {}
+    verdicts: dict[str, str | None] = {"startup cpu seconds": round(time.process_time(), 3)}
     SCENARIOS[scenario](rank, world, verdicts)
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(verdicts))
     if scenario == "failure":
@@ -67,8 +67,8 @@ def _entry(rank: int, world: int, port: int, outdir: str, scenario: str, timeout
     dist.destroy_process_group()
 
 
-def _spawn(scenario: str, world: int, outdir: Path, collective_timeout_s: float = 60.0,
-           join_timeout_s: float = 90.0) -> list[dict[str, str | None]]:
+def _spawn(scenario: str, world: int, outdir: Path, collective_timeout_s: float = 30.0,
+           join_timeout_s: float = 240.0) -> list[dict[str, str | None]]:
     ctx = mp.start_processes(_entry, args=(world, _free_port(), str(outdir), scenario, collective_timeout_s),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + join_timeout_s
@@ -83,11 +83,13 @@ def _spawn(scenario: str, world: int, outdir: Path, collective_timeout_s: float 
 
 
 def _check(verdicts: dict[str, str | None], name: str, fn: Callable[[], None]) -> None:
+    start = time.process_time()
     try:
         fn()
         verdicts[name] = None
     except Exception:
         verdicts[name] = traceback.format_exc()
+    verdicts[f"{name} cpu seconds"] = round(time.process_time() - start, 3)
 
 
 @contextmanager
@@ -118,9 +120,20 @@ def _count_collectives() -> Iterator[list[str]]:
 _TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype) -> None:
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype,
+           errors: list[str] | None = None, atol: float | None = None) -> None:
+    """assert_close with the dtype's tolerances; with ``errors``, record instead of raising.
+
+    Recording keeps every process on the same sequence of collectives when one check fails.
+    """
+    rtol, default_atol = TOL[dtype]
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=default_atol if atol is None else atol,
+                                   msg=lambda m: f"{what}: {m}")
+    except AssertionError as exc:
+        if errors is None:
+            raise
+        errors.append(str(exc))
 
 
 def _exactness_case(rank: int, world: int, case: dict, group=None, members: list[int] | None = None) -> None:
@@ -130,6 +143,8 @@ def _exactness_case(rank: int, world: int, case: dict, group=None, members: list
     c, spatial, sizes = case["C"], case["spatial"], case["sizes"]
     fmt = case.get("memory_format", torch.contiguous_format)
     kw = {k: case[k] for k in ("momentum", "affine", "track_running_stats") if k in case}
+    errors: list[str] = []
+    atol = case.get("atol")
     me = members.index(rank)
     lo, hi = sum(sizes[:me]), sum(sizes[: me + 1])
     gen = torch.Generator().manual_seed(7)
@@ -154,40 +169,43 @@ def _exactness_case(rank: int, world: int, case: dict, group=None, members: list
             fwd = list(calls)
             y.backward(gy[lo:hi].contiguous(memory_format=fmt))
         if fwd != ["all_gather"] or calls != ["all_gather", "all_reduce"]:
-            raise AssertionError(f"step {step}: expected one all_gather forward and one all_reduce backward, "
-                                 f"got {fwd} then {calls[len(fwd):]}")
+            errors.append(f"step {step}: expected one all_gather forward and one all_reduce backward, "
+                          f"got {fwd} then {calls[len(fwd):]}")
         if x.numel() and not y.is_contiguous(memory_format=fmt):
-            raise AssertionError(f"output lost the memory format {fmt}")
-        _close(y, yo[lo:hi], f"step {step} output", dtype)
-        _close(x.grad, xo.grad[lo:hi], f"step {step} input grad", dtype)
+            errors.append(f"output lost the memory format {fmt}")
+        _close(y, yo[lo:hi], f"step {step} output", dtype, errors, atol)
+        _close(x.grad, xo.grad[lo:hi], f"step {step} input grad", dtype, errors, atol)
         if sync.affine:
             grads = torch.cat([sync.weight.grad, sync.bias.grad])
             dist.all_reduce(grads, group=group)  # DDP's job: sum the local parameter gradients
-            _close(grads, torch.cat([oracle.weight.grad, oracle.bias.grad]), f"step {step} param grads", dtype)
+            expected = torch.cat([oracle.weight.grad, oracle.bias.grad])
+            _close(grads, expected, f"step {step} param grads", dtype, errors, atol)
             sync.weight.grad = sync.bias.grad = oracle.weight.grad = oracle.bias.grad = None
         if sync.track_running_stats:
-            _close(sync.running_mean, oracle.running_mean, f"step {step} running_mean", dtype)
-            _close(sync.running_var, oracle.running_var, f"step {step} running_var", dtype)
+            _close(sync.running_mean, oracle.running_mean, f"step {step} running_mean", dtype, errors, atol)
+            _close(sync.running_var, oracle.running_var, f"step {step} running_var", dtype, errors, atol)
             if int(sync.num_batches_tracked) != int(oracle.num_batches_tracked):
-                raise AssertionError(f"num_batches_tracked {int(sync.num_batches_tracked)} "
-                                     f"!= {int(oracle.num_batches_tracked)}")
+                errors.append(f"num_batches_tracked {int(sync.num_batches_tracked)} "
+                              f"!= {int(oracle.num_batches_tracked)}")
             stats = torch.cat([sync.running_mean, sync.running_var, sync.num_batches_tracked.to(dtype).view(1)])
             every = [torch.empty_like(stats) for _ in members]
             dist.all_gather(every, stats, group=group)
             if not all(torch.equal(s, every[0]) for s in every):
-                raise AssertionError("running statistics differ between processes")
+                errors.append("running statistics differ between processes")
     # eval: running statistics (or local batch statistics without them), and no message at all
     sync.eval()
     oracle.eval()
     full = torch.randn(sum(sizes), c, *spatial, generator=gen, dtype=dtype)
     x = full[lo:hi].contiguous(memory_format=fmt)
     with _count_collectives() as calls:
-        y = sync(x) if x.numel() else None
+        y = sync(x)
     if calls:
-        raise AssertionError(f"eval mode communicated: {calls}")
-    if y is not None and x.numel() // c > 1:
+        errors.append(f"eval mode communicated: {calls}")
+    if x.numel() // c > 1:
         expected = oracle(full)[lo:hi] if sync.track_running_stats else oracle(x)
-        _close(y, expected, "eval output", dtype)
+        _close(y, expected, "eval output", dtype, errors, atol)
+    if errors:
+        raise AssertionError("\n".join(errors))
 
 
 CASES_2 = {
@@ -202,7 +220,7 @@ CASES_2 = {
     "2d-momentum-None": dict(C=3, spatial=(2, 2), sizes=(2, 3), momentum=None, steps=3),
     "2d-no-affine": dict(C=3, spatial=(2, 2), sizes=(3, 1), affine=False),
     "2d-no-running-stats": dict(C=3, spatial=(2, 2), sizes=(3, 2), track_running_stats=False),
-    "2d-large-mean": dict(C=3, spatial=(4, 4), sizes=(2, 5), shift=1e6, scale=1e-2),
+    "2d-large-mean": dict(C=3, spatial=(4, 4), sizes=(2, 5), shift=1e3, scale=1e-1, atol=1e-10),
     "2d-float32": dict(C=3, spatial=(4, 4), sizes=(2, 3), dtype=torch.float32),
 }
 
@@ -235,6 +253,7 @@ def _ddp_case(rank: int, world: int) -> None:
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(3)
     per = 4
+    errors: list[str] = []
     for step in range(5):
         x = torch.randn(per * world, 3, 6, 6, generator=gen, dtype=dt)
         t = torch.randint(0, 3, (per * world,), generator=gen)
@@ -249,14 +268,16 @@ def _ddp_case(rank: int, world: int) -> None:
         opt.step()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
-        _close(mean_loss / world, loss_ref.detach(), f"step {step} loss", dt)
+        _close(mean_loss / world, loss_ref.detach(), f"step {step} loss", dt, errors)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-        _close(p.detach(), q.detach(), f"parameter {name}", dt)
+        _close(p.detach(), q.detach(), f"parameter {name}", dt, errors)
     for (name, b), r in zip(model.named_buffers(), reference.buffers(), strict=True):
         if b.is_floating_point():
-            _close(b, r, f"buffer {name}", dt)
+            _close(b, r, f"buffer {name}", dt, errors)
         elif not torch.equal(b, r):
-            raise AssertionError(f"buffer {name}: {b} != {r}")
+            errors.append(f"buffer {name}: {b} != {r}")
+    if errors:
+        raise AssertionError("\n".join(errors))
 
 
 def _fallback_case(rank: int, world: int) -> None:
@@ -352,19 +373,19 @@ def _assert_all_ranks(results: list[dict], name: str, world: int) -> None:
     assert not failures, "\n".join(f"rank {r}:\n{msg}" for r, msg in failures.items())
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(280)
 @pytest.mark.parametrize("name", [*CASES_2, "ddp", "fallback-group-of-one"])
 def test_two_processes(two, name):
     _assert_all_ranks(two, name, 2)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(280)
 @pytest.mark.parametrize("name", [*CASES_3, "subgroup"])
 def test_three_processes(three, name):
     _assert_all_ranks(three, name, 3)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(280)
 def test_peer_that_leaves_raises_within_timeout(tmp_path):
     results = _spawn("failure", 3, tmp_path, collective_timeout_s=5.0, join_timeout_s=60.0)
     assert len(results) == 2, results  # rank 2 left on purpose
@@ -375,7 +396,7 @@ def test_peer_that_leaves_raises_within_timeout(tmp_path):
         assert res["seconds"] < 5.0 + 10.0, f"{what} took {res['seconds']:.1f} s to fail"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(280)
 def test_example_runs_under_torchrun(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
