@@ -325,14 +325,19 @@ def _fallback_case_nonmember(group) -> None:
 
 
 def _scenario_failure(rank: int, world: int, verdicts: dict) -> None:
-    """Rank 2 leaves: rank 0's forward (group {0, 2}) and rank 1's backward (group {1, 2}) must raise."""
+    """Rank 2 stalls, then leaves; rank 0's forward (group {0, 2}) and rank 1's backward (group {1, 2}) must raise.
+
+    Rank 0 meets a peer that is alive but never arrives (the 5 s timeout fires); rank 1 meets
+    a peer that has exited (the connection is closed).
+    """
     g_a = dist.new_group([0, 2])
     g_b = dist.new_group([1, 2])
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
     if rank == 2:
         layer = bnkit.nn.SyncBatchNorm(3, process_group=g_b)
-        layer(x)  # forward with rank 1, then leave without the backward
+        layer(x)  # forward with rank 1, then stall past rank 0's timeout and leave without the backward
         dist.barrier(group=g_b)
+        time.sleep(7.0)
         os._exit(0)
     group = g_a if rank == 0 else g_b
     model = bnkit.convert(nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3))),
@@ -342,7 +347,7 @@ def _scenario_failure(rank: int, world: int, verdicts: dict) -> None:
         y = model(x)
         if rank == 1:
             dist.barrier(group=g_b)
-            time.sleep(0.5)  # rank 2 is gone now
+            time.sleep(9.0)  # rank 2 is gone now
             start = time.monotonic()
             y.sum().backward()
         verdicts["error"] = None
@@ -394,6 +399,7 @@ def test_peer_that_leaves_raises_within_timeout(tmp_path):
         assert res["error"] is not None, f"no error raised for the {what}"
         assert what in res["error"] and "SyncBatchNorm(3) 'bn'" in res["error"], res["error"]
         assert res["seconds"] < 5.0 + 10.0, f"{what} took {res['seconds']:.1f} s to fail"
+    assert forward["seconds"] > 4.0, "rank 0 should have waited for the timeout"
 
 
 @pytest.mark.timeout(280)

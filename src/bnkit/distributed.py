@@ -109,7 +109,7 @@ def _run_collective(where: str, what: str, group: Any, fn: Callable[[], Any]) ->
         size = dist.get_world_size(group)
         rank = dist.get_rank(group)
         raise SyncBatchNormError(
-            f"{where}: the {what} failed on rank {rank} of a process group of {size} "
+            f"{where}: the {what} failed on rank {rank} of a process group of {size} (global rank {dist.get_rank()}) "
             f"(a process exited, or did not reach this layer within the group's timeout): {exc}"
         ) from exc
 
