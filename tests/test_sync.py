@@ -171,7 +171,12 @@ def _exactness_case(rank: int, world: int, case: dict, group=None, members: list
     me = members.index(rank)
     lo, hi = sum(sizes[:me]), sum(sizes[: me + 1])
     gen = torch.Generator().manual_seed(7)
-    sync = bnkit.nn.SyncBatchNorm(c, process_group=group, dtype=dtype, device=device, **kw)
+    cd = case.get("channel_dim", 1)
+
+    def channels_at(t: torch.Tensor, dim: int) -> torch.Tensor:  # (N, C, *) <-> channels in dim `cd`
+        return t if cd == 1 else (t.movedim(1, cd).contiguous() if dim == cd else t.movedim(cd, 1))
+
+    sync = bnkit.nn.SyncBatchNorm(c, process_group=group, dtype=dtype, device=device, channel_dim=cd, **kw)
     oracle = _TORCH_BN[2 + len(spatial)](c, dtype=dtype, device=device, **kw)
     if sync.affine:
         with torch.no_grad():
@@ -186,18 +191,18 @@ def _exactness_case(rank: int, world: int, case: dict, group=None, members: list
         xo = full.clone().requires_grad_(True)
         yo = oracle(xo)
         yo.backward(gy)
-        x = full[lo:hi].contiguous(memory_format=fmt).requires_grad_(True)
+        x = channels_at(full[lo:hi].contiguous(memory_format=fmt), cd).requires_grad_(True)
         with _count_collectives() as calls:
             y = sync(x)
             fwd = list(calls)
-            y.backward(gy[lo:hi].contiguous(memory_format=fmt))
+            y.backward(channels_at(gy[lo:hi].contiguous(memory_format=fmt), cd))
         if fwd != [gathers] or calls != [gathers, "all_reduce"]:
             errors.append(f"step {step}: expected one all_gather forward and one all_reduce backward, "
                           f"got {fwd} then {calls[len(fwd):]}")
         if x.numel() and not y.is_contiguous(memory_format=fmt):
             errors.append(f"output lost the memory format {fmt}")
-        _close(y, yo[lo:hi], f"step {step} output", dtype, errors, atol)
-        _close(x.grad, xo.grad[lo:hi], f"step {step} input grad", dtype, errors, atol)
+        _close(channels_at(y, 1), yo[lo:hi], f"step {step} output", dtype, errors, atol)
+        _close(channels_at(x.grad, 1), xo.grad[lo:hi], f"step {step} input grad", dtype, errors, atol)
         if sync.affine:
             grads = torch.cat([sync.weight.grad, sync.bias.grad])
             dist.all_reduce(grads, group=group)  # DDP's job: sum the local parameter gradients
@@ -221,7 +226,7 @@ def _exactness_case(rank: int, world: int, case: dict, group=None, members: list
     full = torch.randn(sum(sizes), c, *spatial, generator=gen, dtype=dtype).to(device)
     x = full[lo:hi].contiguous(memory_format=fmt)
     with _count_collectives() as calls:
-        y = sync(x)
+        y = channels_at(sync(channels_at(x, cd)), 1)
     if calls:
         errors.append(f"eval mode communicated: {calls}")
     if x.numel() // c > 1:
@@ -245,6 +250,7 @@ CASES_2 = {
     "2d-no-running-stats": dict(C=3, spatial=(2, 2), sizes=(3, 2), track_running_stats=False),
     "2d-large-mean": dict(C=3, spatial=(4, 4), sizes=(2, 5), shift=1e3, scale=1e-1, atol=1e-10),
     "2d-float32": dict(C=3, spatial=(4, 4), sizes=(2, 3), dtype=torch.float32),
+    "1d-NLC-channel_dim=-1-one-empty": dict(C=3, spatial=(5,), sizes=(0, 3), channel_dim=-1),
 }
 
 CASES_3 = {

@@ -162,7 +162,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """``y = (x - mean) * invstd * w + b`` with global (mean, invstd) and the global backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, inv, count, group, where):  # noqa: D102
+    def forward(ctx, x, weight, bias, mean, inv, count, group, where):
         scale = inv if weight is None else inv * weight.to(inv.dtype)
         shift = torch.zeros_like(scale) if bias is None else bias.to(inv.dtype)
         y = backend_for(x).forward_eval(x, mean, scale, shift) if x.numel() else torch.empty_like(x)
@@ -175,7 +175,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):  # noqa: D102
+    def backward(ctx, dy):
         x, weight, mean, inv = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         local = x.numel() > 0
