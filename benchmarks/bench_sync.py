@@ -56,8 +56,10 @@ class ByteCounter:
         self._saved: dict[str, object] = {}
 
     def __enter__(self) -> ByteCounter:
-        for name in ("all_gather", "all_gather_into_tensor", "all_reduce"):
-            fn = getattr(dist, name)
+        for name in ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_reduce"):
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
             self._saved[name] = fn
 
             def wrapper(*args, _fn=fn, _name=name, **kwargs):
@@ -113,7 +115,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace) -> None:
             _step(sync, x, gy)
         itemsize = torch.empty((), dtype=bnkit.reference.stats_dtype(dtype)).element_size()
         torch_fwd, torch_bwd = torch_scheme_bytes(c, WORLD, itemsize)
-        fwd = counter.bytes.get("all_gather", 0) + counter.bytes.get("all_gather_into_tensor", 0)
+        fwd = sum(b for name, b in counter.bytes.items() if name.startswith("all_gather"))
         rows.append({
             "C": c, "local_shape": list(shape), "dtype": args.dtype, "world": WORLD, "backend": backend,
             "collectives_per_step": sum(counter.calls.values()),

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float64: (1e-9, 1e-12), torch.float32: (1e-5, 1e-6)}
 
 _COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "reduce",
-    "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter",
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object", "broadcast",
+    "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter",
     "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv",
 )
 
@@ -162,7 +162,8 @@ def _exactness_case(rank: int, world: int, case: dict, group=None, members: list
     members = members if members is not None else list(range(world))
     dtype = case.get("dtype", torch.float64)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    gathers = "all_gather" if dist.get_backend(group) == "gloo" else "all_gather_into_tensor"
+    gathers = "all_gather" if device is None else (
+        "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor")
     c, spatial, sizes = case["C"], case["spatial"], case["sizes"]
     fmt = case.get("memory_format", torch.contiguous_format)
     kw = {k: case[k] for k in ("momentum", "affine", "track_running_stats") if k in case}

@@ -124,23 +124,21 @@ def gather_global_stats(
     dtype of ``mean``, and the global count ``n`` as an int.
     """
     c = mean.shape[0]
-    local = mean.new_empty((2 + 2 * c,))
-    local[0] = count // _COUNT_SPLIT
-    local[1] = count % _COUNT_SPLIT
+    head = torch.tensor([count // _COUNT_SPLIT, count % _COUNT_SPLIT], dtype=mean.dtype, device=mean.device)
     if count > 0:
-        local[2 : 2 + c] = mean
-        local[2 + c :] = var * count
-    else:
-        local[2:] = 0
+        local = torch.cat([head, mean, var * count])
+    else:  # an empty batch sends zeros: its weight n_r = 0 removes it from the merge
+        local = torch.cat([head, mean.new_zeros((2 * c,))])
     size = dist.get_world_size(group)
     gathered = mean.new_empty((size, 2 + 2 * c))
-    if dist.get_backend(group) == "gloo":
-        # gloo's all_gather takes a list of outputs; views of one buffer avoid a copy.
-        _run_collective(where, "forward all_gather of (count, mean, M2)", group,
-                        lambda: dist.all_gather(list(gathered.unbind(0)), local, group=group))
+    what = "forward all_gather of (count, mean, M2)"
+    if mean.device.type == "cpu":
+        # gloo (any torch version) takes a list of outputs; views of one buffer avoid a copy.
+        _run_collective(where, what, group, lambda: dist.all_gather(list(gathered.unbind(0)), local, group=group))
     else:
-        _run_collective(where, "forward all_gather of (count, mean, M2)", group,
-                        lambda: dist.all_gather_into_tensor(gathered, local, group=group))
+        # NCCL & co.: one flat output buffer (all_gather_single replaces all_gather_into_tensor in torch >= 2.13).
+        gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        _run_collective(where, what, group, lambda: gather_flat(gathered.view(-1), local, group=group))
     acc = gathered.to(_acc_dtype(gathered))
     counts = acc[:, 0] * _COUNT_SPLIT + acc[:, 1]
     n, g_mean, g_m2 = merge_stats_many(counts, acc[:, 2 : 2 + c], acc[:, 2 + c :])
