@@ -1,7 +1,7 @@
 """SyncBatchNorm vs local batch norm on 2 processes (gloo, CPU): bytes per layer and time per step.
 
     PYTHONPATH=src python benchmarks/bench_sync.py             # C in 16, 64, 256; float32
-    PYTHONPATH=src python benchmarks/bench_sync.py --quick     # one small size, few repeats
+    PYTHONPATH=src python benchmarks/bench_sync.py --quick     # one small size, few repeats, no files
 
 For each layer width C it measures, on every process, one training step (forward +
 backward) of a single layer on a (N, C, H, W) local batch:
@@ -139,6 +139,8 @@ def _report(rows: list[dict], args: argparse.Namespace) -> None:
         print(f"{r['C']:>5} {str(tuple(r['local_shape'])):>18} {r['collectives_per_step']:>9} "
               f"{r['bnkit_fwd_bytes']:>11} {r['bnkit_bwd_bytes']:>11} {r['torch_fwd_bytes']:>11} "
               f"{r['torch_bwd_bytes']:>11} {r['local_ms']:>9.3f} {r['sync_ms']:>9.3f} {r['sync_over_local']:>10.2f}")
+    if args.quick:
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "torch": torch.__version__, "cpus": os.cpu_count(), "threads_per_process": 1,
@@ -160,7 +162,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="one small size, few repeats (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="one small size, few repeats; writes no results")
     args = parser.parse_args()
     if args.quick:
         args.channels, args.repeats, args.warmup = [16], 5, 1
