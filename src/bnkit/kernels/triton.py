@@ -263,7 +263,7 @@ class TritonBackend:
             block_k = min(_next_pow2(n_splits), 64)
             block_cf = min(_next_pow2(lay.c), max(self.tile // block_k, 1))
             k.stats_finalize_kernel[(_cdiv(lay.c, block_cf),)](
-                cnt, pmean, pm2, w_arg, b_arg, mean, var, scale, shift, lay.c, n_splits, eps_hi, eps_lo,
+                cnt, pmean, pm2, x, w_arg, b_arg, mean, var, scale, shift, lay.c, lay.sc, n_splits, eps_hi, eps_lo,
                 ACC=acc, HAS_W=w is not None, HAS_B=b is not None, BLOCK_K=block_k, BLOCK_C=block_cf,
                 num_warps=self.num_warps,
             )

@@ -16,8 +16,8 @@ both layouts, never one program per channel with strided loads.
 Numerics (the policy of :mod:`bnkit.reference`, with float32 accumulators for 16/32-bit inputs and
 float64 ones for float64): statistics are never ``E[x^2] - E[x]^2``. Each lane of a tile keeps a
 Welford triple ``(n, mean, M2)``; lanes, then programs (split reduction), are merged with Chan's
-formula (Chan, Golub, LeVeque 1979), see :func:`welford_combine`. Symbols as in ``docs/math.md``:
-``mean``, ``var`` (biased), ``invstd = 1/sqrt(var + eps)``, ``scale = w * invstd``.
+formula (Chan, Golub, LeVeque 1979), see :func:`welford_combine` and :func:`merge_lanes`.
+Symbols as in ``docs/math.md``: ``mean``, ``var`` (biased), ``invstd = 1/sqrt(var + eps)``, ``scale = w * invstd``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,20 @@ def welford_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def merge_lanes(n, mean, m2, AXIS: tl.constexpr):
+    """Chan's formula for many disjoint sets at once (the lanes along ``AXIS``)::
+
+        n = sum(n_l),  mean = sum(n_l * mean_l) / n,  M2 = sum(M2_l + n_l * (mean_l - mean)**2)
+
+    The deviations are taken from the merged mean (two passes over the lanes), so nothing cancels.
+    """
+    n_tot = tl.sum(n, AXIS)
+    mean_tot = tl.sum(n * mean, AXIS) / tl.maximum(n_tot, 1.0)
+    dev = mean - tl.expand_dims(mean_tot, AXIS)
+    return n_tot, mean_tot, tl.sum(m2 + n * dev * dev, AXIS)
+
+
+@triton.jit
 def _tile(t, c, c_mask, n_sb, Sp, sN, sC, sS, BLOCK_S: tl.constexpr, CL: tl.constexpr):
     """Offsets and mask of tile ``t`` for the channels ``c`` (see the module docstring)."""
     n = t // n_sb
@@ -55,21 +69,35 @@ def _tile(t, c, c_mask, n_sb, Sp, sN, sC, sS, BLOCK_S: tl.constexpr, CL: tl.cons
 
 
 @triton.jit
+def _shift(X, c, c_mask, sC, ACC: tl.constexpr):
+    """``x[0, c, 0]``, the per-channel shift ``K`` the statistics are accumulated around.
+
+    Welford on ``x - K`` instead of ``x`` keeps float32 statistics accurate when
+    ``|mean| >> std``: the shifted values are small, and every program of a split
+    reduction uses the same ``K``, so the partial means merge without cancellation.
+    """
+    return tl.load(X + c * sC, mask=c_mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _welford_tiles(X, t0, t1, c, c_mask, n_sb, Sp, sN, sC, sS,
                    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CL: tl.constexpr):
-    """Per-channel ``(n, mean, M2)`` of tiles ``t0 .. t1 - 1``: lane-wise Welford, then Chan across lanes."""
+    """Per-channel ``(n, mean - K, M2)`` of tiles ``t0 .. t1 - 1`` (``K`` from :func:`_shift`):
+    lane-wise Welford, then Chan across lanes."""
+    k = _shift(X, c, c_mask, sC, ACC)
     cnt = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     mean = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for t in range(t0, t1):
         offs, mask = _tile(t, c, c_mask, n_sb, Sp, sN, sC, sS, BLOCK_S, CL)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.where(mask, x - k[:, None], 0.0)
         valid = mask.to(ACC)
         cnt += valid
         delta = x - mean
         mean += delta * valid / tl.maximum(cnt, 1.0)
         m2 += delta * (x - mean) * valid
-    return tl.reduce((cnt, mean, m2), 1, welford_combine)
+    return merge_lanes(cnt, mean, m2, 1)
 
 
 @triton.jit
@@ -98,7 +126,7 @@ def _scale_shift(n, m2, W, B, c, c_mask, eps_hi, eps_lo,
 @triton.jit
 def stats_partial_kernel(
     X,                   # input, viewed as (Np, C, Sp)
-    CNT, MEAN, M2,       # out: (n_splits, C) partial Welford triples, ACC dtype
+    CNT, MEAN, M2,       # out: (n_splits, C) partial Welford triples (MEAN shifted by K), ACC dtype
     C, Sp, sN, sC, sS,   # view sizes and strides
     n_sb,                # tiles per sample: cdiv(Sp, BLOCK_S)
     n_tiles,             # tiles per channel block: Np * n_sb
@@ -122,10 +150,11 @@ def stats_partial_kernel(
 @triton.jit
 def stats_finalize_kernel(
     CNT, MEAN, M2,                 # (n_splits, C) partials from stats_partial_kernel
+    X,                             # the input, only to read the shift K = x[0, c, 0]
     W, B,                          # weight, bias (C,) or dummies when HAS_W/HAS_B are False
     MEAN_OUT, VAR_OUT,             # out: (C,) batch mean and biased variance, ACC dtype
     SCALE_OUT, SHIFT_OUT,          # out: (C,) w * invstd and b, for the normalize pass
-    C, n_splits, eps_hi, eps_lo,
+    C, sC, n_splits, eps_hi, eps_lo,
     ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -143,7 +172,8 @@ def stats_finalize_kernel(
         mean_b = tl.load(MEAN + offs, mask=mask, other=0.0)
         m2_b = tl.load(M2 + offs, mask=mask, other=0.0)
         acc_n, acc_mean, acc_m2 = welford_combine(acc_n, acc_mean, acc_m2, n_b, mean_b, m2_b)
-    n, mean, m2 = tl.reduce((acc_n, acc_mean, acc_m2), 0, welford_combine)
+    n, mean, m2 = merge_lanes(acc_n, acc_mean, acc_m2, 0)
+    mean += _shift(X, c, c_mask, sC, ACC)
     var, scale, shift = _scale_shift(n, m2, W, B, c, c_mask, eps_hi, eps_lo, ACC, HAS_W, HAS_B)
     tl.store(MEAN_OUT + c, mean, mask=c_mask)
     tl.store(VAR_OUT + c, var, mask=c_mask)
@@ -283,6 +313,7 @@ def fused_forward_train_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     n, mean, m2 = _welford_tiles(X, 0, n_tiles, c, c_mask, n_sb, Sp, sN, sC, sS, ACC, BLOCK_C, BLOCK_S, CL)
+    mean += _shift(X, c, c_mask, sC, ACC)
     var, scale, shift = _scale_shift(n, m2, W, B, c, c_mask, eps_hi, eps_lo, ACC, HAS_W, HAS_B)
     tl.store(MEAN_OUT + c, mean, mask=c_mask)
     tl.store(VAR_OUT + c, var, mask=c_mask)
