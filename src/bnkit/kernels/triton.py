@@ -114,13 +114,17 @@ def _plan(lay: Layout, tile: int, max_block_c: int) -> _Plan:
     return _Plan(lay, block_c, block_s, _cdiv(lay.sp, block_s), _cdiv(lay.c, block_c))
 
 
+def _to_float32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _split_eps(eps: float) -> tuple[float, float]:
     """``eps`` as two float32 values whose sum is ``eps`` to ~48 bits (triton passes floats as float32)."""
     try:
-        hi = struct.unpack("f", struct.pack("f", eps))[0]
+        hi = _to_float32(eps)
     except OverflowError:
         return float("inf"), 0.0
-    return hi, eps - hi
+    return hi, _to_float32(eps - hi)
 
 
 def _channels(t: Tensor | None) -> Tensor | None:
