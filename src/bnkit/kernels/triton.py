@@ -294,11 +294,17 @@ class TritonBackend:
         lay = plan.lay
         dy = _like(dy, x)
         sd = ref.stats_dtype(x.dtype)
+        # separate allocations: the results leave through custom ops, which must not return aliases
+        sum_dy = torch.empty(lay.c, dtype=sd, device=x.device)
+        sum_dy_xmu = torch.empty(lay.c, dtype=sd, device=x.device)
         if self._fused(x, plan):
             n_splits, tiles_per_split = 1, plan.n_tiles
         else:
             n_splits, tiles_per_split = self._splits(x, plan)
-        psum_dy, psum_dy_xmu = torch.empty((2, n_splits, lay.c), dtype=sd, device=x.device)
+        if n_splits == 1:  # one split: the partial sums are the result
+            psum_dy, psum_dy_xmu = sum_dy, sum_dy_xmu
+        else:
+            psum_dy, psum_dy_xmu = torch.empty((2, n_splits, lay.c), dtype=sd, device=x.device)
         with self._on(x):
             k.backward_reduce_partial_kernel[(plan.c_blocks, n_splits)](
                 dy, x, mean.contiguous(), psum_dy, psum_dy_xmu, lay.c, lay.sp, lay.sn, lay.sc, lay.ss,
@@ -306,8 +312,7 @@ class TritonBackend:
                 ACC=self._acc(x), BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, CL=lay.cl, num_warps=self.num_warps,
             )
             if n_splits == 1:
-                return psum_dy[0], psum_dy_xmu[0]
-            sum_dy, sum_dy_xmu = torch.empty((2, lay.c), dtype=sd, device=x.device)
+                return sum_dy, sum_dy_xmu
             block_k = min(_next_pow2(n_splits), 64)
             block_cf = min(_next_pow2(lay.c), max(self.tile // block_k, 1))
             k.sum_splits_kernel[(_cdiv(lay.c, block_cf),)](
