@@ -111,16 +111,20 @@ def _case(layout: str, dtype: torch.dtype):
     return x, w, b, dy, sd
 
 
-# Every layout through the fused plan; the split plan's kernels see the same two views
-# (positions innermost, channels innermost), so a few layouts cover it; with 70 channels in
-# blocks of 4 the split plan needs no split at all (one program per channel block).
-PLAN_LAYOUTS = [("fused", layout) for layout in LAYOUTS] + [
-    ("split", layout) for layout in ("nchw", "channels_last", "ncl", "nc11_many_channels")
-]
+# Every layout through the fused plan in float64; the split plan's kernels see the same two
+# views (positions innermost, channels innermost), so a few layouts cover it (with 70 channels in
+# blocks of 4 it needs no split at all: one program per channel block). The accumulation dtype
+# does not depend on the layout, so float32 runs on three layouts per plan.
+SPLIT_LAYOUTS = ("nchw", "channels_last", "ncl", "nc11_many_channels")
+FLOAT32_LAYOUTS = ("nchw", "channels_last", "nc")
+PRIMITIVE_CASES = (
+    [("fused", layout, torch.float64) for layout in LAYOUTS]
+    + [("split", layout, torch.float64) for layout in SPLIT_LAYOUTS]
+    + [(plan, layout, torch.float32) for plan in PLANS for layout in FLOAT32_LAYOUTS]
+)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("plan, layout", PLAN_LAYOUTS)
+@pytest.mark.parametrize("plan, layout, dtype", PRIMITIVE_CASES, ids=str)
 def test_primitives_match_reference(plan, layout, dtype):
     backend = _backend(plan)
     x, w, b, dy, sd = _case(layout, dtype)
@@ -150,8 +154,9 @@ def test_primitives_match_reference(plan, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_half_precision_primitives(backend, layout, dtype):
+@pytest.mark.parametrize("plan, layout", [("fused", "nchw"), ("split", "channels_last")])
+def test_half_precision_primitives(plan, layout, dtype):
+    backend = _backend(plan)
     x, w, b, dy, sd = _case(layout, dtype)
     y, mean, var = backend.forward_train(x, w, b, 1e-5)
     y0, mean0, var0 = REF.forward_train(x, w, b, 1e-5)
@@ -173,6 +178,19 @@ def test_statistics_stay_accurate_when_mean_dominates(backend):
     torch.testing.assert_close(mean.double(), xd.mean((0, 2)), atol=0, rtol=1e-7)
     torch.testing.assert_close(var.double(), xd.var((0, 2), unbiased=False), atol=0, rtol=1e-5)
     _close(y, REF.forward_train(x, None, None, 1e-5)[0], torch.float32, scale=100)  # |x - mean| ~ 1e-3 ulp
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
+def test_nonfinite_inputs_give_nonfinite_statistics_only_where_they_are(backend):
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    x[2, 0, 3] = float("nan")
+    x[0, 1, 0] = float("inf")  # the element the shift K is read from
+    _, mean, var = backend.forward_train(x, None, None, 1e-5)
+    finite = torch.tensor([False, False, True])
+    assert torch.isfinite(mean).eq(finite).all() and torch.isfinite(var).eq(finite).all()
+    _, mean0, var0 = REF.forward_train(x, None, None, 1e-5)
+    _close(mean[2:], mean0[2:], torch.float64)
+    _close(var[2:], var0[2:], torch.float64)
 
 
 # --- end to end: functional and modules against torch, the oracle -----------------------------

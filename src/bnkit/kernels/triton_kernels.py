@@ -75,8 +75,10 @@ def _shift(X, c, c_mask, sC, ACC: tl.constexpr):
     Welford on ``x - K`` instead of ``x`` keeps float32 statistics accurate when
     ``|mean| >> std``: the shifted values are small, and every program of a split
     reduction uses the same ``K``, so the partial means merge without cancellation.
+    A non-finite ``x[0, c, 0]`` gives ``K = 0`` (``k * 0 == 0`` is False only for inf and NaN).
     """
-    return tl.load(X + c * sC, mask=c_mask, other=0.0).to(ACC)
+    k = tl.load(X + c * sC, mask=c_mask, other=0.0).to(ACC)
+    return tl.where(k * 0.0 == 0.0, k, 0.0)
 
 
 @triton.jit
