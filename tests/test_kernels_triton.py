@@ -4,8 +4,10 @@ The interpreter checks live in ``tests/triton_interpret_cases.py`` and run here 
 pytest process with ``TRITON_INTERPRET=1 BNKIT_BACKEND=triton``: Triton decides between
 compiling and interpreting when a kernel is decorated (at the first import of
 ``bnkit.kernels.triton_kernels``), so they cannot share a process with tests that may have
-imported the kernels first. The tests below that need a GPU compare against torch's own
-CUDA batch norm (the oracle) and skip when CUDA is absent.
+imported the kernels first. ``tests/triton_compile_cases.py`` likewise compiles every kernel
+for sm_90 (no GPU needed) in a process of its own with ``TRITON_INTERPRET=0``. The tests
+below that need a GPU compare against torch's own CUDA batch norm (the oracle) and skip when
+CUDA is absent.
 """
 
 import os
@@ -21,19 +23,28 @@ import torch.nn.functional as F
 from bnkit.kernels.triton import Layout, _split_eps, layout_of
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = Path(__file__).with_name("triton_interpret_cases.py")
+HERE = Path(__file__).resolve().parent
+
+
+def _run_pytest(module: str, **env_vars: str) -> None:
+    """Run ``tests/<module>`` in a fresh pytest process with ``env_vars`` set; fail with its output."""
+    pytest.importorskip("triton")  # an optional extra: bnkit[triton]
+    env = dict(os.environ, **env_vars)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / module)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
 def test_interpreted_kernels_match_reference_and_torch():
-    pytest.importorskip("triton")  # an optional extra: bnkit[triton]
-    env = dict(os.environ, TRITON_INTERPRET="1", BNKIT_BACKEND="triton")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(CASES)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
-    )
-    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    _run_pytest("triton_interpret_cases.py", TRITON_INTERPRET="1", BNKIT_BACKEND="triton")
+
+
+def test_kernels_compile_for_sm90_with_vectorized_loads():
+    _run_pytest("triton_compile_cases.py", TRITON_INTERPRET="0")
 
 
 # --- the launcher's view of a tensor (no triton needed) ---------------------------------------
