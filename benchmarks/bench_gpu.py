@@ -317,6 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         "timing": f"median of {rep} runs after {warmup}, CUDA events, L2 flush {'off' if args.no_flush else 'on'}",
         "traffic_model": "bytes moved in tensor sizes: " + ", ".join(f"{m}={k}" for m, k in TRAFFIC.items()),
     }
+    from bnkit.kernels import get_backend
+
+    backend = get_backend("triton")
+    if backend is None:
+        print("bench_gpu: bnkit's triton backend failed to load (see the warning above); nothing was measured.",
+              file=sys.stderr)
+        return 2
+    meta["bnkit_triton_options"] = {
+        k: getattr(backend, k) for k in ("fused_max_bytes", "programs_per_sm", "tile", "max_block_c", "num_warps")
+    }
     meta["copy_gbps_1gib"] = device_copy_bandwidth(timer, device)
     print(f"{meta['device']}: {meta['sm_count']} SMs, L2 {meta['l2_bytes'] >> 20} MiB, "
           f"copy bandwidth {meta['copy_gbps_1gib']:.0f} GB/s (1 GiB buffers); {meta['timing']}")
