@@ -79,6 +79,16 @@ def test_split_eps_is_exact_to_float64_precision(eps):
     assert abs(float(f32.sum()) - eps) <= 2.0**-46 * eps
 
 
+def test_load_backend_without_triton_raises_import_error(monkeypatch):
+    # the dispatcher turns this ImportError into one warning and the reference backend
+    from bnkit.kernels.triton import load_backend
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # "import triton" now raises ImportError
+    monkeypatch.delitem(sys.modules, "bnkit.kernels.triton_kernels", raising=False)
+    with pytest.raises(ImportError):
+        load_backend()
+
+
 def test_cpu_tensors_need_the_interpreter():
     pytest.importorskip("triton")
     from bnkit.kernels.triton import TritonBackend
