@@ -86,8 +86,8 @@ def backend(request):
 
 
 def test_bnkit_import_does_not_import_triton():
-    assert not _TRITON_BEFORE_BNKIT
-    assert not _TRITON_AFTER_BNKIT
+    # vacuous only if something before bnkit (torch, a plugin) had already imported triton
+    assert _TRITON_AFTER_BNKIT == _TRITON_BEFORE_BNKIT
 
 
 def test_backend_is_interpreted_and_selected_for_cpu_tensors():
