@@ -26,25 +26,51 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
 
-def _run_pytest(module: str, **env_vars: str) -> None:
-    """Run ``tests/<module>`` in a fresh pytest process with ``env_vars`` set; fail with its output."""
+# module -> environment of the fresh pytest process that runs it
+SUBPROCESS_SUITES = {
+    "triton_interpret_cases.py": {"TRITON_INTERPRET": "1", "BNKIT_BACKEND": "triton"},
+    "triton_compile_cases.py": {"TRITON_INTERPRET": "0"},
+}
+
+
+@pytest.fixture(scope="module")
+def subprocess_suites():
+    """Start every suite of SUBPROCESS_SUITES at once (they are single-threaded: two run side by
+    side on two cores); each test below waits for its own."""
     pytest.importorskip("triton")  # an optional extra: bnkit[triton]
-    env = dict(os.environ, **env_vars)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / module)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
-    )
-    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    procs = {}
+    for module, env_vars in SUBPROCESS_SUITES.items():
+        env = dict(os.environ, **env_vars)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+        procs[module] = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / module)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    yield procs
+    for proc in procs.values():  # only if a test failed before waiting for its process
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
-def test_interpreted_kernels_match_reference_and_torch():
-    _run_pytest("triton_interpret_cases.py", TRITON_INTERPRET="1", BNKIT_BACKEND="triton")
+def _check_suite(procs: dict, module: str) -> None:
+    proc = procs[module]
+    try:
+        out, err = proc.communicate(timeout=280)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{module} timed out:\n{out[-6000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"{module} failed:\n{out[-6000:]}\n{err[-3000:]}"
+    assert " passed" in out and "skipped" not in out, out[-2000:]
 
 
-def test_kernels_compile_for_sm90_with_vectorized_loads():
-    _run_pytest("triton_compile_cases.py", TRITON_INTERPRET="0")
+def test_interpreted_kernels_match_reference_and_torch(subprocess_suites):
+    _check_suite(subprocess_suites, "triton_interpret_cases.py")
+
+
+def test_kernels_compile_for_sm90_with_vectorized_loads(subprocess_suites):
+    _check_suite(subprocess_suites, "triton_compile_cases.py")
 
 
 # --- the launcher's view of a tensor (no triton needed) ---------------------------------------
