@@ -156,10 +156,13 @@ def update_running_stats(
     made unbiased first. torch's convention: ``momentum`` is the weight of the *new*
     batch (Keras and Flax call ``1 - momentum`` their momentum/decay).
     """
+    # Blend in the statistics dtype (float32 at least) and round once to the buffers'
+    # dtype, as torch does for float16/bfloat16 running statistics.
     batch_var = unbiased_var(var, count)
-    new_mean = running_mean * (1 - momentum) + mean.to(running_mean.dtype) * momentum
-    new_var = running_var * (1 - momentum) + batch_var.to(running_var.dtype) * momentum
-    return new_mean, new_var
+    dt = torch.promote_types(mean.dtype, running_mean.dtype)
+    new_mean = running_mean.to(dt) * (1 - momentum) + mean.to(dt) * momentum
+    new_var = running_var.to(dt) * (1 - momentum) + batch_var.to(dt) * momentum
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
 
 
 def normalize(x: Tensor, mean: Tensor, inv: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
