@@ -1,7 +1,9 @@
 """Hypothesis: bnkit's modules equal torch's over shapes, dims, options, dtypes and layouts."""
 
+import copy
+
 import torch
-from bn_tolerances import assert_close
+from bn_tolerances import OUTPUT, assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -50,6 +52,23 @@ def _layout(x, layout):
     return x
 
 
+def _close_or_closer(actual, expected, truth, dtype):
+    """Close to torch, or (half precision) at least as close as torch to the float64 truth.
+
+    torch's float16/bfloat16 CPU backward can lose every digit to cancellation when a
+    channel has very few values; bnkit's result is then the accurate one.
+    """
+    try:
+        assert_close(actual, expected, dtype)
+    except AssertionError:
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise
+        atol, _ = OUTPUT[dtype]
+        ours = (actual.double() - truth).abs().max().item()
+        theirs = (expected.double() - truth).abs().max().item()
+        assert ours <= theirs + atol, (ours, theirs)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_modules_match_torch(case):
@@ -71,6 +90,9 @@ def test_modules_match_torch(case):
         x64 = torch.randn(case["shape"], generator=gen, dtype=torch.float64) * case["scale"] + case["shift"]
         x = _layout(x64.to(dtype), case["layout"])
         xt, xb = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        # float64 truth for half precision, where torch's own rounding can be the larger error
+        t64 = copy.deepcopy(t).double()
+        x64 = x.detach().double().requires_grad_()
         assert xb.stride() == x.stride()  # clone keeps the layout of a dense tensor
         yt, yb = t(xt), b(xb)
         assert yb.dtype == yt.dtype and yb.shape == yt.shape
@@ -81,8 +103,9 @@ def test_modules_match_torch(case):
         g = torch.randn(yt.shape, generator=gen, dtype=torch.float64).to(dtype)
         yt.backward(g)
         yb.backward(g)
+        t64(x64).backward(g.double())
         # gradients grow with 1/std; compare them relative to their own scale
-        assert_close(xb.grad * case["scale"], xt.grad * case["scale"], dtype)
+        _close_or_closer(xb.grad * case["scale"], xt.grad * case["scale"], x64.grad * case["scale"], dtype)
         for pb, pt in zip(b.parameters(), t.parameters(), strict=True):
             assert_close(pb.grad, pt.grad, dtype)
         for name in ("running_mean", "running_var"):
