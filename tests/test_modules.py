@@ -212,8 +212,9 @@ def test_errors_match_torch(torch_cls, bnkit_cls):
             return type(exc), str(exc)
 
     ndim = {"1d": 2, "2d": 4, "3d": 5}[torch_cls.__name__[-2:]]
-    for shape in [(2, 3), (2, 3, 4), (2, 3, 4, 4), (2, 3, 2, 2, 2), (2,), (2, 3, 1, 1, 1, 1), (2, 5) + (2,) * (ndim - 2),
-                  (1, 3) + (1,) * (ndim - 2)]:
+    shapes = [(2, 3), (2, 3, 4), (2, 3, 4, 4), (2, 3, 2, 2, 2), (2,), (2, 3, 1, 1, 1, 1),
+              (2, 5) + (2,) * (ndim - 2), (1, 3) + (1,) * (ndim - 2)]
+    for shape in shapes:
         for kwargs in ({}, {"track_running_stats": False}, {"affine": False}):
             if issubclass(torch_cls, nn.modules.lazy.LazyModuleMixin):
                 t, b = torch_cls(**kwargs), bnkit_cls(**kwargs)

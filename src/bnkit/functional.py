@@ -7,6 +7,11 @@
   ``(output, new_running_mean, new_running_var)`` without mutating anything, so it can
   run under ``torch.func`` transforms (``functional_call``, ``vmap``, ``jacrev``).
 
+Under an active ``torch.func`` transform, :func:`batch_norm_pure` computes with
+:func:`bnkit.reference.batch_norm` (plain differentiable torch ops) instead of the custom
+ops: torch does not run a custom op's registered autograd formula under
+``grad``/``jacrev``/``jvp``. Results are the same; see ``docs/semantics.md``.
+
 Both accept two keyword-only extensions that default to torch's behaviour:
 ``channel_dim`` (where the channels are, default 1) and ``mask`` (elements that count
 towards the statistics; see :mod:`bnkit.masked`).
