@@ -315,3 +315,16 @@ def test_lazy_materializes_into_bnkit_class(torch_lazy, bnkit_lazy, target, shap
     t.eval()
     b.eval()
     run_both(t, b, x)
+
+
+def test_track_running_stats_switched_off_after_construction():
+    """torch's rule with buffers present but tracking off: train uses batch stats without
+    updating them; eval still normalizes with the (frozen) running statistics."""
+    t, b = twins(nn.BatchNorm2d, bnkit.nn.BatchNorm2d, 3)
+    t.track_running_stats = False
+    b.track_running_stats = False
+    for training in (True, False):
+        t.train(training)
+        b.train(training)
+        run_both(t, b, torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True))
+    assert b.num_batches_tracked.item() == 0
