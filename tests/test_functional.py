@@ -112,6 +112,15 @@ def test_non_contiguous_input(training):
     torch.testing.assert_close(rv_b, rv_t)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_momentum_none_rejected_as_torch(training):
+    x = torch.randn(4, 3)
+    expected = _outcome(F.batch_norm, x, torch.zeros(3), torch.ones(3), training=training, momentum=None)
+    assert _outcome(BF.batch_norm, x, torch.zeros(3), torch.ones(3), training=training, momentum=None) == expected
+    with pytest.raises(TypeError, match="momentum"):
+        BF.batch_norm_pure(x, torch.zeros(3), torch.ones(3), training=True, momentum=None)
+
+
 # --- errors: same exception type and same message as torch, for many argument mixes ---
 
 def _error_cases(n: int = 250):

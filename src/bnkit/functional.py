@@ -198,6 +198,11 @@ def batch_norm_pure(
         x = input
     if training:
         _verify_batch_size(x.size())
+        if momentum is None:
+            raise TypeError(
+                "momentum must be a float or a tensor in training mode, got None "
+                "(the modules turn momentum=None into 1 / num_batches_tracked)"
+            )
     _check_eps(eps, training)
     if x.numel() == 0:
         y, new_mean, new_var = _empty_batch(x, running_mean, running_var, weight, bias)
@@ -248,6 +253,12 @@ def batch_norm(
     ``running = (1 - momentum) * running + momentum * batch_stat`` with the *unbiased*
     batch variance, while the output is normalized with the *biased* one.
     """
+    if momentum is None:
+        # torch's argument parser rejects None after F.batch_norm's own Python checks.
+        if training:
+            _verify_batch_size(input.size())
+        _check_eps(eps, training)
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     y, new_mean, new_var = batch_norm_pure(
         input, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask, channel_dim=channel_dim
     )
