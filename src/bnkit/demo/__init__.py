@@ -37,7 +37,8 @@ class DemoSummary:
     backend: str | None
     train_accuracy: float  # bnkit twin, eval mode, training images
     test_accuracy_eval: float  # bnkit twin, eval mode (running statistics): the right way
-    test_accuracy_train_mode: float  # bnkit twin left in train mode: batch statistics of test batches
+    test_accuracy_train_mode: float  # bnkit twin left in train mode: batch statistics of shuffled test batches
+    test_accuracy_train_mode_sorted: float  # ... and of test batches sorted by label (data that arrives in order)
     torch_test_accuracy_eval: float  # the torch twin, for comparison
     max_loss_diff: float  # largest |loss_torch - loss_bnkit| over all steps
     max_param_diff: float  # largest |p_torch - p_bnkit| over all parameters after training
@@ -66,6 +67,7 @@ def summarize(result: TwinResult, out: Path, plots: list[Path], seconds: float, 
     """Evaluate the trained twins and collect the numbers of the report."""
     d, h, cfg = result.data, result.history, result.config
     eval_batch = 256
+    order = torch.argsort(d.y_test, stable=True)
     return DemoSummary(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
@@ -77,6 +79,8 @@ def summarize(result: TwinResult, out: Path, plots: list[Path], seconds: float, 
         train_accuracy=accuracy(result.bnkit_model, d.x_train, d.y_train, eval_batch),
         test_accuracy_eval=accuracy(result.bnkit_model, d.x_test, d.y_test, eval_batch),
         test_accuracy_train_mode=accuracy(result.bnkit_model, d.x_test, d.y_test, cfg.batch_size, train_mode=True),
+        test_accuracy_train_mode_sorted=accuracy(result.bnkit_model, d.x_test[order], d.y_test[order],
+                                                 cfg.batch_size, train_mode=True),
         torch_test_accuracy_eval=accuracy(result.torch_model, d.x_test, d.y_test, eval_batch),
         max_loss_diff=max(abs(a - b) for a, b in zip(h.loss_torch, h.loss_bnkit, strict=True)),
         max_param_diff=_max_diff(result.torch_model, result.bnkit_model, "params"),
