@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import math
 import os
 import pickle
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -199,12 +199,13 @@ def _render_explanation(e, p: int, warnings_seen: list[str]) -> None:
         f"track_running_stats={e.track_running_stats}) in {e.mode} mode, {e.dtype}",
         markup=False,
     )
-    spatial = e.input_shape[2:]
-    m_formula = "N" + "".join(f" * {s}" for s in spatial) if spatial else "N"
+    shape = e.input_shape
+    names = {2: ["N"], 3: ["N", "L"], 4: ["N", "H", "W"], 5: ["N", "D", "H", "W"]}[len(shape)]
+    sizes = [shape[0], *shape[2:]]
     console.print(
-        f"input shape {tuple(e.input_shape)}: N={e.input_shape[0]}, C={e.num_features}"
-        f"{', spatial ' + str(tuple(spatial)) if spatial else ''} -> each channel's statistics use "
-        f"M = {m_formula} = {e.count_per_channel} values",
+        f"input shape {tuple(shape)} = (N, C{''.join(', ' + n for n in names[1:])}): the batch statistics of channel c are "
+        f"taken over the values of x[:, c], M = {' * '.join(names)} = "
+        f"{' * '.join(map(str, sizes)) + ' = ' if len(sizes) > 1 else ''}{e.count_per_channel} values",
         markup=False,
     )
     for step in e.steps:
@@ -220,7 +221,7 @@ def _render_explanation(e, p: int, warnings_seen: list[str]) -> None:
     console.print()
     console.print("Why:", markup=False)
     for note in e.notes:
-        console.print(f"  - {note}", markup=False)
+        console.print(textwrap.fill(note, width=110, initial_indent="  - ", subsequent_indent="    "), markup=False)
     for note in warnings_seen:
         console.print(f"note: {note}", markup=False)
 
@@ -240,10 +241,12 @@ def _render_step(console, e, step, p: int) -> None:
     stats = _table(console, title=None)
     stats.add_column("ch", justify="right")
     stats.add_column(f"values feeding the statistics (M={e.count_per_channel})")
-    stats.add_column("mean", justify="right")
-    stats.add_column("var, biased\n(/M): normalizes", justify="right")
-    stats.add_column("var, unbiased\n(/(M-1)): running", justify="right")
-    stats.add_column("invstd =\n1/sqrt(var+eps)", justify="right")
+    batch = step.normalize_with == "batch"
+    stats.add_column("batch mean" if batch else "batch mean\n(unused)", justify="right")
+    stats.add_column("var, biased (/M)\n" + ("normalizes" if batch else "(unused)"), justify="right")
+    stats.add_column("var, unbiased (/(M-1))\n" + ("-> running_var" if step.updates_running_stats else "(unused)"),
+                     justify="right")
+    stats.add_column("invstd =\n1/sqrt(" + ("var" if batch else "running_var") + "+eps)", justify="right")
     if running:
         stats.add_column("running_mean\nbefore -> after", justify="right")
         stats.add_column("running_var\nbefore -> after", justify="right")
@@ -259,8 +262,8 @@ def _render_step(console, e, step, p: int) -> None:
             ]
         stats.add_row(*row)
     console.print(stats)
-    if step.normalize_with == "running":
-        console.print("  (eval mode: invstd above uses running_var; xhat uses running_mean)", markup=False)
+    if not batch:
+        console.print("  eval mode: xhat uses running_mean and running_var, not the batch's statistics", markup=False)
     outputs = _table(console, title=None)
     outputs.add_column("ch", justify="right")
     outputs.add_column("xhat = (x - mean) * invstd")
@@ -285,9 +288,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     console = _console()
     if not args.json:
         console.print(
-            f"bnkit demo: BN-LeNet (sigmoid, average pooling, BN after every conv and hidden linear layer) on "
-            f"scikit-learn's 8x8 digits upsampled to 28x28; a torch.nn twin and a bnkit twin from the same "
-            f"initial weights, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, seed {args.seed}",
+            "bnkit demo: BN-LeNet (sigmoid, average pooling, BN after every conv and hidden linear layer) on\n"
+            "scikit-learn's 8x8 digits upsampled to 28x28; a torch.nn twin and a bnkit twin from the same initial\n"
+            f"weights, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, seed {args.seed}",
             markup=False,
         )
     with warnings.catch_warnings(record=True) as caught:
@@ -362,10 +365,17 @@ def _render_demo(console, s, notes: list[str]) -> None:
 
 
 def _optional_module(name: str, command: str) -> Any:
-    """Import ``name``, or report that this build does not have ``command`` yet."""
-    if importlib.util.find_spec(name.rsplit(".", 1)[0]) is None or importlib.util.find_spec(name) is None:
-        raise _Unavailable(f"bnkit {command}: not available yet ({name} is not part of this build)")
-    return importlib.import_module(name)
+    """Import ``name``, or report that this build does not have ``command`` yet.
+
+    Only the absence of ``name`` itself (or its package) counts as "not available"; a
+    dependency missing *inside* it is a real error and propagates.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise _Unavailable(f"bnkit {command}: not available yet ({name} is not part of this build)") from None
+        raise
 
 
 class _Unavailable(Exception):
