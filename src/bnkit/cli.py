@@ -203,8 +203,8 @@ def _render_explanation(e, p: int, warnings_seen: list[str]) -> None:
     names = {2: ["N"], 3: ["N", "L"], 4: ["N", "H", "W"], 5: ["N", "D", "H", "W"]}[len(shape)]
     sizes = [shape[0], *shape[2:]]
     console.print(
-        f"input shape {tuple(shape)} = (N, C{''.join(', ' + n for n in names[1:])}): the batch statistics of channel c are "
-        f"taken over the values of x[:, c], M = {' * '.join(names)} = "
+        f"input shape {tuple(shape)} = (N, C{''.join(', ' + n for n in names[1:])}): the batch statistics of "
+        f"channel c are taken over the values of x[:, c], M = {' * '.join(names)} = "
         f"{' * '.join(map(str, sizes)) + ' = ' if len(sizes) > 1 else ''}{e.count_per_channel} values",
         markup=False,
     )
