@@ -266,12 +266,17 @@ def _render_step(console, e, step, p: int) -> None:
         console.print("  eval mode: xhat uses running_mean and running_var, not the batch's statistics", markup=False)
     outputs = _table(console, title=None)
     outputs.add_column("ch", justify="right")
-    outputs.add_column("xhat = (x - mean) * invstd")
-    outputs.add_column("w, b", justify="right")
-    outputs.add_column("y = w * xhat + b")
+    if e.affine:
+        outputs.add_column("xhat = (x - mean) * invstd")
+        outputs.add_column("w, b", justify="right")
+        outputs.add_column("y = w * xhat + b")
+    else:
+        outputs.add_column("y = xhat = (x - mean) * invstd   (no affine: no weight, no bias)")
     for ch in step.channels:
-        outputs.add_row(str(ch.channel), _fmt_values(ch.normalized, p), f"{_fmt(ch.weight, p)}, {_fmt(ch.bias, p)}",
-                        _fmt_values(ch.output, p))
+        row = [str(ch.channel), _fmt_values(ch.normalized, p)]
+        if e.affine:
+            row += [f"{_fmt(ch.weight, p)}, {_fmt(ch.bias, p)}", _fmt_values(ch.output, p)]
+        outputs.add_row(*row)
     console.print(outputs)
     if step.torch is not None:
         parts = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in step.torch.items())
