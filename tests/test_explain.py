@@ -116,6 +116,19 @@ def test_statistics_against_float64_formulas():
     assert compare_with_torch(e) < 1e-12
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fast_backend_module_matches_torch(mode):
+    """backend="auto": the bnkit module runs on the fast kernels; still torch's numbers."""
+    x = torch.randn(6, 4, 3, 3) * 3 - 2
+    e = explain(x, steps=2, mode=mode, backend="auto", running_mean=[0.1, 0.2, 0.3, 0.4],
+                running_var=[1.0, 2.0, 0.5, 0.25])
+    _, (y2, _, rv) = torch_steps([x, x], mode, 0.1, 1e-5, True, True, torch.float32,
+                                          rm=[0.1, 0.2, 0.3, 0.4], rv=[1.0, 2.0, 0.5, 0.25])
+    torch.testing.assert_close(torch.tensor(e.steps[1].output), y2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor([c.running_var_after for c in e.steps[1].channels]), rv)
+    assert compare_with_torch(e) < 1e-4
+
+
 def test_momentum_none_is_cumulative_average():
     xs = [torch.tensor([[1.0], [3.0]]), torch.tensor([[5.0], [9.0]])]
     e = explain(xs, steps=2, momentum=None)
@@ -175,11 +188,14 @@ def test_cli_input_file_eval_float64(tmp_path):
 
 
 def test_cli_text_output_and_shape_option():
-    res = run_cli("explain", "--shape", "3,2,2,2", "--seed", "1", "--steps", "2", "--no-track-running-stats")
-    assert res.returncode == 0, res.stderr
-    out = res.stdout
-    assert "step 2 of 2" in out and "biased" in out and "unbiased" in out and "torch.nn" in out
-    assert "\x1b[" not in out  # piped: plain text, no colour codes
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["explain", "--shape", "3,2,2,2", "--seed", "1", "--steps", "2", "--no-track-running-stats"])
+    text = out.getvalue()
+    assert code == 0
+    assert "step 2 of 2" in text and "biased" in text and "unbiased" in text and "torch.nn" in text
+    assert "running_mean" not in text.split("Why:")[0].split("step 1")[1]  # no running stats to show
+    assert "\x1b[" not in text  # not a terminal: plain text, no colour codes
 
 
 @pytest.mark.parametrize(

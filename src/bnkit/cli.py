@@ -182,6 +182,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             bias=args.bias,
             running_mean=args.running_mean,
             running_var=args.running_var,
+            backend=args.backend,
         )
         compare_with_torch(result)
     if args.json:
@@ -196,7 +197,7 @@ def _render_explanation(e, p: int, warnings_seen: list[str]) -> None:
     momentum = "None (cumulative average)" if e.momentum is None else f"{e.momentum:g}"
     console.print(
         f"bnkit explain: {e.layer}({e.num_features}, eps={e.eps:g}, momentum={momentum}, affine={e.affine}, "
-        f"track_running_stats={e.track_running_stats}) in {e.mode} mode, {e.dtype}",
+        f"track_running_stats={e.track_running_stats}) in {e.mode} mode, {e.dtype}, backend {e.backend}",
         markup=False,
     )
     shape = e.input_shape
@@ -349,6 +350,7 @@ def _render_demo(console, s, notes: list[str]) -> None:
     table.add_row(f"held-out accuracy, train mode (wrong), batches of {s.batch_size} sorted by label",
                   pct(s.test_accuracy_train_mode_sorted), "")
     table.add_row("time per training step (median)", f"{s.ms_per_step_bnkit:.2f} ms", f"{s.ms_per_step_torch:.2f} ms")
+    table.add_row("first bnkit step (kernel compile or cache load)", f"{s.first_call_seconds:.2f} s", "")
     console.print(table)
     console.print(
         f"largest difference bnkit vs torch.nn: loss {_fmt(s.max_loss_diff, 3)} (over all steps), parameters "
@@ -460,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--running-mean", type=_json_list, metavar="JSON", help="initial running_mean per channel")
     ex.add_argument("--running-var", type=_json_list, metavar="JSON", help="initial running_var per channel")
     ex.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="default float32")
+    ex.add_argument("--backend", choices=("reference", "auto", "cpu", "triton"), default="reference",
+                    help="bnkit backend the module runs on (default reference: the spec, no kernel compilation)")
     ex.add_argument("--precision", type=_positive_int, default=4, help="significant digits shown (default 4)")
     ex.add_argument("--json", action="store_true", help="print the full data as JSON")
     ex.set_defaults(func=_cmd_explain)

@@ -140,6 +140,7 @@ class Explanation:
     count_per_channel: int  # M
     steps: list[Step]
     notes: list[str] = field(default_factory=list)
+    backend: str | None = None  # the bnkit backend the module ran on
     max_abs_diff_vs_torch: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +238,7 @@ def explain(
     bias: list[float] | None = None,
     running_mean: list[float] | None = None,
     running_var: list[float] | None = None,
+    backend: str = "reference",
 ) -> Explanation:
     """Walk through ``steps`` calls of a bnkit batch-norm layer.
 
@@ -245,6 +247,8 @@ def explain(
     ``running_mean``/``running_var`` (with running statistics only) set the layer's initial
     values per channel; torch's defaults (1, 0, 0, 1) otherwise. The layer class follows
     the input's dims: (N, C) and (N, C, L) -> BatchNorm1d, 4 dims -> 2d, 5 dims -> 3d.
+    ``backend`` is the bnkit backend the module runs on (default ``"reference"``: the spec,
+    and no kernel compilation before the first answer; ``"auto"`` runs the fast kernels).
     Raises ``ValueError`` for inputs or options torch would reject.
     """
     if steps < 1:
@@ -293,11 +297,13 @@ def explain(
 
     record: list[Step] = []
     updates_done = 0
+    ran_on: str | None = None
     for index, x in enumerate(batches, start=1):
         rm_before = None if layer.running_mean is None else layer.running_mean.detach().clone()
         rv_before = None if layer.running_var is None else layer.running_var.detach().clone()
-        with torch.no_grad():
+        with torch.no_grad(), bnkit.use_backend(backend):
             y_module = layer(x)
+        ran_on = bnkit.last_backend()
         step = _textbook_step(index, x, layer, rm_before, rv_before, use_batch, updates, updates_done, momentum, eps)
         if updates:
             updates_done += 1
@@ -323,7 +329,7 @@ def explain(
     return Explanation(
         layer=cls_name, num_features=c, eps=float(eps), momentum=momentum, affine=affine,
         track_running_stats=track_running_stats, mode=mode, dtype=str(first.dtype).replace("torch.", ""),
-        input_shape=list(first.shape), count_per_channel=m, steps=record, notes=notes,
+        input_shape=list(first.shape), count_per_channel=m, steps=record, notes=notes, backend=ran_on,
     )
 
 

@@ -19,7 +19,7 @@ import torch
 from bnkit.demo.data import Digits, load_digits
 from bnkit.demo.model import bn_layers, bn_lenet
 from bnkit.demo.plots import capture_activations, plot_activations, plot_loss, plot_running_stats
-from bnkit.demo.train import DemoConfig, TwinResult, accuracy, train_twins
+from bnkit.demo.train import DemoConfig, TwinResult, accuracy, train_twins, warm_up
 
 __all__ = ["DemoConfig", "DemoSummary", "Digits", "bn_lenet", "load_digits", "run_demo", "train_twins"]
 
@@ -45,6 +45,7 @@ class DemoSummary:
     max_buffer_diff: float  # largest difference of running_mean/running_var after training
     ms_per_step_torch: float  # median over steps
     ms_per_step_bnkit: float
+    first_call_seconds: float  # one throw-away bnkit step first: kernel compilation or cache loading
     seconds: float
     out: str
     plots: list[str]
@@ -63,7 +64,8 @@ def _max_diff(a: torch.nn.Module, b: torch.nn.Module, kind: str) -> float:
     return worst
 
 
-def summarize(result: TwinResult, out: Path, plots: list[Path], seconds: float, threads: int) -> DemoSummary:
+def summarize(result: TwinResult, out: Path, plots: list[Path], seconds: float, threads: int,
+              first_call_seconds: float = 0.0) -> DemoSummary:
     """Evaluate the trained twins and collect the numbers of the report."""
     d, h, cfg = result.data, result.history, result.config
     eval_batch = 256
@@ -87,6 +89,7 @@ def summarize(result: TwinResult, out: Path, plots: list[Path], seconds: float, 
         max_buffer_diff=_max_diff(result.torch_model, result.bnkit_model, "buffers"),
         ms_per_step_torch=1e3 * statistics.median(h.seconds_torch),
         ms_per_step_bnkit=1e3 * statistics.median(h.seconds_bnkit),
+        first_call_seconds=first_call_seconds,
         seconds=seconds,
         out=str(out),
         plots=[str(p) for p in plots],
@@ -115,7 +118,11 @@ def run_demo(
         torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
-        result = train_twins(config, on_step=on_step)
+        data = load_digits(seed=config.seed)
+        first_call = warm_up(data, config.batch_size)
+        if threads is not None:
+            torch.set_num_threads(threads)  # numba's thread pool may have reset it
+        result = train_twins(config, data=data, on_step=on_step)
         out.mkdir(parents=True, exist_ok=True)
         model = result.bnkit_model.eval()
         layers = list(bn_layers(model))
@@ -125,7 +132,7 @@ def run_demo(
             plot_running_stats(result.history, out / "running_stats.png"),
             plot_activations(captured, out / "activations.png"),
         ]
-        summary = summarize(result, out, plots, 0.0, torch.get_num_threads())
+        summary = summarize(result, out, plots, 0.0, torch.get_num_threads(), first_call)
         summary.seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(previous)

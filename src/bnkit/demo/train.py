@@ -21,7 +21,7 @@ import bnkit
 from bnkit.demo.data import Digits, load_digits
 from bnkit.demo.model import bn_layers, bn_lenet
 
-__all__ = ["DemoConfig", "History", "TwinResult", "accuracy", "train_twins"]
+__all__ = ["DemoConfig", "History", "TwinResult", "accuracy", "train_twins", "warm_up"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,22 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) ->
     opt.step()
     value = loss.item()  # .item() waits for the step to finish: the time includes all of it
     return value, time.perf_counter() - start
+
+
+def warm_up(data: Digits, batch_size: int) -> float:
+    """One throw-away bnkit training step (forward and backward); returns its seconds.
+
+    The first call of a fast backend compiles its kernels (or loads them from numba's cache)
+    and starts its thread pool; doing that here keeps it out of the per-step times. Starting
+    numba's threads can also reset torch's thread count, so callers re-apply theirs after.
+    """
+    start = time.perf_counter()
+    model = bnkit.convert(bn_lenet()).train()
+    x, y = data.x_train[:batch_size], data.y_train[:batch_size]
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        model.eval()(x)
+    return time.perf_counter() - start
 
 
 def train_twins(
