@@ -241,7 +241,7 @@ def _render_step(console, e, step, p: int) -> None:
     running = e.track_running_stats
     stats = _table(console, title=None)
     stats.add_column("ch", justify="right")
-    stats.add_column(f"values feeding the statistics (M={e.count_per_channel})")
+    stats.add_column(f"values feeding the statistics (M={e.count_per_channel})", min_width=24, overflow="fold")
     batch = step.normalize_with == "batch"
     stats.add_column("batch mean" if batch else "batch mean\n(unused)", justify="right")
     stats.add_column("var, biased (/M)\n" + ("normalizes" if batch else "(unused)"), justify="right")
@@ -268,11 +268,11 @@ def _render_step(console, e, step, p: int) -> None:
     outputs = _table(console, title=None)
     outputs.add_column("ch", justify="right")
     if e.affine:
-        outputs.add_column("xhat = (x - mean) * invstd")
+        outputs.add_column("xhat = (x - mean) * invstd", overflow="fold")
         outputs.add_column("w, b", justify="right")
-        outputs.add_column("y = w * xhat + b")
+        outputs.add_column("y = w * xhat + b", overflow="fold")
     else:
-        outputs.add_column("y = xhat = (x - mean) * invstd   (no affine: no weight, no bias)")
+        outputs.add_column("y = xhat = (x - mean) * invstd   (no affine: no weight, no bias)", overflow="fold")
     for ch in step.channels:
         row = [str(ch.channel), _fmt_values(ch.normalized, p)]
         if e.affine:
