@@ -87,6 +87,18 @@ def _check_dtypes(input: Tensor, *others: Tensor | None) -> None:
     raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(other)}")
 
 
+def _check_channel_dim(input: Tensor, channel_dim: int) -> int:
+    """``channel_dim`` as a non-negative dim of ``input``; torch's IndexError when out of range."""
+    if isinstance(channel_dim, bool) or not hasattr(type(channel_dim), "__index__"):
+        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    channel_dim = channel_dim.__index__()
+    ndim = input.dim()
+    if not -ndim <= channel_dim < ndim:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}], "
+                         f"but got {channel_dim}): channel_dim for an input of shape {tuple(input.shape)}")
+    return channel_dim % ndim
+
+
 def batch_norm_pure(
     input: Tensor,
     running_mean: Tensor | None,
@@ -108,9 +120,9 @@ def batch_norm_pure(
     given. ``momentum`` may be a tensor (e.g. ``1 / num_batches_tracked`` for the
     cumulative average), which keeps ``torch.compile`` graphs free of host syncs.
     """
-    if channel_dim != 1:
+    if channel_dim != 1 or type(channel_dim) is not int:
         # A view, not a copy: (N, L, C) becomes an (N, C, L) view of channels-last memory.
-        channel_dim = channel_dim % input.dim() if input.dim() else channel_dim
+        channel_dim = _check_channel_dim(input, channel_dim)
         x = input.movedim(channel_dim, 1)
     else:
         x = input

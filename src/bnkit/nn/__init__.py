@@ -8,6 +8,7 @@ from bnkit.nn.batchnorm import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from bnkit.nn.sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d",
@@ -16,4 +17,5 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "SyncBatchNorm",
 ]

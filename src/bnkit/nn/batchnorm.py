@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from bnkit.functional import batch_norm_pure, write_running_stats
 from bnkit.nn.modes import resolve_mode
-from bnkit.nonfinite import check_policy, get_nonfinite_policy
+from bnkit.nonfinite import check_policy, get_nonfinite_policy, layer_label
 
 __all__ = [
     "BatchNorm1d",
@@ -57,8 +57,10 @@ class _BatchNormForward:
 
     def _check_channels(self, input: Tensor) -> None:
         # torch reports a channel mismatch from its kernel; bnkit says it before any work.
-        dim = self.channel_dim % input.dim() if input.dim() else 0
-        if self.num_features and input.dim() > dim and input.shape[dim] != self.num_features:
+        if not -input.dim() <= self.channel_dim < input.dim():
+            return  # the functional raises the out-of-range error
+        dim = self.channel_dim % input.dim()
+        if self.num_features and input.shape[dim] != self.num_features:
             for name in ("running_mean", "weight"):
                 t = getattr(self, name, None)
                 if t is not None:
@@ -112,10 +114,10 @@ class _BatchNormForward:
         if policy != "propagate" and new_mean is not None and new_var is not None:
             finite = bool(torch.isfinite(new_mean).all() and torch.isfinite(new_var).all())
             if not finite:
-                where = f"{type(self).__name__}({self.num_features})"
+                where = layer_label(self)
                 message = (
                     f"{where}: batch statistics are not finite; running statistics and "
-                    "num_batches_tracked were left unchanged"
+                    "num_batches_tracked were left unchanged (nonfinite='skip')"
                 )
                 if policy == "raise":
                     raise FloatingPointError(f"{where}: batch statistics are not finite (nonfinite='raise')")

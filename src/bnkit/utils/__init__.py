@@ -1,5 +1,9 @@
 """Model utilities: recursive module transforms and read-only reports."""
 
+from bnkit.utils.batch_stats import batch_stats
 from bnkit.utils.convert import convert
+from bnkit.utils.fold import fold
+from bnkit.utils.inspect import inspect
+from bnkit.utils.recalibrate import recalibrate
 
-__all__ = ["convert"]
+__all__ = ["batch_stats", "convert", "fold", "inspect", "recalibrate"]
