@@ -304,15 +304,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if console.is_terminal and not args.json:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console, transient=True) as progress:
-                task = progress.add_task("train", total=None)
+                task = progress.add_task("loading digits, first bnkit call (compiles kernels once)", total=None)
 
                 def on_step(step: int, total: int) -> None:
-                    progress.update(task, completed=step, total=total)
+                    progress.update(task, completed=step, total=total, description="training")
 
                 summary = run_demo(config, out=args.out, threads=args.threads, on_step=on_step)
         else:
+            if not args.json:
+                console.print("loading digits, first bnkit call (compiles kernels once) ...", markup=False)
             on_step = None if args.json else _plain_progress()
             summary = run_demo(config, out=args.out, threads=args.threads, on_step=on_step)
     if args.json:
