@@ -41,6 +41,7 @@ __all__ = [
 
 # torch >= 2.9 added ``bias=`` to the constructors; pass it only where torch takes it.
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+_TORCH_LAZY_TAKES_BIAS = "bias" in inspect.signature(nn.LazyBatchNorm2d.__init__).parameters
 
 
 class _BatchNormForward:
@@ -189,10 +190,14 @@ def _make_lazy_init(torch_cls: type):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         channel_dim: int = 1,
         nonfinite: str | None = None,
     ) -> None:
-        torch_cls.__init__(self, eps, momentum, affine, track_running_stats, device, dtype)
+        extra = {"bias": bias} if _TORCH_LAZY_TAKES_BIAS else {}
+        if not bias and not _TORCH_LAZY_TAKES_BIAS:
+            raise TypeError("bias=False needs torch >= 2.9")
+        torch_cls.__init__(self, eps, momentum, affine, track_running_stats, device, dtype, **extra)
         self._init_bnkit(channel_dim, nonfinite)
 
     return __init__
