@@ -67,7 +67,7 @@ def test_training_matches_bn_on_unmasked_elements(shape, mshape):
 def test_unbiased_running_var_uses_unmasked_count():
     x = torch.tensor([[[1.0, 2.0, 4.0, 100.0]]], dtype=D)  # (1, 1, 4), last one is padding
     mask = torch.tensor([[True, True, True, False]])
-    _, nm, nv = batch_norm_pure(x, torch.zeros(1, dtype=D), torch.zeros(1, dtype=D), None, None, True, 1.0, 0.0,
+    _, nm, nv = batch_norm_pure(x, torch.zeros(1, dtype=D), torch.zeros(1, dtype=D), None, None, True, 1.0, 1e-5,
                                 mask=mask)
     assert nm.item() == pytest.approx(7 / 3)
     # deviations -4/3, -1/3, 5/3 -> sum of squares 42/9, unbiased: / (3 - 1)

@@ -6,8 +6,8 @@ and the backend switches of :mod:`bnkit.kernels`.
 
 from bnkit import functional, nn
 from bnkit.kernels import available_backends, last_backend, set_backend, use_backend
-from bnkit.nonfinite import nonfinite_policy, set_nonfinite_policy
-from bnkit.utils import batch_stats, convert
+from bnkit.nonfinite import get_nonfinite_policy, name_layers, nonfinite_policy, set_nonfinite_policy
+from bnkit.utils import batch_stats, convert, fold, inspect, recalibrate
 from bnkit.utils.freeze import freeze, unfreeze
 
 __version__ = "0.1.0"
@@ -17,11 +17,16 @@ __all__ = [
     "available_backends",
     "batch_stats",
     "convert",
+    "fold",
     "freeze",
     "functional",
+    "get_nonfinite_policy",
+    "inspect",
     "last_backend",
+    "name_layers",
     "nn",
     "nonfinite_policy",
+    "recalibrate",
     "set_backend",
     "set_nonfinite_policy",
     "unfreeze",

@@ -7,6 +7,11 @@
   ``(output, new_running_mean, new_running_var)`` without mutating anything, so it can
   run under ``torch.func`` transforms (``functional_call``, ``vmap``, ``jacrev``).
 
+Under an active ``torch.func`` transform, :func:`batch_norm_pure` computes with
+:func:`bnkit.reference.batch_norm` (plain differentiable torch ops) instead of the custom
+ops: torch does not run a custom op's registered autograd formula under
+``grad``/``jacrev``/``jvp``. Results are the same; see ``docs/semantics.md``.
+
 Both accept two keyword-only extensions that default to torch's behaviour:
 ``channel_dim`` (where the channels are, default 1) and ``mask`` (elements that count
 towards the statistics; see :mod:`bnkit.masked`).
@@ -24,12 +29,21 @@ __all__ = ["batch_norm", "batch_norm_pure", "check_batch_norm_args"]
 
 
 def _verify_batch_size(size: torch.Size) -> None:
-    # torch's wording and rule: more than one value per channel in training
+    # torch's wording and rule (``F._verify_batch_size``): more than one value per channel
+    # in training. ``size[0]`` of a 0-D input raises IndexError, exactly as torch does.
     size_prods = size[0]
     for i in range(len(size) - 2):
         size_prods *= size[i + 2]
     if size_prods == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def _check_eps(eps: float, training: bool) -> None:
+    # torch >= 2.13 rejects a non-positive eps in training and a negative one in eval.
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def check_batch_norm_args(
@@ -40,51 +54,119 @@ def check_batch_norm_args(
     bias: Tensor | None,
     training: bool,
 ) -> None:
-    """Raise torch's errors for arguments ``torch.nn.functional.batch_norm`` rejects.
+    """Raise torch's error, in torch's order, for arguments ``F.batch_norm`` rejects.
 
-    ``input`` must already have its channels in dim 1.
+    ``input`` must already have its channels in dim 1 and be non-empty (torch returns
+    an empty batch before checking anything else, see :func:`batch_norm_pure`). The
+    order mirrors ATen's ``_batch_norm_impl_index`` and CPU kernels: channel counts
+    (running_mean, running_var, weight, bias) and the running statistics' presence in
+    eval, then rank, dtype and parameter dtypes (rank first in training, last in eval).
     """
-    if input.dim() < 2:
-        raise ValueError(f"batch_norm expects an input with at least 2 dims (N, C, ...), got {input.dim()}D input")
+    # ATen reads the channel count as 0 for inputs of fewer than 2 dims.
+    c = input.shape[1] if input.dim() >= 2 else 0
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            _check_numel(name, c, t)
+        elif not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_numel(name, c, t)
+    # ATen's training kernel checks the rank first; its eval kernel checks dtypes first.
+    if training:
+        _check_rank(input)
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if input.dim() == 0:
+        # ATen's eval kernel sizes a buffer with dim() - 2 and overflows; say what it says.
+        raise RuntimeError(
+            "SmallVector unable to grow. Requested capacity (18446744073709551615) is larger than maximum value "
+            "for size type (4294967295)"
+        )
     if not input.is_floating_point():
         raise NotImplementedError(f'"batch_norm" not implemented for \'{_dtype_name(input.dtype)}\'')
-    if training:
-        _verify_batch_size(input.size())
-    c = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != c:
-            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
-    if not training:
-        if running_mean is None:
-            raise RuntimeError("running_mean must be defined in evaluation mode")
-        if running_var is None:
-            raise RuntimeError("running_var must be defined in evaluation mode")
-    _check_dtypes(input, running_mean, running_var, weight, bias)
+    mixed = _check_dtypes(input, weight, bias, running_mean, running_var)
+    _check_rank(input)
+    _check_same_dtypes(input, mixed, weight, bias, running_mean, running_var)
+    for t in (running_mean, running_var):
+        if t is not None and t.dim() != 1:
+            raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {t.dim()}")
+
+
+def _check_rank(input: Tensor) -> None:
+    if input.dim() < 2:
+        d = max(input.dim(), 1)
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-d}, {d - 1}], but got 1)")
+
+
+def _check_numel(name: str, c: int, t: Tensor) -> None:
+    if t.numel() != c:
+        raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+
+
+# ATen's ScalarType names, as torch's error messages spell them.
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.complex32: "ComplexHalf",
+}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    names = {torch.int32: "Int", torch.int64: "Long", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-             torch.bool: "Bool"}
-    return names.get(dtype, str(dtype).replace("torch.", ""))
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _check_dtypes(input: Tensor, *others: Tensor | None) -> None:
-    # torch's rule: parameters and running stats share the input's dtype, except that
-    # float16/bfloat16 inputs may come with float32 ones (all of them, not a mix).
-    dtypes = {t.dtype for t in others if t is not None}
-    if not dtypes or dtypes == {input.dtype}:
-        return
-    if input.dtype in (torch.float16, torch.bfloat16) and input.device.type == "cpu":
-        if dtypes == {torch.float32}:
-            return
-        if torch.float32 in dtypes:
+def _check_dtypes(input: Tensor, *params: Tensor | None) -> bool:
+    """torch's CPU rule (ATen ``mixed_type.h``), parameters in the order weight, bias, mean, var.
+
+    The first defined parameter decides: if its dtype differs from the input's, the call
+    is "mixed" and every parameter must be float32 with a float16/bfloat16 input
+    (checked here); otherwise every parameter must have the input's dtype (checked by
+    :func:`_check_same_dtypes`, later, where ATen's kernel reads the data). Returns
+    whether the call is mixed.
+    """
+    defined = [t for t in params if t is not None]
+    mixed = bool(defined) and defined[0].dtype != input.dtype
+    if mixed and input.device.type == "cpu":
+        if any(t.dtype != torch.float32 for t in defined):
             raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
-    if input.dtype in (torch.float16, torch.bfloat16) and dtypes == {torch.float32}:
-        return
-    if input.device.type == "cpu":
-        raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
-    other = next(d for d in dtypes if d != input.dtype)
-    raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(other)}")
+        if input.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+    return mixed
+
+
+def _check_same_dtypes(input: Tensor, mixed: bool, *params: Tensor | None) -> None:
+    defined = [t for t in params if t is not None]
+    if mixed and input.dtype in (torch.float16, torch.bfloat16) and all(t.dtype == torch.float32 for t in defined):
+        return  # mixed precision: half/bfloat16 input, float32 parameters
+    for t in defined:
+        if t.dtype != input.dtype:
+            raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(t.dtype)}")
+
+
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jvp, ...) is running.
+
+    The custom ops have no functorch rules for ``grad``/``jvp`` (torch does not support
+    ``register_autograd`` under functorch transforms), so :func:`batch_norm_pure` routes
+    such calls to :func:`bnkit.reference.batch_norm`, which is plain differentiable torch.
+    """
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _empty_batch(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    # torch's rule for an empty input (ATen ``_batch_norm_impl_index``), checked before
+    # anything else: a copy (never a view) scaled by weight[0] and shifted by bias[0] so
+    # gradients reach the parameters; running statistics untouched.
+    y = x.clone()
+    if weight is not None:
+        y = y * weight.select(0, 0)
+    if bias is not None:
+        y = y + bias.select(0, 0)
+    return y, running_mean, running_var
 
 
 def _check_channel_dim(input: Tensor, channel_dim: int) -> int:
@@ -126,6 +208,19 @@ def batch_norm_pure(
         x = input.movedim(channel_dim, 1)
     else:
         x = input
+    if training:
+        _verify_batch_size(x.size())
+        if momentum is None:
+            raise TypeError(
+                "momentum must be a float or a tensor in training mode, got None "
+                "(the modules turn momentum=None into 1 / num_batches_tracked)"
+            )
+    _check_eps(eps, training)
+    if x.numel() == 0:
+        y, new_mean, new_var = _empty_batch(x, running_mean, running_var, weight, bias)
+        if channel_dim != 1:
+            y = y.movedim(1, channel_dim)
+        return y, new_mean, new_var
     check_batch_norm_args(x, running_mean, running_var, weight, bias, training)
     if mask is not None:
         from bnkit.masked import masked_batch_norm_pure
@@ -133,7 +228,7 @@ def batch_norm_pure(
         y, new_mean, new_var = masked_batch_norm_pure(
             x, running_mean, running_var, weight, bias, training, momentum, eps, mask
         )
-    elif x.numel() == 0:
+    elif _functorch_active():
         y, new_mean, new_var = ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     elif not training:
         y = autograd.forward_eval(x, running_mean, running_var, weight, bias, eps)
@@ -141,13 +236,11 @@ def batch_norm_pure(
     else:
         y, mean, var = autograd.forward_train(x, weight, bias, eps)
         new_mean, new_var = running_mean, running_var
-        if running_mean is not None or running_var is not None:
+        if running_mean is not None and running_var is not None:
             m = ref.count_per_channel(x)
-            rm = running_mean if running_mean is not None else mean.detach()
-            rv = running_var if running_var is not None else var.detach()
-            um, uv = ref.update_running_stats(rm, rv, mean.detach(), var.detach(), m, momentum)
-            new_mean = um if running_mean is not None else None
-            new_var = uv if running_var is not None else None
+            new_mean, new_var = ref.update_running_stats(
+                running_mean, running_var, mean.detach(), var.detach(), m, momentum
+            )
     if channel_dim != 1:
         y = y.movedim(1, channel_dim)
     return y, new_mean, new_var
@@ -172,6 +265,12 @@ def batch_norm(
     ``running = (1 - momentum) * running + momentum * batch_stat`` with the *unbiased*
     batch variance, while the output is normalized with the *biased* one.
     """
+    if momentum is None:
+        # torch's argument parser rejects None after F.batch_norm's own Python checks.
+        if training:
+            _verify_batch_size(input.size())
+        _check_eps(eps, training)
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     y, new_mean, new_var = batch_norm_pure(
         input, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask, channel_dim=channel_dim
     )

@@ -2,8 +2,9 @@ r"""The textbook: batch normalization written in plain torch ops.
 
 This module is the specification of bnkit. Every fast kernel is tested against it,
 and it is tested against ``torch.nn.BatchNorm*``. Everything here is a pure function:
-nothing is mutated, new running statistics are *returned* (the module copies them
-into its buffers in one thin place, :meth:`bnkit.nn.batchnorm._BatchNormForward`).
+nothing is mutated, new running statistics are *returned* (they are copied into
+buffers in one thin place, :func:`bnkit.functional.write_running_stats`, which the
+modules call from ``_commit_running_stats``).
 
 Symbols (the same in code, docstrings and ``docs/math.md``)::
 
@@ -27,7 +28,9 @@ running statistics are the plain average of the k batch statistics.
 
 Forward (eval): ``y = w * (x - running_mean) / sqrt(running_var + eps) + b``.
 
-Backward (training), with ``dy`` the gradient of the loss with respect to ``y``::
+Backward (training), with ``dy`` the gradient of the loss with respect to ``y``. Since
+``d xhat_i / d x_j = (invstd / M) * (M * delta_ij - 1 - xhat_i * xhat_j)`` (mean and
+invstd both depend on every x_j of the channel), the chain rule gives::
 
     db = sum(dy)                  dw = sum(dy * xhat)
     dx = (w * invstd / M) * (M * dy - sum(dy) - xhat * sum(dy * xhat))
@@ -36,7 +39,7 @@ Backward (eval): the running statistics are constants, so ``dx = w * invstd * dy
 ``dw = sum(dy * xhat)`` and ``db = sum(dy)`` with xhat built from the running statistics.
 The derivation of every line is in ``docs/math.md``.
 
-Numerics policy (stated once, here): statistics are computed in two passes (mean first,
+Numerics policy (stated once, here; reasons in ``docs/math.md``): statistics are computed in two passes (mean first,
 then the mean of squared deviations), never as ``E[x^2] - E[x]^2``, which cancels
 catastrophically when |mean| >> std. Accumulation happens in float64 on devices that
 support it (float32 elsewhere); the statistics returned have the *statistics dtype*:
@@ -156,10 +159,13 @@ def update_running_stats(
     made unbiased first. torch's convention: ``momentum`` is the weight of the *new*
     batch (Keras and Flax call ``1 - momentum`` their momentum/decay).
     """
+    # Blend in the statistics dtype (float32 at least) and round once to the buffers'
+    # dtype, as torch does for float16/bfloat16 running statistics.
     batch_var = unbiased_var(var, count)
-    new_mean = running_mean * (1 - momentum) + mean.to(running_mean.dtype) * momentum
-    new_var = running_var * (1 - momentum) + batch_var.to(running_var.dtype) * momentum
-    return new_mean, new_var
+    dt = torch.promote_types(mean.dtype, running_mean.dtype)
+    new_mean = running_mean.to(dt) * (1 - momentum) + mean.to(dt) * momentum
+    new_var = running_var.to(dt) * (1 - momentum) + batch_var.to(dt) * momentum
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
 
 
 def normalize(x: Tensor, mean: Tensor, inv: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -10,6 +10,7 @@ from bnkit.nn.batchnorm import (
     LazyBatchNorm3d,
 )
 from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from bnkit.nn.sync import SyncBatchNorm
 from bnkit.nn.variants import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -26,6 +27,7 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "SyncBatchNorm",
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from bnkit.functional import batch_norm_pure, write_running_stats
 from bnkit.nn.modes import resolve_mode
-from bnkit.nonfinite import check_policy, get_nonfinite_policy
+from bnkit.nonfinite import check_policy, get_nonfinite_policy, layer_label
 
 __all__ = [
     "BatchNorm1d",
@@ -41,6 +41,7 @@ __all__ = [
 
 # torch >= 2.9 added ``bias=`` to the constructors; pass it only where torch takes it.
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+_TORCH_LAZY_TAKES_BIAS = "bias" in inspect.signature(nn.LazyBatchNorm2d.__init__).parameters
 
 
 class _BatchNormForward:
@@ -122,10 +123,10 @@ class _BatchNormForward:
         if policy != "propagate" and new_mean is not None and new_var is not None:
             finite = bool(torch.isfinite(new_mean).all() and torch.isfinite(new_var).all())
             if not finite:
-                where = f"{type(self).__name__}({self.num_features})"
+                where = layer_label(self)
                 message = (
                     f"{where}: batch statistics are not finite; running statistics and "
-                    "num_batches_tracked were left unchanged"
+                    "num_batches_tracked were left unchanged (nonfinite='skip')"
                 )
                 if policy == "raise":
                     raise FloatingPointError(f"{where}: batch statistics are not finite (nonfinite='raise')")
@@ -197,10 +198,14 @@ def _make_lazy_init(torch_cls: type):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         channel_dim: int = 1,
         nonfinite: str | None = None,
     ) -> None:
-        torch_cls.__init__(self, eps, momentum, affine, track_running_stats, device, dtype)
+        extra = {"bias": bias} if _TORCH_LAZY_TAKES_BIAS else {}
+        if not bias and not _TORCH_LAZY_TAKES_BIAS:
+            raise TypeError("bias=False needs torch >= 2.9")
+        torch_cls.__init__(self, eps, momentum, affine, track_running_stats, device, dtype, **extra)
         self._init_bnkit(channel_dim, nonfinite)
 
     return __init__

@@ -8,6 +8,8 @@ conversion keeps working, and nothing else in the model changes.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 import bnkit.nn as bnn
@@ -20,6 +22,7 @@ _TO_BNKIT: dict[type, type] = {
     nn.BatchNorm1d: bnn.BatchNorm1d,
     nn.BatchNorm2d: bnn.BatchNorm2d,
     nn.BatchNorm3d: bnn.BatchNorm3d,
+    nn.SyncBatchNorm: bnn.SyncBatchNorm,
 }
 
 
@@ -50,17 +53,31 @@ def _to_torch(module: nn.Module) -> bool:
     return True
 
 
-def convert(model: nn.Module, to: str = "bnkit") -> nn.Module:
+def convert(
+    model: nn.Module, to: str = "bnkit", sync: bool = False, process_group: Any | None = None
+) -> nn.Module:
     """Replace every torch batch-norm layer in ``model`` with bnkit's twin (or back).
 
     ``to="bnkit"`` (default) converts ``torch.nn.BatchNorm1d/2d/3d`` to
-    ``bnkit.nn.BatchNorm1d/2d/3d``; ``to="torch"`` converts back. The model is changed
+    ``bnkit.nn.BatchNorm1d/2d/3d`` (and ``torch.nn.SyncBatchNorm`` to
+    ``bnkit.nn.SyncBatchNorm``); ``to="torch"`` converts back. The model is changed
     in place and returned (also when ``model`` itself is a batch-norm layer).
+
+    ``sync=True`` instead replaces every batch-norm layer, torch's or bnkit's, with
+    :class:`bnkit.nn.SyncBatchNorm` synchronized over ``process_group`` (default: the whole
+    world), as ``SyncBatchNorm.convert_sync_batchnorm`` does: the new layers share the old
+    parameters and buffers, and a batch-norm ``model`` itself comes back as a new layer.
     """
     if to not in ("bnkit", "torch"):
         raise ValueError(f"to must be 'bnkit' or 'torch', got {to!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if sync:
+        if to != "bnkit":
+            raise ValueError(f"sync=True converts to bnkit.nn.SyncBatchNorm; it cannot be combined with to={to!r}")
+        return bnn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    if process_group is not None:
+        raise ValueError("process_group is only used with sync=True")
     swap = _to_bnkit if to == "bnkit" else _to_torch
     for module in model.modules():
         swap(module)

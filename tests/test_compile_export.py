@@ -1,0 +1,88 @@
+"""torch.compile(fullgraph=True) and torch.export of bnkit layers, compared with eager torch.
+
+Compilation is slow on 2 cores: few cases, tiny shapes, and the ``aot_eager`` backend
+(which runs every piece the custom ops register: fake kernels, autograd formulas,
+functionalization) except for one inductor case.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnkit
+
+
+def _twins(momentum, training):
+    t = nn.BatchNorm2d(3, momentum=momentum)
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+        t.running_mean.normal_()
+        t.running_var.uniform_(0.5, 2)
+    b = bnkit.nn.BatchNorm2d(3, momentum=momentum)
+    b.load_state_dict(t.state_dict())
+    t.train(training)
+    b.train(training)
+    return t, b
+
+
+@pytest.mark.parametrize("momentum,training,backend", [
+    (0.1, True, "aot_eager"),
+    (None, True, "aot_eager"),  # torch's own module graph-breaks here; bnkit's must not
+    (0.1, False, "aot_eager"),
+    (None, True, "inductor"),
+])
+def test_compile_fullgraph_matches_eager_torch(momentum, training, backend):
+    torch._dynamo.reset()
+    t, b = _twins(momentum, training)
+    compiled = torch.compile(b, fullgraph=True, backend=backend)
+    for _ in range(3):
+        x = torch.randn(4, 3, 2, 2) * 2 + 1
+        xt, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yt, yb = t(xt), compiled(xb)
+        torch.testing.assert_close(yb, yt)
+        g = torch.randn_like(yt)
+        yt.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xb.grad, xt.grad)
+        torch.testing.assert_close(b.weight.grad, t.weight.grad)
+        torch.testing.assert_close(b.bias.grad, t.bias.grad)
+    torch.testing.assert_close(b.running_mean, t.running_mean)
+    torch.testing.assert_close(b.running_var, t.running_var)
+    assert torch.equal(b.num_batches_tracked, t.num_batches_tracked)
+
+
+def _model(training):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 5),
+                      nn.BatchNorm1d(5))
+    m.train(training)
+    return m
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_export(training):
+    t = _model(training)
+    b = bnkit.convert(copy.deepcopy(t))
+    x = torch.randn(4, 3, 5, 5)
+    ep = torch.export.export(b, (x,))
+    # the functional (ATen) IR lists running-stat updates as buffer mutations (a separate
+    # export: programs of one export share their state tensors)
+    functional = torch.export.export(copy.deepcopy(b), (x,)).run_decompositions()
+    for program in (ep, functional):
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any("bnkit." in s for s in targets), targets
+        assert not any("batch_norm" in s or "instance_norm" in s for s in targets), targets
+    if training:
+        mutated = set(functional.graph_signature.buffers_to_mutate.values())
+        assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= mutated
+    t_functional = copy.deepcopy(t)
+    for program, twin in ((ep, t), (functional, t_functional)):
+        exported = program.module()
+        for _ in range(2):
+            x = torch.randn(4, 3, 5, 5)
+            torch.testing.assert_close(exported(x), twin(x))
+        state = exported.state_dict()
+        for k, v in twin.state_dict().items():
+            torch.testing.assert_close(state[k], v)
