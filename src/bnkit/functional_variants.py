@@ -23,7 +23,14 @@ from torch import Tensor
 
 from bnkit import autograd
 from bnkit import reference as ref
-from bnkit.functional import batch_norm_pure, check_batch_norm_args, write_running_stats
+from bnkit.functional import (
+    _check_channel_dim,
+    _check_eps,
+    _verify_batch_size,
+    batch_norm_pure,
+    check_batch_norm_args,
+    write_running_stats,
+)
 from bnkit.fused import apply_activation, batch_norm_act_forward, check_activation
 
 __all__ = [
@@ -42,10 +49,21 @@ Stats = tuple[Tensor, Tensor | None, Tensor | None]
 
 
 def _to_channels_first(input: Tensor, channel_dim: int) -> tuple[Tensor, int]:
-    if channel_dim == 1:
+    if channel_dim == 1 and type(channel_dim) is int:
         return input, 1
-    channel_dim = channel_dim % input.dim() if input.dim() else channel_dim
+    channel_dim = _check_channel_dim(input, channel_dim)
     return input.movedim(channel_dim, 1), channel_dim
+
+
+def _check_args(x: Tensor, running_mean, running_var, weight, bias, training: bool, momentum, eps: float) -> None:
+    """The checks of :func:`bnkit.functional.batch_norm_pure`, in its order (channels in dim 1)."""
+    if training:
+        _verify_batch_size(x.size())
+        if momentum is None:
+            raise TypeError("momentum must be a float or a tensor in training mode, got None")
+    _check_eps(eps, training)
+    if x.numel():
+        check_batch_norm_args(x, running_mean, running_var, weight, bias, training)
 
 
 def _from_channels_first(y: Tensor, channel_dim: int) -> Tensor:
@@ -94,7 +112,7 @@ def batch_norm_act_pure(
     """
     check_activation(activation, activation_param, memory_saving)
     x, channel_dim = _to_channels_first(input, channel_dim)
-    check_batch_norm_args(x, running_mean, running_var, weight, bias, training)
+    _check_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if x.numel() == 0:
         y, new_mean, new_var = ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return _from_channels_first(apply_activation(y, activation, activation_param, False), channel_dim), \
@@ -209,7 +227,7 @@ def batch_renorm_pure(
     if not training or running_mean is None or running_var is None or x.numel() == 0:
         y, new_mean, new_var = batch_norm_pure(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return _from_channels_first(y, channel_dim), new_mean, new_var
-    check_batch_norm_args(x, running_mean, running_var, weight, bias, training)
+    _check_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = autograd.forward_train(x, weight, bias, eps)
     sd = mean.dtype
     with torch.no_grad():
@@ -298,10 +316,10 @@ def ghost_batch_norm_pure(
     if not training or x.numel() == 0:
         y, new_mean, new_var = batch_norm_pure(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return _from_channels_first(y, channel_dim), new_mean, new_var
-    check_batch_norm_args(x, running_mean, running_var, weight, bias, training)
+    _check_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     outputs, stats = [], []
     for chunk in torch.split(x, virtual_batch_size, dim=0):
-        check_batch_norm_args(chunk, running_mean, running_var, weight, bias, training)
+        _verify_batch_size(chunk.size())
         y, mean, var = autograd.forward_train(chunk, weight, bias, eps)
         outputs.append(y)
         stats.append((mean.detach(), var.detach(), ref.count_per_channel(chunk)))
