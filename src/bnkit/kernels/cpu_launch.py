@@ -84,7 +84,9 @@ def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np
         desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"cpu backend: {name} must be a floating CPU tensor with {c} elements, got {desc}")
     sd = torch.float64 if np_dtype is np.float64 else torch.float32
-    return t.detach().reshape(c).to(dtype=sd).contiguous().numpy()
+    if t.dtype != sd or t.dim() != 1 or not t.is_contiguous():
+        t = t.reshape(c).to(dtype=sd).contiguous()
+    return t.detach().numpy()
 
 
 def _threads(numel: int) -> int:
@@ -121,16 +123,14 @@ class CpuBackend:
             isinstance(x, Tensor)
             and x.device.type == "cpu"
             and x.dtype in _VIEW
-            and not x.is_conj()
             and layout_of(x) is not None
         )
 
     def _layout(self, x: Tensor) -> tuple[str, int, int, int]:
-        lay = layout_of(x) if self.supports(x) else None
+        lay = layout_of(x) if isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype in _VIEW else None
         if lay is None:
-            raise ValueError(
-                f"cpu backend: unsupported input {tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}"
-            )
+            desc = f"{tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}" if isinstance(x, Tensor) else x
+            raise ValueError(f"cpu backend: unsupported input {desc}")
         return lay
 
     @staticmethod
