@@ -264,13 +264,13 @@ def _part(total, parts, p):
 
 
 @njit(parallel=True, **_JIT)
-def ncs_train(x, y, N, C, S, P, weight, bias, eps, mean_out, var_out, scale, shift, part_n, part_mu, part_m2):
+def ncs_train(x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, scale, shift, part_n, part_mu, part_m2):
     """Training forward on ``(N, C, S)`` memory; one task per (channel, part).
 
-    ``P == 1``: each task owns a whole channel: it computes the channel's statistics, then
+    ``fuse`` (needs ``P == 1``): each task owns a whole channel: it computes its statistics, then
     normalizes it, ``y = (x - mean) * scale + shift``, while its data is still in cache, and
-    writes ``mean_out``/``var_out``/``scale``/``shift``. ``P > 1`` (few channels): each task
-    only writes the (count, mean, M2) of its part to ``part_*[p, c]``; the caller merges them
+    writes ``mean_out``/``var_out``/``scale``/``shift``. Otherwise (e.g. ``P > 1``, few channels) each
+    task only writes the (count, mean, M2) of its part to ``part_*[p, c]``; the caller merges them
     (:func:`finish_stats`) and normalizes with :func:`ncs_affine`.
     """
     M = N * S
@@ -279,7 +279,7 @@ def ncs_train(x, y, N, C, S, P, weight, bias, eps, mean_out, var_out, scale, shi
         p = t % P
         j0, j1 = _part(M, P, p)
         cnt, mu, m2 = _ncs_chunk_stats(x, c, C, S, j0, j1)
-        if P == 1:
+        if fuse:
             _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, scale, shift)
             _ncs_chunk_affine(x, x, y, c, C, S, 0, M, False, scale[c], mean_out[c], scale[c], shift[c])
         else:
@@ -300,17 +300,30 @@ def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out,
 
 
 @njit(parallel=True, **_JIT)
-def ncs_affine(u, x, out, N, C, S, P, has_u, a, mean, k, shift):
+def ncs_affine(u, x, out, N, C, S, Q, has_u, a, mean, k, shift):
     """``out = a[c]*u + k[c]*(x - mean[c]) + shift[c]`` on ``(N, C, S)`` memory, one pass.
 
     Eval forward is ``has_u=False`` (``k`` = scale); the backward input pass is ``has_u=True``
-    with ``u = dy``. Each channel is cut into ``P`` parts so few channels still fill the threads.
+    with ``u = dy``. Tasks walk memory in order (row ``r = n*C + c`` of ``S`` values, cut into
+    ``Q`` segments when there are too few rows to fill the threads): streaming writes.
     """
-    M = N * S
-    for t in prange(C * P):
-        c = t // P
-        j0, j1 = _part(M, P, t % P)
-        _ncs_chunk_affine(u, x, out, c, C, S, j0, j1, has_u, a[c], mean[c], k[c], shift[c])
+    for t in prange(N * C * Q):
+        r = t // Q
+        c = r % C
+        s0, s1 = _part(S, Q, t % Q)
+        xs = x[r * S + s0 : r * S + s1]
+        os = out[r * S + s0 : r * S + s1]
+        m = mean[c]
+        kc = k[c]
+        sh = shift[c]
+        if has_u:
+            us = u[r * S + s0 : r * S + s1]
+            ac = a[c]
+            for i in range(s1 - s0):
+                store(os, i, ac * load(us, i) + kc * (load(xs, i) - m) + sh)
+        else:
+            for i in range(s1 - s0):
+                store(os, i, (load(xs, i) - m) * kc + sh)
 
 
 @njit(parallel=True, **_JIT)
@@ -337,14 +350,15 @@ def ncs_reduce(dy, x, N, C, S, P, mean, sum_dy, sum_dy_xmu):
                 s1 += g * (load(xs, i) - m)
         acc0[t] = s0
         acc1[t] = s1
+    # (names differ from the loop above: a name shared with a prange body would become shared state)
     for c in range(C):
-        s0 = 0.0
-        s1 = 0.0
+        tot0 = 0.0
+        tot1 = 0.0
         for p in range(P):
-            s0 += acc0[c * P + p]
-            s1 += acc1[c * P + p]
-        sum_dy[c] = s0
-        sum_dy_xmu[c] = s1
+            tot0 += acc0[c * P + p]
+            tot1 += acc1[c * P + p]
+        sum_dy[c] = tot0
+        sum_dy_xmu[c] = tot1
 
 
 # --- channel-minor (R, C) kernels ---------------------------------------------------------------------
@@ -436,13 +450,13 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu):
         acc0[t] = s0
         acc1[t] = s1
     for c in range(C):
-        s0 = 0.0
-        s1 = 0.0
+        tot0 = 0.0
+        tot1 = 0.0
         for t in range(T):
-            s0 += acc0[t, c]
-            s1 += acc1[t, c]
-        sum_dy[c] = s0
-        sum_dy_xmu[c] = s1
+            tot0 += acc0[t, c]
+            tot1 += acc1[t, c]
+        sum_dy[c] = tot0
+        sum_dy_xmu[c] = tot1
 
 
 def load_backend():

@@ -40,6 +40,10 @@ TASKS_PER_THREAD = 4
 # Do not cut work finer than this many elements per task.
 MIN_TASK = 4096
 
+# Channel-major training forward: normalize each channel right after its statistics, while
+# it is in cache (True), or in a second streaming pass in memory order (False).
+FUSE_NCS = True
+
 _reference = ReferenceBackend()
 
 
@@ -106,6 +110,13 @@ def _ncs_parts(nt: int, c: int, m: int) -> int:
     return max(1, min(-(-TASKS_PER_THREAD * nt // c), m // MIN_TASK))
 
 
+def _row_segments(nt: int, rows: int, s: int) -> int:
+    """How many segments to cut each of ``rows`` contiguous rows of ``s`` values into."""
+    if nt == 1 or rows >= TASKS_PER_THREAD * nt:
+        return 1
+    return max(1, min(-(-TASKS_PER_THREAD * nt // rows), s // MIN_TASK))
+
+
 def _nsc_parts(nt: int, r: int, c: int) -> int:
     """How many row ranges to cut ``r`` rows of ``c`` channels into."""
     if nt == 1:
@@ -161,9 +172,10 @@ class CpuBackend:
         e = np_sd(eps)
         if order == "ncs":
             p = _ncs_parts(nt, c, n * s)
+            fuse = p == 1 and FUSE_NCS
             parts = np.empty((3, p, c))
-            K.ncs_train(_flat(x), _flat(y), n, c, s, p, w, b, e, mean_np, var_np, scale, shift, *parts)
-            if p == 1:
+            K.ncs_train(_flat(x), _flat(y), n, c, s, p, fuse, w, b, e, mean_np, var_np, scale, shift, *parts)
+            if fuse:
                 return y, mean, var
         else:
             p = _nsc_parts(nt, n * s, c)
@@ -217,7 +229,7 @@ class CpuBackend:
     def _affine(order, n, c, s, u, x, out, has_u, a, m, k, sh) -> None:
         nt = _threads(x.numel())
         if order == "ncs":
-            p = _ncs_parts(nt, c, n * s)
+            p = _row_segments(nt, n * c, s)
             K.ncs_affine(_flat(u), _flat(x), _flat(out), n, c, s, p, has_u, a, m, k, sh)
         else:
             t = _nsc_parts(nt, n * s, c)
