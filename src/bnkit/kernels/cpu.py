@@ -327,38 +327,39 @@ def ncs_affine(u, x, out, N, C, S, Q, has_u, a, mean, k, shift):
 
 
 @njit(parallel=True, **_JIT)
-def ncs_reduce(dy, x, N, C, S, P, mean, sum_dy, sum_dy_xmu):
-    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on ``(N, C, S)`` memory, one pass."""
-    M = N * S
-    acc0 = np.zeros(C * P)
-    acc1 = np.zeros(C * P)
-    for t in prange(C * P):
-        c = t // P
-        j0, j1 = _part(M, P, t % P)
-        m = mean[c]
-        s0 = 0.0
-        s1 = 0.0
-        for n in range(j0 // S, (j1 - 1) // S + 1):
-            base = (n * C + c) * S
-            lo = max(j0 - n * S, 0)
-            hi = min(j1 - n * S, S)
-            gs = dy[base + lo : base + hi]
-            xs = x[base + lo : base + hi]
-            for i in range(hi - lo):
+def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on ``(N, C, S)`` memory, one pass.
+
+    ``T`` tasks each stream a range of rows ``r = n*C + c`` in memory order (prefetch-friendly
+    even when ``S`` is small) into their own per-channel float64 accumulators, summed at the end.
+    """
+    R = N * C
+    acc0 = np.zeros((T, C))
+    acc1 = np.zeros((T, C))
+    for t in prange(T):
+        r0, r1 = _part(R, T, t)
+        for r in range(r0, r1):
+            c = r % C
+            m = mean[c]
+            gs = dy[r * S : (r + 1) * S]
+            xs = x[r * S : (r + 1) * S]
+            s0 = 0.0
+            s1 = 0.0
+            for i in range(S):
                 g = load(gs, i)
                 s0 += g
                 s1 += g * (load(xs, i) - m)
-        acc0[t] = s0
-        acc1[t] = s1
+            acc0[t, c] += s0
+            acc1[t, c] += s1
     # (names differ from the loop above: a name shared with a prange body would become shared state)
-    for c in range(C):
+    for ch in range(C):
         tot0 = 0.0
         tot1 = 0.0
-        for p in range(P):
-            tot0 += acc0[c * P + p]
-            tot1 += acc1[c * P + p]
-        sum_dy[c] = tot0
-        sum_dy_xmu[c] = tot1
+        for p in range(T):
+            tot0 += acc0[p, ch]
+            tot1 += acc1[p, ch]
+        sum_dy[ch] = tot0
+        sum_dy_xmu[ch] = tot1
 
 
 # --- channel-minor (R, C) kernels ---------------------------------------------------------------------
@@ -449,14 +450,14 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu):
                 s1[c] += g * (load(xr, c) - m[c])
         acc0[t] = s0
         acc1[t] = s1
-    for c in range(C):
+    for ch in range(C):
         tot0 = 0.0
         tot1 = 0.0
-        for t in range(T):
-            tot0 += acc0[t, c]
-            tot1 += acc1[t, c]
-        sum_dy[c] = tot0
-        sum_dy_xmu[c] = tot1
+        for p in range(T):
+            tot0 += acc0[p, ch]
+            tot1 += acc1[p, ch]
+        sum_dy[ch] = tot0
+        sum_dy_xmu[ch] = tot1
 
 
 def load_backend():

@@ -205,7 +205,7 @@ class CpuBackend:
         sum_dy_xmu = torch.empty(c, dtype=sd)
         nt = _threads(x.numel())
         if order == "ncs":
-            p = _ncs_parts(nt, c, n * s)
+            p = _nsc_parts(nt, n * c, s)  # row ranges of (N*C) rows of S values
             K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy())
         else:
             t = _nsc_parts(nt, n * s, c)
