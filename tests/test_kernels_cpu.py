@@ -213,3 +213,18 @@ def test_cpu_backend_ran_under_auto():
     with use_backend("auto"):
         bnkit.functional.batch_norm(x, None, None, training=True)
     assert last_backend() == "cpu"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64_through_cpu_backend(training):
+    x = (torch.randn(3, 2, 4, dtype=torch.float64) + 2).requires_grad_()
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):
+        return bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+
+    with use_backend("cpu"):
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert last_backend() == "cpu"
