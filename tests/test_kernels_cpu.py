@@ -50,7 +50,9 @@ def _make(shape: tuple[int, ...], layout: str, dtype: torch.dtype, offset: float
 # (layout, shapes): odd sizes (C=1, spatial 1, primes) and sizes above SERIAL_NUMEL that take the
 # parallel paths (few channels: channels cut into parts; channels innermost: rows cut into parts).
 CASES = [
-    ("contiguous", [(3, 5, 7, 11), (2, 1, 13), (5, 3, 1, 1), (2, 2, 3, 5, 7), (1, 2, 20000), (4, 64, 13, 11)]),
+    # short rows (S < 1024: statistics in memory order), a long-row fused case, few channels cut in parts
+    ("contiguous", [(3, 5, 7, 11), (2, 1, 13), (5, 3, 1, 1), (2, 2, 3, 5, 7), (4, 64, 13, 11), (3, 11, 1031)]),
+    ("contiguous_split", [(1, 2, 20000), (2, 1, 5, 4099)]),
     ("nc", [(7, 5), (2, 1), (1, 3), (11003, 3)]),
     ("channels_last", [(3, 5, 7, 11), (2, 4, 1, 1), (2, 3, 2, 3, 5), (16, 3, 31, 29)]),
     ("ncl_view", [(3, 5, 7), (2, 1, 11), (8, 13, 401)]),

@@ -38,6 +38,7 @@ __all__ = [
     "load",
     "ncs_affine",
     "ncs_reduce",
+    "ncs_row_stats",
     "ncs_train",
     "nsc_affine",
     "nsc_reduce",
@@ -297,6 +298,39 @@ def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out,
         for p in range(P):
             cnt, mu, m2 = chan_merge(cnt, mu, m2, part_n[p, c], part_mu[p, c], part_m2[p, c])
         _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, scale, shift)
+
+
+@njit(parallel=True, **_JIT)
+def ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2):
+    """Per-part statistics of ``(N, C, S)`` memory read in memory order (for short rows ``S``).
+
+    ``T`` tasks each stream a range of rows ``r = n*C + c``; a row (``S`` values, in L1) is
+    summed, then its squared deviations from the row mean are summed, and the row is merged
+    into the task's (count, mean, M2) of channel ``c``, ``part_*[t, c]`` (Chan). The caller
+    merges the parts (:func:`finish_stats`) and normalizes with :func:`ncs_affine`.
+    """
+    R = N * C
+    for t in prange(T):
+        r0, r1 = _part(R, T, t)
+        for ch in range(C):
+            part_n[t, ch] = 0.0
+            part_mu[t, ch] = 0.0
+            part_m2[t, ch] = 0.0
+        for r in range(r0, r1):
+            c = r % C
+            xs = x[r * S : (r + 1) * S]
+            s = 0.0
+            for i in range(S):
+                s += load(xs, i)
+            mb = s / S
+            q = 0.0
+            for i in range(S):
+                d = load(xs, i) - mb
+                q += d * d
+            cnt, mu, m2 = chan_merge(part_n[t, c], part_mu[t, c], part_m2[t, c], float(S), mb, q)
+            part_n[t, c] = cnt
+            part_mu[t, c] = mu
+            part_m2[t, c] = m2
 
 
 @njit(parallel=True, **_JIT)

@@ -43,6 +43,9 @@ MIN_TASK = 4096
 # Channel-major training forward: normalize each channel right after its statistics, while
 # it is in cache (True), or in a second streaming pass in memory order (False).
 FUSE_NCS = True
+# Channel-major rows shorter than this are read in memory order for the statistics (short
+# scattered rows defeat the prefetcher), then normalized in a second streaming pass.
+ROW_STATS_MAX_S = 1024
 
 _reference = ReferenceBackend()
 
@@ -170,7 +173,11 @@ class CpuBackend:
         shift = np.empty(c, np_sd)
         nt = _threads(x.numel())
         e = np_sd(eps)
-        if order == "ncs":
+        if order == "ncs" and s < ROW_STATS_MAX_S:
+            p = _nsc_parts(nt, n * c, s)  # short rows: stream them in memory order
+            parts = np.empty((3, p, c))
+            K.ncs_row_stats(_flat(x), n, c, s, p, *parts)
+        elif order == "ncs":
             p = _ncs_parts(nt, c, n * s)
             fuse = p == 1 and FUSE_NCS
             parts = np.empty((3, p, c))
