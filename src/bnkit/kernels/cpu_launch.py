@@ -1,0 +1,243 @@
+"""Typed launchers of the numba kernels: the ``cpu`` backend (see :mod:`bnkit.kernels.cpu`).
+
+Everything a kernel could crash on is decided here, in Python, before it runs: the device,
+the dtype, the memory layout (a dense buffer in channel-major ``ncs`` or channel-minor ``nsc``
+order, found from the strides without copying), the sizes of every per-channel vector and the
+layout of ``dy`` (which must match ``x``; if it does not, the reference does the work).
+
+Parallelism follows ``torch.get_num_threads()`` (numba is set to the same count before each
+launch, so torch and numba never oversubscribe the cores); inputs too small to pay for
+waking threads run on one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from bnkit import reference as ref
+from bnkit.kernels import cpu as K
+from bnkit.kernels.reference import ReferenceBackend
+
+__all__ = ["CpuBackend", "layout_of"]
+
+# dtype -> (dtype of the raw view handed to numba, statistics dtype as numpy)
+_VIEW: dict[torch.dtype, tuple[torch.dtype, type]] = {
+    torch.float32: (torch.float32, np.float32),
+    torch.float64: (torch.float64, np.float64),
+    torch.bfloat16: (torch.uint16, np.float32),
+    torch.float16: (torch.int16, np.float32),
+}
+
+# Below this many elements one thread beats waking the others.
+SERIAL_NUMEL = 1 << 15
+# Aim for this many parallel tasks per thread (load balance on a shared machine).
+TASKS_PER_THREAD = 4
+# Do not cut work finer than this many elements per task.
+MIN_TASK = 4096
+
+# Channel-major training forward: normalize each channel right after its statistics, while
+# it is in cache (True), or in a second streaming pass in memory order (False).
+FUSE_NCS = True
+# Channel-major rows shorter than this are read in memory order for the statistics (short
+# scattered rows defeat the prefetcher), then normalized in a second streaming pass.
+ROW_STATS_MAX_S = 1024
+
+_reference = ReferenceBackend()
+
+
+def layout_of(x: Tensor) -> tuple[str, int, int, int] | None:
+    """``(order, N, C, S)`` when ``x`` is a dense buffer the kernels can index, else ``None``.
+
+    ``order`` is ``"ncs"`` (contiguous ``(N, C, *)``) or ``"nsc"`` (channels innermost:
+    channels_last, ``(N, C)``, or an ``(N, C, L)`` view of ``(N, L, C)`` memory).
+    """
+    if x.dim() < 2 or x.numel() == 0:
+        return None
+    n, c = x.shape[0], x.shape[1]
+    s = math.prod(x.shape[2:])
+    # With S == 1 (or C == 1) both orders describe the same memory; prefer the one that vectorizes.
+    orders = ("nsc", "ncs") if s == 1 else ("ncs", "nsc")
+    for order in orders:
+        if order == "ncs" and x.is_contiguous():
+            return order, n, c, s
+        if order == "nsc" and x.movedim(1, -1).is_contiguous():
+            return order, n, c, s
+    return None
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    """The dense buffer behind ``t`` as a 1-d numpy array (no copy), 16-bit floats as raw bits."""
+    view_dtype = _VIEW[t.dtype][0]
+    flat = t.detach().as_strided((t.numel(),), (1,))
+    if view_dtype != t.dtype:
+        flat = flat.view(view_dtype)
+    return flat.numpy()
+
+
+def _empty_like(x: Tensor) -> Tensor:
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np.ndarray:
+    """A per-channel vector as a contiguous numpy array of the statistics dtype."""
+    if t is None:
+        return np.full(c, fill, dtype=np_dtype)
+    if not isinstance(t, Tensor) or t.numel() != c or not t.is_floating_point() or t.device.type != "cpu":
+        desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"cpu backend: {name} must be a floating CPU tensor with {c} elements, got {desc}")
+    sd = torch.float64 if np_dtype is np.float64 else torch.float32
+    if t.dtype != sd or t.dim() != 1 or not t.is_contiguous():
+        t = t.reshape(c).to(dtype=sd).contiguous()
+    return t.detach().numpy()
+
+
+def _threads(numel: int) -> int:
+    """Set numba's thread count for this launch: torch's count, or one for small inputs."""
+    nt = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numel < SERIAL_NUMEL:
+        nt = 1
+    if numba.get_num_threads() != nt:
+        numba.set_num_threads(nt)
+    return nt
+
+
+def _ncs_parts(nt: int, c: int, m: int) -> int:
+    """How many parts to cut each channel into so ``c * parts`` tasks fill ``nt`` threads."""
+    if nt == 1 or c >= TASKS_PER_THREAD * nt:
+        return 1
+    return max(1, min(-(-TASKS_PER_THREAD * nt // c), m // MIN_TASK))
+
+
+def _row_segments(nt: int, rows: int, s: int) -> int:
+    """How many segments to cut each of ``rows`` contiguous rows of ``s`` values into."""
+    if nt == 1 or rows >= TASKS_PER_THREAD * nt:
+        return 1
+    return max(1, min(-(-TASKS_PER_THREAD * nt // rows), s // MIN_TASK))
+
+
+def _nsc_parts(nt: int, r: int, c: int) -> int:
+    """How many row ranges to cut ``r`` rows of ``c`` channels into."""
+    if nt == 1:
+        return 1
+    return max(1, min(r, TASKS_PER_THREAD * nt, (r * c) // MIN_TASK))
+
+
+class CpuBackend:
+    """The four primitives of :class:`bnkit.kernels.base.Backend` as numba kernels."""
+
+    name = "cpu"
+
+    def supports(self, x: Tensor) -> bool:
+        return (
+            isinstance(x, Tensor)
+            and x.device.type == "cpu"
+            and x.dtype in _VIEW
+            and layout_of(x) is not None
+        )
+
+    def _layout(self, x: Tensor) -> tuple[str, int, int, int]:
+        lay = layout_of(x) if isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype in _VIEW else None
+        if lay is None:
+            desc = f"{tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}" if isinstance(x, Tensor) else x
+            raise ValueError(f"cpu backend: unsupported input {desc}")
+        return lay
+
+    @staticmethod
+    def _same_layout(dy: Tensor, x: Tensor) -> bool:
+        return (
+            isinstance(dy, Tensor)
+            and dy.shape == x.shape
+            and dy.dtype == x.dtype
+            and dy.device == x.device
+            and layout_of(dy) == layout_of(x)
+        )
+
+    def forward_train(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        order, n, c, s = self._layout(x)
+        sd = ref.stats_dtype(x.dtype)
+        np_sd = _VIEW[x.dtype][1]
+        w = _vec("weight", weight, c, np_sd, 1.0)
+        b = _vec("bias", bias, c, np_sd, 0.0)
+        y = _empty_like(x)
+        mean = torch.empty(c, dtype=sd)
+        var = torch.empty(c, dtype=sd)
+        mean_np, var_np = mean.numpy(), var.numpy()
+        scale = np.empty(c, np_sd)
+        shift = np.empty(c, np_sd)
+        nt = _threads(x.numel())
+        e = np_sd(eps)
+        if order == "ncs" and s < ROW_STATS_MAX_S:
+            p = _nsc_parts(nt, n * c, s)  # short rows: stream them in memory order
+            parts = np.empty((3, p, c))
+            K.ncs_row_stats(_flat(x), n, c, s, p, *parts)
+        elif order == "ncs":
+            p = _ncs_parts(nt, c, n * s)
+            fuse = p == 1 and FUSE_NCS
+            parts = np.empty((3, p, c))
+            K.ncs_train(_flat(x), _flat(y), n, c, s, p, fuse, w, b, e, mean_np, var_np, scale, shift, *parts)
+            if fuse:
+                return y, mean, var
+        else:
+            p = _nsc_parts(nt, n * s, c)
+            parts = np.empty((3, p, c))
+            K.nsc_stats(_flat(x), n * s, c, p, *parts)
+        K.finish_stats(*parts, w, b, e, mean_np, var_np, scale, shift)
+        self._affine(order, n, c, s, x, x, y, False, scale, mean_np, scale, shift)
+        return y, mean, var
+
+    def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        order, n, c, s = self._layout(x)
+        np_sd = _VIEW[x.dtype][1]
+        m = _vec("mean", mean, c, np_sd, 0.0)
+        k = _vec("scale", scale, c, np_sd, 1.0)
+        sh = _vec("shift", shift, c, np_sd, 0.0)
+        y = _empty_like(x)
+        self._affine(order, n, c, s, x, x, y, False, k, m, k, sh)
+        return y
+
+    def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+        order, n, c, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _reference.backward_reduce(dy, x, mean)
+        sd = ref.stats_dtype(x.dtype)
+        m = _vec("mean", mean, c, _VIEW[x.dtype][1], 0.0)
+        sum_dy = torch.empty(c, dtype=sd)
+        sum_dy_xmu = torch.empty(c, dtype=sd)
+        nt = _threads(x.numel())
+        if order == "ncs":
+            p = _nsc_parts(nt, n * c, s)  # row ranges of (N*C) rows of S values
+            K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy())
+        else:
+            t = _nsc_parts(nt, n * s, c)
+            K.nsc_reduce(_flat(dy), _flat(x), n * s, c, t, m, sum_dy.numpy(), sum_dy_xmu.numpy())
+        return sum_dy, sum_dy_xmu
+
+    def backward_input(self, dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, k: Tensor, c: Tensor) -> Tensor:
+        order, n, ch, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _reference.backward_input(dy, x, mean, a, k, c)
+        np_sd = _VIEW[x.dtype][1]
+        m = _vec("mean", mean, ch, np_sd, 0.0)
+        a_ = _vec("a", a, ch, np_sd, 0.0)
+        k_ = _vec("k", k, ch, np_sd, 0.0)
+        c_ = _vec("c", c, ch, np_sd, 0.0)
+        dx = _empty_like(x)
+        self._affine(order, n, ch, s, dy, x, dx, True, a_, m, k_, c_)
+        return dx
+
+    @staticmethod
+    def _affine(order, n, c, s, u, x, out, has_u, a, m, k, sh) -> None:
+        nt = _threads(x.numel())
+        if order == "ncs":
+            p = _row_segments(nt, n * c, s)
+            K.ncs_affine(_flat(u), _flat(x), _flat(out), n, c, s, p, has_u, a, m, k, sh)
+        else:
+            t = _nsc_parts(nt, n * s, c)
+            K.nsc_affine(_flat(u), _flat(x), _flat(out), n * s, c, t, has_u, a, m, k, sh)

@@ -1,0 +1,232 @@
+"""The numba ``cpu`` backend against the reference backend, torch (the oracle) and float64.
+
+Every primitive runs on every layout the backend accepts (contiguous (N,C,*), (N,C),
+channels_last 2d/3d, an (N,C,L) view of (N,L,C) memory) and every dtype, on odd sizes,
+with sizes chosen to hit both the serial path and the split-channel / split-row parallel paths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnkit
+from bnkit.kernels import backend_for, get_backend, last_backend, use_backend
+from bnkit.kernels.cpu_launch import SERIAL_NUMEL, layout_of
+from bnkit.kernels.reference import ReferenceBackend
+
+REF = ReferenceBackend()
+
+# dtype -> (atol, rtol) of each primitive against the reference backend (same math, different
+# summation order / fused multiply-add: a few ulps of the output dtype).
+TOL = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float64: (1e-12, 1e-12),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+# Tolerances of the per-channel reductions (float64 accumulation on both sides).
+STAT_TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-11, 1e-11),
+    torch.bfloat16: (1e-4, 1e-4),
+    torch.float16: (1e-4, 1e-4),
+}
+DTYPES = list(TOL)
+
+
+def _make(shape: tuple[int, ...], layout: str, dtype: torch.dtype, offset: float = 0.0, scale: float = 1.0):
+    """A tensor of logical shape ``shape`` (N, C, *) with the memory ``layout`` asks for."""
+    if layout == "ncl_view":  # (N, C, L) view of (N, L, C) memory
+        n, c, length = shape
+        return (torch.randn(n, length, c) * scale + offset).to(dtype).transpose(1, 2)
+    x = (torch.randn(shape) * scale + offset).to(dtype)
+    if layout == "channels_last":
+        return x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+# (layout, shapes): odd sizes (C=1, spatial 1, primes) and sizes above SERIAL_NUMEL that take the
+# parallel paths (few channels: channels cut into parts; channels innermost: rows cut into parts).
+CASES = [
+    # short rows (S < 1024: statistics in memory order), a long-row fused case, few channels cut in parts
+    ("contiguous", [(3, 5, 7, 11), (2, 1, 13), (5, 3, 1, 1), (2, 2, 3, 5, 7), (4, 64, 13, 11), (3, 11, 1031)]),
+    ("contiguous_split", [(1, 2, 20000), (2, 1, 5, 4099)]),
+    ("nc", [(7, 5), (2, 1), (1, 3), (11003, 3)]),
+    ("channels_last", [(3, 5, 7, 11), (2, 4, 1, 1), (2, 3, 2, 3, 5), (16, 3, 31, 29)]),
+    ("ncl_view", [(3, 5, 7), (2, 1, 11), (8, 13, 401)]),
+]
+
+
+def test_cases_reach_the_parallel_paths():
+    assert sum(torch.Size(s).numel() > SERIAL_NUMEL for _, shapes in CASES for s in shapes) >= 4
+
+
+def _close(actual, expected, tol):
+    atol, rtol = tol
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    backend = get_backend("cpu")
+    assert backend is not None, "numba backend failed to load"
+    return backend
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,shapes", CASES, ids=[c[0] for c in CASES])
+def test_primitives_match_reference(cpu, layout, shapes, dtype):
+    for shape in shapes:
+        x = _make(shape, layout, dtype, offset=3.0, scale=2.0)
+        assert cpu.supports(x), (shape, layout, x.stride())
+        c = shape[1]
+        sd = torch.float64 if dtype == torch.float64 else torch.float32
+        w, b = torch.randn(c, dtype=sd), torch.randn(c, dtype=sd)
+
+        y, mean, var = cpu.forward_train(x, w, b, 1e-5)
+        y_r, mean_r, var_r = REF.forward_train(x, w, b, 1e-5)
+        assert y.stride() == x.stride() and y.dtype == dtype and mean.dtype == sd and var.dtype == sd
+        _close(mean, mean_r, STAT_TOL[dtype])
+        _close(var, var_r, STAT_TOL[dtype])
+        _close(y, y_r, TOL[dtype])
+
+        scale, shift = torch.rand(c, dtype=sd) + 0.5, torch.randn(c, dtype=sd)
+        e = cpu.forward_eval(x, mean_r, scale, shift)
+        assert e.stride() == x.stride()
+        _close(e, REF.forward_eval(x, mean_r, scale, shift), TOL[dtype])
+
+        dy = _make(shape, layout, dtype)
+        s0, s1 = cpu.backward_reduce(dy, x, mean_r)
+        r0, r1 = REF.backward_reduce(dy, x, mean_r)
+        m = x.numel() // c
+        _close(s0 / m, r0 / m, STAT_TOL[dtype])
+        _close(s1 / m, r1 / m, STAT_TOL[dtype])
+
+        a, k, cc = torch.randn(c, dtype=sd), torch.randn(c, dtype=sd), torch.randn(c, dtype=sd)
+        dx = cpu.backward_input(dy, x, mean_r, a, k, cc)
+        assert dx.stride() == x.stride()
+        _close(dx, REF.backward_input(dy, x, mean_r, a, k, cc), TOL[dtype])
+
+
+def test_eval_single_sample(cpu):
+    x = torch.randn(1, 3, 1, 1)
+    mean, scale, shift = torch.randn(3), torch.rand(3), torch.randn(3)
+    _close(cpu.forward_eval(x, mean, scale, shift), REF.forward_eval(x, mean, scale, shift), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_rounding_is_torchs(cpu, dtype):
+    """Every 16-bit pattern, scaled by powers of two (exact in float32), rounds back as torch rounds:
+    this covers the widening, round-to-nearest-even, subnormals, overflow to inf and NaN."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(1, 1, -1).expand(2, 1, -1).contiguous()  # 2 rows, 1 channel
+    zero = torch.zeros(1)
+    for p in (0, -3, -9, -14, 5, 13):
+        k = torch.full((1,), 2.0**p)
+        y = cpu.forward_eval(x, zero, k, zero)
+        expected = (x.float() * 2.0**p).to(dtype)
+        torch.testing.assert_close(y, expected, atol=0, rtol=0, equal_nan=True)
+
+
+def test_unsupported_strides_fall_back(cpu):
+    x = torch.randn(4, 3, 8, 8)[:, :, ::2]  # not dense: the kernels never see it
+    assert layout_of(x) is None and not cpu.supports(x)
+    assert not cpu.supports(torch.randn(4, 3, dtype=torch.complex64))
+    with use_backend("cpu"):
+        assert backend_for(x).name == "reference"
+        y = bnkit.functional.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
+
+
+def test_bad_input_raises_before_the_kernel(cpu):
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="mean"):
+        cpu.forward_eval(x, torch.zeros(4), torch.ones(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="weight"):
+        cpu.forward_train(x, torch.ones(2), None, 1e-5)
+    with pytest.raises(ValueError, match="unsupported"):
+        cpu.forward_train(x[:, :, ::2], None, None, 1e-5)
+    # dy with other strides than x: the reference does that call instead of a crash
+    dy = torch.randn(4, 5, 3).transpose(1, 2)
+    s0, _ = cpu.backward_reduce(dy, x, torch.zeros(3))
+    _close(s0, dy.double().sum((0, 2)), STAT_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "ncl_view"])
+def test_gradients_through_functional(layout):
+    shape = (6, 4, 5, 3) if layout != "ncl_view" else (6, 4, 15)
+    x0 = _make(shape, layout, torch.float32, offset=1.0, scale=2.0)
+    w0, b0 = torch.rand(4) + 0.5, torch.randn(4)
+    dy = torch.randn(shape)
+    results = {}
+    for name in ("cpu", "reference", "torch"):
+        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
+        rm, rv = torch.zeros(4), torch.ones(4)
+        for training in (True, False):
+            if name == "torch":
+                y = F.batch_norm(x, rm, rv, w, b, training=training)
+            else:
+                with use_backend(name):
+                    y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=training)
+                    assert last_backend() == name
+            (y * dy).sum().backward()
+            grads = (x.grad.clone(), w.grad.clone(), b.grad.clone())
+            results[name, training] = (y.detach(), *grads, rm.clone(), rv.clone())
+            x.grad = w.grad = b.grad = None
+    for training in (True, False):
+        for got, want in zip(results["cpu", training], results["reference", training], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for got, want in zip(results["cpu", training], results["torch", training], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "nc", "ncl_view"])
+def test_mean_accurate_on_offset_data(cpu, layout):
+    """mean error <= 1e-4 sigma on data offset by 1000 (torch's channels_last path misses this)."""
+    shape = {"nc": (4096, 8), "ncl_view": (16, 8, 256)}.get(layout, (16, 8, 16, 16))
+    x = _make(shape, layout, torch.float32, offset=1000.0)
+    _, mean, var = cpu.forward_train(x, None, None, 1e-5)
+    dims = [0, *range(2, x.dim())]
+    x64 = x.double()
+    sigma = x64.std(dims)
+    assert ((mean.double() - x64.mean(dims)).abs() / sigma).max() <= 1e-4
+    torch.testing.assert_close(var.double(), x64.var(dims, unbiased=False), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["normal", "hard"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_max_error_no_worse_than_torch(cpu, kind, layout):
+    """Max error of y against float64 no worse than torch's own (hard: mean 1e4, std 1e-2)."""
+    offset, scale = (0.0, 1.0) if kind == "normal" else (1e4, 1e-2)
+    x = _make((8, 16, 12, 12), layout, torch.float32, offset=offset, scale=scale)
+    w, b = torch.rand(16) + 0.5, torch.randn(16)
+    exact = F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
+    ours = cpu.forward_train(x, w, b, 1e-5)[0].double()
+    theirs = F.batch_norm(x, None, None, w, b, training=True).double()
+    err_ours = (ours - exact).abs().max().item()
+    err_torch = (theirs - exact).abs().max().item()
+    assert err_ours <= err_torch * 1.05 + 1e-6, (err_ours, err_torch)
+
+
+def test_cpu_backend_ran_under_auto():
+    x = torch.randn(4, 3, 5, 5)
+    with use_backend("auto"):
+        bnkit.functional.batch_norm(x, None, None, training=True)
+    assert last_backend() == "cpu"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64_through_cpu_backend(training):
+    x = (torch.randn(3, 2, 4, dtype=torch.float64) + 2).requires_grad_()
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):
+        return bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+
+    with use_backend("cpu"):
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert last_backend() == "cpu"
