@@ -72,6 +72,8 @@ def main() -> None:
         same = all(torch.equal(s, every[0]) for s in every)
         print(f"{type(bn).__name__} layers: {sum(isinstance(m, bnkit.nn.SyncBatchNorm) for m in model.modules())}")
         print(f"running stats identical on every process: {same}")
+    # Leave together: a rank that tears gloo down while a peer is still sending can abort.
+    dist.barrier()
     dist.destroy_process_group()
 
 

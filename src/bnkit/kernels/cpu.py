@@ -500,8 +500,17 @@ def load_backend():
     Compiles (or loads from numba's cache) one small kernel so that a broken numba
     install fails here, where the dispatcher turns it into one warning and the reference.
     """
+    import numba
+    import torch
+
     from bnkit.kernels.cpu_launch import CpuBackend
 
+    # Starting numba's OpenMP threading layer resets the process's OpenMP thread count,
+    # which torch reads: start it here, once, and give torch its setting back.
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(1)
     probe = np.zeros(2, np.float32)
     nsc_affine(probe, probe, probe.copy(), 1, 2, 1, False, probe, probe, probe, probe)
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
     return CpuBackend()
