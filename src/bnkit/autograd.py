@@ -30,6 +30,7 @@ from torch import Tensor
 
 from bnkit import reference as ref
 from bnkit.kernels import backend_for
+from bnkit.kernels import base as _kbase
 
 __all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train"]
 
@@ -114,17 +115,11 @@ def backward_train(
     """``(dx, dw, db)`` of the training forward; ``dx`` is empty unless asked for."""
     dy = _like(dy, x)
     backend = backend_for(x)
-    sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean)
-    sum_dy_xhat = sum_dy_xmu * invstd
     if need_input_grad:
-        m = ref.count_per_channel(x)
-        a = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        k = -a * invstd * (sum_dy_xhat / m)
-        c = -a * (sum_dy / m)
-        dx = backend.backward_input(dy, x, mean, a, k, c)
-    else:
-        dx = x.new_empty((0,))
-    return dx, sum_dy_xhat, sum_dy
+        dx, sum_dy, sum_dy_xhat = _kbase.backward_train(backend, dy, x, mean, invstd, weight)
+        return dx, sum_dy_xhat, sum_dy
+    sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean)
+    return x.new_empty((0,)), sum_dy_xmu * invstd, sum_dy
 
 
 @backward_train.register_fake
@@ -202,6 +197,9 @@ def backward_eval(
     sd = ref.stats_dtype(x.dtype)
     backend = backend_for(x)
     inv, scale = _eval_scale(running_var, weight, eps, sd)
+    if need_input_grad and need_param_grad:
+        dx, sum_dy, sum_dy_xmu = _kbase.backward_eval(backend, dy, x, running_mean.to(sd), scale, inv)
+        return dx, sum_dy_xmu * inv, sum_dy
     if need_input_grad:
         zeros = torch.zeros_like(scale)
         dx = backend.forward_eval(dy, zeros, scale, zeros)

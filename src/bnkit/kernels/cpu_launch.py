@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from bnkit import reference as ref
+from bnkit.kernels import base as _base
 from bnkit.kernels import cpu as K
 from bnkit.kernels.reference import ReferenceBackend
 
@@ -213,11 +214,74 @@ class CpuBackend:
         nt = _threads(x.numel())
         if order == "ncs":
             p = _nsc_parts(nt, n * c, s)  # row ranges of (N*C) rows of S values
-            K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy())
+            K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy(), False, _flat(dy), m)
         else:
             t = _nsc_parts(nt, n * s, c)
-            K.nsc_reduce(_flat(dy), _flat(x), n * s, c, t, m, sum_dy.numpy(), sum_dy_xmu.numpy())
+            K.nsc_reduce(_flat(dy), _flat(x), n * s, c, t, m, sum_dy.numpy(), sum_dy_xmu.numpy(), False, _flat(dy), m)
         return sum_dy, sum_dy_xmu
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused training backward (see :func:`bnkit.kernels.base.backward_train`).
+
+        Channel-major memory with long rows: one kernel reduces each channel and writes its
+        ``dx`` while the channel is in cache. Otherwise one reduction pass, the coefficients in
+        one small compiled loop, and one elementwise pass (no torch ops in between).
+        """
+        order, n, c, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _base.backward_train(_reference, dy, x, mean, invstd, weight)
+        np_sd = _VIEW[x.dtype][1]
+        sd = ref.stats_dtype(x.dtype)
+        m = _vec("mean", mean, c, np_sd, 0.0)
+        inv = _vec("invstd", invstd, c, np_sd, 1.0)
+        w = _vec("weight", weight, c, np_sd, 1.0)
+        sum_dy = torch.empty(c, dtype=sd)
+        sum_dy_xhat = torch.empty(c, dtype=sd)
+        s0, s1 = sum_dy.numpy(), sum_dy_xhat.numpy()
+        a, k, cc = np.empty((3, c), np_sd)
+        dx = _empty_like(x)
+        gf, xf, df = _flat(dy), _flat(x), _flat(dx)
+        nt = _threads(x.numel())
+        if order == "ncs" and s >= ROW_STATS_MAX_S and _ncs_parts(nt, c, n * s) == 1:
+            K.ncs_backward_train(gf, xf, df, n, c, s, m, inv, w, s0, s1, a, k, cc)
+            return dx, sum_dy, sum_dy_xhat
+        # sum(dy * (x - mean)) goes to `s1`, then backward_coeffs scales it in place by invstd.
+        if order == "ncs":
+            p = _nsc_parts(nt, n * c, s)
+            K.ncs_reduce(gf, xf, n, c, s, p, m, s0, s1, False, gf, m)
+            K.backward_coeffs(s0, s1, inv, w, float(n * s), s1, a, k, cc)
+            K.ncs_affine(gf, xf, df, n, c, s, _row_segments(nt, n * c, s), True, a, m, k, cc)
+        else:
+            t = _nsc_parts(nt, n * s, c)
+            K.nsc_reduce(gf, xf, n * s, c, t, m, s0, s1, False, gf, m)
+            K.backward_coeffs(s0, s1, inv, w, float(n * s), s1, a, k, cc)
+            K.nsc_affine(gf, xf, df, n * s, c, t, True, a, m, k, cc)
+        return dx, sum_dy, sum_dy_xhat
+
+    def backward_eval(
+        self, dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, invstd: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Eval backward in one read of ``dy`` and ``x``: ``dx = scale*dy`` and both reductions."""
+        order, n, c, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _base.backward_eval(_reference, dy, x, mean, scale, invstd)
+        np_sd = _VIEW[x.dtype][1]
+        sd = ref.stats_dtype(x.dtype)
+        m = _vec("mean", mean, c, np_sd, 0.0)
+        k = _vec("scale", scale, c, np_sd, 1.0)
+        sum_dy = torch.empty(c, dtype=sd)
+        sum_dy_xmu = torch.empty(c, dtype=sd)
+        dx = _empty_like(x)
+        nt = _threads(x.numel())
+        if order == "ncs":
+            p = _nsc_parts(nt, n * c, s)
+            K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k)
+        else:
+            t = _nsc_parts(nt, n * s, c)
+            K.nsc_reduce(_flat(dy), _flat(x), n * s, c, t, m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k)
+        return dx, sum_dy, sum_dy_xmu
 
     def backward_input(self, dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, k: Tensor, c: Tensor) -> Tensor:
         order, n, ch, s = self._layout(x)
