@@ -13,6 +13,7 @@ waking threads run on one.
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -49,6 +50,7 @@ FUSE_NCS = True
 ROW_STATS_MAX_S = 1024
 
 _reference = ReferenceBackend()
+_numba_state = threading.local()
 
 
 def layout_of(x: Tensor) -> tuple[str, int, int, int] | None:
@@ -99,11 +101,12 @@ def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np
 
 def _threads(numel: int) -> int:
     """Set numba's thread count for this launch: torch's count, or one for small inputs."""
-    nt = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numel < SERIAL_NUMEL:
-        nt = 1
-    if numba.get_num_threads() != nt:
+    nt = 1 if numel < SERIAL_NUMEL else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    # numba.get_num_threads() costs several microseconds; remember what this thread last set
+    # (numba's count is per thread). Code that calls numba.set_num_threads itself is not seen.
+    if getattr(_numba_state, "nt", None) != nt:
         numba.set_num_threads(nt)
+        _numba_state.nt = nt
     return nt
 
 
