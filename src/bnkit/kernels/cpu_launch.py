@@ -158,7 +158,7 @@ class CpuBackend:
             and dy.shape == x.shape
             and dy.dtype == x.dtype
             and dy.device == x.device
-            and layout_of(dy) == layout_of(x)
+            and (dy.stride() == x.stride() or layout_of(dy) == layout_of(x))
         )
 
     def forward_train(
@@ -177,23 +177,24 @@ class CpuBackend:
         shift = np.empty(c, np_sd)
         nt = _threads(x.numel())
         e = np_sd(eps)
+        xf, yf = _flat(x), _flat(y)
         if order == "ncs" and s < ROW_STATS_MAX_S:
             p = _nsc_parts(nt, n * c, s)  # short rows: stream them in memory order
             parts = np.empty((3, p, c))
-            K.ncs_row_stats(_flat(x), n, c, s, p, *parts)
+            K.ncs_row_stats(xf, n, c, s, p, *parts)
         elif order == "ncs":
             p = _ncs_parts(nt, c, n * s)
             fuse = p == 1 and FUSE_NCS
             parts = np.empty((3, p, c))
-            K.ncs_train(_flat(x), _flat(y), n, c, s, p, fuse, w, b, e, mean_np, var_np, scale, shift, *parts)
+            K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, scale, shift, *parts)
             if fuse:
                 return y, mean, var
         else:
             p = _nsc_parts(nt, n * s, c)
             parts = np.empty((3, p, c))
-            K.nsc_stats(_flat(x), n * s, c, p, *parts)
+            K.nsc_stats(xf, n * s, c, p, *parts)
         K.finish_stats(*parts, w, b, e, mean_np, var_np, scale, shift)
-        self._affine(order, n, c, s, x, x, y, False, scale, mean_np, scale, shift)
+        self._affine(order, n, c, s, xf, xf, yf, False, scale, mean_np, scale, shift)
         return y, mean, var
 
     def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -301,10 +302,12 @@ class CpuBackend:
 
     @staticmethod
     def _affine(order, n, c, s, u, x, out, has_u, a, m, k, sh) -> None:
-        nt = _threads(x.numel())
+        # u, x, out: tensors or their flat buffers (already made by the caller: saves a conversion)
+        nt = _threads(n * c * s)
+        uf, xf, of = (t if isinstance(t, np.ndarray) else _flat(t) for t in (u, x, out))
         if order == "ncs":
             p = _row_segments(nt, n * c, s)
-            K.ncs_affine(_flat(u), _flat(x), _flat(out), n, c, s, p, has_u, a, m, k, sh)
+            K.ncs_affine(uf, xf, of, n, c, s, p, has_u, a, m, k, sh)
         else:
             t = _nsc_parts(nt, n * s, c)
-            K.nsc_affine(_flat(u), _flat(x), _flat(out), n * s, c, t, has_u, a, m, k, sh)
+            K.nsc_affine(uf, xf, of, n * s, c, t, has_u, a, m, k, sh)
