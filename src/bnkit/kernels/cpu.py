@@ -394,7 +394,10 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
                     s1 += g * (load(xs, i) - m)
                     store(ds, i, sc * g)
             else:
-                s0, s1 = _dot_sums(gs, xs, m, S)
+                for i in range(S):
+                    g = load(gs, i)
+                    s0 += g
+                    s1 += g * (load(xs, i) - m)
             acc0[t, c] += s0
             acc1[t, c] += s1
     # (names differ from the loop above: a name shared with a prange body would become shared state)
