@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import bnkit
 from bnkit.kernels import backend_for, get_backend, last_backend, use_backend
+from bnkit.kernels import base as kbase
 from bnkit.kernels.cpu_launch import SERIAL_NUMEL, layout_of
 from bnkit.kernels.reference import ReferenceBackend
 
@@ -109,6 +110,22 @@ def test_primitives_match_reference(cpu, layout, shapes, dtype):
         assert dx.stride() == x.stride()
         _close(dx, REF.backward_input(dy, x, mean_r, a, k, cc), TOL[dtype])
 
+        # Optional fused methods against their definition composed from the reference's primitives.
+        inv = torch.rsqrt(var_r + 1e-5)
+        for wt in (w, None):
+            got = cpu.backward_train(dy, x, mean_r, inv, wt)
+            want = kbase.backward_train(REF, dy, x, mean_r, inv, wt)
+            assert got[0].stride() == x.stride() and got[0].dtype == dtype and got[1].dtype == sd
+            _close(got[0], want[0], TOL[dtype])
+            _close(got[1] / m, want[1] / m, STAT_TOL[dtype])
+            _close(got[2] / m, want[2] / m, STAT_TOL[dtype])
+        got = cpu.backward_eval(dy, x, mean_r, scale, inv)
+        want = kbase.backward_eval(REF, dy, x, mean_r, scale, inv)
+        assert got[0].stride() == x.stride() and got[0].dtype == dtype
+        _close(got[0], want[0], TOL[dtype])
+        _close(got[1] / m, want[1] / m, STAT_TOL[dtype])
+        _close(got[2] / m, want[2] / m, STAT_TOL[dtype])
+
 
 def test_eval_single_sample(cpu):
     x = torch.randn(1, 3, 1, 1)
@@ -154,9 +171,11 @@ def test_bad_input_raises_before_the_kernel(cpu):
     _close(s0, dy.double().sum((0, 2)), STAT_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "ncl_view"])
+@pytest.mark.parametrize("layout", ["contiguous", "contiguous_long", "channels_last", "ncl_view"])
 def test_gradients_through_functional(layout):
-    shape = (6, 4, 5, 3) if layout != "ncl_view" else (6, 4, 15)
+    # contiguous_long: rows of >= 1024 values take the fused in-cache training backward.
+    shape = {"ncl_view": (6, 4, 15), "contiguous_long": (3, 4, 1031)}.get(layout, (6, 4, 5, 3))
+    layout = "contiguous" if layout == "contiguous_long" else layout
     x0 = _make(shape, layout, torch.float32, offset=1.0, scale=2.0)
     w0, b0 = torch.rand(4) + 0.5, torch.randn(4)
     dy = torch.randn(shape)

@@ -30,8 +30,9 @@ from torch import Tensor
 
 from bnkit import reference as ref
 from bnkit.kernels import backend_for
+from bnkit.kernels import base as _kbase
 
-__all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train"]
+__all__ = ["backward_eval", "backward_train", "evaluate", "forward_eval", "forward_train", "train"]
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -92,7 +93,8 @@ def _forward_train_backward(ctx, gy: Tensor, _gmean: Tensor, _gvar: Tensor):
         dx, dw, db = ref.backward_train(gy, x, m, ref.invstd(v, ctx.eps), weight)
     else:
         inv = ref.invstd(var, ctx.eps)
-        dx, dw, db = backward_train(gy, x, weight, mean, inv, need_x, need_w or need_b)
+        bwd = _backward_train_impl if _eager(gy) else backward_train
+        dx, dw, db = bwd(gy, x, weight, mean, inv, need_x, need_w or need_b)
     dw = dw.to(ctx.param_dtype) if need_w else None
     db = db.to(ctx.param_dtype) if need_b else None
     return (dx if need_x else None), dw, db, None
@@ -112,19 +114,17 @@ def backward_train(
     need_param_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dw, db)`` of the training forward; ``dx`` is empty unless asked for."""
+    return _backward_train_impl(dy, x, weight, mean, invstd, need_input_grad, need_param_grad)
+
+
+def _backward_train_impl(dy, x, weight, mean, invstd, need_input_grad, need_param_grad):
     dy = _like(dy, x)
     backend = backend_for(x)
-    sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean)
-    sum_dy_xhat = sum_dy_xmu * invstd
     if need_input_grad:
-        m = ref.count_per_channel(x)
-        a = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        k = -a * invstd * (sum_dy_xhat / m)
-        c = -a * (sum_dy / m)
-        dx = backend.backward_input(dy, x, mean, a, k, c)
-    else:
-        dx = x.new_empty((0,))
-    return dx, sum_dy_xhat, sum_dy
+        dx, sum_dy, sum_dy_xhat = _kbase.backward_train(backend, dy, x, mean, invstd, weight)
+        return dx, sum_dy_xhat, sum_dy
+    sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean)
+    return x.new_empty((0,)), sum_dy_xmu * invstd, sum_dy
 
 
 @backward_train.register_fake
@@ -151,6 +151,10 @@ def forward_eval(
     eps: float,
 ) -> Tensor:
     """``y = (x - running_mean) * w / sqrt(running_var + eps) + b`` (eval mode, one pass)."""
+    return _forward_eval_impl(x, running_mean, running_var, weight, bias, eps)
+
+
+def _forward_eval_impl(x, running_mean, running_var, weight, bias, eps):
     sd = ref.stats_dtype(x.dtype)
     _inv, scale = _eval_scale(running_var, weight, eps, sd)
     shift = torch.zeros_like(scale) if bias is None else bias.to(sd)
@@ -177,7 +181,8 @@ def _forward_eval_backward(ctx, gy: Tensor):
         inv = ref.invstd(running_var.to(sd), ctx.eps)
         dx, dw, db = ref.backward_eval(gy, x, running_mean.to(sd), inv, weight)
     else:
-        dx, dw, db = backward_eval(gy, x, running_mean, running_var, weight, ctx.eps, need_x, need_w or need_b)
+        bwd = _backward_eval_impl if _eager(gy) else backward_eval
+        dx, dw, db = bwd(gy, x, running_mean, running_var, weight, ctx.eps, need_x, need_w or need_b)
     dw = dw.to(ctx.param_dtype) if need_w else None
     db = db.to(ctx.param_dtype) if need_b else None
     return (dx if need_x else None), None, None, dw, db, None
@@ -198,10 +203,17 @@ def backward_eval(
     need_param_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dw, db)`` of the eval forward; running statistics are constants."""
+    return _backward_eval_impl(dy, x, running_mean, running_var, weight, eps, need_input_grad, need_param_grad)
+
+
+def _backward_eval_impl(dy, x, running_mean, running_var, weight, eps, need_input_grad, need_param_grad):
     dy = _like(dy, x)
     sd = ref.stats_dtype(x.dtype)
     backend = backend_for(x)
     inv, scale = _eval_scale(running_var, weight, eps, sd)
+    if need_input_grad and need_param_grad:
+        dx, sum_dy, sum_dy_xmu = _kbase.backward_eval(backend, dy, x, running_mean.to(sd), scale, inv)
+        return dx, sum_dy_xmu * inv, sum_dy
     if need_input_grad:
         zeros = torch.zeros_like(scale)
         dx = backend.forward_eval(dy, zeros, scale, zeros)
@@ -218,3 +230,63 @@ def backward_eval(
 def _(dy, x, running_mean, running_var, weight, eps, need_input_grad, need_param_grad):
     dw, db = _empty_channels(x)
     return (torch.empty_like(x) if need_input_grad else x.new_empty((0,))), dw, db
+
+
+# --- eager fast path --------------------------------------------------------------------
+#
+# A torch custom op costs tens of microseconds of dispatch per call in eager mode, which
+# dominates small inputs. When nothing traces or transforms the call (plain tensors, not
+# compiling, no dispatch/function modes, no functorch), the same formulas run through a
+# torch.autograd.Function instead: same backends, same setup and backward functions.
+
+
+def _eager(x: Tensor) -> bool:
+    """Whether a call on ``x`` is plain eager execution that may skip the custom-op dispatcher."""
+    return (
+        type(x) is Tensor
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
+class _TrainFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var = backend_for(x).forward_train(x, weight, bias, eps)
+        ctx.mark_non_differentiable(mean, var)
+        _forward_train_setup(ctx, (x, weight, bias, eps), (y, mean, var))
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, gmean, gvar):
+        return _forward_train_backward(ctx, gy, gmean, gvar)
+
+
+class _EvalFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
+        y = _forward_eval_impl(x, running_mean, running_var, weight, bias, eps)
+        _forward_eval_setup(ctx, (x, running_mean, running_var, weight, bias, eps), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _forward_eval_backward(ctx, gy)
+
+
+def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`forward_train`, through the eager fast path when nothing traces the call."""
+    if _eager(x):
+        return _TrainFn.apply(x, weight, bias, eps)
+    return forward_train(x, weight, bias, eps)
+
+
+def evaluate(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """:func:`forward_eval`, through the eager fast path when nothing traces the call."""
+    if _eager(x):
+        return _EvalFn.apply(x, running_mean, running_var, weight, bias, eps)
+    return forward_eval(x, running_mean, running_var, weight, bias, eps)

@@ -231,10 +231,10 @@ def batch_norm_pure(
     elif _functorch_active():
         y, new_mean, new_var = ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     elif not training:
-        y = autograd.forward_eval(x, running_mean, running_var, weight, bias, eps)
+        y = autograd.evaluate(x, running_mean, running_var, weight, bias, eps)
         new_mean, new_var = running_mean, running_var
     else:
-        y, mean, var = autograd.forward_train(x, weight, bias, eps)
+        y, mean, var = autograd.train(x, weight, bias, eps)
         new_mean, new_var = running_mean, running_var
         if running_mean is not None and running_var is not None:
             m = ref.count_per_channel(x)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
+
+from bnkit import reference as ref
 
 
 class Backend(Protocol):
@@ -40,3 +43,49 @@ class Backend(Protocol):
     ) -> Tensor:
         """``dx = a[c] * dy + k[c] * (x - mean[c]) + c[c]`` in one pass."""
         ...
+
+
+# --- optional fused methods ---------------------------------------------------------------
+#
+# A backend MAY also define ``backward_train`` and ``backward_eval`` with the signatures below
+# (e.g. to reduce and write ``dx`` while a channel is still in cache). The functions here are
+# THE definition of what they return, composed from the four primitives; autograd calls them
+# for a backend that lacks the fused method, so every backend gives the same results.
+
+
+def backward_train(
+    backend: Backend, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, sum_dy, sum_dy_xhat)`` of the training backward through ``backend``.
+
+    ``dx = w*invstd * (dy - sum_dy/M - xhat*sum_dy_xhat/M)`` with ``xhat = (x - mean)*invstd``
+    and ``M`` values per channel; ``dy`` has the layout of ``x``. Uses ``backend.backward_train``
+    when the backend has it, else one reduction pass and one elementwise pass.
+    """
+    fused = getattr(backend, "backward_train", None)
+    if fused is not None:
+        return fused(dy, x, mean, invstd, weight)
+    sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean)
+    sum_dy_xhat = sum_dy_xmu * invstd
+    m = ref.count_per_channel(x)
+    a = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    k = -a * invstd * (sum_dy_xhat / m)
+    c = -a * (sum_dy / m)
+    return backend.backward_input(dy, x, mean, a, k, c), sum_dy, sum_dy_xhat
+
+
+def backward_eval(
+    backend: Backend, dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, invstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, sum_dy, sum_dy_xmu)`` of the eval backward: ``dx = scale[c] * dy`` plus both reductions.
+
+    (``invstd`` is part of the signature for backends that scale inside; the result does not
+    use it.) Uses ``backend.backward_eval`` when present, else two passes.
+    """
+    fused = getattr(backend, "backward_eval", None)
+    if fused is not None:
+        return fused(dy, x, mean, scale, invstd)
+    zeros = torch.zeros_like(scale)
+    dx = backend.forward_eval(dy, zeros, scale, zeros)
+    sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean)
+    return dx, sum_dy, sum_dy_xmu

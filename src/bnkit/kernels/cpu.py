@@ -33,10 +33,12 @@ from numba.extending import intrinsic, overload
 
 __all__ = [
     "BLOCK",
+    "backward_coeffs",
     "chan_merge",
     "finish_stats",
     "load",
     "ncs_affine",
+    "ncs_backward_train",
     "ncs_reduce",
     "ncs_row_stats",
     "ncs_train",
@@ -49,6 +51,8 @@ __all__ = [
 # Values per statistics block: 2 passes over it hit L1 (fp32: 16 KiB) or L2 (nsc: 64 KiB).
 BLOCK = 4096
 NSC_BLOCK = 16384
+# Values per float32 partial sum in the backward reductions (then merged in float64).
+RBLOCK = 256
 
 # reassoc lets LLVM vectorize the float64 reductions; no nnan/ninf: NaN and inf propagate.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -361,8 +365,10 @@ def ncs_affine(u, x, out, N, C, S, Q, has_u, a, mean, k, shift):
 
 
 @njit(parallel=True, **_JIT)
-def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
+def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on ``(N, C, S)`` memory, one pass.
+
+    With ``write`` it also stores ``dx = scale[c] * dy`` in the same read (eval-mode backward).
 
     ``T`` tasks each stream a range of rows ``r = n*C + c`` in memory order (prefetch-friendly
     even when ``S`` is small) into their own per-channel float64 accumulators, summed at the end.
@@ -379,10 +385,19 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
             xs = x[r * S : (r + 1) * S]
             s0 = 0.0
             s1 = 0.0
-            for i in range(S):
-                g = load(gs, i)
-                s0 += g
-                s1 += g * (load(xs, i) - m)
+            if write:
+                ds = dx[r * S : (r + 1) * S]
+                sc = scale[c]
+                for i in range(S):
+                    g = load(gs, i)
+                    s0 += g
+                    s1 += g * (load(xs, i) - m)
+                    store(ds, i, sc * g)
+            else:
+                for i in range(S):
+                    g = load(gs, i)
+                    s0 += g
+                    s1 += g * (load(xs, i) - m)
             acc0[t, c] += s0
             acc1[t, c] += s1
     # (names differ from the loop above: a name shared with a prange body would become shared state)
@@ -394,6 +409,77 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
             tot1 += acc1[p, ch]
         sum_dy[ch] = tot0
         sum_dy_xmu[ch] = tot1
+
+
+@njit(**_JIT)
+def _dot_sums(gs, xs, m, n):
+    # (sum(g), sum(g * (x - m))) over n values: float32 lanes within blocks of RBLOCK values (they
+    # vectorize 8 wide; a block's rounding error stays ~1e-7 relative), blocks summed in float64.
+    s0 = 0.0
+    s1 = 0.0
+    for b0 in range(0, n, RBLOCK):
+        b1 = min(b0 + RBLOCK, n)
+        t0 = load(gs, b0) * 0
+        t1 = t0
+        for i in range(b0, b1):
+            g = load(gs, i)
+            t0 += g
+            t1 += g * (load(xs, i) - m)
+        s0 += t0
+        s1 += t1
+    return s0, s1
+
+
+@njit(**_JIT)
+def backward_coeffs(sum_dy, sum_dy_xmu, invstd, weight, M, sum_dy_xhat, a, k, cc):
+    """Per-channel coefficients of the training backward from the two reductions.
+
+    ``sum_dy_xhat = sum_dy_xmu * invstd``; ``dx = a*dy + k*(x - mean) + cc`` with ``a = invstd*w``,
+    ``k = -a*invstd*sum_dy_xhat/M`` and ``cc = -a*sum_dy/M`` (symbols of :mod:`bnkit.autograd`),
+    each rounded to the statistics dtype of the output arrays.
+    """
+    for c in range(sum_dy.shape[0]):
+        _coeffs_channel(c, sum_dy[c], sum_dy_xmu[c], invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc)
+
+
+@njit(**_JIT)
+def _coeffs_channel(c, s0, s1, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc):
+    sum_dy[c] = s0
+    sum_dy_xhat[c] = s1 * invstd[c]
+    a[c] = invstd[c] * weight[c]
+    k[c] = -a[c] * invstd[c] * (sum_dy_xhat[c] / M)
+    cc[c] = -a[c] * (sum_dy[c] / M)
+
+
+@njit(parallel=True, **_JIT)
+def ncs_backward_train(dy, x, dx, N, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, a, k, cc):
+    """Fused training backward on ``(N, C, S)`` memory, one task per channel.
+
+    Each task reduces ``sum(dy)`` and ``sum(dy * (x - mean))`` over its channel, forms the
+    coefficients (:func:`backward_coeffs`), then writes ``dx = a*dy + k*(x - mean) + cc`` while
+    the channel's ``dy`` and ``x`` are still in cache: memory is read about once.
+    """
+    M = float(N * S)
+    for c in prange(C):
+        m = mean[c]
+        s0 = 0.0
+        s1 = 0.0
+        for n in range(N):
+            base = (n * C + c) * S
+            r0, r1 = _dot_sums(dy[base : base + S], x[base : base + S], m, S)
+            s0 += r0
+            s1 += r1
+        _coeffs_channel(c, s0, s1, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc)
+        ac = a[c]
+        kc = k[c]
+        cv = cc[c]
+        for n in range(N):
+            base = (n * C + c) * S
+            gs = dy[base : base + S]
+            xs = x[base : base + S]
+            ds = dx[base : base + S]
+            for i in range(S):
+                store(ds, i, ac * load(gs, i) + kc * (load(xs, i) - m) + cv)
 
 
 # --- channel-minor (R, C) kernels ---------------------------------------------------------------------
@@ -464,8 +550,11 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
 
 
 @njit(parallel=True, **_JIT)
-def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu):
-    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on ``(R, C)`` memory, one pass."""
+def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on ``(R, C)`` memory, one pass.
+
+    With ``write`` it also stores ``dx = scale[c] * dy`` in the same read (eval-mode backward).
+    """
     acc0 = np.zeros((T, C))
     acc1 = np.zeros((T, C))
     for t in prange(T):
@@ -478,10 +567,18 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu):
         for r in range(r0, r1):
             gr = dy[r * C : (r + 1) * C]
             xr = x[r * C : (r + 1) * C]
-            for c in range(C):
-                g = load(gr, c)
-                s0[c] += g
-                s1[c] += g * (load(xr, c) - m[c])
+            if write:
+                dr = dx[r * C : (r + 1) * C]
+                for c in range(C):
+                    g = load(gr, c)
+                    s0[c] += g
+                    s1[c] += g * (load(xr, c) - m[c])
+                    store(dr, c, scale[c] * g)
+            else:
+                for c in range(C):
+                    g = load(gr, c)
+                    s0[c] += g
+                    s1[c] += g * (load(xr, c) - m[c])
         acc0[t] = s0
         acc1[t] = s1
     for ch in range(C):

@@ -13,6 +13,7 @@ waking threads run on one.
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from bnkit import reference as ref
+from bnkit.kernels import base as _base
 from bnkit.kernels import cpu as K
 from bnkit.kernels.reference import ReferenceBackend
 
@@ -48,6 +50,7 @@ FUSE_NCS = True
 ROW_STATS_MAX_S = 1024
 
 _reference = ReferenceBackend()
+_numba_state = threading.local()
 
 
 def layout_of(x: Tensor) -> tuple[str, int, int, int] | None:
@@ -98,11 +101,12 @@ def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np
 
 def _threads(numel: int) -> int:
     """Set numba's thread count for this launch: torch's count, or one for small inputs."""
-    nt = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numel < SERIAL_NUMEL:
-        nt = 1
-    if numba.get_num_threads() != nt:
+    nt = 1 if numel < SERIAL_NUMEL else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    # numba.get_num_threads() costs several microseconds; remember what this thread last set
+    # (numba's count is per thread). Code that calls numba.set_num_threads itself is not seen.
+    if getattr(_numba_state, "nt", None) != nt:
         numba.set_num_threads(nt)
+        _numba_state.nt = nt
     return nt
 
 
@@ -154,7 +158,7 @@ class CpuBackend:
             and dy.shape == x.shape
             and dy.dtype == x.dtype
             and dy.device == x.device
-            and layout_of(dy) == layout_of(x)
+            and (dy.stride() == x.stride() or layout_of(dy) == layout_of(x))
         )
 
     def forward_train(
@@ -173,23 +177,24 @@ class CpuBackend:
         shift = np.empty(c, np_sd)
         nt = _threads(x.numel())
         e = np_sd(eps)
+        xf, yf = _flat(x), _flat(y)
         if order == "ncs" and s < ROW_STATS_MAX_S:
             p = _nsc_parts(nt, n * c, s)  # short rows: stream them in memory order
             parts = np.empty((3, p, c))
-            K.ncs_row_stats(_flat(x), n, c, s, p, *parts)
+            K.ncs_row_stats(xf, n, c, s, p, *parts)
         elif order == "ncs":
             p = _ncs_parts(nt, c, n * s)
             fuse = p == 1 and FUSE_NCS
             parts = np.empty((3, p, c))
-            K.ncs_train(_flat(x), _flat(y), n, c, s, p, fuse, w, b, e, mean_np, var_np, scale, shift, *parts)
+            K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, scale, shift, *parts)
             if fuse:
                 return y, mean, var
         else:
             p = _nsc_parts(nt, n * s, c)
             parts = np.empty((3, p, c))
-            K.nsc_stats(_flat(x), n * s, c, p, *parts)
+            K.nsc_stats(xf, n * s, c, p, *parts)
         K.finish_stats(*parts, w, b, e, mean_np, var_np, scale, shift)
-        self._affine(order, n, c, s, x, x, y, False, scale, mean_np, scale, shift)
+        self._affine(order, n, c, s, xf, xf, yf, False, scale, mean_np, scale, shift)
         return y, mean, var
 
     def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -213,11 +218,74 @@ class CpuBackend:
         nt = _threads(x.numel())
         if order == "ncs":
             p = _nsc_parts(nt, n * c, s)  # row ranges of (N*C) rows of S values
-            K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy())
+            K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy(), False, _flat(dy), m)
         else:
             t = _nsc_parts(nt, n * s, c)
-            K.nsc_reduce(_flat(dy), _flat(x), n * s, c, t, m, sum_dy.numpy(), sum_dy_xmu.numpy())
+            K.nsc_reduce(_flat(dy), _flat(x), n * s, c, t, m, sum_dy.numpy(), sum_dy_xmu.numpy(), False, _flat(dy), m)
         return sum_dy, sum_dy_xmu
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused training backward (see :func:`bnkit.kernels.base.backward_train`).
+
+        Channel-major memory with long rows: one kernel reduces each channel and writes its
+        ``dx`` while the channel is in cache. Otherwise one reduction pass, the coefficients in
+        one small compiled loop, and one elementwise pass (no torch ops in between).
+        """
+        order, n, c, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _base.backward_train(_reference, dy, x, mean, invstd, weight)
+        np_sd = _VIEW[x.dtype][1]
+        sd = ref.stats_dtype(x.dtype)
+        m = _vec("mean", mean, c, np_sd, 0.0)
+        inv = _vec("invstd", invstd, c, np_sd, 1.0)
+        w = _vec("weight", weight, c, np_sd, 1.0)
+        sum_dy = torch.empty(c, dtype=sd)
+        sum_dy_xhat = torch.empty(c, dtype=sd)
+        s0, s1 = sum_dy.numpy(), sum_dy_xhat.numpy()
+        a, k, cc = np.empty((3, c), np_sd)
+        dx = _empty_like(x)
+        gf, xf, df = _flat(dy), _flat(x), _flat(dx)
+        nt = _threads(x.numel())
+        if order == "ncs" and s >= ROW_STATS_MAX_S and _ncs_parts(nt, c, n * s) == 1:
+            K.ncs_backward_train(gf, xf, df, n, c, s, m, inv, w, s0, s1, a, k, cc)
+            return dx, sum_dy, sum_dy_xhat
+        # sum(dy * (x - mean)) goes to `s1`, then backward_coeffs scales it in place by invstd.
+        if order == "ncs":
+            p = _nsc_parts(nt, n * c, s)
+            K.ncs_reduce(gf, xf, n, c, s, p, m, s0, s1, False, gf, m)
+            K.backward_coeffs(s0, s1, inv, w, float(n * s), s1, a, k, cc)
+            K.ncs_affine(gf, xf, df, n, c, s, _row_segments(nt, n * c, s), True, a, m, k, cc)
+        else:
+            t = _nsc_parts(nt, n * s, c)
+            K.nsc_reduce(gf, xf, n * s, c, t, m, s0, s1, False, gf, m)
+            K.backward_coeffs(s0, s1, inv, w, float(n * s), s1, a, k, cc)
+            K.nsc_affine(gf, xf, df, n * s, c, t, True, a, m, k, cc)
+        return dx, sum_dy, sum_dy_xhat
+
+    def backward_eval(
+        self, dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, invstd: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Eval backward in one read of ``dy`` and ``x``: ``dx = scale*dy`` and both reductions."""
+        order, n, c, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _base.backward_eval(_reference, dy, x, mean, scale, invstd)
+        np_sd = _VIEW[x.dtype][1]
+        sd = ref.stats_dtype(x.dtype)
+        m = _vec("mean", mean, c, np_sd, 0.0)
+        k = _vec("scale", scale, c, np_sd, 1.0)
+        sum_dy = torch.empty(c, dtype=sd)
+        sum_dy_xmu = torch.empty(c, dtype=sd)
+        dx = _empty_like(x)
+        nt = _threads(x.numel())
+        if order == "ncs":
+            p = _nsc_parts(nt, n * c, s)
+            K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k)
+        else:
+            t = _nsc_parts(nt, n * s, c)
+            K.nsc_reduce(_flat(dy), _flat(x), n * s, c, t, m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k)
+        return dx, sum_dy, sum_dy_xmu
 
     def backward_input(self, dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, k: Tensor, c: Tensor) -> Tensor:
         order, n, ch, s = self._layout(x)
@@ -234,10 +302,12 @@ class CpuBackend:
 
     @staticmethod
     def _affine(order, n, c, s, u, x, out, has_u, a, m, k, sh) -> None:
-        nt = _threads(x.numel())
+        # u, x, out: tensors or their flat buffers (already made by the caller: saves a conversion)
+        nt = _threads(n * c * s)
+        uf, xf, of = (t if isinstance(t, np.ndarray) else _flat(t) for t in (u, x, out))
         if order == "ncs":
             p = _row_segments(nt, n * c, s)
-            K.ncs_affine(_flat(u), _flat(x), _flat(out), n, c, s, p, has_u, a, m, k, sh)
+            K.ncs_affine(uf, xf, of, n, c, s, p, has_u, a, m, k, sh)
         else:
             t = _nsc_parts(nt, n * s, c)
-            K.nsc_affine(_flat(u), _flat(x), _flat(out), n * s, c, t, has_u, a, m, k, sh)
+            K.nsc_affine(uf, xf, of, n * s, c, t, has_u, a, m, k, sh)
