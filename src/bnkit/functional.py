@@ -1,7 +1,7 @@
 """Public functional API: ``batch_norm`` (torch's signature) and its pure twin.
 
 * :func:`batch_norm` has exactly the signature, semantics and errors of
-  ``torch.nn.functional.batch_norm``: in training mode it writes the new running
+  torch's ``F.batch_norm``: in training mode it writes the new running
   statistics into ``running_mean``/``running_var`` in place.
 * :func:`batch_norm_pure` computes the same thing and *returns*
   ``(output, new_running_mean, new_running_var)`` without mutating anything, so it can
@@ -259,7 +259,7 @@ def batch_norm(
     mask: Tensor | None = None,
     channel_dim: int = 1,
 ) -> Tensor:
-    """Drop-in for ``torch.nn.functional.batch_norm``, computed by bnkit.
+    """Drop-in for torch's ``F.batch_norm``, computed by bnkit.
 
     In training mode with running statistics given, they are updated in place:
     ``running = (1 - momentum) * running + momentum * batch_stat`` with the *unbiased*

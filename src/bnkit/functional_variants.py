@@ -3,7 +3,7 @@ r"""Functional forms of the batch-norm variants (re-exported from :mod:`bnkit.fu
 Every variant comes as a pure function that *returns* ``(output, new_running_mean,
 new_running_var)`` (``*_pure``, what the modules call) and as a torch-style function that
 writes the new running statistics into the given buffers in training mode. Arguments
-follow ``torch.nn.functional.batch_norm`` (``input, running_mean, running_var, weight,
+follow torch's ``F.batch_norm`` (``input, running_mean, running_var, weight,
 bias, training, momentum, eps``); variant options are keyword-only.
 
 * :func:`batch_norm_act` - batch norm and an activation in one op; optional memory-saving

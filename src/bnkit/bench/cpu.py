@@ -1,7 +1,7 @@
 """CPU benchmark: bnkit's numba backend against torch's native batch norm.
 
 For every case (shape x memory layout x dtype) and mode (train forward, eval forward, train
-forward+backward) it times ``torch.nn.functional.batch_norm`` and
+forward+backward) it times torch's ``F.batch_norm`` and
 ``bnkit.functional.batch_norm`` under the ``cpu`` backend, and the copy of the same tensor
 (the memory-bandwidth yardstick), all in the same run: median of >= 15 runs after warm-up.
 One end-to-end row times a training step of a small ResNet-style CNN with torch BN and with
