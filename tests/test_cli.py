@@ -230,3 +230,16 @@ def test_inspect_real_not_a_checkpoint(tmp_path):
     res = run_cli("inspect", str(bad))
     assert res.returncode != 0
     assert one_line(res.stderr), res.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_reader_that_closes_early_is_not_an_error(extra):
+    # `bnkit explain | head -1`: the reader leaves after one line; bnkit must exit 0, silently.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "bnkit", "explain", "--shape", "8,4,16,16", "--steps", "20", *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err

@@ -108,10 +108,17 @@ def _console(stderr: bool = False):
     """rich Console: colours and live bars on a terminal; plain, wide, no markup when piped."""
     from rich.console import Console
 
-    probe = Console(stderr=stderr)
+    class _QuietOnClosedPipe(Console):
+        def on_broken_pipe(self) -> None:
+            # `bnkit explain | head`: the reader has what it wanted; rich would exit 1.
+            self.quiet = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0)
+
+    probe = _QuietOnClosedPipe(stderr=stderr)
     if probe.is_terminal:
         return probe
-    return Console(stderr=stderr, width=200, no_color=True, highlight=False, emoji=False)
+    return _QuietOnClosedPipe(stderr=stderr, width=200, no_color=True, highlight=False, emoji=False)
 
 
 def _table(console, title: str | None = None, **kwargs: Any):
@@ -538,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"bnkit {command}: interrupted\n")
         return 130
-    except BrokenPipeError:  # `bnkit explain | head`
+    except BrokenPipeError:  # output written without rich, e.g. --json piped into `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
