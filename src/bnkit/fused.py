@@ -210,8 +210,11 @@ def _kernels_for(x: Tensor, activation: str):
         return None
     try:
         from bnkit.kernels import cpu_act
+        from bnkit.kernels.cpu_launch import _threads
     except Exception:  # numba missing: the composed path is exact, only slower
         return None
+    # numba's thread count as the cpu backend sets it (torch's count; one for small inputs)
+    _threads(x.numel())
     return cpu_act
 
 
@@ -343,22 +346,19 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
             return bn_ops.backward_train(g, x, weight, mean, inv, need_x, need_p)
         return bn_ops.backward_eval(g, x, mean, var, weight, ctx.eps, need_x, need_p)
     dz = dz.contiguous()
-    r, c, s = _rows(x)
-    m = x.numel() // c
+    n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
     dt = x.dtype
-    row_g, row_gx = _row_sums(r)
-    args = (_flat(dz), _flat(x), r, c, s, _np(mean, dt), _np(a, dt), _np(b, dt), *_kind_and_param(k, act, param, dt))
-    k.row_reduce_std(*args, row_g.numpy(), row_gx.numpy())
-    sum_g = _per_channel(row_g, c).to(w.dtype)
-    sum_g_xhat = (_per_channel(row_gx, c) * inv.double()).to(w.dtype)
+    sum_g, sum_g_xmu = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    dx = torch.empty_like(x) if need_x else x
+    # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients)
+    k.channel_backward_std(_flat(dz), _flat(x), n, c, s, _np(mean, dt), _np(a, dt), _np(b, dt),
+                           *_kind_and_param(k, act, param, dt), _np(w, torch.float64), _np(inv, torch.float64),
+                           float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(), sum_g_xmu.numpy(),
+                           np.empty(3 * c, dtype=_flat(x).dtype), _flat(dx))
+    sum_g_xhat = (sum_g_xmu * inv.double()).to(w.dtype)
+    sum_g = sum_g.to(w.dtype)
     if not need_x:
         return None, sum_g_xhat, sum_g
-    if ctx.training:
-        kk, cc = -a * inv * (sum_g_xhat / m), -a * (sum_g / m)
-    else:
-        kk = cc = torch.zeros_like(a)
-    dx = torch.empty_like(x)
-    k.row_input_std(*args, _np(a, dt), _np(kk, dt), _np(cc, dt), _flat(dx))
     return dx, sum_g_xhat, sum_g
 
 
