@@ -218,6 +218,15 @@ def _kernels_for(x: Tensor, activation: str):
     return cpu_act
 
 
+def _channel_tasks(x: Tensor) -> bool:
+    """One task per channel (reduce, then write while the channel is in cache) when the channels
+    alone keep every thread busy, as :mod:`bnkit.kernels.cpu_launch` decides; else row-parallel passes."""
+    from bnkit.kernels.cpu_launch import TASKS_PER_THREAD, _threads
+
+    nt = _threads(x.numel())
+    return nt == 1 or x.shape[1] >= TASKS_PER_THREAD * nt
+
+
 def _flat(t: Tensor):
     return t.detach().reshape(-1).numpy()
 
@@ -346,6 +355,8 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
             return bn_ops.backward_train(g, x, weight, mean, inv, need_x, need_p)
         return bn_ops.backward_eval(g, x, mean, var, weight, ctx.eps, need_x, need_p)
     dz = dz.contiguous()
+    if not _channel_tasks(x):
+        return _standard_backward_rows(ctx, k, dz, x, w, b, mean, inv, a, need_x)
     n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
     dt = x.dtype
     sum_g, sum_g_xmu = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
@@ -362,6 +373,29 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
     return dx, sum_g_xhat, sum_g
 
 
+def _standard_backward_rows(ctx, k, dz: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: Tensor, inv: Tensor,
+                            a: Tensor, need_x: bool):
+    """:func:`_standard_backward` with row-parallel kernels (few channels for the threads)."""
+    act, param = ctx.activation, ctx.param
+    r, c, s = _rows(x)
+    m = x.numel() // c
+    dt = x.dtype
+    row_g, row_gx = _row_sums(r)
+    args = (_flat(dz), _flat(x), r, c, s, _np(mean, dt), _np(a, dt), _np(b, dt), *_kind_and_param(k, act, param, dt))
+    k.row_reduce_std(*args, row_g.numpy(), row_gx.numpy())
+    sum_g = _per_channel(row_g, c).to(w.dtype)
+    sum_g_xhat = (_per_channel(row_gx, c) * inv.double()).to(w.dtype)
+    if not need_x:
+        return None, sum_g_xhat, sum_g
+    if ctx.training:
+        kk, cc = -a * inv * (sum_g_xhat / m), -a * (sum_g / m)
+    else:
+        kk = cc = torch.zeros_like(a)
+    dx = torch.empty_like(x)
+    k.row_input_std(*args, _np(a, dt), _np(kk, dt), _np(cc, dt), _flat(dx))
+    return dx, sum_g_xhat, sum_g
+
+
 def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """Rebuild ``y`` and ``g`` from ``z`` (kernels, or torch ops chunk by chunk); see the module docstring."""
     saved = ctx.saved_tensors
@@ -371,6 +405,20 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
     m = ref.count_per_channel(z)
     dims = ref.reduction_dims(z)
     k = _kernels_for(z, act)
+    if k is not None and lost is None and _channel_tasks(z):
+        # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients)
+        dz = dz.contiguous()
+        n, c, s = z.shape[0], z.shape[1], _rows(z)[2]
+        dt = z.dtype
+        floor = np.float32(-1.0 + torch.finfo(dt).eps) if dt == torch.float32 else -1.0 + torch.finfo(dt).eps
+        sum_g, sum_g_ymb = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+        dx = torch.empty_like(z) if need_x else z
+        k.channel_backward_ms(_flat(dz), _flat(z), n, c, s, _np(b, dt), *_kind_and_param(k, act, param, dt), floor,
+                              _np(w, torch.float64), _np(inv, torch.float64), float(n * s), bool(ctx.training),
+                              bool(need_x), sum_g.numpy(), sum_g_ymb.numpy(), np.empty(3 * c, dtype=_flat(z).dtype),
+                              _flat(dx))
+        sum_g_xhat = (sum_g_ymb / w.double()).to(w.dtype)
+        return (dx if need_x else None), sum_g_xhat, sum_g.to(w.dtype)
     if k is not None:
         dz = dz.contiguous()
         r, c, s = _rows(z)
