@@ -165,6 +165,11 @@ def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
     w = weight.detach()
     b = torch.zeros_like(w) if bias is None else bias.detach().to(w.dtype)
     floor = torch.finfo(w.dtype).tiny ** 0.5
+    if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64):
+        # the same test in numpy: a handful of torch dispatches cost more than the layer's kernel on small inputs
+        wn, bn = w.numpy(), b.numpy()
+        lost_np = np.abs(wn) <= wn.dtype.type(RECOVERY_RATIO) * np.abs(bn) + wn.dtype.type(floor)
+        return torch.from_numpy(np.flatnonzero(lost_np)) if lost_np.any() else None
     lost = w.abs() <= RECOVERY_RATIO * b.abs() + floor
     if not bool(lost.any()):
         return None
@@ -244,7 +249,14 @@ def _per_channel(rows: Tensor, c: int) -> Tensor:
     return rows.view(-1, c).sum(0)
 
 
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _np(v: Tensor, dtype: torch.dtype):
+    """A per-channel CPU vector as a contiguous numpy array of ``dtype`` (numpy's cast: a few
+    small ``Tensor.to`` dispatches per call were a visible share of a layer's time)."""
+    if v.dtype in _NP_DTYPES:
+        return np.ascontiguousarray(v.detach().numpy(), dtype=_NP_DTYPES[dtype])
     return v.detach().to(dtype).contiguous().numpy()
 
 
