@@ -165,6 +165,11 @@ def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
     w = weight.detach()
     b = torch.zeros_like(w) if bias is None else bias.detach().to(w.dtype)
     floor = torch.finfo(w.dtype).tiny ** 0.5
+    if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64):
+        # the same test in numpy: a handful of torch dispatches cost more than the layer's kernel on small inputs
+        wn, bn = w.numpy(), b.numpy()
+        lost_np = np.abs(wn) <= wn.dtype.type(RECOVERY_RATIO) * np.abs(bn) + wn.dtype.type(floor)
+        return torch.from_numpy(np.flatnonzero(lost_np)) if lost_np.any() else None
     lost = w.abs() <= RECOVERY_RATIO * b.abs() + floor
     if not bool(lost.any()):
         return None
@@ -210,9 +215,21 @@ def _kernels_for(x: Tensor, activation: str):
         return None
     try:
         from bnkit.kernels import cpu_act
+        from bnkit.kernels.cpu_launch import _threads
     except Exception:  # numba missing: the composed path is exact, only slower
         return None
+    # numba's thread count as the cpu backend sets it (torch's count; one for small inputs)
+    _threads(x.numel())
     return cpu_act
+
+
+def _channel_tasks(x: Tensor) -> bool:
+    """One task per channel (reduce, then write while the channel is in cache) when the channels
+    alone keep every thread busy, as :mod:`bnkit.kernels.cpu_launch` decides; else row-parallel passes."""
+    from bnkit.kernels.cpu_launch import TASKS_PER_THREAD, _threads
+
+    nt = _threads(x.numel())
+    return nt == 1 or x.shape[1] >= TASKS_PER_THREAD * nt
 
 
 def _flat(t: Tensor):
@@ -232,7 +249,14 @@ def _per_channel(rows: Tensor, c: int) -> Tensor:
     return rows.view(-1, c).sum(0)
 
 
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _np(v: Tensor, dtype: torch.dtype):
+    """A per-channel CPU vector as a contiguous numpy array of ``dtype`` (numpy's cast: a few
+    small ``Tensor.to`` dispatches per call were a visible share of a layer's time)."""
+    if v.dtype in _NP_DTYPES:
+        return np.ascontiguousarray(v.detach().numpy(), dtype=_NP_DTYPES[dtype])
     return v.detach().to(dtype).contiguous().numpy()
 
 
@@ -343,6 +367,28 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
             return bn_ops.backward_train(g, x, weight, mean, inv, need_x, need_p)
         return bn_ops.backward_eval(g, x, mean, var, weight, ctx.eps, need_x, need_p)
     dz = dz.contiguous()
+    if not _channel_tasks(x):
+        return _standard_backward_rows(ctx, k, dz, x, w, b, mean, inv, a, need_x)
+    n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
+    dt = x.dtype
+    sum_g, sum_g_xmu = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    dx = torch.empty_like(x) if need_x else x
+    # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients)
+    k.channel_backward_std(_flat(dz), _flat(x), n, c, s, _np(mean, dt), _np(a, dt), _np(b, dt),
+                           *_kind_and_param(k, act, param, dt), _np(w, torch.float64), _np(inv, torch.float64),
+                           float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(), sum_g_xmu.numpy(),
+                           np.empty(3 * c, dtype=_flat(x).dtype), _flat(dx))
+    sum_g_xhat = (sum_g_xmu * inv.double()).to(w.dtype)
+    sum_g = sum_g.to(w.dtype)
+    if not need_x:
+        return None, sum_g_xhat, sum_g
+    return dx, sum_g_xhat, sum_g
+
+
+def _standard_backward_rows(ctx, k, dz: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: Tensor, inv: Tensor,
+                            a: Tensor, need_x: bool):
+    """:func:`_standard_backward` with row-parallel kernels (few channels for the threads)."""
+    act, param = ctx.activation, ctx.param
     r, c, s = _rows(x)
     m = x.numel() // c
     dt = x.dtype
@@ -371,6 +417,20 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
     m = ref.count_per_channel(z)
     dims = ref.reduction_dims(z)
     k = _kernels_for(z, act)
+    if k is not None and lost is None and _channel_tasks(z):
+        # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients)
+        dz = dz.contiguous()
+        n, c, s = z.shape[0], z.shape[1], _rows(z)[2]
+        dt = z.dtype
+        floor = np.float32(-1.0 + torch.finfo(dt).eps) if dt == torch.float32 else -1.0 + torch.finfo(dt).eps
+        sum_g, sum_g_ymb = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+        dx = torch.empty_like(z) if need_x else z
+        k.channel_backward_ms(_flat(dz), _flat(z), n, c, s, _np(b, dt), *_kind_and_param(k, act, param, dt), floor,
+                              _np(w, torch.float64), _np(inv, torch.float64), float(n * s), bool(ctx.training),
+                              bool(need_x), sum_g.numpy(), sum_g_ymb.numpy(), np.empty(3 * c, dtype=_flat(z).dtype),
+                              _flat(dx))
+        sum_g_xhat = (sum_g_ymb / w.double()).to(w.dtype)
+        return (dx if need_x else None), sum_g_xhat, sum_g.to(w.dtype)
     if k is not None:
         dz = dz.contiguous()
         r, c, s = _rows(z)

@@ -6,7 +6,13 @@ fused op from it costs one extra pass per direction; these kernels apply the act
 and gradient passes instead. They take contiguous (N, C, *) float32/float64 tensors seen
 as ``R = N * C`` rows of ``S`` contiguous values (row ``r`` is channel ``r % C``), run rows
 in parallel, and accumulate per-row sums in float64 (:mod:`bnkit.fused` sums the rows of
-each channel); the training forward runs one channel per task (:func:`channel_train_act`).
+each channel); the training forward (:func:`channel_train_act`) and the backward
+(:func:`channel_backward_std`, :func:`channel_backward_ms`) run one channel per task and
+write each channel right after reducing it, while it is in cache (the structure of
+:mod:`bnkit.kernels.cpu`); the ``row_*`` kernels serve inputs with too few channels to keep
+every thread busy. Every inner loop runs over a row slice (``xs = x[base : base + S]``,
+``xs[i]``): indexing the flat array as ``x[base + i]`` makes numba handle negative
+indices on each element, and the same forward loop measured about 2x slower that way.
 
 Activation ids (``kind``): 0 identity, 1 relu, 2 leaky_relu (``p`` = slope), 3 elu
 (``p`` = alpha), 4 silu, 5 gelu (erf form). Symbols as in :mod:`bnkit.fused`:
@@ -22,6 +28,8 @@ from numba import njit, prange
 
 __all__ = [
     "KINDS",
+    "channel_backward_ms",
+    "channel_backward_std",
     "channel_train_act",
     "row_act",
     "row_input_ms",
@@ -108,14 +116,14 @@ def channel_train_act(x, N, C, S, w, b, eps, kind, p, out, out_mean, out_var, sc
         mean = 0.0
         m2 = 0.0
         for n in range(N):
-            base = (n * C + c) * S
+            xs = x[(n * C + c) * S : (n * C + c + 1) * S]
             s = 0.0
             for i in range(S):
-                s += x[base + i]
+                s += xs[i]
             row_mean = s / S
             q = 0.0
             for i in range(S):
-                d = x[base + i] - row_mean
+                d = xs[i] - row_mean
                 q += d * d
             total = cnt + S
             delta = row_mean - mean
@@ -131,13 +139,15 @@ def channel_train_act(x, N, C, S, w, b, eps, kind, p, out, out_mean, out_var, sc
         m, aa, bb = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
         for n in range(N):
             base = (n * C + c) * S
+            xs = x[base : base + S]
+            os = out[base : base + S]
             if kind <= 2:
                 for i in range(S):
-                    y = (x[base + i] - m) * aa + bb
-                    out[base + i] = y if y > 0 else y * p
+                    y = (xs[i] - m) * aa + bb
+                    os[i] = y if y > 0 else y * p
             else:
                 for i in range(S):
-                    out[base + i] = _act((x[base + i] - m) * aa + bb, kind, p)
+                    os[i] = _act((xs[i] - m) * aa + bb, kind, p)
 
 
 @njit(parallel=True, **_JIT)
@@ -147,13 +157,15 @@ def row_act(x, R, C, S, mean, a, b, kind, p, out):
         c = r % C
         m, aa, bb = mean[c], a[c], b[c]
         base = r * S
+        x_s = x[base : base + S]
+        out_s = out[base : base + S]
         if kind <= 2:
             for i in range(S):
-                y = (x[base + i] - m) * aa + bb
-                out[base + i] = y if y > 0 else y * p
+                y = (x_s[i] - m) * aa + bb
+                out_s[i] = y if y > 0 else y * p
         else:
             for i in range(S):
-                out[base + i] = _act((x[base + i] - m) * aa + bb, kind, p)
+                out_s[i] = _act((x_s[i] - m) * aa + bb, kind, p)
 
 
 @njit(parallel=True, **_JIT)
@@ -163,19 +175,21 @@ def row_reduce_std(dz, x, R, C, S, mean, a, b, kind, p, out_g, out_gx):
         c = r % C
         m, aa, bb = mean[c], a[c], b[c]
         base = r * S
+        x_s = x[base : base + S]
+        dz_s = dz[base : base + S]
         sg = 0.0
         sgx = 0.0
         if kind <= 2:
             for i in range(S):
-                xm = x[base + i] - m
-                g = dz[base + i]
+                xm = x_s[i] - m
+                g = dz_s[i]
                 g = g if xm * aa + bb > 0 else g * p
                 sg += g
                 sgx += g * xm
         else:
             for i in range(S):
-                xm = x[base + i] - m
-                g = dz[base + i] * _dact_from_input(xm * aa + bb, kind, p)
+                xm = x_s[i] - m
+                g = dz_s[i] * _dact_from_input(xm * aa + bb, kind, p)
                 sg += g
                 sgx += g * xm
         out_g[r] = sg
@@ -189,17 +203,20 @@ def row_input_std(dz, x, R, C, S, mean, a, b, kind, p, A, K, Cc, dx):
         c = r % C
         m, aa, bb, A_, K_, C_ = mean[c], a[c], b[c], A[c], K[c], Cc[c]
         base = r * S
+        x_s = x[base : base + S]
+        dz_s = dz[base : base + S]
+        dx_s = dx[base : base + S]
         if kind <= 2:
             for i in range(S):
-                xm = x[base + i] - m
-                g = dz[base + i]
+                xm = x_s[i] - m
+                g = dz_s[i]
                 g = g if xm * aa + bb > 0 else g * p
-                dx[base + i] = A_ * g + K_ * xm + C_
+                dx_s[i] = A_ * g + K_ * xm + C_
         else:
             for i in range(S):
-                xm = x[base + i] - m
-                g = dz[base + i] * _dact_from_input(xm * aa + bb, kind, p)
-                dx[base + i] = A_ * g + K_ * xm + C_
+                xm = x_s[i] - m
+                g = dz_s[i] * _dact_from_input(xm * aa + bb, kind, p)
+                dx_s[i] = A_ * g + K_ * xm + C_
 
 
 @njit(parallel=True, **_JIT)
@@ -208,20 +225,22 @@ def row_reduce_ms(dz, z, R, C, S, b, kind, p, floor, out_g, out_gy):
     for r in prange(R):
         bb = b[r % C]
         base = r * S
+        z_s = z[base : base + S]
+        dz_s = dz[base : base + S]
         sg = 0.0
         sgy = 0.0
         if kind <= 2:
             for i in range(S):
-                zz = z[base + i]
+                zz = z_s[i]
                 pos = zz > 0
-                g = dz[base + i] if pos else dz[base + i] * p
+                g = dz_s[i] if pos else dz_s[i] * p
                 y = zz if pos else zz / p
                 sg += g
                 sgy += g * (y - bb)
         else:
             for i in range(S):
-                y, d = _inverse_and_dact(z[base + i], kind, p, floor)
-                g = dz[base + i] * d
+                y, d = _inverse_and_dact(z_s[i], kind, p, floor)
+                g = dz_s[i] * d
                 sg += g
                 sgy += g * (y - bb)
         out_g[r] = sg
@@ -235,14 +254,140 @@ def row_input_ms(dz, z, R, C, S, b, kind, p, floor, A, K, Cc, dx):
         c = r % C
         bb, A_, K_, C_ = b[c], A[c], K[c], Cc[c]
         base = r * S
+        z_s = z[base : base + S]
+        dz_s = dz[base : base + S]
+        dx_s = dx[base : base + S]
         if kind <= 2:
             for i in range(S):
-                zz = z[base + i]
+                zz = z_s[i]
                 pos = zz > 0
-                g = dz[base + i] if pos else dz[base + i] * p
+                g = dz_s[i] if pos else dz_s[i] * p
                 y = zz if pos else zz / p
-                dx[base + i] = A_ * g + K_ * (y - bb) + C_
+                dx_s[i] = A_ * g + K_ * (y - bb) + C_
         else:
             for i in range(S):
-                y, d = _inverse_and_dact(z[base + i], kind, p, floor)
-                dx[base + i] = A_ * (dz[base + i] * d) + K_ * (y - bb) + C_
+                y, d = _inverse_and_dact(z_s[i], kind, p, floor)
+                dx_s[i] = A_ * (dz_s[i] * d) + K_ * (y - bb) + C_
+
+
+# --- fused training/eval backward, one channel per task --------------------------------------
+# Each task reduces its channel, forms the coefficients of ``dx``, then writes ``dx`` while the
+# channel's ``dz`` and ``x`` (or ``z``) are still in cache, so memory is read about once (the
+# structure of :func:`bnkit.kernels.cpu.ncs_backward_train`). ``scratch`` (3 * C values of the
+# data dtype) holds ``A, K, Cc`` rounded to the data dtype; ``write`` False only reduces.
+
+
+@njit(parallel=True, **_JIT)
+def channel_backward_std(dz, x, N, C, S, mean, a, b, kind, p, w, inv, M, training, write, out_g, out_gx,
+                         scratch, dx):
+    """Standard mode: ``out_g = sum(g)``, ``out_gx = sum(g * (x - mean))`` per channel (float64),
+    then ``dx = A * g + K * (x - mean) + Cc`` with ``A = w * inv``, ``K = -A * inv**2 * out_gx / M``,
+    ``Cc = -a * out_g / M`` (``K = Cc = 0`` when not ``training``)."""
+    for c in prange(C):
+        m, aa, bb = mean[c], a[c], b[c]
+        sg = 0.0
+        sgx = 0.0
+        for n in range(N):
+            base = (n * C + c) * S
+            xs = x[base : base + S]
+            gs = dz[base : base + S]
+            rg = 0.0
+            rgx = 0.0
+            if kind <= 2:
+                for i in range(S):
+                    xm = xs[i] - m
+                    g = gs[i]
+                    g = g if xm * aa + bb > 0 else g * p
+                    rg += g
+                    rgx += g * xm
+            else:
+                for i in range(S):
+                    xm = xs[i] - m
+                    g = gs[i] * _dact_from_input(xm * aa + bb, kind, p)
+                    rg += g
+                    rgx += g * xm
+            sg += rg
+            sgx += rgx
+        out_g[c] = sg
+        out_gx[c] = sgx
+        if not write:
+            continue
+        a64 = w[c] * inv[c]
+        scratch[3 * c] = a64
+        scratch[3 * c + 1] = -a64 * inv[c] * (sgx * inv[c] / M) if training else 0.0
+        scratch[3 * c + 2] = -a64 * (sg / M) if training else 0.0
+        A_, K_, C_ = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
+        for n in range(N):
+            base = (n * C + c) * S
+            xs = x[base : base + S]
+            gs = dz[base : base + S]
+            ds = dx[base : base + S]
+            if kind <= 2:
+                for i in range(S):
+                    xm = xs[i] - m
+                    g = gs[i]
+                    g = g if xm * aa + bb > 0 else g * p
+                    ds[i] = A_ * g + K_ * xm + C_
+            else:
+                for i in range(S):
+                    xm = xs[i] - m
+                    ds[i] = A_ * (gs[i] * _dact_from_input(xm * aa + bb, kind, p)) + K_ * xm + C_
+
+
+@njit(parallel=True, **_JIT)
+def channel_backward_ms(dz, z, N, C, S, b, kind, p, floor, w, inv, M, training, write, out_g, out_gy,
+                        scratch, dx):
+    """Memory-saving mode: ``out_g = sum(g)``, ``out_gy = sum(g * (y - b))`` with ``y = act^{-1}(z)``,
+    then ``dx = A * g + K * (y - b) + Cc`` with ``A = w * inv``, ``K = -inv * out_gy / (w * M)``,
+    ``Cc = -A * out_g / M`` (``K = Cc = 0`` when not ``training``). Needs ``w != 0`` where ``write``."""
+    for c in prange(C):
+        bb = b[c]
+        sg = 0.0
+        sgy = 0.0
+        for n in range(N):
+            base = (n * C + c) * S
+            zs = z[base : base + S]
+            gs = dz[base : base + S]
+            rg = 0.0
+            rgy = 0.0
+            if kind <= 2:
+                for i in range(S):
+                    zz = zs[i]
+                    pos = zz > 0
+                    g = gs[i] if pos else gs[i] * p
+                    y = zz if pos else zz / p
+                    rg += g
+                    rgy += g * (y - bb)
+            else:
+                for i in range(S):
+                    y, d = _inverse_and_dact(zs[i], kind, p, floor)
+                    g = gs[i] * d
+                    rg += g
+                    rgy += g * (y - bb)
+            sg += rg
+            sgy += rgy
+        out_g[c] = sg
+        out_gy[c] = sgy
+        if not write:
+            continue
+        a64 = w[c] * inv[c]
+        scratch[3 * c] = a64
+        scratch[3 * c + 1] = -inv[c] * (sgy / w[c] / M) if training else 0.0
+        scratch[3 * c + 2] = -a64 * (sg / M) if training else 0.0
+        A_, K_, C_ = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
+        for n in range(N):
+            base = (n * C + c) * S
+            zs = z[base : base + S]
+            gs = dz[base : base + S]
+            ds = dx[base : base + S]
+            if kind <= 2:
+                for i in range(S):
+                    zz = zs[i]
+                    pos = zz > 0
+                    g = gs[i] if pos else gs[i] * p
+                    y = zz if pos else zz / p
+                    ds[i] = A_ * g + K_ * (y - bb) + C_
+            else:
+                for i in range(S):
+                    y, d = _inverse_and_dact(zs[i], kind, p, floor)
+                    ds[i] = A_ * (gs[i] * d) + K_ * (y - bb) + C_
