@@ -181,6 +181,70 @@ def _check_channel_dim(input: Tensor, channel_dim: int) -> int:
     return channel_dim % ndim
 
 
+def to_channels_first(input: Tensor, channel_dim: int) -> tuple[Tensor, int]:
+    """``input`` with its channels in dim 1 (a view, never a copy), and ``channel_dim`` checked.
+
+    (N, L, C) becomes an (N, C, L) view of channels-last memory, the fast kernels' layout.
+    """
+    if channel_dim == 1 and type(channel_dim) is int:
+        return input, 1
+    channel_dim = _check_channel_dim(input, channel_dim)
+    return input.movedim(channel_dim, 1), channel_dim
+
+
+def from_channels_first(y: Tensor, channel_dim: int) -> Tensor:
+    """Undo :func:`to_channels_first` on an output."""
+    return y if channel_dim == 1 else y.movedim(1, channel_dim)
+
+
+def check_pure_args(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | Tensor | None,
+    eps: float,
+) -> None:
+    """Every check of :func:`batch_norm_pure` (and its variants), in torch's order; channels in dim 1.
+
+    An empty ``x`` skips the argument checks, as torch returns before making them.
+    """
+    if training:
+        _verify_batch_size(x.size())
+        if momentum is None:
+            raise TypeError(
+                "momentum must be a float or a tensor in training mode, got None "
+                "(the modules turn momentum=None into 1 / num_batches_tracked)"
+            )
+    _check_eps(eps, training)
+    if x.numel():
+        check_batch_norm_args(x, running_mean, running_var, weight, bias, training)
+
+
+def updated_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | Tensor,
+) -> tuple[Tensor | None, Tensor | None]:
+    """New running statistics after a batch with ``(mean, biased var)`` over ``count`` values.
+
+    Each one given is updated (:func:`bnkit.reference.update_running_stats`); one that is
+    ``None`` stays ``None``. The batch statistics are detached: running statistics are
+    buffers and carry no gradient.
+    """
+    if running_mean is None and running_var is None:
+        return None, None
+    rm = running_mean if running_mean is not None else mean.detach()
+    rv = running_var if running_var is not None else var.detach()
+    new_mean, new_var = ref.update_running_stats(rm, rv, mean.detach(), var.detach(), count, momentum)
+    return (new_mean if running_mean is not None else None), (new_var if running_var is not None else None)
+
+
 def batch_norm_pure(
     input: Tensor,
     running_mean: Tensor | None,
@@ -202,26 +266,11 @@ def batch_norm_pure(
     given. ``momentum`` may be a tensor (e.g. ``1 / num_batches_tracked`` for the
     cumulative average), which keeps ``torch.compile`` graphs free of host syncs.
     """
-    if channel_dim != 1 or type(channel_dim) is not int:
-        # A view, not a copy: (N, L, C) becomes an (N, C, L) view of channels-last memory.
-        channel_dim = _check_channel_dim(input, channel_dim)
-        x = input.movedim(channel_dim, 1)
-    else:
-        x = input
-    if training:
-        _verify_batch_size(x.size())
-        if momentum is None:
-            raise TypeError(
-                "momentum must be a float or a tensor in training mode, got None "
-                "(the modules turn momentum=None into 1 / num_batches_tracked)"
-            )
-    _check_eps(eps, training)
+    x, channel_dim = to_channels_first(input, channel_dim)
+    check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if x.numel() == 0:
         y, new_mean, new_var = _empty_batch(x, running_mean, running_var, weight, bias)
-        if channel_dim != 1:
-            y = y.movedim(1, channel_dim)
-        return y, new_mean, new_var
-    check_batch_norm_args(x, running_mean, running_var, weight, bias, training)
+        return from_channels_first(y, channel_dim), new_mean, new_var
     if mask is not None:
         from bnkit.masked import masked_batch_norm_pure
 
@@ -235,15 +284,10 @@ def batch_norm_pure(
         new_mean, new_var = running_mean, running_var
     else:
         y, mean, var = autograd.train(x, weight, bias, eps)
-        new_mean, new_var = running_mean, running_var
-        if running_mean is not None and running_var is not None:
-            m = ref.count_per_channel(x)
-            new_mean, new_var = ref.update_running_stats(
-                running_mean, running_var, mean.detach(), var.detach(), m, momentum
-            )
-    if channel_dim != 1:
-        y = y.movedim(1, channel_dim)
-    return y, new_mean, new_var
+        new_mean, new_var = updated_running_stats(
+            running_mean, running_var, mean, var, ref.count_per_channel(x), momentum
+        )
+    return from_channels_first(y, channel_dim), new_mean, new_var
 
 
 def batch_norm(

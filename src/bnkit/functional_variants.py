@@ -24,11 +24,12 @@ from torch import Tensor
 from bnkit import autograd
 from bnkit import reference as ref
 from bnkit.functional import (
-    _check_channel_dim,
-    _check_eps,
     _verify_batch_size,
     batch_norm_pure,
-    check_batch_norm_args,
+    check_pure_args,
+    from_channels_first,
+    to_channels_first,
+    updated_running_stats,
     write_running_stats,
 )
 from bnkit.fused import apply_activation, batch_norm_act_forward, check_activation
@@ -46,41 +47,6 @@ __all__ = [
 ]
 
 Stats = tuple[Tensor, Tensor | None, Tensor | None]
-
-
-def _to_channels_first(input: Tensor, channel_dim: int) -> tuple[Tensor, int]:
-    if channel_dim == 1 and type(channel_dim) is int:
-        return input, 1
-    channel_dim = _check_channel_dim(input, channel_dim)
-    return input.movedim(channel_dim, 1), channel_dim
-
-
-def _check_args(x: Tensor, running_mean, running_var, weight, bias, training: bool, momentum, eps: float) -> None:
-    """The checks of :func:`bnkit.functional.batch_norm_pure`, in its order (channels in dim 1)."""
-    if training:
-        _verify_batch_size(x.size())
-        if momentum is None:
-            raise TypeError("momentum must be a float or a tensor in training mode, got None")
-    _check_eps(eps, training)
-    if x.numel():
-        check_batch_norm_args(x, running_mean, running_var, weight, bias, training)
-
-
-def _from_channels_first(y: Tensor, channel_dim: int) -> Tensor:
-    return y if channel_dim == 1 else y.movedim(1, channel_dim)
-
-
-def _updated(
-    running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor, count: int,
-    momentum: float | Tensor,
-) -> tuple[Tensor | None, Tensor | None]:
-    """New running statistics after one batch with ``(mean, biased var)`` over ``count`` values."""
-    if running_mean is None and running_var is None:
-        return None, None
-    rm = running_mean if running_mean is not None else mean.detach()
-    rv = running_var if running_var is not None else var.detach()
-    new_mean, new_var = ref.update_running_stats(rm, rv, mean.detach(), var.detach(), count, momentum)
-    return (new_mean if running_mean is not None else None), (new_var if running_var is not None else None)
 
 
 # --- fused batch norm + activation ------------------------------------------------------
@@ -111,11 +77,11 @@ def batch_norm_act_pure(
     those of batch norm followed by the activation.
     """
     check_activation(activation, activation_param, memory_saving)
-    x, channel_dim = _to_channels_first(input, channel_dim)
-    _check_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    x, channel_dim = to_channels_first(input, channel_dim)
+    check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if x.numel() == 0:
         y, new_mean, new_var = ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-        return _from_channels_first(apply_activation(y, activation, activation_param, False), channel_dim), \
+        return from_channels_first(apply_activation(y, activation, activation_param, False), channel_dim), \
             new_mean, new_var
     z, mean, var = batch_norm_act_forward(
         x, weight, bias, running_mean, running_var, training, eps, activation, activation_param, memory_saving,
@@ -123,10 +89,12 @@ def batch_norm_act_pure(
     )
     new_mean, new_var = running_mean, running_var
     if training:
-        new_mean, new_var = _updated(running_mean, running_var, mean, var, ref.count_per_channel(x), momentum)
+        new_mean, new_var = updated_running_stats(
+            running_mean, running_var, mean, var, ref.count_per_channel(x), momentum
+        )
     if inplace:
         return input, new_mean, new_var
-    return _from_channels_first(z, channel_dim), new_mean, new_var
+    return from_channels_first(z, channel_dim), new_mean, new_var
 
 
 def batch_norm_act(
@@ -223,11 +191,11 @@ def batch_renorm_pure(
     renormalize against and the result is plain batch norm.
     """
     _check_renorm_limits(r_max, d_max)
-    x, channel_dim = _to_channels_first(input, channel_dim)
+    x, channel_dim = to_channels_first(input, channel_dim)
     if not training or running_mean is None or running_var is None or x.numel() == 0:
         y, new_mean, new_var = batch_norm_pure(x, running_mean, running_var, weight, bias, training, momentum, eps)
-        return _from_channels_first(y, channel_dim), new_mean, new_var
-    _check_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return from_channels_first(y, channel_dim), new_mean, new_var
+    check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = autograd.forward_train(x, weight, bias, eps)
     sd = mean.dtype
     with torch.no_grad():
@@ -240,8 +208,10 @@ def batch_renorm_pure(
     if bias is not None:
         shift = shift + bias.to(sd) * (1 - r)
     y = y.mul(r.view(shape).to(y.dtype)).add_(shift.view(shape).to(y.dtype))
-    new_mean, new_var = _updated(running_mean, running_var, mean, var, ref.count_per_channel(x), momentum)
-    return _from_channels_first(y, channel_dim), new_mean, new_var
+    new_mean, new_var = updated_running_stats(
+        running_mean, running_var, mean, var, ref.count_per_channel(x), momentum
+    )
+    return from_channels_first(y, channel_dim), new_mean, new_var
 
 
 def batch_renorm(
@@ -312,11 +282,11 @@ def ghost_batch_norm_pure(
             f"running_stats_update must be one of {', '.join(GHOST_RUNNING_STATS_UPDATES)}, "
             f"got {running_stats_update!r}"
         )
-    x, channel_dim = _to_channels_first(input, channel_dim)
+    x, channel_dim = to_channels_first(input, channel_dim)
     if not training or x.numel() == 0:
         y, new_mean, new_var = batch_norm_pure(x, running_mean, running_var, weight, bias, training, momentum, eps)
-        return _from_channels_first(y, channel_dim), new_mean, new_var
-    _check_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return from_channels_first(y, channel_dim), new_mean, new_var
+    check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     outputs, stats = [], []
     for chunk in torch.split(x, virtual_batch_size, dim=0):
         _verify_batch_size(chunk.size())
@@ -327,12 +297,12 @@ def ghost_batch_norm_pure(
     new_mean, new_var = running_mean, running_var
     if running_stats_update == "per_virtual_batch":
         for mean, var, count in stats:
-            new_mean, new_var = _updated(new_mean, new_var, mean, var, count, momentum)
+            new_mean, new_var = updated_running_stats(new_mean, new_var, mean, var, count, momentum)
     elif running_mean is not None or running_var is not None:
         mean = torch.stack([s[0] for s in stats]).mean(0)
         unbiased = torch.stack([ref.unbiased_var(s[1], s[2]) for s in stats]).mean(0)
         new_mean, new_var = _update_with_unbiased(running_mean, running_var, mean, unbiased, momentum)
-    return _from_channels_first(y, channel_dim), new_mean, new_var
+    return from_channels_first(y, channel_dim), new_mean, new_var
 
 
 def _update_with_unbiased(

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from bnkit import autograd
 from bnkit import reference as ref
+from bnkit.functional import updated_running_stats
 
 __all__ = ["check_mask", "masked_batch_norm_pure", "masked_batch_stats"]
 
@@ -129,9 +130,4 @@ def masked_batch_norm_pure(
         )
     mean, var = masked_batch_stats(x, m, n)
     y = ref.normalize(x, mean, ref.invstd(var, eps), weight, bias)
-    if running_mean is None and running_var is None:
-        return y, running_mean, running_var
-    rm = running_mean if running_mean is not None else mean.detach()
-    rv = running_var if running_var is not None else var.detach()
-    new_mean, new_var = ref.update_running_stats(rm, rv, mean.detach(), var.detach(), n, momentum)
-    return y, (new_mean if running_mean is not None else None), (new_var if running_var is not None else None)
+    return (y, *updated_running_stats(running_mean, running_var, mean, var, n, momentum))
