@@ -444,7 +444,10 @@ def test_peer_that_leaves_raises_within_timeout(tmp_path):
         assert res["error"] is not None, f"no error raised for the {what}"
         assert what in res["error"] and "SyncBatchNorm(3) 'bn'" in res["error"], res["error"]
         assert res["seconds"] < 5.0 + 10.0, f"{what} took {res['seconds']:.1f} s to fail"
-    assert 4.0 < forward["seconds"] < 6.5, f"rank 0 should fail at its 5 s timeout, took {forward['seconds']:.1f} s"
+    # It must wait out its 5 s timeout (not fail early) and not hang far past it; the upper bound leaves room
+    # for a loaded 2-core CI machine (6.6 s was seen there), far below torch's default 30 min timeout.
+    took = forward["seconds"]
+    assert 4.0 < took < 5.0 + 10.0, f"rank 0 should fail at its 5 s timeout, took {took:.1f} s"
 
 
 @pytest.mark.timeout(280)
