@@ -600,7 +600,7 @@ def load_backend():
     import numba
     import torch
 
-    from bnkit.kernels.cpu_launch import CpuBackend
+    from bnkit.kernels.cpu_launch import CpuBackend, _numba_state
 
     # Starting numba's OpenMP threading layer resets the process's OpenMP thread count,
     # which torch reads: start it here, once, and give torch its setting back.
@@ -610,4 +610,7 @@ def load_backend():
     nsc_affine(probe, probe, probe.copy(), 1, 2, 1, False, probe, probe, probe, probe)
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
+    # The launchers remember the count they last set: tell them it is 1 now, or a launcher that
+    # ran before this (a direct CpuBackend user) would go on with one thread.
+    _numba_state.nt = 1
     return CpuBackend()
