@@ -249,3 +249,19 @@ def test_gradcheck_float64_through_cpu_backend(training):
     with use_backend("cpu"):
         assert torch.autograd.gradcheck(fn, (x, w, b))
         assert last_backend() == "cpu"
+
+
+def test_launch_after_backend_load_uses_torchs_thread_count():
+    # load_backend sets numba to one thread while it starts numba's threading layer; a launcher
+    # that had already set two threads must not go on believing two are set.
+    import numba
+
+    from bnkit.kernels import cpu as kcpu
+    from bnkit.kernels import cpu_launch
+
+    if min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) < 2:
+        pytest.fail("this test needs torch and numba to allow 2 threads (CI has 2 cores)")
+    want = cpu_launch._threads(SERIAL_NUMEL)
+    kcpu.load_backend()
+    assert cpu_launch._threads(SERIAL_NUMEL) == want
+    assert numba.get_num_threads() == want
