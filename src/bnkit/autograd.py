@@ -27,12 +27,33 @@ cancelling ``b*x + const`` form.
 
 import torch
 from torch import Tensor
+from torch._C._functorch import unwrap_if_dead
+from torch.autograd import forward_ad as _fwAD
 
 from bnkit import reference as ref
 from bnkit.kernels import backend_for
 from bnkit.kernels import base as _kbase
 
 __all__ = ["backward_eval", "backward_train", "evaluate", "forward_eval", "forward_train", "train"]
+
+
+_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def cached_scalar(value: float, dtype: torch.dtype) -> Tensor:
+    """``value`` as a 0-d CPU tensor of ``dtype``, made once per (value, dtype); callers only read it.
+
+    In a binary op with a CPU tensor of ``dtype`` it gives the numbers a Python scalar gives
+    (torch rounds the scalar to ``dtype`` first), without wrapping a new scalar tensor per op,
+    which costs several microseconds on a small per-channel vector. Eager code only.
+    """
+    key = (value, dtype)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= 256:
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor(value, dtype=dtype)
+    return t
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -91,6 +112,10 @@ def _forward_train_backward(ctx, gy: Tensor, _gmean: Tensor, _gvar: Tensor):
         # sees how they depend on x.
         m, v = ref.batch_stats(x)
         dx, dw, db = ref.backward_train(gy, x, m, ref.invstd(v, ctx.eps), weight)
+    elif _eager(gy) and var.is_cpu:
+        # ref.invstd with eps as a cached 0-d tensor: the same float ops, without wrapping a scalar
+        inv = torch.rsqrt(var + cached_scalar(ctx.eps, var.dtype))
+        dx, dw, db = _backward_train_impl(gy, x, weight, mean, inv, need_x, need_w or need_b)
     else:
         inv = ref.invstd(var, ctx.eps)
         bwd = _backward_train_impl if _eager(gy) else backward_train
@@ -155,10 +180,15 @@ def forward_eval(
 
 
 def _forward_eval_impl(x, running_mean, running_var, weight, bias, eps):
+    backend = backend_for(x)
+    fused = getattr(backend, "forward_eval_running", None)
+    if fused is not None:
+        # the same numbers as below, without the small torch ops (a backend's optional method)
+        return fused(x, running_mean, running_var, weight, bias, eps)
     sd = ref.stats_dtype(x.dtype)
     _inv, scale = _eval_scale(running_var, weight, eps, sd)
     shift = torch.zeros_like(scale) if bias is None else bias.to(sd)
-    return backend_for(x).forward_eval(x, running_mean.to(sd), scale, shift)
+    return backend.forward_eval(x, running_mean.to(sd), scale, shift)
 
 
 @forward_eval.register_fake
@@ -238,6 +268,8 @@ def _(dy, x, running_mean, running_var, weight, eps, need_input_grad, need_param
 # dominates small inputs. When nothing traces or transforms the call (plain tensors, not
 # compiling, no dispatch/function modes, no functorch), the same formulas run through a
 # torch.autograd.Function instead: same backends, same setup and backward functions.
+# When no input needs a gradient (grad mode off, or nothing requires grad) and no forward-mode
+# AD level is open, there is no graph to record: the backend runs directly.
 
 
 def _eager(x: Tensor) -> bool:
@@ -276,10 +308,32 @@ class _EvalFn(torch.autograd.Function):
         return _forward_eval_backward(ctx, gy)
 
 
+# ``Function.apply`` minus its Python wrapper: with no functorch transform active (``_eager``) the
+# wrapper only unwraps dead functorch wrappers (``_live``) and calls this.
+_train_apply = super(torch.autograd.Function, _TrainFn).apply
+_eval_apply = super(torch.autograd.Function, _EvalFn).apply
+
+
+def _live(t: Tensor | None) -> Tensor | None:
+    return t if t is None else unwrap_if_dead(t)
+
+
+def _records_graph(*tensors: Tensor | None) -> bool:
+    """Whether a call on ``tensors`` must go through autograd (an input needs a gradient, or forward AD)."""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return _fwAD._current_level >= 0
+
+
 def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`forward_train`, through the eager fast path when nothing traces the call."""
     if _eager(x):
-        return _TrainFn.apply(x, weight, bias, eps)
+        x, weight, bias = unwrap_if_dead(x), _live(weight), _live(bias)
+        if _records_graph(x, weight, bias):
+            return _train_apply(x, weight, bias, eps)
+        return backend_for(x).forward_train(x, weight, bias, eps)
     return forward_train(x, weight, bias, eps)
 
 
@@ -288,5 +342,9 @@ def evaluate(
 ) -> Tensor:
     """:func:`forward_eval`, through the eager fast path when nothing traces the call."""
     if _eager(x):
-        return _EvalFn.apply(x, running_mean, running_var, weight, bias, eps)
+        x, running_mean, running_var = unwrap_if_dead(x), _live(running_mean), _live(running_var)
+        weight, bias = _live(weight), _live(bias)
+        if _records_graph(x, running_mean, running_var, weight, bias):
+            return _eval_apply(x, running_mean, running_var, weight, bias, eps)
+        return _forward_eval_impl(x, running_mean, running_var, weight, bias, eps)
     return forward_eval(x, running_mean, running_var, weight, bias, eps)

@@ -62,6 +62,8 @@ def check_batch_norm_args(
     (running_mean, running_var, weight, bias) and the running statistics' presence in
     eval, then rank, dtype and parameter dtypes (rank first in training, last in eval).
     """
+    if _plain_args(input, running_mean, running_var, weight, bias, training):
+        return
     # ATen reads the channel count as 0 for inputs of fewer than 2 dims.
     c = input.shape[1] if input.dim() >= 2 else 0
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
@@ -91,6 +93,47 @@ def check_batch_norm_args(
     for t in (running_mean, running_var):
         if t is not None and t.dim() != 1:
             raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {t.dim()}")
+
+
+_PLAIN_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _plain_args(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+) -> bool:
+    """Whether the arguments are the everyday valid case, in which every check below passes.
+
+    A floating input of rank >= 2, running statistics both given (or both absent in training)
+    as 1-d tensors of C values, weight and bias absent or of C values, all of the input's dtype.
+    A few attribute reads, so a call on a small tensor does not pay for the full checks;
+    anything else (mixed precision included) takes them.
+    """
+    try:
+        if input.dim() < 2 or (running_mean is None) != (running_var is None):
+            return False
+        dtype = input.dtype
+        if dtype not in _PLAIN_DTYPES:
+            return False
+        c = input.shape[1]
+        if running_mean is None:
+            if not training:
+                return False
+        elif (
+            running_mean.dim() != 1 or running_mean.shape[0] != c or running_mean.dtype != dtype
+            or running_var.dim() != 1 or running_var.shape[0] != c or running_var.dtype != dtype
+        ):
+            return False
+        for t in (weight, bias):
+            if t is not None and (t.numel() != c or t.dtype != dtype):
+                return False
+        return True
+    except (AttributeError, TypeError):  # not tensors: the full checks raise torch's error
+        return False
 
 
 def _check_rank(input: Tensor) -> None:
@@ -239,6 +282,26 @@ def updated_running_stats(
     """
     if running_mean is None and running_var is None:
         return None, None
+    if (
+        type(momentum) is float
+        and running_mean is not None
+        and running_var is not None
+        and running_mean.dtype == running_var.dtype == mean.dtype == var.dtype
+        and running_mean.is_cpu
+        and not (running_mean.requires_grad or running_var.requires_grad)
+        and autograd._eager(running_mean)
+    ):
+        # The everyday case, with the numbers of reference.update_running_stats (whose dtype
+        # conversions are no-ops here): the Python scalars come as cached 0-d tensors of the
+        # statistics dtype, which torch rounds to exactly as it rounds a Python scalar, without
+        # the cost of wrapping a new scalar per op (several microseconds on a small vector).
+        dt = mean.dtype
+        scalar = autograd.cached_scalar
+        ratio, keep, take = scalar(count / (count - 1), dt), scalar(1 - momentum, dt), scalar(momentum, dt)
+        batch_var = var.detach() * ratio
+        new_mean = running_mean * keep + mean.detach() * take
+        new_var = running_var * keep + batch_var * take
+        return new_mean, new_var
     rm = running_mean if running_mean is not None else mean.detach()
     rv = running_var if running_var is not None else var.detach()
     new_mean, new_var = ref.update_running_stats(rm, rv, mean.detach(), var.detach(), count, momentum)
@@ -327,6 +390,18 @@ def write_running_stats(
     running_mean: Tensor | None, running_var: Tensor | None, new_mean: Tensor | None, new_var: Tensor | None
 ) -> None:
     """Copy new running statistics into their buffers: the one place bnkit mutates them."""
+    if (
+        running_mean is not None and running_var is not None and new_mean is not None and new_var is not None
+        and not (running_mean.requires_grad or running_var.requires_grad
+                 or new_mean.requires_grad or new_var.requires_grad)
+        and autograd._eager(running_mean)
+    ):
+        # eager, and nothing here is tracked by autograd: copy without entering no_grad (the same writes)
+        if new_mean is not running_mean:
+            running_mean.copy_(new_mean)
+        if new_var is not running_var:
+            running_var.copy_(new_var)
+        return
     with torch.no_grad():
         if running_mean is not None and new_mean is not None and new_mean is not running_mean:
             running_mean.copy_(new_mean)

@@ -614,3 +614,21 @@ def load_backend():
     # ran before this (a direct CpuBackend user) would go on with one thread.
     _numba_state.nt = 1
     return CpuBackend()
+
+
+# --- eval-mode coefficients (appended for the per-call overhead on small inputs) ---------------------
+
+
+@njit(cache=True, error_model="numpy")
+def eval_coeffs(running_var, weight, bias, eps, one, scale, shift):
+    """``scale = (1 / sqrt(running_var + eps)) * weight`` and ``shift = bias`` per channel, in one call.
+
+    The IEEE operations of autograd's torch ops (``rsqrt(running_var + eps) * weight``: torch's CPU
+    rsqrt is a correctly rounded ``1 / sqrt``), in the same dtype and order, so the results are
+    equal bit for bit. Hence no fastmath (``arcp`` may turn ``1 / sqrt`` into an approximate
+    reciprocal square root) and numpy's error model (``1 / 0`` is ``inf``, not an exception).
+    ``eps`` and ``one`` come as scalars of the statistics dtype so the arithmetic stays in it.
+    """
+    for c in range(scale.shape[0]):
+        scale[c] = (one / np.sqrt(running_var[c] + eps)) * weight[c]
+        shift[c] = bias[c]

@@ -57,8 +57,26 @@ def layout_of(x: Tensor) -> tuple[str, int, int, int] | None:
     """``(order, N, C, S)`` when ``x`` is a dense buffer the kernels can index, else ``None``.
 
     ``order`` is ``"ncs"`` (contiguous ``(N, C, *)``) or ``"nsc"`` (channels innermost:
-    channels_last, ``(N, C)``, or an ``(N, C, L)`` view of ``(N, L, C)`` memory).
+    channels_last, ``(N, C)``, or an ``(N, C, L)`` view of ``(N, L, C)`` memory). The answer
+    depends on the shape and strides only; it is remembered per ``(shape, strides)`` (a call
+    on a small tensor costs microseconds, and the same shapes come back every step).
     """
+    key = (x.shape, x.stride())
+    lay = _LAYOUTS.get(key, _UNKNOWN)
+    if lay is _UNKNOWN:
+        lay = _layout_uncached(x)
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = lay
+    return lay
+
+
+_LAYOUTS: dict = {}
+_LAYOUTS_MAX = 1024
+_UNKNOWN = object()
+
+
+def _layout_uncached(x: Tensor) -> tuple[str, int, int, int] | None:
     if x.dim() < 2 or x.numel() == 0:
         return None
     n, c = x.shape[0], x.shape[1]
@@ -75,6 +93,11 @@ def layout_of(x: Tensor) -> tuple[str, int, int, int] | None:
 
 def _flat(t: Tensor) -> np.ndarray:
     """The dense buffer behind ``t`` as a 1-d numpy array (no copy), 16-bit floats as raw bits."""
+    if t.dtype in _NUMPY_DTYPES and t.is_contiguous():
+        # fast path (float32/float64, C-contiguous): numpy's own view of the tensor, flattened
+        a = (t.detach() if t.requires_grad else t).numpy()
+        if a.flags.c_contiguous:
+            return a.reshape(-1)
     view_dtype = _VIEW[t.dtype][0]
     flat = t.detach().as_strided((t.numel(),), (1,))
     if view_dtype != t.dtype:
@@ -83,13 +106,44 @@ def _flat(t: Tensor) -> np.ndarray:
 
 
 def _empty_like(x: Tensor) -> Tensor:
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    # x is dense (layout_of), so empty_like keeps its strides exactly (and is cheaper than empty_strided).
+    return torch.empty_like(x)
+
+
+# torch dtype -> numpy dtype, for the dtypes numpy has
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# numpy statistics dtype -> torch dtype
+_TORCH_SD = {np.float32: torch.float32, np.float64: torch.float64}
+# (c, numpy dtype, fill) -> a constant vector the kernels only read (weight/bias/shift left out)
+_CONSTANTS: dict = {}
+
+
+def _const(c: int, np_dtype: type, fill: float) -> np.ndarray:
+    key = (c, np_dtype, fill)
+    v = _CONSTANTS.get(key)
+    if v is None:
+        if len(_CONSTANTS) >= _LAYOUTS_MAX:
+            _CONSTANTS.clear()
+        v = _CONSTANTS[key] = np.full(c, fill, dtype=np_dtype)
+    return v
 
 
 def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np.ndarray:
-    """A per-channel vector as a contiguous numpy array of the statistics dtype."""
+    """A per-channel vector as a contiguous numpy array of the statistics dtype.
+
+    For ``t=None`` the array is a shared constant filled with ``fill``: kernels only read it.
+    """
     if t is None:
-        return np.full(c, fill, dtype=np_dtype)
+        return _const(c, np_dtype, fill)
+    if (
+        type(t) is Tensor
+        and t.dtype is _TORCH_SD[np_dtype]
+        and t.is_cpu
+        and t.dim() == 1
+        and t.shape[0] == c
+        and t.is_contiguous()
+    ):
+        return (t.detach() if t.requires_grad else t).numpy()
     if not isinstance(t, Tensor) or t.numel() != c or not t.is_floating_point() or t.device.type != "cpu":
         desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"cpu backend: {name} must be a floating CPU tensor with {c} elements, got {desc}")
@@ -137,15 +191,10 @@ class CpuBackend:
     name = "cpu"
 
     def supports(self, x: Tensor) -> bool:
-        return (
-            isinstance(x, Tensor)
-            and x.device.type == "cpu"
-            and x.dtype in _VIEW
-            and layout_of(x) is not None
-        )
+        return isinstance(x, Tensor) and x.is_cpu and x.dtype in _VIEW and layout_of(x) is not None
 
     def _layout(self, x: Tensor) -> tuple[str, int, int, int]:
-        lay = layout_of(x) if isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype in _VIEW else None
+        lay = layout_of(x) if isinstance(x, Tensor) and x.is_cpu and x.dtype in _VIEW else None
         if lay is None:
             desc = f"{tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}" if isinstance(x, Tensor) else x
             raise ValueError(f"cpu backend: unsupported input {desc}")
@@ -203,6 +252,34 @@ class CpuBackend:
         m = _vec("mean", mean, c, np_sd, 0.0)
         k = _vec("scale", scale, c, np_sd, 1.0)
         sh = _vec("shift", shift, c, np_sd, 0.0)
+        y = _empty_like(x)
+        self._affine(order, n, c, s, x, x, y, False, k, m, k, sh)
+        return y
+
+    def forward_eval_running(
+        self,
+        x: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        """Eval forward from the running statistics: :meth:`forward_eval` with ``scale`` and ``shift``
+        made by one small kernel (:func:`bnkit.kernels.cpu.eval_coeffs`) instead of several torch ops.
+
+        Same numbers as ``forward_eval(x, running_mean, rsqrt(running_var + eps) * weight, bias)``
+        in the statistics dtype (what :mod:`bnkit.autograd` computes for other backends).
+        """
+        order, n, c, s = self._layout(x)
+        np_sd = _VIEW[x.dtype][1]
+        m = _vec("running_mean", running_mean, c, np_sd, 0.0)
+        v = _vec("running_var", running_var, c, np_sd, 1.0)
+        w = _vec("weight", weight, c, np_sd, 1.0)
+        b = _vec("bias", bias, c, np_sd, 0.0)
+        k = np.empty(c, np_sd)
+        sh = np.empty(c, np_sd)
+        K.eval_coeffs(v, w, b, np_sd(eps), np_sd(1.0), k, sh)
         y = _empty_like(x)
         self._affine(order, n, c, s, x, x, y, False, k, m, k, sh)
         return y

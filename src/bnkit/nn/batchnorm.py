@@ -26,6 +26,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from bnkit.autograd import _eager
 from bnkit.functional import batch_norm_pure, write_running_stats
 from bnkit.nn.modes import resolve_mode
 from bnkit.nonfinite import check_policy, get_nonfinite_policy, layer_label
@@ -44,11 +45,19 @@ _TORCH_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).paramet
 _TORCH_LAZY_TAKES_BIAS = "bias" in inspect.signature(nn.LazyBatchNorm2d.__init__).parameters
 
 
+# 1 as a 0-d int64 tensor, added to num_batches_tracked each training step (only read).
+_ONE = torch.ones((), dtype=torch.long)
+
+
 class _BatchNormForward:
     """bnkit's forward for any subclass of ``torch.nn.modules.batchnorm._NormBase``."""
 
     channel_dim: int = 1
     nonfinite: str | None = None
+    # bnkit.batch_stats's overrides (see bnkit.nn.modes); set per layer, None means torch's rule.
+    # Class defaults so that reading them never falls through to nn.Module.__getattr__.
+    _bnkit_normalize_with: str | None = None
+    _bnkit_update_running_stats: bool | None = None
 
     def _init_bnkit(self, channel_dim: int, nonfinite: str | None) -> None:
         if not isinstance(channel_dim, int):
@@ -80,23 +89,25 @@ class _BatchNormForward:
         self._check_input_dim(input)
         self._check_channels(input)
         use_batch_stats, update = resolve_mode(self)
-        has_running = self.running_mean is not None and self.running_var is not None
+        # each buffer read through nn.Module.__getattr__ once
+        running_mean, running_var = self.running_mean, self.running_var
+        has_running = running_mean is not None and running_var is not None
         if update and not use_batch_stats and has_running:
             # "eval but keep updating": normalize with the running statistics as they
             # were, then fold this batch into them.
-            y, _, _ = self._batch_norm_pure(input, self.running_mean, self.running_var, self.weight, self.bias,
+            y, _, _ = self._batch_norm_pure(input, running_mean, running_var, self.weight, self.bias,
                                             False, 0.0, self.eps, mask=mask, channel_dim=self.channel_dim)
             with torch.no_grad():
                 _, new_mean, new_var = batch_norm_pure(
-                    input.detach(), self.running_mean, self.running_var, None, None, True, self._momentum(),
+                    input.detach(), running_mean, running_var, None, None, True, self._momentum(),
                     self.eps, mask=mask, channel_dim=self.channel_dim)
             self._commit_running_stats(new_mean, new_var)
             return y
         keep = has_running and (update or not use_batch_stats)
         y, new_mean, new_var = self._batch_norm_pure(
             input,
-            self.running_mean if keep else None,
-            self.running_var if keep else None,
+            running_mean if keep else None,
+            running_var if keep else None,
             self.weight,
             self.bias,
             use_batch_stats,
@@ -132,9 +143,14 @@ class _BatchNormForward:
                     raise FloatingPointError(f"{where}: batch statistics are not finite (nonfinite='raise')")
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
                 return
-        if self.num_batches_tracked is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
+        num_batches_tracked = self.num_batches_tracked
+        if num_batches_tracked is not None:
+            if num_batches_tracked.dtype == torch.long and _eager(num_batches_tracked):
+                # the same increment, without wrapping the Python 1 in a new tensor each step
+                num_batches_tracked.add_(_ONE)
+            else:
+                with torch.no_grad():
+                    num_batches_tracked.add_(1)
         write_running_stats(self.running_mean, self.running_var, new_mean, new_var)
 
     def extra_repr(self) -> str:

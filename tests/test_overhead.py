@@ -1,0 +1,190 @@
+"""The per-call fast paths give the numbers of the slow paths they stand in for, bit for bit.
+
+Each fast path (cheap argument checks, eval coefficients in one kernel, running statistics with
+cached scalars, autograd skipped when nothing needs a gradient, cached layouts and numpy views)
+is compared with the torch expression it replaces, which is what bnkit computed before.
+"""
+
+import pytest
+import torch
+
+import bnkit.functional as F
+from bnkit import autograd
+from bnkit import reference as ref
+from bnkit.kernels import get_backend, use_backend
+
+cpu = get_backend("cpu")
+needs_cpu = pytest.mark.skipif(cpu is None, reason="numba backend failed to load")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _awkward(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Positive, zero, negative, tiny, huge, inf and nan values."""
+    g = torch.Generator().manual_seed(n)
+    v = torch.randn(n, generator=g, dtype=torch.float64).exp() ** 3
+    special = [0.0, -0.0, -1.0, 1e-45, 1e-39, 1e38, float("inf"), float("nan"), -1e-6]
+    special = torch.tensor(special, dtype=torch.float64)
+    return torch.cat([v, special]).to(dtype)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [1e-5, 0.0, 0.1, 1e-3])
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_coefficients_match_torch_ops(dtype, eps, affine):
+    # the eval forward with scale/shift from cpu.eval_coeffs == forward_eval with autograd's torch ops
+    rv = _awkward(200, dtype)
+    c = rv.numel()
+    g = torch.Generator().manual_seed(1)
+    rm = torch.randn(c, generator=g, dtype=dtype)
+    w = torch.randn(c, generator=g, dtype=dtype) if affine else None
+    b = torch.randn(c, generator=g, dtype=dtype) if affine else None
+    x = torch.randn(3, c, 5, generator=g, dtype=dtype)
+    inv = torch.rsqrt(rv + eps)
+    scale = inv if w is None else inv * w
+    shift = torch.zeros_like(scale) if b is None else b
+    expected = cpu.forward_eval(x, rm, scale, shift)
+    got = cpu.forward_eval_running(x, rm, rv, w, b, eps)
+    assert torch.equal(_bits(got), _bits(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, 0.01, 0.5, 1.0, 0.0, 1 / 3])
+@pytest.mark.parametrize("count", [2, 7, 1024, 100003])
+def test_running_stats_fast_path_matches_reference(dtype, momentum, count):
+    g = torch.Generator().manual_seed(count)
+    rm, rv, mean = (torch.randn(37, generator=g, dtype=dtype) * 100 for _ in range(3))
+    var = torch.rand(37, generator=g, dtype=dtype) * 50
+    exp_mean, exp_var = ref.update_running_stats(rm, rv, mean, var, count, momentum)
+    new_mean, new_var = F.updated_running_stats(rm, rv, mean, var, count, momentum)
+    assert new_mean is not rm and new_var is not rv  # new tensors, nothing mutated
+    assert torch.equal(_bits(new_mean), _bits(exp_mean))
+    assert torch.equal(_bits(new_var), _bits(exp_var))
+
+
+def test_running_stats_fast_path_reads_scalars_as_given():
+    # the same (value, dtype) from the cache twice, and a different one for another momentum
+    rm, rv, mean, var = torch.zeros(3), torch.ones(3), torch.ones(3), torch.full((3,), 2.0)
+    a = F.updated_running_stats(rm, rv, mean, var, 3, 0.25)
+    b = F.updated_running_stats(rm, rv, mean, var, 3, 0.25)
+    c = F.updated_running_stats(rm, rv, mean, var, 3, 0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.testing.assert_close(a[0], torch.full((3,), 0.25))
+    torch.testing.assert_close(a[1], torch.full((3,), 0.75 + 0.25 * 3.0))
+    torch.testing.assert_close(c[1], torch.full((3,), 0.5 + 0.5 * 3.0))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_no_graph_when_nothing_needs_a_gradient(training):
+    # grad mode on but no input requires grad, or grad mode off: same output, no graph, same stats
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3)
+    w = torch.randn(4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    stats = [(rm.clone(), rv.clone()) for _ in range(3)]
+    y_graph = F.batch_norm(x, *stats[0], w, b, training=training)
+    with torch.no_grad():
+        y_nograd = F.batch_norm(x, *stats[1], w, b, training=training)
+    y_plain = F.batch_norm(x, *stats[2], w.detach(), b.detach(), training=training)
+    assert y_graph.grad_fn is not None
+    assert y_nograd.grad_fn is None and not y_nograd.requires_grad
+    assert y_plain.grad_fn is None and not y_plain.requires_grad
+    assert torch.equal(y_graph.detach(), y_nograd) and torch.equal(y_nograd, y_plain)
+    for m, v in stats[1:]:
+        assert torch.equal(m, stats[0][0]) and torch.equal(v, stats[0][1])
+
+
+def test_forward_ad_still_reaches_the_function():
+    # a dual input under a forward-AD level goes through autograd.Function, which has no jvp
+    x = torch.randn(4, 3, 5)
+    with torch.autograd.forward_ad.dual_level():
+        xd = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            F.batch_norm(xd, torch.zeros(3), torch.ones(3), training=True)
+
+
+@pytest.mark.parametrize(
+    "args, training",
+    [
+        ((torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3)), True),
+        ((torch.zeros(3), torch.ones(3), None, None), False),
+        ((None, None, torch.ones(3), None), True),
+    ],
+)
+def test_plain_args_accepts_only_what_the_full_checks_accept(args, training):
+    x = torch.randn(4, 3, 2)
+    assert F._plain_args(x, *args, training)
+    F.check_batch_norm_args(x, *args, training)
+
+
+@pytest.mark.parametrize(
+    "x, args, training",
+    [
+        (torch.randn(4, 3), (torch.zeros(4), torch.ones(3), None, None), True),  # running_mean size
+        (torch.randn(4, 3), (None, None, None, None), False),  # eval without running stats
+        (torch.randn(4, 3), (torch.zeros(3), None, None, None), True),  # only one running stat
+        (torch.randn(4, 3), (torch.zeros(3, 1), torch.ones(3), None, None), True),  # 2-d running stat
+        (torch.randn(4, 3), (torch.zeros(3, dtype=torch.float64), torch.ones(3), None, None), True),  # dtype
+        (torch.randn(4, 3).bfloat16(), (torch.zeros(3), torch.ones(3), None, None), False),  # mixed precision
+        (torch.randn(4, 3), (torch.zeros(3), torch.ones(3), torch.ones(2), None), True),  # weight size
+        (torch.randn(4, 3), (torch.zeros(3), torch.ones(3), None, torch.ones(3).half()), True),  # bias dtype
+        (torch.randn(4, 3), ([0.0, 0.0, 0.0], torch.ones(3), None, None), True),  # not a tensor
+        (torch.randn(4), (torch.zeros(4), torch.ones(4), None, None), True),  # rank 1
+        (torch.randint(0, 3, (4, 3)), (torch.zeros(3), torch.ones(3), None, None), True),  # integer input
+    ],
+)
+def test_plain_args_leaves_everything_else_to_the_full_checks(x, args, training):
+    assert not F._plain_args(x, *args, training)
+
+
+@needs_cpu
+def test_layout_cache_keys_on_shape_and_strides():
+    from bnkit.kernels.cpu_launch import _layout_uncached, layout_of
+
+    x = torch.randn(2, 3, 4, 5)
+    cases = [x, x.to(memory_format=torch.channels_last), x.transpose(2, 3), x[:, :, ::2], torch.randn(6, 4),
+             torch.randn(5, 7, 3).transpose(1, 2), torch.randn(2, 1, 4, 4), torch.randn(0, 3, 2)]
+    for _ in range(2):  # computed, then cached
+        for t in cases:
+            assert layout_of(t) == _layout_uncached(t)
+
+
+@needs_cpu
+def test_flat_views_share_memory():
+    from bnkit.kernels.cpu_launch import _flat
+
+    cl = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    for t in (torch.randn(3, 4, 5), torch.randn(3, 4, 5)[1:], cl, torch.randn(3, 4, requires_grad=True),
+              torch.randn(3, 4).bfloat16()):
+        a = _flat(t)
+        assert a.size == t.numel() and a.ctypes.data == t.data_ptr()
+
+
+def test_eager_scalar_cache_gives_python_scalar_numbers():
+    v = torch.rand(50) * 1e3
+    for value in (1e-5, 0.1, 1 / 3, 1 - 0.1):
+        for dtype in (torch.float32, torch.float64):
+            t = v.to(dtype)
+            assert torch.equal(t * autograd.cached_scalar(value, dtype), t * value)
+            assert torch.equal(t + autograd.cached_scalar(value, dtype), t + value)
+
+
+@needs_cpu
+def test_module_steps_match_functional():
+    # the module's fast paths (buffer reads, num_batches_tracked increment) keep torch's bookkeeping
+    import bnkit.nn as bnn
+
+    torch.manual_seed(0)
+    m = bnn.BatchNorm2d(4, momentum=None)
+    t = torch.nn.BatchNorm2d(4, momentum=None)
+    with use_backend("cpu"):
+        for _ in range(3):
+            x = torch.randn(5, 4, 3, 3)
+            torch.testing.assert_close(m(x), t(x))
+    assert m.num_batches_tracked.item() == 3 and m.num_batches_tracked.dtype == torch.long
+    torch.testing.assert_close(m.running_mean, t.running_mean)
+    torch.testing.assert_close(m.running_var, t.running_var)
