@@ -9,7 +9,8 @@ user makes it, for the functional API and for ``bnkit.nn.BatchNorm2d``:
 * the per-call time is the median over ``--rounds`` rounds of (batch time / calls);
 * ``ratio`` = bnkit / torch, taken from the same rounds.
 
-    PYTHONPATH=src python benchmarks/bench_overhead.py [--rounds 40] [--calls 50] [--backend cpu] [--json out.json]
+    PYTHONPATH=src python benchmarks/bench_overhead.py [--rounds 40] [--calls 50] [--backend cpu]
+        [--clock wall|process] [--json out.json]
 
 Modes (grad mode on, weight and bias requiring grad, as in a model): ``train`` (training
 forward, running statistics updated), ``eval`` (eval forward) and ``train_fb`` (training
@@ -77,22 +78,26 @@ def _module_case(cls: type, mode: str) -> Callable[[], object]:
     return step
 
 
-def _time_batch(fn: Callable[[], object], calls: int) -> float:
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _time_batch(fn: Callable[[], object], calls: int, clock: Callable[[], float]) -> float:
+    t0 = clock()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t0) / calls
+    return (clock() - t0) / calls
 
 
-def measure(torch_fn: Callable[[], object], bnkit_fn: Callable[[], object], rounds: int, calls: int):
+def measure(torch_fn: Callable[[], object], bnkit_fn: Callable[[], object], rounds: int, calls: int,
+            clock: Callable[[], float] = time.perf_counter):
     """Median per-call seconds of each side and of their ratio, torch and bnkit interleaved."""
     for _ in range(3):  # warm-up: compile, caches, allocator
-        _time_batch(torch_fn, calls)
-        _time_batch(bnkit_fn, calls)
+        _time_batch(torch_fn, calls, clock)
+        _time_batch(bnkit_fn, calls, clock)
     ts, bs = [], []
     for _ in range(rounds):
-        ts.append(_time_batch(torch_fn, calls))
-        bs.append(_time_batch(bnkit_fn, calls))
+        ts.append(_time_batch(torch_fn, calls, clock))
+        bs.append(_time_batch(bnkit_fn, calls, clock))
     ratio = statistics.median(b / t for t, b in zip(ts, bs, strict=True))
     return statistics.median(ts), statistics.median(bs), ratio
 
@@ -112,15 +117,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--backend", default="cpu", help="bnkit backend (reference|cpu|auto)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall time, or CPU time of the process (all its threads: steadier on a shared machine)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = p.parse_args(argv)
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bnkit backend {args.backend}, "
-          f"median of {args.rounds} rounds x {args.calls} calls")
+          f"median of {args.rounds} rounds x {args.calls} calls, {args.clock} clock")
     print(f"{'case':28s} {'mode':9s} {'torch ms':>9s} {'bnkit ms':>9s} {'ratio':>6s}")
     with use_backend(args.backend):
         for name, mode, torch_fn, bnkit_fn in cases():
-            t, b, r = measure(torch_fn, bnkit_fn, args.rounds, args.calls)
+            t, b, r = measure(torch_fn, bnkit_fn, args.rounds, args.calls, CLOCKS[args.clock])
             rows.append({"case": name, "mode": mode, "torch_ms": t * 1e3, "bnkit_ms": b * 1e3, "ratio": r})
             print(f"{name:28s} {mode:9s} {t * 1e3:9.4f} {b * 1e3:9.4f} {r:6.2f}", flush=True)
     if args.json:

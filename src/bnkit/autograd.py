@@ -65,6 +65,11 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return out
 
 
+def _to(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    # t.to(dtype) (which returns t itself when the dtype matches) without its argument parsing
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 def _param_dtype(weight: Tensor | None, bias: Tensor | None) -> torch.dtype | None:
     for p in (weight, bias):
         if p is not None:
@@ -120,8 +125,8 @@ def _forward_train_backward(ctx, gy: Tensor, _gmean: Tensor, _gvar: Tensor):
         inv = ref.invstd(var, ctx.eps)
         bwd = _backward_train_impl if _eager(gy) else backward_train
         dx, dw, db = bwd(gy, x, weight, mean, inv, need_x, need_w or need_b)
-    dw = dw.to(ctx.param_dtype) if need_w else None
-    db = db.to(ctx.param_dtype) if need_b else None
+    dw = _to(dw, ctx.param_dtype) if need_w else None
+    db = _to(db, ctx.param_dtype) if need_b else None
     return (dx if need_x else None), dw, db, None
 
 
@@ -213,8 +218,8 @@ def _forward_eval_backward(ctx, gy: Tensor):
     else:
         bwd = _backward_eval_impl if _eager(gy) else backward_eval
         dx, dw, db = bwd(gy, x, running_mean, running_var, weight, ctx.eps, need_x, need_w or need_b)
-    dw = dw.to(ctx.param_dtype) if need_w else None
-    db = db.to(ctx.param_dtype) if need_b else None
+    dw = _to(dw, ctx.param_dtype) if need_w else None
+    db = _to(db, ctx.param_dtype) if need_b else None
     return (dx if need_x else None), None, None, dw, db, None
 
 

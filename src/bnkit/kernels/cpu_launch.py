@@ -62,7 +62,10 @@ def layout_of(x: Tensor) -> tuple[str, int, int, int] | None:
     on a small tensor costs microseconds, and the same shapes come back every step).
     """
     key = (x.shape, x.stride())
-    lay = _LAYOUTS.get(key, _UNKNOWN)
+    try:
+        lay = _LAYOUTS.get(key, _UNKNOWN)
+    except TypeError:  # symbolic sizes do not hash
+        return _layout_uncached(x)
     if lay is _UNKNOWN:
         lay = _layout_uncached(x)
         if len(_LAYOUTS) >= _LAYOUTS_MAX:
@@ -136,7 +139,7 @@ def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np
     if t is None:
         return _const(c, np_dtype, fill)
     if (
-        type(t) is Tensor
+        isinstance(t, Tensor)
         and t.dtype is _TORCH_SD[np_dtype]
         and t.is_cpu
         and t.dim() == 1
