@@ -209,7 +209,7 @@ class CpuBackend:
             isinstance(dy, Tensor)
             and dy.shape == x.shape
             and dy.dtype == x.dtype
-            and dy.device == x.device
+            and dy.is_cpu  # x is a CPU tensor (_layout)
             and (dy.stride() == x.stride() or layout_of(dy) == layout_of(x))
         )
 
