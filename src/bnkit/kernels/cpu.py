@@ -352,35 +352,47 @@ def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out,
 def ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2):
     """Per-part statistics of ``(N, C, S)`` memory read in memory order (for short rows ``S``).
 
-    ``T`` tasks each stream a range of rows ``r = n*C + c``; a row (``S`` values, in L1) is
-    summed, then its squared deviations from the row mean are summed, and the row is merged
-    into the task's (count, mean, M2) of channel ``c``, ``part_*[t, c]`` (Chan). The caller
-    merges the parts (:func:`finish_stats`) and normalizes with :func:`ncs_affine`.
+    ``T`` tasks each stream a range of rows ``r = n*C + c``, reading each value once. Per
+    channel a task shifts by ``K`` (the first finite value it meets in that channel) and adds
+    ``sum(x - K)`` and ``sum((x - K)**2)`` over each row into float64 totals: no division per
+    row, and the shifted sums stay well-conditioned unless the data spreads over many orders of
+    magnitude more than its standard deviation. At the end ``mean = K + S1/n`` and
+    ``M2 = S2 - S1**2/n`` go to ``part_*[t, c]``; the caller merges the parts
+    (:func:`finish_stats`) and normalizes with :func:`ncs_affine`.
     """
     R = N * C
     for t in prange(T):
         r0, r1 = _part(R, T, t)
-        for ch in range(C):
-            part_n[t, ch] = 0.0
-            part_mu[t, ch] = 0.0
-            part_m2[t, ch] = 0.0
+        k = np.zeros(C)
+        s1 = np.zeros(C)
+        s2 = np.zeros(C)
+        cnt = np.zeros(C)
         for r in range(r0, r1):
             c = r % C
-            # Two float64 passes over the short row (it is in L1): a shifted float32 pass would
-            # spend most of a short row in the vector loop's scalar remainder.
             xs = x[r * S : (r + 1) * S]
-            s = 0.0
-            for i in range(S):
-                s += load(xs, i)
-            mb = s / S
+            if cnt[c] == 0.0:
+                k0 = float(load(xs, 0))
+                k[c] = k0 if np.isfinite(k0) else 0.0
+            kc = k[c]
+            a = 0.0
             q = 0.0
             for i in range(S):
-                d = load(xs, i) - mb
+                d = load(xs, i) - kc
+                a += d
                 q += d * d
-            cnt, mu, m2 = chan_merge(part_n[t, c], part_mu[t, c], part_m2[t, c], float(S), mb, q)
-            part_n[t, c] = cnt
-            part_mu[t, c] = mu
-            part_m2[t, c] = m2
+            s1[c] += a
+            s2[c] += q
+            cnt[c] += S
+        for ch in range(C):
+            n = cnt[ch]
+            part_n[t, ch] = n
+            if n == 0.0:
+                part_mu[t, ch] = 0.0
+                part_m2[t, ch] = 0.0
+                continue
+            part_mu[t, ch] = k[ch] + s1[ch] / n
+            m2 = s2[ch] - s1[ch] * (s1[ch] / n)
+            part_m2[t, ch] = m2 if not m2 < 0.0 else 0.0
 
 
 @njit(parallel=True, **_JIT)
