@@ -18,13 +18,16 @@ float32 otherwise) and :func:`store` rounds back to nearest-even exactly as torc
 Per-channel vectors (``mean``, ``scale``, ...) come in the statistics dtype.
 
 Numerics policy (the same as :mod:`bnkit.reference`): statistics are accumulated in float64 and
-``E[x^2] - E[x]^2`` of the raw data never appears. Memory is read once: each contiguous block of
-at most ``SBLOCK`` values is shifted by its own first value ``K`` (Welford/Chan's "shifted data"
-algorithm), ``sum(x - K)`` and ``sum((x - K)**2)`` run in the compute dtype (float32 lanes
-vectorize 8 wide; the shifted values are of the order of the spread, not of the offset, so a
-channel with mean 1e4 and std 1e-2 loses nothing to the offset), and the blocks' (count, mean,
-M2) are merged in float64 with Chan's formula (:func:`chan_merge`). Normalization subtracts the
-mean before scaling: ``y = (x - mean) * scale + shift``.
+``E[x^2] - E[x]^2`` of the raw data never appears. Memory is read once, with the "shifted data"
+algorithm: with a shift ``K`` near the data (a value of the channel, or its mean so far),
+``sum(x - K)`` and ``sum((x - K)**2)`` are sums of values of the order of the spread, not of the
+offset, so a channel with mean 1e4 and std 1e-2 loses nothing to the offset; then
+``mean = K + S1/n`` and ``M2 = S2 - S1**2/n``. Long contiguous runs (:func:`_seg_stats`) sum
+blocks of ``SBLOCK`` values in float32 lanes (they vectorize 8 wide) and add the block sums in
+float64; short rows (:func:`ncs_row_stats`) and channels-innermost rows (:func:`nsc_stats`, in
+blocks of ``NSC_SBLOCK`` rows) likewise; partial results are merged in float64 with Chan's
+formula (:func:`chan_merge`). The normalization uses the float64 mean and
+``scale = w / sqrt(var + eps)`` and rounds each output once: ``y = (x - mean) * scale + shift``.
 """
 
 from __future__ import annotations
