@@ -291,3 +291,38 @@ def test_kernels_gradcheck(kernels, activation, memory_saving):
                                  memory_saving=memory_saving)
 
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+
+
+ROW_KERNELS = ("row_reduce_std", "row_input_std", "row_reduce_ms", "row_input_ms")
+CHANNEL_KERNELS = ("channel_backward_std", "channel_backward_ms")
+
+
+@pytest.mark.parametrize("memory_saving", [False, True])
+@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
+def test_kernels_row_fallback(kernels, monkeypatch, activation, memory_saving):
+    # Few channels for the threads (C < TASKS_PER_THREAD * threads on an input big enough to run
+    # threaded) -> the backward runs the row-parallel kernels instead of one task per channel.
+    from bnkit.kernels import cpu_act
+
+    shape = (4, 3, 64, 64)  # 49152 elements >= SERIAL_NUMEL, 3 channels
+    if fused._channel_tasks(torch.empty(shape)):
+        # one thread here (numba or torch): the row path is what two threads and more take; force it
+        monkeypatch.setattr(fused, "_channel_tasks", lambda x: False)
+    calls = []
+
+    def spy_on(name):
+        kernel = getattr(cpu_act, name)
+
+        def spy(*args):
+            calls.append(name)
+            return kernel(*args)
+        return spy
+
+    for name in ROW_KERNELS + CHANNEL_KERNELS:
+        monkeypatch.setattr(cpu_act, name, spy_on(name))
+    suffix = "ms" if memory_saving else "std"
+    for training in (True, False):
+        calls.clear()
+        # float32 only: each dtype is another numba compilation of the four row kernels (~3 s each, cold)
+        _compare(activation, memory_saving, training, shape, dtype=torch.float32)
+        assert calls == [f"row_reduce_{suffix}", f"row_input_{suffix}"], calls
