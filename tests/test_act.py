@@ -131,6 +131,65 @@ def test_memory_saving_chunks(composed, monkeypatch):
     _compare("elu", True, True, (5, 3, 4, 4), w_override=torch.tensor([0.0, 1.0, 2.0]))
 
 
+def test_memory_saving_elu_kernels(monkeypatch):
+    # ELU's memory-saving backward: log1p from torch into dx (one pass) or, for dw/db alone, into a
+    # chunk buffer (several chunks with a remainder); zero and tiny weight channels; float64, float32
+    from bnkit.kernels import cpu_act
+
+    calls = []
+    kernel = cpu_act.row_reduce_ms_elu
+
+    def spy(*args):
+        calls.append(args[3])  # rows of this chunk
+        return kernel(*args)
+
+    monkeypatch.setattr(cpu_act, "row_reduce_ms_elu", spy)
+    monkeypatch.setattr(fused, "FORCE_KERNELS", True)
+    shape = (5, 3, 4, 4)
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2 * 3 * 16)
+    for training in (True, False):
+        for dtype in (torch.float64, torch.float32):
+            calls.clear()
+            _compare("elu", True, training, shape, dtype=dtype)
+            assert calls == [15], calls
+            _compare("elu", True, training, shape, dtype=dtype, w_override=torch.tensor([0.0, 1e-6, 1.3]))
+            # dw and db alone
+            x, w, b, rm, rv = _data(shape, dtype)
+            gz = torch.randn(shape, dtype=dtype)
+            wr, br = w.double().clone().requires_grad_(), b.double().clone().requires_grad_()
+            bn_act_ref(x.double(), rm.double(), rv.double(), wr, br, training, 0.1, "elu", 0.7)[0].backward(gz.double())
+            wb, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
+            calls.clear()
+            bf.batch_norm_act(x, rm.clone(), rv.clone(), wb, bb, training, activation="elu", activation_param=0.7,
+                              memory_saving=True).backward(gz)
+            assert calls == [6, 6, 3], calls
+            atol, rtol = TOL[dtype]
+            torch.testing.assert_close(wb.grad.double(), wr.grad, atol=atol * 10, rtol=rtol)
+            torch.testing.assert_close(bb.grad.double(), br.grad, atol=atol * 10, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_memory_saving_elu_saturated_kernels_match_composed(monkeypatch, dtype):
+    # outputs saturated at -alpha (y < log(eps)) cannot be inverted; the kernels must clamp the way
+    # the composed path does (finite gradients, the same ones), alpha == 1 (no division) and not
+    x, _, b, *_ = _data((4, 3, 5, 6), dtype)
+    w = torch.tensor([40.0, 1.0, 30.0], dtype=dtype)
+    gz = torch.randn(x.shape, dtype=dtype)
+    for alpha in (1.0, 0.7):
+        grads = []
+        for force in (True, False):
+            monkeypatch.setattr(fused, "FORCE_KERNELS", force)
+            xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+            z = bf.batch_norm_act(xs, None, None, ws, bs, True, activation="elu", activation_param=alpha,
+                                  memory_saving=True)
+            assert (z == -alpha).any()
+            z.backward(gz)
+            grads.append((xs.grad, ws.grad, bs.grad))
+        for kern, comp in zip(*grads, strict=True):
+            assert torch.isfinite(kern).all()
+            torch.testing.assert_close(kern, comp, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("activation,memory_saving", [(a, False) for a in ACTS] + [(a, True) for a in INVERTIBLE])
 def test_gradcheck(activation, memory_saving):
     x, w, b, rm, rv = _data((3, 2, 2, 3))
@@ -175,7 +234,8 @@ def _peak_bytes(fn):
     return peak
 
 
-def test_memory_saving_backward_is_chunked(monkeypatch):
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
+def test_memory_saving_backward_is_chunked(monkeypatch, activation):
     # Besides dx, the backward allocates only chunk-sized temporaries: with 16 chunks the
     # peak above the start stays well under two full-size tensors (dx + a little), while an
     # unchunked backward would need dx plus several full-size temporaries.
@@ -184,13 +244,13 @@ def test_memory_saving_backward_is_chunked(monkeypatch):
     w = torch.rand(8).add_(0.5).requires_grad_()
     b = torch.randn(8).requires_grad_()
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", x[0].numel())
-    z = bf.batch_norm_act(x, None, None, w, b, True, activation="leaky_relu", memory_saving=True)
+    z = bf.batch_norm_act(x, None, None, w, b, True, activation=activation, memory_saving=True)
     g = torch.randn(shape)
     full = x.numel() * x.element_size()
     peak = _peak_bytes(lambda: z.backward(g))
     assert peak < 1.75 * full, (peak, full)
     ref = torch.randn(shape).requires_grad_()
-    zr = F.leaky_relu(F.batch_norm(ref, None, None, w, b, True))
+    zr = getattr(F, activation)(F.batch_norm(ref, None, None, w, b, True))
     assert _peak_bytes(lambda: zr.backward(g)) > peak
 
 
@@ -291,3 +351,38 @@ def test_kernels_gradcheck(kernels, activation, memory_saving):
                                  memory_saving=memory_saving)
 
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+
+
+ROW_KERNELS = ("row_reduce_std", "row_input_std", "row_reduce_ms", "row_input_ms")
+CHANNEL_KERNELS = ("channel_backward_std", "channel_backward_ms")
+
+
+@pytest.mark.parametrize("memory_saving", [False, True])
+@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
+def test_kernels_row_fallback(kernels, monkeypatch, activation, memory_saving):
+    # Few channels for the threads (C < TASKS_PER_THREAD * threads on an input big enough to run
+    # threaded) -> the backward runs the row-parallel kernels instead of one task per channel.
+    from bnkit.kernels import cpu_act
+
+    shape = (4, 3, 64, 64)  # 49152 elements >= SERIAL_NUMEL, 3 channels
+    if fused._channel_tasks(torch.empty(shape)):
+        # one thread here (numba or torch): the row path is what two threads and more take; force it
+        monkeypatch.setattr(fused, "_channel_tasks", lambda x: False)
+    calls = []
+
+    def spy_on(name):
+        kernel = getattr(cpu_act, name)
+
+        def spy(*args):
+            calls.append(name)
+            return kernel(*args)
+        return spy
+
+    for name in ROW_KERNELS + CHANNEL_KERNELS:
+        monkeypatch.setattr(cpu_act, name, spy_on(name))
+    suffix = "ms" if memory_saving else "std"
+    for training in (True, False):
+        calls.clear()
+        # float32 only: each dtype is another numba compilation of the four row kernels (~3 s each, cold)
+        _compare(activation, memory_saving, training, shape, dtype=torch.float32)
+        assert calls == [f"row_reduce_{suffix}", f"row_input_{suffix}"], calls

@@ -41,7 +41,11 @@ just those channels in a side tensor of shape (N, n_lost, *) and computes their 
 
 The memory-saving backward allocates nothing full-size besides ``dx``: the kernels work
 element by element, and the composed path runs over batch chunks of at most
-:data:`CHUNK_ELEMENTS` elements (at least one sample).
+:data:`CHUNK_ELEMENTS` elements (at least one sample). ELU under the ``cpu`` backend takes a
+third way: torch's vectorized ``log1p`` writes the inverse into ``dx`` itself (or, when only
+``dw``/``db`` are wanted, into a chunk-sized buffer), one kernel turns it into ``y`` while it
+reduces and a second one reads ``y`` back while it writes ``dx`` (numba's scalar ``log1p`` in the
+kernels, or eight torch ops per chunk in the composed path, made this backward several times slower).
 With ``inplace=True`` the forward writes ``z`` over ``x`` (also chunk by chunk; the
 statistics come from two ``backward_reduce`` passes first). No double backward.
 """
@@ -221,6 +225,39 @@ def _kernels_for(x: Tensor, activation: str):
     # numba's thread count as the cpu backend sets it (torch's count; one for small inputs)
     _threads(x.numel())
     return cpu_act
+
+
+def _elu_kernels_for(z: Tensor, activation: str):
+    """:mod:`bnkit.kernels.cpu_act` for the memory-saving ELU backward on ``z``, else None.
+
+    Used whenever the kernels may run (``FORCE_KERNELS`` not False, the ``cpu`` backend picked
+    unless forced, contiguous CPU float32/64): ``log1p`` comes from torch in batch chunks and
+    the kernels only select and reduce (:func:`bnkit.kernels.cpu_act.row_reduce_ms_elu`).
+    """
+    if activation != "elu" or FORCE_KERNELS is False:
+        return None
+    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or not z.is_contiguous():
+        return None
+    if FORCE_KERNELS is None and backend_for(z).name != "cpu":
+        return None
+    try:
+        from bnkit.kernels import cpu_act
+        from bnkit.kernels.cpu_launch import _threads
+    except Exception:  # numba missing: the composed path is exact, only slower
+        return None
+    _threads(z.numel())
+    return cpu_act
+
+
+def _elu_log(zc: Tensor, alpha: float, buf: Tensor) -> Tensor:
+    """``L = log1p(z / alpha)`` into the start of the flat ``buf``, shaped like ``zc``, with torch's
+    vectorized ops (the inverse of ELU where ``z <= 0``; the kernel replaces what the clamp of
+    :func:`activation_inverse` would change).
+    As few torch ops as possible: on a busy machine each parallel op can wait a scheduler tick."""
+    out = buf[: zc.numel()].view(zc.shape)
+    if alpha == 1.0:
+        return torch.log1p(zc, out=out)
+    return torch.div(zc, alpha, out=out).log1p_()
 
 
 def _channel_tasks(x: Tensor) -> bool:
@@ -416,7 +453,8 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
     act, param = ctx.activation, ctx.param
     m = ref.count_per_channel(z)
     dims = ref.reduction_dims(z)
-    k = _kernels_for(z, act)
+    ek = _elu_kernels_for(z, act)
+    k = None if ek is not None else _kernels_for(z, act)
     if k is not None and lost is None and _channel_tasks(z):
         # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients)
         dz = dz.contiguous()
@@ -441,6 +479,30 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
         k.row_reduce_ms(*kargs, row_g.numpy(), row_gy.numpy())
         sum_g, sum_g_ymb = _per_channel(row_g, c).to(w.dtype), _per_channel(row_gy, c).to(w.dtype)
         chunks = [(0, z.shape[0])]
+    elif ek is not None:
+        # ELU: torch's log1p into dx (the buffer it needs anyway) or, without dx, a chunk-sized buffer;
+        # the reducing kernel turns it into y in place, the writing kernel reads y back
+        dz = dz.contiguous()
+        dt = z.dtype
+        c, s = z.shape[1], _rows(z)[2]
+        alpha = _kind_and_param(ek, act, param, dt)[1]
+        floor_t = torch.tensor(-1.0 + torch.finfo(dt).eps, dtype=dt)
+        floors = (floor_t.numpy()[()], floor_t.log1p().numpy()[()])  # data-dtype scalars
+        chunks = [(0, z.shape[0])] if need_x else _batch_chunks(z)
+        most = max(n1 - n0 for n0, n1 in chunks)
+        dx = torch.empty_like(z) if need_x else None
+        y_buf = dx.view(-1) if need_x else torch.empty(most * c * s, dtype=dt)
+        row_g, row_gy = _row_sums(most * c)
+        sum_g64, sum_gy64 = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+        b_np = _np(b, dt)
+        for n0, n1 in chunks:
+            zc, r = z[n0:n1], (n1 - n0) * c
+            yc = _elu_log(zc, param, y_buf)
+            ek.row_reduce_ms_elu(_flat(dz[n0:n1]), _flat(zc), _flat(yc), r, c, s, b_np, alpha, *floors,
+                                 row_g.numpy(), row_gy.numpy())
+            sum_g64 += _per_channel(row_g[:r], c)
+            sum_gy64 += _per_channel(row_gy[:r], c)
+        sum_g, sum_g_ymb = sum_g64.to(w.dtype), sum_gy64.to(w.dtype)
     else:
         dz = _same_layout(dz, z)
         backend = backend_for(z)
@@ -473,6 +535,10 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
     if k is not None:
         dx = torch.empty_like(z)
         k.row_input_ms(*kargs, _np(a, dt), _np(kk, dt), _np(cc, dt), _flat(dx))
+    elif ek is not None:
+        # dx holds y (see above); each element is read before it is overwritten
+        ek.row_input_ms_elu(_flat(dz), _flat(z), _flat(dx), z.shape[0] * c, c, s, b_np, alpha, _np(a, dt),
+                            _np(kk, dt), _np(cc, dt), _flat(dx))
     else:
         dx = torch.empty_like(z)
         for n0, n1 in chunks:

@@ -3,7 +3,9 @@
 For every case (shape x memory layout x dtype) and mode (train forward, eval forward, train
 forward+backward) it times torch's ``F.batch_norm`` and
 ``bnkit.functional.batch_norm`` under the ``cpu`` backend, and the copy of the same tensor
-(the memory-bandwidth yardstick), all in the same run: median of >= 15 runs after warm-up.
+(the memory-bandwidth yardstick), interleaved in the same rounds (one call of each per round,
+>= 15 rounds after warm-up): times are medians over rounds, and speedup and multiples of the
+copy are medians of the per-round ratios, so the machine's drift cancels.
 One end-to-end row times a training step of a small ResNet-style CNN with torch BN and with
 bnkit BN (``bnkit.convert``). Results print as a table and are written as JSON and CSV.
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnkit
-from bnkit.bench.timing import copy_time, median_time
+from bnkit.bench.timing import interleaved_times
 
 __all__ = ["CASES", "QUICK_CASES", "Case", "main", "run"]
 
@@ -109,12 +111,6 @@ def _bn_fn(case: Case, mode: str, impl: str) -> Callable[[], object]:
     return step
 
 
-def _time_bnkit(fn: Callable[[], object], runs: int) -> tuple[float, str | None]:
-    with bnkit.use_backend("cpu"):
-        t = median_time(fn, runs=runs)
-        return t, bnkit.last_backend()
-
-
 def _resnet(width: int, blocks: int = 2) -> nn.Module:
     """A small ResNet-style CNN (3 stages of basic residual blocks, conv-BN-ReLU)."""
 
@@ -163,40 +159,61 @@ def _e2e_row(batch: int, width: int, size: int, runs: int) -> dict:
 
         return step
 
-    t_torch = median_time(stepper(model), runs=runs)
-    t_bnkit, backend = _time_bnkit(stepper(twin), runs)
+    step_torch, step_bnkit = stepper(model), stepper(twin)
+    with bnkit.use_backend("cpu"):
+        t = interleaved_times({"torch": step_torch, "bnkit": step_bnkit}, runs=runs)
+        backend = bnkit.last_backend()
+    t_torch, t_bnkit = t.median("torch"), t.median("bnkit")
+    share = _torch_bn_share(step_torch)
     return {
         "case": f"ResNet-style CNN step, batch {batch}x3x{size}x{size}, width {width}",
         "mode": "train_step",
         "backend": backend,
         "torch_ms": t_torch * 1e3,
         "bnkit_ms": t_bnkit * 1e3,
-        "speedup": t_torch / t_bnkit,
+        "speedup": t.ratio("torch", "bnkit"),
         "copy_ms": None,
         "torch_x_copy": None,
         "bnkit_x_copy": None,
+        # Amdahl: with BN taking this share of torch's step, no BN can make the step faster
+        # than 1 / (1 - share).
+        "torch_bn_share": share,
     }
+
+
+def _torch_bn_share(step: Callable[[], None], steps: int = 3) -> float:
+    """Share of the step's CPU time spent in torch's batch-norm ops (forward and backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    bn = sum(e.self_cpu_time_total for e in events if "batch_norm" in e.key)
+    return bn / total if total else float("nan")
 
 
 def run(cases: list[Case], runs: int, e2e: tuple[int, int, int] | None, progress: bool = True) -> list[dict]:
     """Time every case and mode; returns one dict per row (times in milliseconds)."""
     rows = []
     for case in cases:
-        t_copy = copy_time(case.make(), runs=runs)
+        x_copy = case.make()
         for mode in MODES:
-            t_torch = median_time(_bn_fn(case, mode, "torch"), runs=runs)
-            t_bnkit, backend = _time_bnkit(_bn_fn(case, mode, "bnkit"), runs)
+            fns = {"copy": x_copy.clone, "torch": _bn_fn(case, mode, "torch"), "bnkit": _bn_fn(case, mode, "bnkit")}
+            # torch's F.batch_norm does not look at bnkit's backend, so one context serves all three.
+            with bnkit.use_backend("cpu"):
+                t = interleaved_times(fns, runs=runs)
+                backend = bnkit.last_backend()
             rows.append(
                 {
                     "case": case.label,
                     "mode": mode,
                     "backend": backend,
-                    "torch_ms": t_torch * 1e3,
-                    "bnkit_ms": t_bnkit * 1e3,
-                    "speedup": t_torch / t_bnkit,
-                    "copy_ms": t_copy * 1e3,
-                    "torch_x_copy": t_torch / t_copy,
-                    "bnkit_x_copy": t_bnkit / t_copy,
+                    "torch_ms": t.median("torch") * 1e3,
+                    "bnkit_ms": t.median("bnkit") * 1e3,
+                    "speedup": t.ratio("torch", "bnkit"),
+                    "copy_ms": t.median("copy") * 1e3,
+                    "torch_x_copy": t.ratio("torch", "copy"),
+                    "bnkit_x_copy": t.ratio("bnkit", "copy"),
                 }
             )
             if progress:
@@ -276,7 +293,8 @@ def write_results(rows: list[dict], info: dict, out_dir: Path, stem: str) -> tup
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
     json_path.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(key for row in rows for key in row))  # the e2e row has one more
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     return json_path, csv_path
@@ -300,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(cases, args.runs, e2e)
     title = f"bnkit cpu vs torch native ({info['cpu']}, {info['torch_threads']} threads)"
     print_table(rows, title)
+    for row in rows:
+        if "torch_bn_share" in row:
+            share = row["torch_bn_share"]
+            print(f"{row['case']}: torch's batch norm is {share:.1%} of torch's step (profiler), so replacing it "
+                  f"cannot make the step faster than {1 / (1 - share):.2f}x")
     paths = write_results(rows, info, args.out, "cpu_quick" if args.quick else "cpu")
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0

@@ -17,11 +17,17 @@ bits of float16); :func:`load` widens an element to the compute dtype (float64 f
 float32 otherwise) and :func:`store` rounds back to nearest-even exactly as torch does.
 Per-channel vectors (``mean``, ``scale``, ...) come in the statistics dtype.
 
-Numerics policy (the same as :mod:`bnkit.reference`): statistics are accumulated in float64.
-Each contiguous block of at most ``BLOCK`` values (it stays in L1/L2 cache) is read twice:
-``mean_b = sum(x)/n_b`` then ``M2_b = sum((x - mean_b)**2)``; blocks are merged with Chan's
-formula (:func:`chan_merge`), so memory is read once and ``E[x^2] - E[x]^2`` never appears.
-Normalization subtracts the mean before scaling: ``y = (x - mean) * scale + shift``.
+Numerics policy (the same as :mod:`bnkit.reference`): statistics are accumulated in float64 and
+``E[x^2] - E[x]^2`` of the raw data never appears. Memory is read once, with the "shifted data"
+algorithm: with a shift ``K`` near the data (a value of the channel, or its mean so far),
+``sum(x - K)`` and ``sum((x - K)**2)`` are sums of values of the order of the spread, not of the
+offset, so a channel with mean 1e4 and std 1e-2 loses nothing to the offset; then
+``mean = K + S1/n`` and ``M2 = S2 - S1**2/n``. Long contiguous runs (:func:`_seg_stats`) sum
+blocks of ``SBLOCK`` values in float32 lanes (they vectorize 8 wide) and add the block sums in
+float64; short rows (:func:`ncs_row_stats`) and channels-innermost rows (:func:`nsc_stats`, in
+blocks of ``NSC_SBLOCK`` rows) likewise; partial results are merged in float64 with Chan's
+formula (:func:`chan_merge`). The normalization uses the float64 mean and
+``scale = w / sqrt(var + eps)`` and rounds each output once: ``y = (x - mean) * scale + shift``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 __all__ = [
-    "BLOCK",
     "backward_coeffs",
     "chan_merge",
     "finish_stats",
@@ -48,11 +53,14 @@ __all__ = [
     "store",
 ]
 
-# Values per statistics block: 2 passes over it hit L1 (fp32: 16 KiB) or L2 (nsc: 64 KiB).
-BLOCK = 4096
-NSC_BLOCK = 16384
 # Values per float32 partial sum in the backward reductions (then merged in float64).
 RBLOCK = 256
+# Values per float32 block of the forward statistics' shifted sums (ncs): the vectorized loop
+# keeps 32 partial sums, so each adds up SBLOCK / 32 values before the block goes to float64.
+SBLOCK = 256
+# Rows per shifted block in channels-innermost memory: there each channel's sums are one
+# sequential chain (the lanes run across channels), so blocks stay short.
+NSC_SBLOCK = 64
 
 # reassoc lets LLVM vectorize the float64 reductions; no nnan/ninf: NaN and inf propagate.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -186,6 +194,22 @@ def _store_impl(a, i, v):
     return None
 
 
+def to_acc(a, v):
+    """``v`` in the compute dtype of ``a``'s elements (float64 for float64 arrays, else float32).
+
+    (``load(a, i) * 0`` would not give a zero of that dtype: numba types a float32 times an
+    integer as float64, and the whole reduction then runs in float64.)
+    """
+    raise NotImplementedError
+
+
+@overload(to_acc, jit_options={"fastmath": _FAST})
+def _to_acc_impl(a, v):
+    if a.dtype == types.float64:
+        return lambda a, v: np.float64(v)
+    return lambda a, v: np.float32(v)
+
+
 # --- shared math --------------------------------------------------------------------------------------
 
 
@@ -200,33 +224,47 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @njit(**_JIT)
+def _seg_stats(xs, n, cnt, mu, m2):
+    # Merge the n contiguous values of xs into (cnt, mu, m2), reading each value once.
+    # Shifted data: with a shift K near the data (the mean so far, or the first value),
+    # sum(x - K) and sum((x - K)**2) are small, well-conditioned sums. They run in the data's
+    # compute dtype (float32 lanes vectorize 8 wide) over blocks of SBLOCK values, each block
+    # summed into float64; then mean = K + S1/n and M2 = S2 - S1**2/n, merged with Chan's formula.
+    if n == 0:
+        return cnt, mu, m2
+    k = to_acc(xs, mu) if cnt > 0.0 else load(xs, 0)
+    if not np.isfinite(k):  # an inf or NaN shift would turn finite values into NaN
+        k = to_acc(xs, 0.0)
+    s1 = 0.0
+    s2 = 0.0
+    for b0 in range(0, n, SBLOCK):
+        b1 = min(b0 + SBLOCK, n)
+        ts = to_acc(xs, 0.0)
+        tq = ts
+        for i in range(b0, b1):
+            d = load(xs, i) - k
+            ts += d
+            tq += d * d
+        s1 += ts
+        s2 += tq
+    nb = float(n)
+    m2b = s2 - s1 * (s1 / nb)
+    if m2b < 0.0:  # rounding; written so that NaN passes through
+        m2b = 0.0
+    return chan_merge(cnt, mu, m2, nb, float(k) + s1 / nb, m2b)
+
+
+@njit(**_JIT)
 def _ncs_chunk_stats(x, c, C, S, j0, j1):
-    # (count, mean, M2) in float64 of channel c over channel indices [j0, j1), BLOCK values at a time.
+    # (count, mean, M2) in float64 of channel c over channel indices [j0, j1), row segment by row segment.
     cnt = 0.0
     mu = 0.0
     m2 = 0.0
-    for b0 in range(j0, j1, BLOCK):
-        b1 = min(b0 + BLOCK, j1)
-        s = 0.0
-        for n in range(b0 // S, (b1 - 1) // S + 1):
-            base = (n * C + c) * S
-            lo = max(b0 - n * S, 0)
-            hi = min(b1 - n * S, S)
-            xs = x[base + lo : base + hi]
-            for i in range(hi - lo):
-                s += load(xs, i)
-        nb = float(b1 - b0)
-        mb = s / nb
-        q = 0.0
-        for n in range(b0 // S, (b1 - 1) // S + 1):
-            base = (n * C + c) * S
-            lo = max(b0 - n * S, 0)
-            hi = min(b1 - n * S, S)
-            xs = x[base + lo : base + hi]
-            for i in range(hi - lo):
-                d = load(xs, i) - mb
-                q += d * d
-        cnt, mu, m2 = chan_merge(cnt, mu, m2, nb, mb, q)
+    for n in range(j0 // S, (j1 - 1) // S + 1):
+        base = (n * C + c) * S
+        lo = max(j0 - n * S, 0)
+        hi = min(j1 - n * S, S)
+        cnt, mu, m2 = _seg_stats(x[base + lo : base + hi], hi - lo, cnt, mu, m2)
     return cnt, mu, m2
 
 
@@ -249,14 +287,16 @@ def _ncs_chunk_affine(u, x, out, c, C, S, j0, j1, has_u, a, m, k, sh):
 
 
 @njit(**_JIT)
-def _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, scale_c, shift_c):
-    # mean, biased var -> statistics dtype; scale = invstd * w and shift = b in the statistics dtype,
-    # each rounded where the reference rounds (mean and var first, then invstd, then invstd * w).
+def _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, mean64, scale, shift):
+    # mean and biased var go out in the statistics dtype; the normalization gets float64 mean and
+    # scale = w / sqrt(var + eps) (``mean64``, ``scale``, ``shift`` are float64 arrays), so each
+    # output value is rounded once instead of after every step.
     mean_out[c] = mu
-    var_out[c] = m2 / cnt
-    scale_c[c] = 1.0 / np.sqrt(var_out[c] + eps)
-    scale_c[c] = scale_c[c] * weight[c]
-    shift_c[c] = bias[c]
+    v = m2 / cnt
+    var_out[c] = v
+    mean64[c] = mu
+    scale[c] = float(weight[c]) / np.sqrt(v + eps)
+    shift[c] = bias[c]
 
 
 @njit(**_JIT)
@@ -269,14 +309,17 @@ def _part(total, parts, p):
 
 
 @njit(parallel=True, **_JIT)
-def ncs_train(x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, scale, shift, part_n, part_mu, part_m2):
+def ncs_train(
+    x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, mean64, scale, shift, part_n, part_mu, part_m2
+):
     """Training forward on ``(N, C, S)`` memory; one task per (channel, part).
 
     ``fuse`` (needs ``P == 1``): each task owns a whole channel: it computes its statistics, then
     normalizes it, ``y = (x - mean) * scale + shift``, while its data is still in cache, and
-    writes ``mean_out``/``var_out``/``scale``/``shift``. Otherwise (e.g. ``P > 1``, few channels) each
-    task only writes the (count, mean, M2) of its part to ``part_*[p, c]``; the caller merges them
-    (:func:`finish_stats`) and normalizes with :func:`ncs_affine`.
+    writes ``mean_out``/``var_out`` and the float64 ``mean64``/``scale``/``shift``. Otherwise (e.g.
+    ``P > 1``, few channels) each task only writes the (count, mean, M2) of its part to
+    ``part_*[p, c]``; the caller merges them (:func:`finish_stats`) and normalizes with
+    :func:`ncs_affine`.
     """
     M = N * S
     for t in prange(C * P):
@@ -285,8 +328,8 @@ def ncs_train(x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, scal
         j0, j1 = _part(M, P, p)
         cnt, mu, m2 = _ncs_chunk_stats(x, c, C, S, j0, j1)
         if fuse:
-            _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, scale, shift)
-            _ncs_chunk_affine(x, x, y, c, C, S, 0, M, False, scale[c], mean_out[c], scale[c], shift[c])
+            _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, mean64, scale, shift)
+            _ncs_chunk_affine(x, x, y, c, C, S, 0, M, False, scale[c], mu, scale[c], shift[c])
         else:
             part_n[p, c] = cnt
             part_mu[p, c] = mu
@@ -294,47 +337,65 @@ def ncs_train(x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, scal
 
 
 @njit(**_JIT)
-def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, scale, shift):
-    """Merge per-part (count, mean, M2) rows ``part_*[p, c]`` (Chan) into mean, var, scale, shift."""
+def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, mean64, scale, shift):
+    """Merge per-part (count, mean, M2) rows ``part_*[p, c]`` (Chan) into mean, var, scale, shift.
+
+    ``mean_out``/``var_out`` are in the statistics dtype; ``mean64``/``scale``/``shift`` (what the
+    normalization uses) are float64.
+    """
     P, C = part_mu.shape
     for c in range(C):
         cnt, mu, m2 = 0.0, 0.0, 0.0
         for p in range(P):
             cnt, mu, m2 = chan_merge(cnt, mu, m2, part_n[p, c], part_mu[p, c], part_m2[p, c])
-        _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, scale, shift)
+        _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, mean64, scale, shift)
 
 
 @njit(parallel=True, **_JIT)
 def ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2):
     """Per-part statistics of ``(N, C, S)`` memory read in memory order (for short rows ``S``).
 
-    ``T`` tasks each stream a range of rows ``r = n*C + c``; a row (``S`` values, in L1) is
-    summed, then its squared deviations from the row mean are summed, and the row is merged
-    into the task's (count, mean, M2) of channel ``c``, ``part_*[t, c]`` (Chan). The caller
-    merges the parts (:func:`finish_stats`) and normalizes with :func:`ncs_affine`.
+    ``T`` tasks each stream a range of rows ``r = n*C + c``, reading each value once. Per
+    channel a task shifts by ``K`` (the first finite value it meets in that channel) and adds
+    ``sum(x - K)`` and ``sum((x - K)**2)`` over each row into float64 totals: no division per
+    row, and the shifted sums stay well-conditioned unless the data spreads over many orders of
+    magnitude more than its standard deviation. At the end ``mean = K + S1/n`` and
+    ``M2 = S2 - S1**2/n`` go to ``part_*[t, c]``; the caller merges the parts
+    (:func:`finish_stats`) and normalizes with :func:`ncs_affine`.
     """
     R = N * C
     for t in prange(T):
         r0, r1 = _part(R, T, t)
-        for ch in range(C):
-            part_n[t, ch] = 0.0
-            part_mu[t, ch] = 0.0
-            part_m2[t, ch] = 0.0
+        k = np.zeros(C)
+        s1 = np.zeros(C)
+        s2 = np.zeros(C)
+        cnt = np.zeros(C)
         for r in range(r0, r1):
             c = r % C
             xs = x[r * S : (r + 1) * S]
-            s = 0.0
-            for i in range(S):
-                s += load(xs, i)
-            mb = s / S
+            if cnt[c] == 0.0:
+                k0 = float(load(xs, 0))
+                k[c] = k0 if np.isfinite(k0) else 0.0
+            kc = k[c]
+            a = 0.0
             q = 0.0
             for i in range(S):
-                d = load(xs, i) - mb
+                d = load(xs, i) - kc
+                a += d
                 q += d * d
-            cnt, mu, m2 = chan_merge(part_n[t, c], part_mu[t, c], part_m2[t, c], float(S), mb, q)
-            part_n[t, c] = cnt
-            part_mu[t, c] = mu
-            part_m2[t, c] = m2
+            s1[c] += a
+            s2[c] += q
+            cnt[c] += S
+        for ch in range(C):
+            n = cnt[ch]
+            part_n[t, ch] = n
+            if n == 0.0:
+                part_mu[t, ch] = 0.0
+                part_m2[t, ch] = 0.0
+                continue
+            part_mu[t, ch] = k[ch] + s1[ch] / n
+            m2 = s2[ch] - s1[ch] * (s1[ch] / n)
+            part_m2[t, ch] = m2 if not m2 < 0.0 else 0.0
 
 
 @njit(parallel=True, **_JIT)
@@ -419,7 +480,7 @@ def _dot_sums(gs, xs, m, n):
     s1 = 0.0
     for b0 in range(0, n, RBLOCK):
         b1 = min(b0 + RBLOCK, n)
-        t0 = load(gs, b0) * 0
+        t0 = to_acc(gs, 0.0)
         t1 = t0
         for i in range(b0, b1):
             g = load(gs, i)
@@ -489,42 +550,48 @@ def ncs_backward_train(dy, x, dx, N, C, S, mean, invstd, weight, sum_dy, sum_dy_
 def nsc_stats(x, R, C, T, part_n, part_mu, part_m2):
     """Per-part statistics of ``(R, C)`` memory (channels innermost): ``T`` row ranges in parallel.
 
-    Each part reads its rows once: a block of ``NSC_BLOCK`` values is summed, then the squared
-    deviations from the block mean are summed while the block is still in cache, and the block
-    is merged into the part's (count, mean, M2) per channel, ``part_*[t, c]``. The caller merges
-    the parts (:func:`finish_stats`) and normalizes with :func:`nsc_affine`.
+    Each part reads its rows once, ``NSC_SBLOCK`` rows at a time: per channel, the block is shifted
+    by its first row ``K`` and ``sum(x - K)``, ``sum((x - K)**2)`` run in the compute dtype across
+    channels (they vectorize); the block's (mean, M2) is merged in float64 into the part's
+    (count, mean, M2), ``part_*[t, c]`` (Chan). The caller merges the parts
+    (:func:`finish_stats`) and normalizes with :func:`nsc_affine`.
     """
-    rb = max(1, NSC_BLOCK // C)
     for t in prange(T):
         r0, r1 = _part(R, T, t)
-        bs = np.empty(C)
-        bq = np.empty(C)
+        zero = to_acc(x, 0.0)
+        k = np.full(C, zero)
+        ts = np.full(C, zero)
+        tq = np.full(C, zero)
         mu = np.zeros(C)
         m2 = np.zeros(C)
         cnt = 0.0
-        for b0 in range(r0, r1, rb):
-            b1 = min(b0 + rb, r1)
-            bs[:] = 0.0
-            bq[:] = 0.0
-            for r in range(b0, b1):
-                xr = x[r * C : (r + 1) * C]
-                for c in range(C):
-                    bs[c] += load(xr, c)
-            nb = float(b1 - b0)
+        for b0 in range(r0, r1, NSC_SBLOCK):
+            b1 = min(b0 + NSC_SBLOCK, r1)
+            x0 = x[b0 * C : (b0 + 1) * C]
             for c in range(C):
-                bs[c] = bs[c] / nb
+                kc = load(x0, c)
+                k[c] = kc if np.isfinite(kc) else zero
+                ts[c] = 0.0
+                tq[c] = 0.0
             for r in range(b0, b1):
                 xr = x[r * C : (r + 1) * C]
                 for c in range(C):
-                    d = load(xr, c) - bs[c]
-                    bq[c] += d * d
+                    d = load(xr, c) - k[c]
+                    ts[c] += d
+                    tq[c] += d * d
+            nb = float(b1 - b0)
+            inv_nb = 1.0 / nb
             n = cnt + nb
             w_b = nb / n
             w_ab = cnt * nb / n
             for c in range(C):
-                delta = bs[c] - mu[c]
+                s1 = float(ts[c])
+                m2b = float(tq[c]) - s1 * s1 * inv_nb
+                if m2b < 0.0:
+                    m2b = 0.0
+                delta = float(k[c]) + s1 * inv_nb - mu[c]
                 mu[c] += delta * w_b
-                m2[c] += bq[c] + delta * delta * w_ab
+                m2[c] += m2b + delta * delta * w_ab
             cnt = n
         for c in range(C):
             part_n[t, c] = cnt

@@ -225,10 +225,9 @@ class CpuBackend:
         mean = torch.empty(c, dtype=sd)
         var = torch.empty(c, dtype=sd)
         mean_np, var_np = mean.numpy(), var.numpy()
-        scale = np.empty(c, np_sd)
-        shift = np.empty(c, np_sd)
+        mean64, scale, shift = np.empty((3, c))  # float64: the normalization rounds once
         nt = _threads(x.numel())
-        e = np_sd(eps)
+        e = float(eps)
         xf, yf = _flat(x), _flat(y)
         if order == "ncs" and s < ROW_STATS_MAX_S:
             p = _nsc_parts(nt, n * c, s)  # short rows: stream them in memory order
@@ -238,15 +237,15 @@ class CpuBackend:
             p = _ncs_parts(nt, c, n * s)
             fuse = p == 1 and FUSE_NCS
             parts = np.empty((3, p, c))
-            K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, scale, shift, *parts)
+            K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, mean64, scale, shift, *parts)
             if fuse:
                 return y, mean, var
         else:
             p = _nsc_parts(nt, n * s, c)
             parts = np.empty((3, p, c))
             K.nsc_stats(xf, n * s, c, p, *parts)
-        K.finish_stats(*parts, w, b, e, mean_np, var_np, scale, shift)
-        self._affine(order, n, c, s, xf, xf, yf, False, scale, mean_np, scale, shift)
+        K.finish_stats(*parts, w, b, e, mean_np, var_np, mean64, scale, shift)
+        self._affine(order, n, c, s, xf, xf, yf, False, scale, mean64, scale, shift)
         return y, mean, var
 
     def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

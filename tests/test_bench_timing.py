@@ -1,0 +1,68 @@
+"""The benchmark harness's interleaved timer, on a fake clock (no real timing in tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnkit.bench import timing
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", fake)
+    return fake
+
+
+def test_rounds_rotate_and_ratios_cancel_drift(clock):
+    calls: list[str] = []
+
+    def make(name: str, cost: float):
+        def fn() -> None:
+            timed = len(calls) - 6  # 3 warm-up calls each come first
+            calls.append(name)
+            # the machine is 3x slower in every other round: per-round ratios must not care
+            slow = timed >= 0 and (timed // 2) % 2 == 1
+            clock.now += cost * (3.0 if slow else 1.0)
+
+        return fn
+
+    res = timing.interleaved_times({"a": make("a", 2e-3), "b": make("b", 1e-3)}, runs=16, warmup=3)
+    assert len(res.times["a"]) == len(res.times["b"]) == 16
+    assert calls[6:10] == ["a", "b", "b", "a"]  # the order rotates between rounds
+    assert res.ratio("a", "b") == pytest.approx(2.0)
+    assert sorted(set(round(t * 1e3, 9) for t in res.times["b"])) == [1.0, 3.0]
+
+
+def test_fast_calls_are_repeated_within_a_sample(clock):
+    n = {"fast": 0, "slow": 0}
+
+    def fast() -> None:
+        n["fast"] += 1
+        clock.now += 10e-6
+
+    def slow() -> None:
+        n["slow"] += 1
+        clock.now += 1e-3
+
+    res = timing.interleaved_times({"fast": fast, "slow": slow}, runs=15, warmup=2)
+    reps = (n["fast"] - 2) // 15
+    assert reps * 10e-6 >= timing.MIN_SAMPLE_S
+    assert n["slow"] == 2 + 15
+    assert res.median("fast") == pytest.approx(10e-6)
+    assert res.ratio("slow", "fast") == pytest.approx(100.0)
+
+
+def test_runs_are_at_least_fifteen(clock):
+    def fn() -> None:
+        clock.now += 1e-3
+
+    assert len(timing.interleaved_times({"f": fn}, runs=3).times["f"]) == timing.MIN_RUNS
