@@ -26,6 +26,8 @@ import math
 
 from numba import njit, prange
 
+from bnkit.kernels.cpu import _seg_stats
+
 __all__ = [
     "KINDS",
     "channel_backward_ms",
@@ -104,34 +106,21 @@ def slope(kind: int, p: float) -> float:
 def channel_train_act(x, N, C, S, w, b, eps, kind, p, out, out_mean, out_var, scratch):
     """Training forward, one channel per task: its statistics, then ``out = act(y)`` at once.
 
-    Each of a channel's ``N`` rows is read twice while in L1 (row mean, then row M2; float64)
-    and the rows are merged with Chan's formula; the normalizing pass then finds the channel
-    still in cache, so memory is read about once. ``out`` may be ``x``. ``out_mean``/``out_var`` get the batch
+    The statistics read each value once (:func:`bnkit.kernels.cpu._seg_stats`: shifted sums,
+    float64 across blocks and rows); the normalizing pass then finds the channel still in cache,
+    so memory is read about once. ``out`` may be ``x``. ``out_mean``/``out_var`` get the batch
     mean and biased variance (float64); ``scratch`` (3 * C values of the data dtype) holds the
     per-channel constants rounded to the data dtype, so that float32 data is normalized in
     float32 (as the reference does) with twice the SIMD width.
     """
     M = N * S
     for c in prange(C):
-        # rows (S contiguous values, in L1) two-pass, merged with Chan's formula
+        # the BN kernels' one-read shifted statistics, row by row (see bnkit.kernels.cpu)
         cnt = 0.0
         mean = 0.0
         m2 = 0.0
         for n in range(N):
-            xs = x[(n * C + c) * S : (n * C + c + 1) * S]
-            s = 0.0
-            for i in range(S):
-                s += xs[i]
-            row_mean = s / S
-            q = 0.0
-            for i in range(S):
-                d = xs[i] - row_mean
-                q += d * d
-            total = cnt + S
-            delta = row_mean - mean
-            mean += delta * (S / total)
-            m2 += q + delta * delta * (cnt * S / total)
-            cnt = total
+            cnt, mean, m2 = _seg_stats(x[(n * C + c) * S : (n * C + c + 1) * S], S, cnt, mean, m2)
         var = m2 / M
         out_mean[c] = mean
         out_var[c] = var
