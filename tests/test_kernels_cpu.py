@@ -275,3 +275,29 @@ def test_launch_after_backend_load_uses_torchs_thread_count():
     kcpu.load_backend()
     assert cpu_launch._threads(SERIAL_NUMEL) == want
     assert numba.get_num_threads() == want
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "contiguous-long-rows", "channels_last", "nc"])
+@pytest.mark.parametrize("kind", ["sample-offsets", "outlier-first"])
+def test_shifted_statistics_stay_accurate(cpu, layout, kind):
+    """The kernels sum x - K around a shift K taken from the data (a value, or the mean so far).
+
+    sample-offsets: each sample sits 1e3 away from the others with a spread of 1e-2, so a later
+    row's mean is far (1e5 of its own standard deviations) from the shift it inherits.
+    outlier-first: the first value of every channel, a natural shift, is 1e3 standard deviations out.
+    """
+    shape = {"contiguous-long-rows": (6, 4, 40, 40), "nc": (4096, 4)}.get(layout, (6, 4, 12, 12))
+    x = _make(shape, layout.removesuffix("-long-rows"), torch.float32, scale=1e-2 if kind == "sample-offsets" else 1.0)
+    if kind == "sample-offsets":
+        offsets = torch.linspace(-1e3, 1e3, x.shape[0]).view(-1, *[1] * (x.dim() - 1))
+        x = x + offsets  # keeps x's memory format
+    else:
+        x = x.clone()
+        x.select(0, 0).view(x.shape[1], -1)[:, 0] = 1e3 if layout != "nc" else x[0]
+        if layout == "nc":
+            x[0] = 1e3
+    dims = [0, *range(2, x.dim())]
+    _, mean, var = cpu.forward_train(x, None, None, 1e-5)
+    x64 = x.double()
+    torch.testing.assert_close(var.double(), x64.var(dims, unbiased=False), rtol=2e-6, atol=0)
+    assert ((mean.double() - x64.mean(dims)).abs() / x64.std(dims)).max() <= 1e-4

@@ -19,7 +19,8 @@ Per-channel vectors (``mean``, ``scale``, ...) come in the statistics dtype.
 
 Numerics policy (the same as :mod:`bnkit.reference`): statistics are accumulated in float64 and
 ``E[x^2] - E[x]^2`` of the raw data never appears. Memory is read once, with the "shifted data"
-algorithm: with a shift ``K`` near the data (a value of the channel, or its mean so far),
+algorithm: with a shift ``K`` near the data (the mean of a first block, then the mean so far;
+a single value of the channel only where the sums are float64),
 ``sum(x - K)`` and ``sum((x - K)**2)`` are sums of values of the order of the spread, not of the
 offset, so a channel with mean 1e4 and std 1e-2 loses nothing to the offset; then
 ``mean = K + S1/n`` and ``M2 = S2 - S1**2/n``. Long contiguous runs (:func:`_seg_stats`) sum
@@ -226,13 +227,21 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 @njit(**_JIT)
 def _seg_stats(xs, n, cnt, mu, m2):
     # Merge the n contiguous values of xs into (cnt, mu, m2), reading each value once.
-    # Shifted data: with a shift K near the data (the mean so far, or the first value),
-    # sum(x - K) and sum((x - K)**2) are small, well-conditioned sums. They run in the data's
-    # compute dtype (float32 lanes vectorize 8 wide) over blocks of SBLOCK values, each block
-    # summed into float64; then mean = K + S1/n and M2 = S2 - S1**2/n, merged with Chan's formula.
+    # Shifted data: with a shift K near the data's mean, sum(x - K) and sum((x - K)**2) are
+    # small, well-conditioned sums. They run in the data's compute dtype (float32 lanes vectorize
+    # 8 wide) over blocks of SBLOCK values, each block summed into float64; then mean = K + S1/n
+    # and M2 = S2 - S1**2/n, merged with Chan's formula. K is the mean so far or, for the first
+    # segment, the mean of its first block (one more read of values still in L1): a single value
+    # as K could be an outlier, and the float32 sums would then cancel badly.
     if n == 0:
         return cnt, mu, m2
-    k = to_acc(xs, mu) if cnt > 0.0 else load(xs, 0)
+    if cnt > 0.0:
+        k = to_acc(xs, mu)
+    else:
+        k = to_acc(xs, 0.0)
+        for i in range(min(n, SBLOCK)):
+            k += load(xs, i)
+        k = to_acc(xs, k / min(n, SBLOCK))
     if not np.isfinite(k):  # an inf or NaN shift would turn finite values into NaN
         k = to_acc(xs, 0.0)
     s1 = 0.0
@@ -551,7 +560,8 @@ def nsc_stats(x, R, C, T, part_n, part_mu, part_m2):
     """Per-part statistics of ``(R, C)`` memory (channels innermost): ``T`` row ranges in parallel.
 
     Each part reads its rows once, ``NSC_SBLOCK`` rows at a time: per channel, the block is shifted
-    by its first row ``K`` and ``sum(x - K)``, ``sum((x - K)**2)`` run in the compute dtype across
+    by ``K``, the part's mean so far (for its first block, that block's own mean, from one more
+    read of rows still in cache), and ``sum(x - K)``, ``sum((x - K)**2)`` run in the compute dtype across
     channels (they vectorize); the block's (mean, M2) is merged in float64 into the part's
     (count, mean, M2), ``part_*[t, c]`` (Chan). The caller merges the parts
     (:func:`finish_stats`) and normalizes with :func:`nsc_affine`.
@@ -567,10 +577,21 @@ def nsc_stats(x, R, C, T, part_n, part_mu, part_m2):
         cnt = 0.0
         for b0 in range(r0, r1, NSC_SBLOCK):
             b1 = min(b0 + NSC_SBLOCK, r1)
-            x0 = x[b0 * C : (b0 + 1) * C]
+            if cnt == 0.0:  # the first block's own mean (one more read, in cache): never one value
+                for c in range(C):
+                    k[c] = zero
+                for r in range(b0, b1):
+                    xr = x[r * C : (r + 1) * C]
+                    for c in range(C):
+                        k[c] += load(xr, c)
+                for c in range(C):
+                    k[c] = k[c] / (b1 - b0)
+            else:  # the mean so far
+                for c in range(C):
+                    k[c] = mu[c]
             for c in range(C):
-                kc = load(x0, c)
-                k[c] = kc if np.isfinite(kc) else zero
+                if not np.isfinite(k[c]):
+                    k[c] = zero
                 ts[c] = 0.0
                 tq[c] = 0.0
             for r in range(b0, b1):
