@@ -201,6 +201,39 @@ def test_gradcheck(activation, memory_saving):
         assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
 
 
+@pytest.mark.parametrize("activation", ACTS)
+def test_gradgradcheck(activation):
+    # relu and leaky_relu have kinks: keep the values away from 0 (the data is random, the
+    # perturbation of gradgradcheck is 1e-6)
+    x, w, b, rm, rv = _data((3, 2, 2, 3))
+    p = PARAM.get(activation, 0.01)
+    for training in (True, False):
+        def f(x, w, b, training=training):
+            return bf.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, activation=activation,
+                                     activation_param=p)
+        assert torch.autograd.gradgradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+
+
+def test_double_backward_matches_composed_and_memory_saving_says_no():
+    x, w, b, rm, rv = _data((4, 3, 2, 2))
+    penalties = []
+    for ours_first in (True, False):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        if ours_first:
+            z = bf.batch_norm_act(xs, rm.clone(), rv.clone(), ws, bs, True, activation="silu")
+        else:  # the oracle: torch's batch norm, then torch's activation
+            z = F.silu(F.batch_norm(xs, rm.clone(), rv.clone(), ws, bs, True))
+        (gx,) = torch.autograd.grad(z.pow(2).sum(), xs, create_graph=True)
+        gx.pow(2).sum().backward()  # a gradient penalty
+        penalties.append((xs.grad, ws.grad, bs.grad))
+    for ours, theirs in zip(*penalties, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+    xs = x.clone().requires_grad_()
+    z = bf.batch_norm_act(xs, None, None, w, b, True, activation="leaky_relu", memory_saving=True)
+    with pytest.raises(RuntimeError, match="memory_saving=True has no double backward"):
+        torch.autograd.grad(z.sum(), xs, create_graph=True)
+
+
 def test_memory_saving_saves_only_the_output():
     x, w, b, *_ = _data((4, 3, 5, 6))
     x.requires_grad_()

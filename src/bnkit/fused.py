@@ -47,7 +47,9 @@ third way: torch's vectorized ``log1p`` writes the inverse into ``dx`` itself (o
 reduces and a second one reads ``y`` back while it writes ``dx`` (numba's scalar ``log1p`` in the
 kernels, or eight torch ops per chunk in the composed path, made this backward several times slower).
 With ``inplace=True`` the forward writes ``z`` over ``x`` (also chunk by chunk; the
-statistics come from two ``backward_reduce`` passes first). No double backward.
+statistics come from two ``backward_reduce`` passes first). Double backward (``create_graph=True``)
+recomputes the forward from the saved input in differentiable reference ops; memory-saving mode
+has none (it keeps only the output) and raises a clear error.
 """
 
 from __future__ import annotations
@@ -369,7 +371,8 @@ class _BatchNormAct(torch.autograd.Function):
             ctx.save_for_backward(z, w, b, inv, *extra)
         else:
             # only the input: y (and act'(y)) is recomputed in the backward, in the same pass
-            ctx.save_for_backward(x, weight, w, b, mean, var, inv)
+            # (bias is saved for the double backward only: a parameter, no memory)
+            ctx.save_for_backward(x, weight, w, b, mean, var, inv, bias)
         if training:
             ctx.mark_non_differentiable(mean, var)
             return z, mean, var
@@ -378,10 +381,11 @@ class _BatchNormAct(torch.autograd.Function):
         return z, empty, empty
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dz, _dmean, _dvar):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.memory_saving:
+        if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+            dx, dw, db = _differentiable_backward(ctx, dz)
+        elif ctx.memory_saving:
             dx, dw, db = _memory_saving_backward(ctx, dz, need_x)
         else:
             dx, dw, db = _standard_backward(ctx, dz, need_x, need_w or need_b)
@@ -390,9 +394,40 @@ class _BatchNormAct(torch.autograd.Function):
         return (dx if need_x else None), dw, db, None, None, None, None, None, None, None, None
 
 
+def _differentiable_backward(ctx, dz: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The backward in differentiable torch ops (double backward, e.g. gradient penalties).
+
+    The forward is recomputed from the saved input with the reference's formulas (batch
+    statistics as functions of ``x`` in training, the running statistics as constants in eval),
+    and autograd differentiates it with ``create_graph=True``. Memory-saving mode keeps only the
+    output, so it has no such path and says so.
+    """
+    if ctx.memory_saving:
+        raise RuntimeError(
+            "BatchNormAct with memory_saving=True has no double backward (it keeps only its output); "
+            "use memory_saving=False to differentiate its gradients (create_graph=True)"
+        )
+    x, weight, _w, _b, mean, _var, inv, bias = ctx.saved_tensors
+    inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        if ctx.training:
+            m, v = ref.batch_stats(x)
+            inv = ref.invstd(v, ctx.eps)
+        else:
+            m = mean
+        z = apply_activation(ref.normalize(x, m, inv, weight, bias), ctx.activation, ctx.param, False)
+        grads = iter(torch.autograd.grad(z, inputs, dz, create_graph=True, allow_unused=True))
+    dx, dw, db = (next(grads) if t is not None and t.requires_grad else None for t in (x, weight, bias))
+    zero = None if x is None else torch.zeros((), dtype=ref.stats_dtype(x.dtype), device=x.device)
+    # the callers cast dw/db to the parameter dtype; a parameter that did not reach z gets zeros
+    dw = dw if dw is not None or weight is None else zero.expand(weight.shape)
+    db = db if db is not None or bias is None else zero.expand(bias.shape)
+    return dx, dw, db
+
+
 def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
     """BN backward of ``g = dz * act'(y)``, ``y`` rebuilt from the saved ``x``."""
-    x, weight, w, b, mean, var, inv = ctx.saved_tensors
+    x, weight, w, b, mean, var, inv, _bias = ctx.saved_tensors
     act, param = ctx.activation, ctx.param
     a = inv * w
     k = _kernels_for(x, act)
