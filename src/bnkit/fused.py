@@ -204,6 +204,8 @@ def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
 # None: use bnkit.kernels.cpu_act when the dispatcher picks the "cpu" backend for a tensor;
 # True/False force it on/off (tests compare both paths).
 FORCE_KERNELS: bool | None = None
+# (cpu_act module, cpu_launch._threads) once imported; False when numba is unusable
+_CPU_ACT = None
 
 
 def _kernels_for(x: Tensor, activation: str):
@@ -219,13 +221,20 @@ def _kernels_for(x: Tensor, activation: str):
         return None
     if FORCE_KERNELS is None and (activation not in ("identity", "relu", "leaky_relu") or backend_for(x).name != "cpu"):
         return None
-    try:
-        from bnkit.kernels import cpu_act
-        from bnkit.kernels.cpu_launch import _threads
-    except Exception:  # numba missing: the composed path is exact, only slower
+    global _CPU_ACT
+    if _CPU_ACT is None:
+        try:
+            from bnkit.kernels import cpu_act
+            from bnkit.kernels.cpu_launch import _threads
+        except Exception:  # numba missing: the composed path is exact, only slower
+            _CPU_ACT = False
+        else:
+            _CPU_ACT = (cpu_act, _threads)
+    if _CPU_ACT is False:
         return None
+    cpu_act, threads = _CPU_ACT
     # numba's thread count as the cpu backend sets it (torch's count; one for small inputs)
-    _threads(x.numel())
+    threads(x.numel())
     return cpu_act
 
 
@@ -272,7 +281,13 @@ def _channel_tasks(x: Tensor) -> bool:
 
 
 def _flat(t: Tensor):
-    return t.detach().reshape(-1).numpy()
+    # (no detach when nothing requires grad: each small dispatch shows on small layers)
+    return (t.detach() if t.requires_grad else t).reshape(-1).numpy()
+
+
+def _detached_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    t = t.detach()
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _rows(x: Tensor) -> tuple[int, int, int]:
@@ -314,8 +329,8 @@ class _BatchNormAct(torch.autograd.Function):
                 memory_saving, inplace):
         sd = ref.stats_dtype(x.dtype)
         c = x.shape[1]
-        w = torch.ones(c, dtype=sd, device=x.device) if weight is None else weight.detach().to(sd)
-        b = torch.zeros(c, dtype=sd, device=x.device) if bias is None else bias.detach().to(sd)
+        w = torch.ones(c, dtype=sd, device=x.device) if weight is None else _detached_as(weight, sd)
+        b = torch.zeros(c, dtype=sd, device=x.device) if bias is None else _detached_as(bias, sd)
         k = _kernels_for(x, activation)
         y = None
         lost = _lost_channels(weight, bias) if memory_saving else None
