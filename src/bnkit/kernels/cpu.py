@@ -347,17 +347,31 @@ def ncs_train(
 
 @njit(**_JIT)
 def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, mean64, scale, shift):
-    """Merge per-part (count, mean, M2) rows ``part_*[p, c]`` (Chan) into mean, var, scale, shift.
+    """Merge per-part (count, mean, M2) rows ``part_*[p, c]`` into mean, var, scale, shift.
 
-    ``mean_out``/``var_out`` are in the statistics dtype; ``mean64``/``scale``/``shift`` (what the
-    normalization uses) are float64.
+    All parts at once (the parallel form of Chan's formula): ``mean = mu_0 + sum(n_p (mu_p -
+    mu_0)) / n`` (deviations from part 0's mean keep offset data exact), then ``M2 = sum(M2_p +
+    n_p (mu_p - mean)**2)``. Loops run over channels innermost (they vectorize) and make one
+    division per channel instead of three per part. ``mean_out``/``var_out`` are in the statistics
+    dtype; ``mean64``/``scale``/``shift`` (what the normalization uses) are float64.
     """
     P, C = part_mu.shape
+    cnt = np.zeros(C)
+    dev = np.zeros(C)
+    for p in range(P):
+        for c in range(C):
+            cnt[c] += part_n[p, c]
+            dev[c] += part_n[p, c] * (part_mu[p, c] - part_mu[0, c])
+    mu = np.empty(C)
     for c in range(C):
-        cnt, mu, m2 = 0.0, 0.0, 0.0
-        for p in range(P):
-            cnt, mu, m2 = chan_merge(cnt, mu, m2, part_n[p, c], part_mu[p, c], part_m2[p, c])
-        _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, mean64, scale, shift)
+        mu[c] = part_mu[0, c] + (dev[c] / cnt[c] if cnt[c] > 0.0 else 0.0)
+    m2 = np.zeros(C)
+    for p in range(P):
+        for c in range(C):
+            d = part_mu[p, c] - mu[c]
+            m2[c] += part_m2[p, c] + part_n[p, c] * d * d
+    for c in range(C):
+        _finish_channel(c, cnt[c], mu[c], m2[c], weight, bias, eps, mean_out, var_out, mean64, scale, shift)
 
 
 @njit(parallel=True, **_JIT)
