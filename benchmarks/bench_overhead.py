@@ -4,7 +4,7 @@ On small tensors the kernels take a few microseconds and the rest of a call is P
 (argument checks, autograd, dispatch, launcher). This script measures the whole call, as a
 user makes it, for the functional API and for ``bnkit.nn.BatchNorm2d``:
 
-* each round times one batch of ``--calls`` torch calls, then one batch of bnkit calls
+* each round times one batch of ``--calls`` torch calls and one of bnkit calls, in alternating order
   (interleaved, so a slow phase of a noisy machine hits both sides alike);
 * the per-call time is the median over ``--rounds`` rounds of (batch time / calls);
 * ``ratio`` = bnkit / torch, taken from the same rounds.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch.nn.functional as tF
 
 import bnkit.functional as bF
 import bnkit.nn as bnn
+from bnkit.bench.timing import interleaved_times
 from bnkit.kernels import use_backend
 
 SHAPES = [(16, 16, 8, 8), (4, 8, 4, 4, 4), (64, 32)]
@@ -81,25 +81,13 @@ def _module_case(cls: type, mode: str) -> Callable[[], object]:
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
-def _time_batch(fn: Callable[[], object], calls: int, clock: Callable[[], float]) -> float:
-    t0 = clock()
-    for _ in range(calls):
-        fn()
-    return (clock() - t0) / calls
-
-
 def measure(torch_fn: Callable[[], object], bnkit_fn: Callable[[], object], rounds: int, calls: int,
             clock: Callable[[], float] = time.perf_counter):
     """Median per-call seconds of each side and of their ratio, torch and bnkit interleaved."""
-    for _ in range(3):  # warm-up: compile, caches, allocator
-        _time_batch(torch_fn, calls, clock)
-        _time_batch(bnkit_fn, calls, clock)
-    ts, bs = [], []
-    for _ in range(rounds):
-        ts.append(_time_batch(torch_fn, calls, clock))
-        bs.append(_time_batch(bnkit_fn, calls, clock))
-    ratio = statistics.median(b / t for t, b in zip(ts, bs, strict=True))
-    return statistics.median(ts), statistics.median(bs), ratio
+    # warm-up as three samples' worth of calls: compile, caches, allocator
+    t = interleaved_times({"torch": torch_fn, "bnkit": bnkit_fn}, runs=rounds, warmup=3 * calls, calls=calls,
+                          clock=clock)
+    return t.median("torch"), t.median("bnkit"), t.ratio("bnkit", "torch")
 
 
 def cases():

@@ -50,6 +50,7 @@ from torch import nn
 
 import bnkit
 import bnkit.functional as bf
+from bnkit.bench.timing import interleaved_times
 from bnkit.kernels import backend_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -159,30 +160,13 @@ def time_rows(shape: tuple[int, ...], repeat: int) -> list[dict]:
 #
 # This kind of machine drifts (other load, frequency, a 2x swing between runs), so timing one
 # provider after the other cannot resolve a 5% budget. Each round runs both providers back to
-# back, in alternating order, and the statistic is the per-round ratio: drift slower than a round
-# cancels out, and the median and interquartile range of the ratios say how sure the number is.
+# back, in alternating order (bnkit.bench.timing.interleaved_times), and the statistic is the
+# per-round ratio: drift slower than a round cancels out, and the median and interquartile range
+# of the ratios say how sure the number is.
 
 # elu is not under the 5%/10% goals (its exp costs on its own); its two rows show memory saving's cost there.
 AB_CASES = (("leaky_relu", False), ("leaky_relu", True), ("relu", False), ("identity", False), ("identity", True),
             ("elu", False), ("elu", True))
-
-
-def interleaved_ratios(fn_a: Callable[[], object], fn_b: Callable[[], object], rounds: int,
-                       warmup: int = 5) -> tuple[list[float], list[float]]:
-    """Per-round times (ms) of ``fn_a`` and ``fn_b`` run back to back, the first of the pair
-    alternating between rounds (a one-sided cache or turbo effect would bias a fixed order)."""
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    ta: list[float] = []
-    tb: list[float] = []
-    for i in range(rounds):
-        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-            fn = fn_a if which == 0 else fn_b
-            t0 = time.perf_counter()
-            fn()
-            (ta if which == 0 else tb).append((time.perf_counter() - t0) * 1e3)
-    return ta, tb
 
 
 def _quartiles(v: list[float]) -> tuple[float, float, float]:
@@ -222,15 +206,15 @@ def ab_rows(shape: tuple[int, ...], rounds: int) -> list[dict]:
             return run
 
         for mode, make in (("forward", fwd), ("forward+backward", full)):
-            t_bn, t_act = interleaved_ratios(make(bn), make(act), rounds)
-            ratios = [a / b for a, b in zip(t_act, t_bn, strict=True)]
-            q1, med, q3 = _quartiles(ratios)
+            t = interleaved_times({"bn": make(bn), "act": make(act)}, runs=rounds, warmup=5)
+            t_bn, t_act = t.times["bn"], t.times["act"]
+            q1, med, q3 = _quartiles(t.ratios("act", "bn"))
             rows.append({"kind": "ab", "op": "fused vs BN alone", "provider": f"BatchNormAct2d({activation}"
                          + (", memory_saving)" if memory_saving else ")"), "shape": "x".join(map(str, shape)),
                          "mode": mode, "rounds": rounds, "ratio_median": round(med, 3), "ratio_q1": round(q1, 3),
                          "ratio_q3": round(q3, 3), "ratio_of_mins": round(min(t_act) / min(t_bn), 3),
-                         "fused_ms": round(statistics.median(t_act), 3),
-                         "bn_alone_ms": round(statistics.median(t_bn), 3)})
+                         "fused_ms": round(t.median("act") * 1e3, 3),
+                         "bn_alone_ms": round(t.median("bn") * 1e3, 3)})
     return rows
 
 

@@ -66,3 +66,17 @@ def test_runs_are_at_least_fifteen(clock):
         clock.now += 1e-3
 
     assert len(timing.interleaved_times({"f": fn}, runs=3).times["f"]) == timing.MIN_RUNS
+
+
+def test_fixed_calls_per_sample_and_a_given_clock():
+    own = FakeClock()  # a clock passed in, not time.perf_counter
+    n = {"f": 0}
+
+    def fn() -> None:
+        n["f"] += 1
+        own.now += 1e-6
+
+    res = timing.interleaved_times({"f": fn}, runs=15, warmup=1, calls=50, clock=own)
+    assert n["f"] == 1 + 15 * 50
+    assert res.median("f") == pytest.approx(1e-6)
+    assert res.ratios("f", "f") == [1.0] * 15

@@ -291,11 +291,9 @@ def test_shifted_statistics_stay_accurate(cpu, layout, kind):
     if kind == "sample-offsets":
         offsets = torch.linspace(-1e3, 1e3, x.shape[0]).view(-1, *[1] * (x.dim() - 1))
         x = x + offsets  # keeps x's memory format
-    else:
+    else:  # the first value of every channel, in either memory order
         x = x.clone()
-        x.select(0, 0).view(x.shape[1], -1)[:, 0] = 1e3 if layout != "nc" else x[0]
-        if layout == "nc":
-            x[0] = 1e3
+        x[(0, slice(None)) + (0,) * (x.dim() - 2)] = 1e3
     dims = [0, *range(2, x.dim())]
     _, mean, var = cpu.forward_train(x, None, None, 1e-5)
     x64 = x.double()

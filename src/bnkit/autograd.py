@@ -117,14 +117,14 @@ def _forward_train_backward(ctx, gy: Tensor, _gmean: Tensor, _gvar: Tensor):
         # sees how they depend on x.
         m, v = ref.batch_stats(x)
         dx, dw, db = ref.backward_train(gy, x, m, ref.invstd(v, ctx.eps), weight)
-    elif _eager(gy) and var.is_cpu:
-        # ref.invstd with eps as a cached 0-d tensor: the same float ops, without wrapping a scalar
-        inv = torch.rsqrt(var + cached_scalar(ctx.eps, var.dtype))
+    elif _eager(gy):
+        if var.is_cpu:  # ref.invstd with eps as a cached 0-d tensor: the same float ops, no scalar wrap
+            inv = torch.rsqrt(var + cached_scalar(ctx.eps, var.dtype))
+        else:
+            inv = ref.invstd(var, ctx.eps)
         dx, dw, db = _backward_train_impl(gy, x, weight, mean, inv, need_x, need_w or need_b)
     else:
-        inv = ref.invstd(var, ctx.eps)
-        bwd = _backward_train_impl if _eager(gy) else backward_train
-        dx, dw, db = bwd(gy, x, weight, mean, inv, need_x, need_w or need_b)
+        dx, dw, db = backward_train(gy, x, weight, mean, ref.invstd(var, ctx.eps), need_x, need_w or need_b)
     dw = _to(dw, ctx.param_dtype) if need_w else None
     db = _to(db, ctx.param_dtype) if need_b else None
     return (dx if need_x else None), dw, db, None

@@ -431,12 +431,8 @@ def _differentiable_backward(ctx, dz: Tensor) -> tuple[Tensor | None, Tensor | N
         else:
             m = mean
         z = apply_activation(ref.normalize(x, m, inv, weight, bias), ctx.activation, ctx.param, False)
-        grads = iter(torch.autograd.grad(z, inputs, dz, create_graph=True, allow_unused=True))
+        grads = iter(torch.autograd.grad(z, inputs, dz, create_graph=True))
     dx, dw, db = (next(grads) if t is not None and t.requires_grad else None for t in (x, weight, bias))
-    zero = None if x is None else torch.zeros((), dtype=ref.stats_dtype(x.dtype), device=x.device)
-    # the callers cast dw/db to the parameter dtype; a parameter that did not reach z gets zeros
-    dw = dw if dw is not None or weight is None else zero.expand(weight.shape)
-    db = db if db is not None or bias is None else zero.expand(bias.shape)
     return dx, dw, db
 
 

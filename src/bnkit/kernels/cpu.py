@@ -238,10 +238,11 @@ def _seg_stats(xs, n, cnt, mu, m2):
     if cnt > 0.0:
         k = to_acc(xs, mu)
     else:
+        n0 = min(n, SBLOCK)
         k = to_acc(xs, 0.0)
-        for i in range(min(n, SBLOCK)):
+        for i in range(n0):
             k += load(xs, i)
-        k = to_acc(xs, k / min(n, SBLOCK))
+        k = to_acc(xs, k / n0)
     if not np.isfinite(k):  # an inf or NaN shift would turn finite values into NaN
         k = to_acc(xs, 0.0)
     s1 = 0.0
@@ -484,15 +485,21 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
                     s1 += g * (load(xs, i) - m)
             acc0[t, c] += s0
             acc1[t, c] += s1
-    # (names differ from the loop above: a name shared with a prange body would become shared state)
-    for ch in range(C):
+    _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
+
+
+@njit(**_JIT)
+def _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu):
+    # The reductions' per-task rows acc[t, c], added up per channel (serial, after the prange).
+    T, C = acc0.shape
+    for c in range(C):
         tot0 = 0.0
         tot1 = 0.0
-        for p in range(T):
-            tot0 += acc0[p, ch]
-            tot1 += acc1[p, ch]
-        sum_dy[ch] = tot0
-        sum_dy_xmu[ch] = tot1
+        for t in range(T):
+            tot0 += acc0[t, c]
+            tot1 += acc1[t, c]
+        sum_dy[c] = tot0
+        sum_dy_xmu[c] = tot1
 
 
 @njit(**_JIT)
@@ -683,14 +690,7 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
                     s1[c] += g * (load(xr, c) - m[c])
         acc0[t] = s0
         acc1[t] = s1
-    for ch in range(C):
-        tot0 = 0.0
-        tot1 = 0.0
-        for p in range(T):
-            tot0 += acc0[p, ch]
-            tot1 += acc1[p, ch]
-        sum_dy[ch] = tot0
-        sum_dy_xmu[ch] = tot1
+    _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
 
 
 def load_backend():

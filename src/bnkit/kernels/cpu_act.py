@@ -92,9 +92,97 @@ def _inverse_and_dact(z, kind, p, floor):
     return math.log1p(r if r > floor else floor), z + p
 
 
+# --- one row of S contiguous values: the loop bodies every kernel below shares ----------------
 # Loops are split on ``kind`` outside the inner loop: the piecewise-linear activations
 # (identity, relu, leaky_relu: ``y if y > 0 else q * y`` with slope q = 1, 0, p) get a
-# branch-free body that LLVM vectorizes; the others call libm per element.
+# branch-free body that LLVM vectorizes; the others call libm per element. Inlined, so each
+# kernel compiles the same loops as if they were written out in it.
+
+
+@njit(inline="always", **_JIT)
+def _act_row(xs, out, S, m, aa, bb, kind, p):
+    # out = act((x - m) * aa + bb)
+    if kind <= 2:
+        for i in range(S):
+            y = (xs[i] - m) * aa + bb
+            out[i] = y if y > 0 else y * p
+    else:
+        for i in range(S):
+            out[i] = _act((xs[i] - m) * aa + bb, kind, p)
+
+
+@njit(inline="always", **_JIT)
+def _std_sums(xs, gs, S, m, aa, bb, kind, p):
+    # (sum(g), sum(g * (x - m))) with g = dz * act'((x - m) * aa + bb), float64 sums
+    sg = 0.0
+    sgx = 0.0
+    if kind <= 2:
+        for i in range(S):
+            xm = xs[i] - m
+            g = gs[i]
+            g = g if xm * aa + bb > 0 else g * p
+            sg += g
+            sgx += g * xm
+    else:
+        for i in range(S):
+            xm = xs[i] - m
+            g = gs[i] * _dact_from_input(xm * aa + bb, kind, p)
+            sg += g
+            sgx += g * xm
+    return sg, sgx
+
+
+@njit(inline="always", **_JIT)
+def _std_dx(xs, gs, ds, S, m, aa, bb, kind, p, A_, K_, C_):
+    # dx = A * g + K * (x - m) + Cc
+    if kind <= 2:
+        for i in range(S):
+            xm = xs[i] - m
+            g = gs[i]
+            g = g if xm * aa + bb > 0 else g * p
+            ds[i] = A_ * g + K_ * xm + C_
+    else:
+        for i in range(S):
+            xm = xs[i] - m
+            ds[i] = A_ * (gs[i] * _dact_from_input(xm * aa + bb, kind, p)) + K_ * xm + C_
+
+
+@njit(inline="always", **_JIT)
+def _ms_sums(zs, gs, S, bb, kind, p, floor):
+    # (sum(g), sum(g * (y - bb))) with y = act^-1(z), float64 sums
+    sg = 0.0
+    sgy = 0.0
+    if kind <= 2:
+        for i in range(S):
+            zz = zs[i]
+            pos = zz > 0
+            g = gs[i] if pos else gs[i] * p
+            y = zz if pos else zz / p
+            sg += g
+            sgy += g * (y - bb)
+    else:
+        for i in range(S):
+            y, d = _inverse_and_dact(zs[i], kind, p, floor)
+            g = gs[i] * d
+            sg += g
+            sgy += g * (y - bb)
+    return sg, sgy
+
+
+@njit(inline="always", **_JIT)
+def _ms_dx(zs, gs, ds, S, bb, kind, p, floor, A_, K_, C_):
+    # dx = A * g + K * (y - bb) + Cc with y = act^-1(z)
+    if kind <= 2:
+        for i in range(S):
+            zz = zs[i]
+            pos = zz > 0
+            g = gs[i] if pos else gs[i] * p
+            y = zz if pos else zz / p
+            ds[i] = A_ * g + K_ * (y - bb) + C_
+    else:
+        for i in range(S):
+            y, d = _inverse_and_dact(zs[i], kind, p, floor)
+            ds[i] = A_ * (gs[i] * d) + K_ * (y - bb) + C_
 
 
 def slope(kind: int, p: float) -> float:
@@ -115,7 +203,6 @@ def channel_train_act(x, N, C, S, w, b, eps, kind, p, out, out_mean, out_var, sc
     """
     M = N * S
     for c in prange(C):
-        # the BN kernels' one-read shifted statistics, row by row (see bnkit.kernels.cpu)
         cnt = 0.0
         mean = 0.0
         m2 = 0.0
@@ -130,15 +217,7 @@ def channel_train_act(x, N, C, S, w, b, eps, kind, p, out, out_mean, out_var, sc
         m, aa, bb = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
         for n in range(N):
             base = (n * C + c) * S
-            xs = x[base : base + S]
-            os = out[base : base + S]
-            if kind <= 2:
-                for i in range(S):
-                    y = (xs[i] - m) * aa + bb
-                    os[i] = y if y > 0 else y * p
-            else:
-                for i in range(S):
-                    os[i] = _act((xs[i] - m) * aa + bb, kind, p)
+            _act_row(x[base : base + S], out[base : base + S], S, m, aa, bb, kind, p)
 
 
 @njit(parallel=True, **_JIT)
@@ -146,17 +225,8 @@ def row_act(x, R, C, S, mean, a, b, kind, p, out):
     """``out = act((x - mean) * a + b)``; ``out`` may be ``x`` (in place)."""
     for r in prange(R):
         c = r % C
-        m, aa, bb = mean[c], a[c], b[c]
         base = r * S
-        x_s = x[base : base + S]
-        out_s = out[base : base + S]
-        if kind <= 2:
-            for i in range(S):
-                y = (x_s[i] - m) * aa + bb
-                out_s[i] = y if y > 0 else y * p
-        else:
-            for i in range(S):
-                out_s[i] = _act((x_s[i] - m) * aa + bb, kind, p)
+        _act_row(x[base : base + S], out[base : base + S], S, mean[c], a[c], b[c], kind, p)
 
 
 @njit(parallel=True, **_JIT)
@@ -164,27 +234,8 @@ def row_reduce_std(dz, x, R, C, S, mean, a, b, kind, p, out_g, out_gx):
     """Per row: ``sum(g)`` and ``sum(g * (x - mean))`` with ``g = dz * act'(y)``."""
     for r in prange(R):
         c = r % C
-        m, aa, bb = mean[c], a[c], b[c]
         base = r * S
-        x_s = x[base : base + S]
-        dz_s = dz[base : base + S]
-        sg = 0.0
-        sgx = 0.0
-        if kind <= 2:
-            for i in range(S):
-                xm = x_s[i] - m
-                g = dz_s[i]
-                g = g if xm * aa + bb > 0 else g * p
-                sg += g
-                sgx += g * xm
-        else:
-            for i in range(S):
-                xm = x_s[i] - m
-                g = dz_s[i] * _dact_from_input(xm * aa + bb, kind, p)
-                sg += g
-                sgx += g * xm
-        out_g[r] = sg
-        out_gx[r] = sgx
+        out_g[r], out_gx[r] = _std_sums(x[base : base + S], dz[base : base + S], S, mean[c], a[c], b[c], kind, p)
 
 
 @njit(parallel=True, **_JIT)
@@ -192,50 +243,17 @@ def row_input_std(dz, x, R, C, S, mean, a, b, kind, p, A, K, Cc, dx):
     """``dx = A * g + K * (x - mean) + Cc``."""
     for r in prange(R):
         c = r % C
-        m, aa, bb, A_, K_, C_ = mean[c], a[c], b[c], A[c], K[c], Cc[c]
         base = r * S
-        x_s = x[base : base + S]
-        dz_s = dz[base : base + S]
-        dx_s = dx[base : base + S]
-        if kind <= 2:
-            for i in range(S):
-                xm = x_s[i] - m
-                g = dz_s[i]
-                g = g if xm * aa + bb > 0 else g * p
-                dx_s[i] = A_ * g + K_ * xm + C_
-        else:
-            for i in range(S):
-                xm = x_s[i] - m
-                g = dz_s[i] * _dact_from_input(xm * aa + bb, kind, p)
-                dx_s[i] = A_ * g + K_ * xm + C_
+        _std_dx(x[base : base + S], dz[base : base + S], dx[base : base + S], S, mean[c], a[c], b[c], kind, p,
+                A[c], K[c], Cc[c])
 
 
 @njit(parallel=True, **_JIT)
 def row_reduce_ms(dz, z, R, C, S, b, kind, p, floor, out_g, out_gy):
     """Per row: ``sum(g)`` and ``sum(g * (y - b))`` with ``y = act^{-1}(z)``."""
     for r in prange(R):
-        bb = b[r % C]
         base = r * S
-        z_s = z[base : base + S]
-        dz_s = dz[base : base + S]
-        sg = 0.0
-        sgy = 0.0
-        if kind <= 2:
-            for i in range(S):
-                zz = z_s[i]
-                pos = zz > 0
-                g = dz_s[i] if pos else dz_s[i] * p
-                y = zz if pos else zz / p
-                sg += g
-                sgy += g * (y - bb)
-        else:
-            for i in range(S):
-                y, d = _inverse_and_dact(z_s[i], kind, p, floor)
-                g = dz_s[i] * d
-                sg += g
-                sgy += g * (y - bb)
-        out_g[r] = sg
-        out_gy[r] = sgy
+        out_g[r], out_gy[r] = _ms_sums(z[base : base + S], dz[base : base + S], S, b[r % C], kind, p, floor)
 
 
 @njit(parallel=True, **_JIT)
@@ -243,22 +261,9 @@ def row_input_ms(dz, z, R, C, S, b, kind, p, floor, A, K, Cc, dx):
     """``dx = A * g + K * (y - b) + Cc`` with ``y = act^{-1}(z)``."""
     for r in prange(R):
         c = r % C
-        bb, A_, K_, C_ = b[c], A[c], K[c], Cc[c]
         base = r * S
-        z_s = z[base : base + S]
-        dz_s = dz[base : base + S]
-        dx_s = dx[base : base + S]
-        if kind <= 2:
-            for i in range(S):
-                zz = z_s[i]
-                pos = zz > 0
-                g = dz_s[i] if pos else dz_s[i] * p
-                y = zz if pos else zz / p
-                dx_s[i] = A_ * g + K_ * (y - bb) + C_
-        else:
-            for i in range(S):
-                y, d = _inverse_and_dact(z_s[i], kind, p, floor)
-                dx_s[i] = A_ * (dz_s[i] * d) + K_ * (y - bb) + C_
+        _ms_dx(z[base : base + S], dz[base : base + S], dx[base : base + S], S, b[c], kind, p, floor,
+               A[c], K[c], Cc[c])
 
 
 # --- memory-saving ELU backward with the logarithm computed outside -------------------------
@@ -334,23 +339,7 @@ def channel_backward_std(dz, x, N, C, S, mean, a, b, kind, p, w, inv, M, trainin
         sgx = 0.0
         for n in range(N):
             base = (n * C + c) * S
-            xs = x[base : base + S]
-            gs = dz[base : base + S]
-            rg = 0.0
-            rgx = 0.0
-            if kind <= 2:
-                for i in range(S):
-                    xm = xs[i] - m
-                    g = gs[i]
-                    g = g if xm * aa + bb > 0 else g * p
-                    rg += g
-                    rgx += g * xm
-            else:
-                for i in range(S):
-                    xm = xs[i] - m
-                    g = gs[i] * _dact_from_input(xm * aa + bb, kind, p)
-                    rg += g
-                    rgx += g * xm
+            rg, rgx = _std_sums(x[base : base + S], dz[base : base + S], S, m, aa, bb, kind, p)
             sg += rg
             sgx += rgx
         out_g[c] = sg
@@ -364,19 +353,7 @@ def channel_backward_std(dz, x, N, C, S, mean, a, b, kind, p, w, inv, M, trainin
         A_, K_, C_ = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
         for n in range(N):
             base = (n * C + c) * S
-            xs = x[base : base + S]
-            gs = dz[base : base + S]
-            ds = dx[base : base + S]
-            if kind <= 2:
-                for i in range(S):
-                    xm = xs[i] - m
-                    g = gs[i]
-                    g = g if xm * aa + bb > 0 else g * p
-                    ds[i] = A_ * g + K_ * xm + C_
-            else:
-                for i in range(S):
-                    xm = xs[i] - m
-                    ds[i] = A_ * (gs[i] * _dact_from_input(xm * aa + bb, kind, p)) + K_ * xm + C_
+            _std_dx(x[base : base + S], dz[base : base + S], dx[base : base + S], S, m, aa, bb, kind, p, A_, K_, C_)
 
 
 @njit(parallel=True, **_JIT)
@@ -391,24 +368,7 @@ def channel_backward_ms(dz, z, N, C, S, b, kind, p, floor, w, inv, M, training, 
         sgy = 0.0
         for n in range(N):
             base = (n * C + c) * S
-            zs = z[base : base + S]
-            gs = dz[base : base + S]
-            rg = 0.0
-            rgy = 0.0
-            if kind <= 2:
-                for i in range(S):
-                    zz = zs[i]
-                    pos = zz > 0
-                    g = gs[i] if pos else gs[i] * p
-                    y = zz if pos else zz / p
-                    rg += g
-                    rgy += g * (y - bb)
-            else:
-                for i in range(S):
-                    y, d = _inverse_and_dact(zs[i], kind, p, floor)
-                    g = gs[i] * d
-                    rg += g
-                    rgy += g * (y - bb)
+            rg, rgy = _ms_sums(z[base : base + S], dz[base : base + S], S, bb, kind, p, floor)
             sg += rg
             sgy += rgy
         out_g[c] = sg
@@ -422,17 +382,4 @@ def channel_backward_ms(dz, z, N, C, S, b, kind, p, floor, w, inv, M, training, 
         A_, K_, C_ = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
         for n in range(N):
             base = (n * C + c) * S
-            zs = z[base : base + S]
-            gs = dz[base : base + S]
-            ds = dx[base : base + S]
-            if kind <= 2:
-                for i in range(S):
-                    zz = zs[i]
-                    pos = zz > 0
-                    g = gs[i] if pos else gs[i] * p
-                    y = zz if pos else zz / p
-                    ds[i] = A_ * g + K_ * (y - bb) + C_
-            else:
-                for i in range(S):
-                    y, d = _inverse_and_dact(zs[i], kind, p, floor)
-                    ds[i] = A_ * (gs[i] * d) + K_ * (y - bb) + C_
+            _ms_dx(z[base : base + S], dz[base : base + S], dx[base : base + S], S, bb, kind, p, floor, A_, K_, C_)

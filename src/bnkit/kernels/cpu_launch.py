@@ -294,13 +294,8 @@ class CpuBackend:
         m = _vec("mean", mean, c, _VIEW[x.dtype][1], 0.0)
         sum_dy = torch.empty(c, dtype=sd)
         sum_dy_xmu = torch.empty(c, dtype=sd)
-        nt = _threads(x.numel())
-        if order == "ncs":
-            p = _nsc_parts(nt, n * c, s)  # row ranges of (N*C) rows of S values
-            K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy(), False, _flat(dy), m)
-        else:
-            t = _nsc_parts(nt, n * s, c)
-            K.nsc_reduce(_flat(dy), _flat(x), n * s, c, t, m, sum_dy.numpy(), sum_dy_xmu.numpy(), False, _flat(dy), m)
+        gf = _flat(dy)
+        self._reduce(order, n, c, s, gf, _flat(x), m, sum_dy.numpy(), sum_dy_xmu.numpy(), False, gf, m)
         return sum_dy, sum_dy_xmu
 
     def backward_train(
@@ -331,16 +326,9 @@ class CpuBackend:
             K.ncs_backward_train(gf, xf, df, n, c, s, m, inv, w, s0, s1, a, k, cc)
             return dx, sum_dy, sum_dy_xhat
         # sum(dy * (x - mean)) goes to `s1`, then backward_coeffs scales it in place by invstd.
-        if order == "ncs":
-            p = _nsc_parts(nt, n * c, s)
-            K.ncs_reduce(gf, xf, n, c, s, p, m, s0, s1, False, gf, m)
-            K.backward_coeffs(s0, s1, inv, w, float(n * s), s1, a, k, cc)
-            K.ncs_affine(gf, xf, df, n, c, s, _row_segments(nt, n * c, s), True, a, m, k, cc)
-        else:
-            t = _nsc_parts(nt, n * s, c)
-            K.nsc_reduce(gf, xf, n * s, c, t, m, s0, s1, False, gf, m)
-            K.backward_coeffs(s0, s1, inv, w, float(n * s), s1, a, k, cc)
-            K.nsc_affine(gf, xf, df, n * s, c, t, True, a, m, k, cc)
+        self._reduce(order, n, c, s, gf, xf, m, s0, s1, False, gf, m)
+        K.backward_coeffs(s0, s1, inv, w, float(n * s), s1, a, k, cc)
+        self._affine(order, n, c, s, gf, xf, df, True, a, m, k, cc)
         return dx, sum_dy, sum_dy_xhat
 
     def backward_eval(
@@ -357,13 +345,7 @@ class CpuBackend:
         sum_dy = torch.empty(c, dtype=sd)
         sum_dy_xmu = torch.empty(c, dtype=sd)
         dx = _empty_like(x)
-        nt = _threads(x.numel())
-        if order == "ncs":
-            p = _nsc_parts(nt, n * c, s)
-            K.ncs_reduce(_flat(dy), _flat(x), n, c, s, p, m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k)
-        else:
-            t = _nsc_parts(nt, n * s, c)
-            K.nsc_reduce(_flat(dy), _flat(x), n * s, c, t, m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k)
+        self._reduce(order, n, c, s, _flat(dy), _flat(x), m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k)
         return dx, sum_dy, sum_dy_xmu
 
     def backward_input(self, dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, k: Tensor, c: Tensor) -> Tensor:
@@ -378,6 +360,16 @@ class CpuBackend:
         dx = _empty_like(x)
         self._affine(order, n, ch, s, dy, x, dx, True, a_, m, k_, c_)
         return dx
+
+    @staticmethod
+    def _reduce(order, n, c, s, gf, xf, m, sum_dy, sum_dy_xmu, write, df, k) -> None:
+        # sum(dy), sum(dy * (x - m)) into sum_dy, sum_dy_xmu (flat numpy buffers); with `write`
+        # also df = k * dy in the same read (eval backward). Tasks stream row ranges in memory order.
+        nt = _threads(n * c * s)
+        if order == "ncs":
+            K.ncs_reduce(gf, xf, n, c, s, _nsc_parts(nt, n * c, s), m, sum_dy, sum_dy_xmu, write, df, k)
+        else:
+            K.nsc_reduce(gf, xf, n * s, c, _nsc_parts(nt, n * s, c), m, sum_dy, sum_dy_xmu, write, df, k)
 
     @staticmethod
     def _affine(order, n, c, s, u, x, out, has_u, a, m, k, sh) -> None:
