@@ -245,6 +245,9 @@ class CpuBackend:
             parts = np.empty((3, p, c))
             K.nsc_stats(xf, n * s, c, p, *parts)
         K.finish_stats(*parts, w, b, e, mean_np, var_np, mean64, scale, shift)
+        if np_sd is np.float32 and x.dtype is not torch.float32:
+            # 16-bit data: normalize in float32 (see bnkit.kernels.cpu: K.to_coef)
+            mean64, scale, shift = mean64.astype(np.float32), scale.astype(np.float32), shift.astype(np.float32)
         self._affine(order, n, c, s, xf, xf, yf, False, scale, mean64, scale, shift)
         return y, mean, var
 
