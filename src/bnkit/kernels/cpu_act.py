@@ -30,7 +30,7 @@ import math
 
 from numba import njit, prange
 
-from bnkit.kernels.cpu import _seg_stats
+from bnkit.kernels.cpu import RBLOCK, _seg_stats, to_acc
 
 __all__ = [
     "KINDS",
@@ -117,16 +117,25 @@ def _act_row(xs, out, S, m, aa, bb, kind, p):
 
 @njit(inline="always", **_JIT)
 def _std_sums(xs, gs, S, m, aa, bb, kind, p):
-    # (sum(g), sum(g * (x - m))) with g = dz * act'((x - m) * aa + bb), float64 sums
+    # (sum(g), sum(g * (x - m))) with g = dz * act'((x - m) * aa + bb), float64 sums; the
+    # piecewise-linear kinds sum blocks of RBLOCK values in the data's dtype first, as the
+    # batch-norm backward does (bnkit.kernels.cpu._dot_sums): float64 lanes ran at half width
     sg = 0.0
     sgx = 0.0
     if kind <= 2:
-        for i in range(S):
-            xm = xs[i] - m
-            g = gs[i]
-            g = g if xm * aa + bb > 0 else g * p
-            sg += g
-            sgx += g * xm
+        for b0 in range(0, S, RBLOCK):
+            xb = xs[b0 : min(b0 + RBLOCK, S)]
+            gb = gs[b0 : min(b0 + RBLOCK, S)]
+            tg = to_acc(xs, 0.0)
+            tgx = tg
+            for i in range(xb.shape[0]):
+                xm = xb[i] - m
+                g = gb[i]
+                g = g if xm * aa + bb > 0 else g * p
+                tg += g
+                tgx += g * xm
+            sg += tg
+            sgx += tgx
     else:
         for i in range(S):
             xm = xs[i] - m
@@ -156,14 +165,21 @@ def _ms_sums(zs, gs, S, bb, kind, p, floor):
     # (sum(g), sum(g * (y - bb))) with y = act^-1(z), float64 sums
     sg = 0.0
     sgy = 0.0
-    if kind <= 2:
-        for i in range(S):
-            zz = zs[i]
-            pos = zz > 0
-            g = gs[i] if pos else gs[i] * p
-            y = zz if pos else zz / p
-            sg += g
-            sgy += g * (y - bb)
+    if kind <= 2:  # blocks in the data's dtype, as in _std_sums
+        for b0 in range(0, S, RBLOCK):
+            zb = zs[b0 : min(b0 + RBLOCK, S)]
+            gb = gs[b0 : min(b0 + RBLOCK, S)]
+            tg = to_acc(zs, 0.0)
+            tgy = tg
+            for i in range(zb.shape[0]):
+                zz = zb[i]
+                pos = zz > 0
+                g = gb[i] if pos else gb[i] * p
+                y = zz if pos else zz / p
+                tg += g
+                tgy += g * (y - bb)
+            sg += tg
+            sgy += tgy
     else:
         for i in range(S):
             y, d = _inverse_and_dact(zs[i], kind, p, floor)
