@@ -47,6 +47,7 @@ __all__ = [
     "finish_stats",
     "load",
     "ncs_affine",
+    "ncs_affine_short",
     "ncs_backward_train",
     "ncs_reduce",
     "ncs_row_stats",
@@ -466,6 +467,39 @@ def ncs_affine(u, x, out, N, C, S, Q, has_u, a, mean, k, shift):
         else:
             for i in range(s1 - s0):
                 store(os, i, (load(xs, i) - m) * kc + sh)
+
+
+@njit(parallel=True, **_JIT)
+def ncs_affine_short(u, x, out, N, C, S, Q, has_u, a, mean, k, shift, tab):
+    """:func:`ncs_affine` for short rows (small ``S``, e.g. 7x7): one loop over a sample's ``C*S`` values.
+
+    A loop over each row of 49 values is mostly the vector loop's scalar remainder; here the
+    per-channel constants are first repeated over one sample (``tab``: 4 rows of ``C*S`` values
+    of their dtype, built once per call, small enough to stay in cache), so each of the ``N*Q``
+    tasks (sample ``n``, segment ``q`` of its ``C*S`` values) is one long loop that vectorizes.
+    """
+    CS = C * S
+    for c in range(C):
+        for i in range(S):
+            j = c * S + i
+            tab[0, j] = a[c]
+            tab[1, j] = mean[c]
+            tab[2, j] = k[c]
+            tab[3, j] = shift[c]
+    ta, tm, tk, tsh = tab[0], tab[1], tab[2], tab[3]
+    for t in prange(N * Q):
+        n = t // Q
+        j0, j1 = _part(CS, Q, t % Q)
+        xs = x[n * CS + j0 : n * CS + j1]
+        os = out[n * CS + j0 : n * CS + j1]
+        ma, mm, mk, msh = ta[j0:j1], tm[j0:j1], tk[j0:j1], tsh[j0:j1]
+        if has_u:
+            us = u[n * CS + j0 : n * CS + j1]
+            for i in range(j1 - j0):
+                store(os, i, ma[i] * load(us, i) + mk[i] * (load(xs, i) - mm[i]) + msh[i])
+        else:
+            for i in range(j1 - j0):
+                store(os, i, (load(xs, i) - mm[i]) * mk[i] + msh[i])
 
 
 @njit(parallel=True, **_JIT)

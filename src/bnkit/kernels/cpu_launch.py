@@ -49,6 +49,13 @@ FUSE_NCS = True
 # scattered rows defeat the prefetcher), then normalized in a second streaming pass.
 ROW_STATS_MAX_S = 1024
 
+# Channel-major rows of at most this many values are normalized by ncs_affine_short (one loop per
+# sample over constants repeated per position) when a sample's C*S values are at most
+# SHORT_ROW_TABLE (the four repeated tables stay in cache). Measured on 256x512x7x7 eval:
+# 1.3 ms against 1.9-2.3 ms row by row (a copy: 1.0-1.1 ms); at 14x14 the row loop was faster.
+SHORT_ROW_S = 64
+SHORT_ROW_TABLE = 1 << 15
+
 _reference = ReferenceBackend()
 _numba_state = threading.local()
 
@@ -379,7 +386,10 @@ class CpuBackend:
         # u, x, out: tensors or their flat buffers (already made by the caller: saves a conversion)
         nt = _threads(n * c * s)
         uf, xf, of = (t if isinstance(t, np.ndarray) else _flat(t) for t in (u, x, out))
-        if order == "ncs":
+        if order == "ncs" and s <= SHORT_ROW_S and c * s <= SHORT_ROW_TABLE:
+            q = _row_segments(nt, n, c * s)
+            K.ncs_affine_short(uf, xf, of, n, c, s, q, has_u, a, m, k, sh, np.empty((4, c * s), a.dtype))
+        elif order == "ncs":
             p = _row_segments(nt, n * c, s)
             K.ncs_affine(uf, xf, of, n, c, s, p, has_u, a, m, k, sh)
         else:
