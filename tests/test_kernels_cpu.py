@@ -52,9 +52,10 @@ def _make(shape: tuple[int, ...], layout: str, dtype: torch.dtype, offset: float
 # parallel paths (few channels: channels cut into parts; channels innermost: rows cut into parts).
 CASES = [
     # short rows (S < 1024: statistics in memory order), a long-row fused case, few channels cut in parts
-    # short rows of at most SHORT_ROW_S values (one loop per sample: ncs_affine_short), serial and cut in segments
+    # short rows of at most SHORT_ROW_S values (one loop per sample: ncs_affine_short), serial and cut in
+    # segments; 7x7 rows in parallel row ranges
     ("contiguous", [(3, 5, 7, 11), (2, 1, 13), (5, 3, 1, 1), (2, 2, 3, 5, 7), (4, 64, 13, 11), (3, 11, 1031),
-                    (6, 7, 3, 3), (3, 600, 7, 7)]),
+                    (6, 7, 3, 3), (3, 2000, 3, 3), (3, 600, 7, 7)]),
     ("contiguous_split", [(1, 2, 20000), (2, 1, 5, 4099)]),
     ("nc", [(7, 5), (2, 1), (1, 3), (11003, 3)]),
     ("channels_last", [(3, 5, 7, 11), (2, 4, 1, 1), (2, 3, 2, 3, 5), (16, 3, 31, 29)]),
@@ -67,7 +68,7 @@ def test_cases_reach_the_parallel_paths():
 
 
 def test_cases_reach_the_short_row_kernel(monkeypatch):
-    # (3, 600, 7, 7) must run ncs_affine_short with its samples cut into segments (Q > 1)
+    # (3, 2000, 3, 3) must run ncs_affine_short with its samples cut into segments (Q > 1)
     from bnkit.kernels import cpu as kcpu
     from bnkit.kernels import cpu_launch
 
@@ -79,9 +80,9 @@ def test_cases_reach_the_short_row_kernel(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(kcpu, "ncs_affine_short", spy)
-    x = torch.randn(3, 600, 7, 7)
-    y = get_backend("cpu").forward_eval(x, torch.zeros(600), torch.ones(600), torch.zeros(600))
-    assert seen and seen[0] > 1 and cpu_launch.SHORT_ROW_S >= 49
+    x = torch.randn(3, 2000, 3, 3)
+    y = get_backend("cpu").forward_eval(x, torch.zeros(2000), torch.ones(2000), torch.zeros(2000))
+    assert seen and seen[0] > 1 and cpu_launch.SHORT_ROW_S >= 9
     torch.testing.assert_close(y, x)
 
 

@@ -443,30 +443,45 @@ def ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2):
 
 
 @njit(parallel=True, **_JIT)
-def ncs_affine(u, x, out, N, C, S, Q, has_u, a, mean, k, shift):
+def ncs_affine(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift):
     """``out = a[c]*u + k[c]*(x - mean[c]) + shift[c]`` on ``(N, C, S)`` memory, one pass.
 
     Eval forward is ``has_u=False`` (``k`` = scale); the backward input pass is ``has_u=True``
-    with ``u = dy``. Tasks walk memory in order (row ``r = n*C + c`` of ``S`` values, cut into
-    ``Q`` segments when there are too few rows to fill the threads): streaming writes.
+    with ``u = dy``. Tasks walk memory in order: with ``Q == 1`` each of the ``T`` tasks streams
+    a range of rows ``r = n*C + c`` (the channel counted along, not divided out per row); with
+    ``Q > 1`` (too few rows to fill the threads) each task is one of the ``Q`` segments of a row.
+    One task per row, as this kernel had, cost 2.6 ms against 1.05 ms (a copy: 1.04 ms) on
+    256x512x7x7: per-task scheduling and divisions on rows of 49 values.
     """
-    for t in prange(N * C * Q):
-        r = t // Q
-        c = r % C
-        s0, s1 = _part(S, Q, t % Q)
-        xs = x[r * S + s0 : r * S + s1]
-        os = out[r * S + s0 : r * S + s1]
-        m = mean[c]
-        kc = k[c]
-        sh = shift[c]
-        if has_u:
-            us = u[r * S + s0 : r * S + s1]
-            ac = a[c]
-            for i in range(s1 - s0):
-                store(os, i, ac * load(us, i) + kc * (load(xs, i) - m) + sh)
-        else:
-            for i in range(s1 - s0):
-                store(os, i, (load(xs, i) - m) * kc + sh)
+    if Q > 1:
+        for t in prange(N * C * Q):
+            r = t // Q
+            s0, s1 = _part(S, Q, t % Q)
+            _affine_run(u, x, out, r * S + s0, r * S + s1, has_u, a[r % C], mean[r % C], k[r % C], shift[r % C])
+        return
+    R = N * C
+    for t in prange(T):
+        r0, r1 = _part(R, T, t)
+        c = r0 % C
+        for r in range(r0, r1):
+            _affine_run(u, x, out, r * S, (r + 1) * S, has_u, a[c], mean[c], k[c], shift[c])
+            c += 1
+            if c == C:
+                c = 0
+
+
+@njit(inline="always", **_JIT)
+def _affine_run(u, x, out, i0, i1, has_u, ac, m, kc, sh):
+    # out[i] = ac*u[i] + kc*(x[i] - m) + sh on [i0, i1), over slices indexed from 0
+    xs = x[i0:i1]
+    os = out[i0:i1]
+    if has_u:
+        us = u[i0:i1]
+        for i in range(i1 - i0):
+            store(os, i, ac * load(us, i) + kc * (load(xs, i) - m) + sh)
+    else:
+        for i in range(i1 - i0):
+            store(os, i, (load(xs, i) - m) * kc + sh)
 
 
 @njit(parallel=True, **_JIT)

@@ -55,9 +55,10 @@ BACKWARD_FUSED_MIN_S = 128
 
 # Channel-major rows of at most this many values are normalized by ncs_affine_short (one loop per
 # sample over constants repeated per position) when a sample's C*S values are at most
-# SHORT_ROW_TABLE (the four repeated tables stay in cache). Measured on 256x512x7x7 eval:
-# 1.3 ms against 1.9-2.3 ms row by row (a copy: 1.0-1.1 ms); at 14x14 the row loop was faster.
-SHORT_ROW_S = 64
+# SHORT_ROW_TABLE (the four repeated tables stay in cache). Measured (interleaved, ms, tables
+# against ncs_affine's row ranges; a copy): 256x64x4x4 0.036 vs 0.078 (0.019); 64x128x8x8 0.111 vs
+# 0.067 (0.063); 256x512x7x7 1.26 vs 1.05 (1.04).
+SHORT_ROW_S = 16
 SHORT_ROW_TABLE = 1 << 15
 
 _reference = ReferenceBackend()
@@ -394,8 +395,8 @@ class CpuBackend:
             q = _row_segments(nt, n, c * s)
             K.ncs_affine_short(uf, xf, of, n, c, s, q, has_u, a, m, k, sh, np.empty((4, c * s), a.dtype))
         elif order == "ncs":
-            p = _row_segments(nt, n * c, s)
-            K.ncs_affine(uf, xf, of, n, c, s, p, has_u, a, m, k, sh)
+            q = _row_segments(nt, n * c, s)
+            K.ncs_affine(uf, xf, of, n, c, s, _nsc_parts(nt, n * c, s), q, has_u, a, m, k, sh)
         else:
             t = _nsc_parts(nt, n * s, c)
             K.nsc_affine(uf, xf, of, n * s, c, t, has_u, a, m, k, sh)
