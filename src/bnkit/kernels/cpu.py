@@ -63,8 +63,9 @@ RBLOCK = 256
 # Values per float32 block of the forward statistics' shifted sums (ncs): the vectorized loop
 # keeps 32 partial sums, so each adds up SBLOCK / 32 values before the block goes to float64.
 SBLOCK = 256
-# Rows per shifted block in channels-innermost memory: there each channel's sums are one
-# sequential chain (the lanes run across channels), so blocks stay short.
+# Rows per block of the float32 sums in channels-innermost memory (statistics and backward
+# reductions): there each channel's sums are one sequential chain (the lanes run across
+# channels), so blocks stay short.
 NSC_SBLOCK = 64
 
 # reassoc lets LLVM vectorize the float64 reductions; no nnan/ninf: NaN and inf propagate.
@@ -755,33 +756,46 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on ``(R, C)`` memory, one pass.
 
     With ``write`` it also stores ``dx = scale[c] * dy`` in the same read (eval-mode backward).
+    Each task sums blocks of ``NSC_SBLOCK`` rows in the data's compute dtype, vectorized across
+    channels, and adds the block sums into float64 (the numerics of every reduction here):
+    float64 accumulators across all rows ran at 1.2-2.2x the time of two ``Tensor.sum`` calls
+    (32x64x56x56 channels_last 2.23 ms, now 1.29 ms; two sums 1.16 ms).
     """
     acc0 = np.zeros((T, C))
     acc1 = np.zeros((T, C))
     for t in prange(T):
         r0, r1 = _part(R, T, t)
-        m = np.empty(C)
+        zero = to_acc(x, 0.0)
+        m = np.empty(C, mean.dtype)
         for c in range(C):
             m[c] = mean[c]
-        s0 = np.zeros(C)
-        s1 = np.zeros(C)
-        for r in range(r0, r1):
-            gr = dy[r * C : (r + 1) * C]
-            xr = x[r * C : (r + 1) * C]
-            if write:
-                dr = dx[r * C : (r + 1) * C]
-                for c in range(C):
-                    g = load(gr, c)
-                    s0[c] += g
-                    s1[c] += g * (load(xr, c) - m[c])
-                    store(dr, c, scale[c] * g)
-            else:
-                for c in range(C):
-                    g = load(gr, c)
-                    s0[c] += g
-                    s1[c] += g * (load(xr, c) - m[c])
-        acc0[t] = s0
-        acc1[t] = s1
+        t0 = np.full(C, zero)
+        t1 = np.full(C, zero)
+        a0 = acc0[t]
+        a1 = acc1[t]
+        for b0 in range(r0, r1, NSC_SBLOCK):
+            b1 = min(b0 + NSC_SBLOCK, r1)
+            for c in range(C):
+                t0[c] = zero
+                t1[c] = zero
+            for r in range(b0, b1):
+                gr = dy[r * C : (r + 1) * C]
+                xr = x[r * C : (r + 1) * C]
+                if write:
+                    dr = dx[r * C : (r + 1) * C]
+                    for c in range(C):
+                        g = load(gr, c)
+                        t0[c] += g
+                        t1[c] += g * (load(xr, c) - m[c])
+                        store(dr, c, scale[c] * g)
+                else:
+                    for c in range(C):
+                        g = load(gr, c)
+                        t0[c] += g
+                        t1[c] += g * (load(xr, c) - m[c])
+            for c in range(C):
+                a0[c] += t0[c]
+                a1[c] += t1[c]
     _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
 
 
