@@ -109,7 +109,9 @@ def _forward_train_setup(ctx, inputs, output) -> None:
     ctx.param_dtype = _param_dtype(weight, _bias)
 
 
-def _forward_train_backward(ctx, gy: Tensor, _gmean: Tensor, _gvar: Tensor):
+def _forward_train_backward(ctx, gy: Tensor | None, _gmean: Tensor | None, _gvar: Tensor | None):
+    if gy is None:  # (eager path: grads are not materialized) no gradient reached the output
+        return None, None, None, None
     x, weight, mean, var = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if torch.is_grad_enabled():
@@ -293,6 +295,8 @@ class _TrainFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         y, mean, var = backend_for(x).forward_train(x, weight, bias, eps)
         ctx.mark_non_differentiable(mean, var)
+        # the backward ignores the (always zero) gradients of mean and var: do not build them
+        ctx.set_materialize_grads(False)
         _forward_train_setup(ctx, (x, weight, bias, eps), (y, mean, var))
         return y, mean, var
 
