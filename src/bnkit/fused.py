@@ -169,17 +169,43 @@ def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
     if weight is None:
         return None
     w = weight.detach()
-    b = torch.zeros_like(w) if bias is None else bias.detach().to(w.dtype)
-    floor = torch.finfo(w.dtype).tiny ** 0.5
-    if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64):
-        # the same test in numpy: a handful of torch dispatches cost more than the layer's kernel on small inputs
-        wn, bn = w.numpy(), b.numpy()
-        lost_np = np.abs(wn) <= wn.dtype.type(RECOVERY_RATIO) * np.abs(bn) + wn.dtype.type(floor)
+    floor = _RECOVERY_FLOOR.get(w.dtype)
+    if floor is None:
+        floor = _RECOVERY_FLOOR[w.dtype] = torch.finfo(w.dtype).tiny ** 0.5
+    if w.device.type == "cpu" and w.dtype in _NP_DTYPES and (bias is None or bias.dtype == w.dtype):
+        # numpy (and, with numba, one compiled call for the usual "none lost"): a handful of torch
+        # dispatches cost more than the layer's kernel on small inputs
+        wn = w.numpy()
+        bn = np.zeros_like(wn) if bias is None else bias.detach().numpy()
+        ratio, fl = wn.dtype.type(RECOVERY_RATIO), wn.dtype.type(floor)
+        count = _lost_count()
+        if count is not None and count(wn, bn, ratio, fl) == 0:
+            return None
+        lost_np = np.abs(wn) <= ratio * np.abs(bn) + fl
         return torch.from_numpy(np.flatnonzero(lost_np)) if lost_np.any() else None
+    b = torch.zeros_like(w) if bias is None else bias.detach().to(w.dtype)
     lost = w.abs() <= RECOVERY_RATIO * b.abs() + floor
     if not bool(lost.any()):
         return None
     return lost.nonzero().flatten()
+
+
+# dtype -> sqrt(smallest normal): the absolute part of the lost-channel test
+_RECOVERY_FLOOR: dict = {}
+# bnkit.kernels.cpu_act.lost_channel_count once imported; False when numba is unusable
+_LOST_COUNT = None
+
+
+def _lost_count():
+    global _LOST_COUNT
+    if _LOST_COUNT is None:
+        try:
+            from bnkit.kernels.cpu_act import lost_channel_count
+        except Exception:  # numba missing: numpy alone gives the same answer
+            _LOST_COUNT = False
+        else:
+            _LOST_COUNT = lost_channel_count
+    return _LOST_COUNT or None
 
 
 def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
