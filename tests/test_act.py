@@ -253,6 +253,32 @@ def test_memory_saving_saves_only_the_output():
     assert len(big) == 1 and big[0].data_ptr() == xin.data_ptr()  # standard mode: the input only
 
 
+def test_memory_saving_lost_channel_check_only_when_autograd_records(monkeypatch):
+    # the lost-channel side tensor serves the backward only: inference (no_grad, or nothing that
+    # requires grad) skips the check; with a graph it runs and the gradients stay exact
+    x, w, b, *_ = _data((4, 3, 5, 6))
+    w = w.clone()
+    w[1] = 0.0  # a lost channel
+    calls = []
+    real = fused._lost_channels
+    monkeypatch.setattr(fused, "_lost_channels", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        z0 = bf.batch_norm_act(x, None, None, w, b, True, activation="leaky_relu", memory_saving=True)
+    z1 = bf.batch_norm_act(x, None, None, w, b, True, activation="leaky_relu", memory_saving=True)
+    assert calls == [] and torch.equal(z0, z1)
+    wg = w.clone().requires_grad_()
+    xg = x.clone().requires_grad_()
+    z = bf.batch_norm_act(xg, None, None, wg, b, True, activation="leaky_relu", memory_saving=True)
+    assert calls == [1]
+    g = torch.randn_like(z)
+    dx, dw = torch.autograd.grad(z, (xg, wg), g)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref_z = F.leaky_relu(F.batch_norm(x64, None, None, w64, b.double(), True), 0.01)
+    rdx, rdw = torch.autograd.grad(ref_z, (x64, w64), g.double())
+    torch.testing.assert_close(dx.double(), rdx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dw.double(), rdw, rtol=1e-4, atol=1e-5)
+
+
 def _peak_bytes(fn):
     from torch.profiler import ProfilerActivity, profile
 

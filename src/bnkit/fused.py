@@ -352,14 +352,14 @@ class _BatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation, param,
-                memory_saving, inplace):
+                memory_saving, inplace, for_backward=True):
         sd = ref.stats_dtype(x.dtype)
         c = x.shape[1]
         w = torch.ones(c, dtype=sd, device=x.device) if weight is None else _detached_as(weight, sd)
         b = torch.zeros(c, dtype=sd, device=x.device) if bias is None else _detached_as(bias, sd)
         k = _kernels_for(x, activation)
         y = None
-        lost = _lost_channels(weight, bias) if memory_saving else None
+        lost = _lost_channels(weight, bias) if memory_saving and for_backward else None
         x_lost = None if lost is None else x.index_select(1, lost)  # before x may be overwritten
         z = None
         if training:
@@ -432,7 +432,7 @@ class _BatchNormAct(torch.autograd.Function):
             dx, dw, db = _standard_backward(ctx, dz, need_x, need_w or need_b)
         dw = dw.to(ctx.param_dtype) if need_w else None
         db = db.to(ctx.param_dtype) if need_b else None
-        return (dx if need_x else None), dw, db, None, None, None, None, None, None, None, None
+        return (dx if need_x else None), dw, db, None, None, None, None, None, None, None, None, None
 
 
 def _differentiable_backward(ctx, dz: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -646,9 +646,12 @@ def batch_norm_act_forward(
     check_activation(activation, activation_param, memory_saving)
     if inplace and not memory_saving:
         raise ValueError("inplace=True needs memory_saving=True: the standard backward reads the input")
+    # Whether autograd records this call: without a backward the memory-saving mode needs no
+    # lost-channel side tensor (inference skips that check)
+    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     z, mean, var = _BatchNormAct.apply(
         x, weight, bias, running_mean, running_var, training, eps, activation, float(activation_param),
-        memory_saving, inplace,
+        memory_saving, inplace, for_backward,
     )
     if not training:
         return z, None, None
