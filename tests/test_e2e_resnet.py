@@ -2,7 +2,6 @@
 
 import copy
 
-import pytest
 import torch
 from bn_tolerances import TRAINING
 from torch import nn
@@ -35,33 +34,66 @@ def small_resnet() -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_twenty_sgd_steps_match_torch(dtype):
-    atol, rtol = TRAINING[dtype]
+def _train_twins(models, dtype_of, steps=20):
+    """Train each model on the same 20 batches (drawn in float32, cast to each model's dtype);
+    return the per-step losses, the final state dicts and the eval-mode outputs on one more batch."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    gen = torch.Generator().manual_seed(1)
+    losses = [[] for _ in models]
+    for _ in range(steps):
+        x = torch.randn(6, 3, 6, 6, generator=gen)
+        target = torch.randint(0, 5, (6,), generator=gen)
+        for i, (model, opt) in enumerate(zip(models, opts, strict=True)):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x.to(dtype_of[i])), target)
+            loss.backward()
+            opt.step()
+            losses[i].append(loss.detach().double())
+    x = torch.randn(6, 3, 6, 6, generator=gen)
+    outs = []
+    for i, model in enumerate(models):
+        model.eval()
+        outs.append(model(x.to(dtype_of[i])).detach().double())
+    return [torch.stack(v) for v in losses], [m.state_dict() for m in models], outs
+
+
+def test_twenty_sgd_steps_match_torch_float64():
+    atol, rtol = TRAINING[torch.float64]
     torch.manual_seed(0)
-    t = small_resnet().to(dtype)
+    t = small_resnet().double()
     b = bnkit.convert(copy.deepcopy(t))
     assert sum(isinstance(m, bnkit.nn.BatchNorm2d) for m in b.modules()) == 6
     assert sum(isinstance(m, bnkit.nn.BatchNorm1d) for m in b.modules()) == 1
-    opt_t = torch.optim.SGD(t.parameters(), lr=0.05, momentum=0.9)
-    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(20):
-        x = torch.randn(6, 3, 6, 6, generator=gen, dtype=dtype)
-        target = torch.randint(0, 5, (6,), generator=gen)
-        losses = []
-        for model, opt in ((t, opt_t), (b, opt_b)):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        torch.testing.assert_close(losses[1], losses[0], atol=atol, rtol=rtol)
-    st, sb = t.state_dict(), b.state_dict()
+    (lt, lb), (st, sb), (ot, ob) = _train_twins([t, b], [torch.float64] * 2)
+    torch.testing.assert_close(lb, lt, atol=atol, rtol=rtol)
     assert list(sb) == list(st)
     for k in st:
         torch.testing.assert_close(sb[k], st[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
-    t.eval()
-    b.eval()
-    x = torch.randn(6, 3, 6, 6, generator=gen, dtype=dtype)
-    torch.testing.assert_close(b(x), t(x), atol=atol, rtol=rtol)
+    torch.testing.assert_close(ob, ot, atol=atol, rtol=rtol)
+
+
+def test_twenty_sgd_steps_float32_no_less_accurate_than_torch():
+    """float32 twins each drift from exact arithmetic over 20 steps (torch's final outputs by about
+    6e-5 here, more than two float32 runs can be asked to agree to), so they are compared through a
+    float64 twin: bnkit's distance from it in every loss, parameter, buffer and output is at most
+    twice torch's plus 1e-6 (float32 resolution at the values' scale; measured: at most 1.42x torch's)."""
+    torch.manual_seed(0)
+    base = small_resnet()
+    t = copy.deepcopy(base)
+    b = bnkit.convert(copy.deepcopy(base))
+    r = copy.deepcopy(base).double()
+    (lt, lb, lr), (st, sb, sr), (ot, ob, o_r) = _train_twins([t, b, r], [torch.float32, torch.float32, torch.float64])
+
+    def check(name, got, theirs, exact):
+        err_b = (got.double() - exact.double()).abs().max().item()
+        err_t = (theirs.double() - exact.double()).abs().max().item()
+        assert err_b <= 2 * err_t + 1e-6, f"{name}: bnkit {err_b:.3g} from float64, torch {err_t:.3g}"
+
+    check("losses", lb, lt, lr)
+    assert list(sb) == list(st)
+    for k in st:
+        if st[k].is_floating_point():
+            check(k, sb[k], st[k], sr[k])
+        else:
+            assert torch.equal(sb[k], st[k]), k
+    check("eval output", ob, ot, o_r)
