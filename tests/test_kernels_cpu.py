@@ -51,7 +51,7 @@ def _make(shape: tuple[int, ...], layout: str, dtype: torch.dtype, offset: float
 # (layout, shapes): odd sizes (C=1, spatial 1, primes) and sizes above SERIAL_NUMEL that take the
 # parallel paths (few channels: channels cut into parts; channels innermost: rows cut into parts).
 CASES = [
-    # short rows (S < 1024: statistics in memory order), a long-row fused case, few channels cut in parts
+    # short rows (S < ROW_STATS_MAX_S: statistics in memory order), a long-row fused case, few channels cut in parts
     # short rows of at most SHORT_ROW_S values (one loop per sample: ncs_affine_short), serial and cut in
     # segments; 7x7 rows in parallel row ranges
     ("contiguous", [(3, 5, 7, 11), (2, 1, 13), (5, 3, 1, 1), (2, 2, 3, 5, 7), (4, 64, 13, 11), (3, 11, 1031),

@@ -169,17 +169,15 @@ def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
     if weight is None:
         return None
     w = weight.detach()
-    floor = _RECOVERY_FLOOR.get(w.dtype)
-    if floor is None:
-        floor = _RECOVERY_FLOOR[w.dtype] = torch.finfo(w.dtype).tiny ** 0.5
+    floor = _RECOVERY_FLOOR[w.dtype]
     if w.device.type == "cpu" and w.dtype in _NP_DTYPES and (bias is None or bias.dtype == w.dtype):
         # numpy (and, with numba, one compiled call for the usual "none lost"): a handful of torch
         # dispatches cost more than the layer's kernel on small inputs
         wn = w.numpy()
         bn = np.zeros_like(wn) if bias is None else bias.detach().numpy()
         ratio, fl = wn.dtype.type(RECOVERY_RATIO), wn.dtype.type(floor)
-        count = _lost_count()
-        if count is not None and count(wn, bn, ratio, fl) == 0:
+        kernels = _cpu_act()
+        if kernels is not None and kernels[0].lost_channel_count(wn, bn, ratio, fl) == 0:
             return None
         lost_np = np.abs(wn) <= ratio * np.abs(bn) + fl
         return torch.from_numpy(np.flatnonzero(lost_np)) if lost_np.any() else None
@@ -191,21 +189,9 @@ def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
 
 
 # dtype -> sqrt(smallest normal): the absolute part of the lost-channel test
-_RECOVERY_FLOOR: dict = {}
-# bnkit.kernels.cpu_act.lost_channel_count once imported; False when numba is unusable
-_LOST_COUNT = None
-
-
-def _lost_count():
-    global _LOST_COUNT
-    if _LOST_COUNT is None:
-        try:
-            from bnkit.kernels.cpu_act import lost_channel_count
-        except Exception:  # numba missing: numpy alone gives the same answer
-            _LOST_COUNT = False
-        else:
-            _LOST_COUNT = lost_channel_count
-    return _LOST_COUNT or None
+_RECOVERY_FLOOR = {
+    dt: torch.finfo(dt).tiny ** 0.5 for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
 
 
 def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,21 +233,28 @@ def _kernels_for(x: Tensor, activation: str):
         return None
     if FORCE_KERNELS is None and (activation not in ("identity", "relu", "leaky_relu") or backend_for(x).name != "cpu"):
         return None
+    kernels = _cpu_act()
+    if kernels is None:
+        return None
+    cpu_act, threads = kernels
+    # numba's thread count as the cpu backend sets it (torch's count; one for small inputs)
+    threads(x.numel())
+    return cpu_act
+
+
+def _cpu_act():
+    """``(bnkit.kernels.cpu_act, cpu_launch._threads)``, imported once; None when numba is unusable
+    (every caller then has an exact composed or numpy path, only slower)."""
     global _CPU_ACT
     if _CPU_ACT is None:
         try:
             from bnkit.kernels import cpu_act
             from bnkit.kernels.cpu_launch import _threads
-        except Exception:  # numba missing: the composed path is exact, only slower
+        except Exception:
             _CPU_ACT = False
         else:
             _CPU_ACT = (cpu_act, _threads)
-    if _CPU_ACT is False:
-        return None
-    cpu_act, threads = _CPU_ACT
-    # numba's thread count as the cpu backend sets it (torch's count; one for small inputs)
-    threads(x.numel())
-    return cpu_act
+    return _CPU_ACT or None
 
 
 def _elu_kernels_for(z: Tensor, activation: str):
@@ -277,12 +270,11 @@ def _elu_kernels_for(z: Tensor, activation: str):
         return None
     if FORCE_KERNELS is None and backend_for(z).name != "cpu":
         return None
-    try:
-        from bnkit.kernels import cpu_act
-        from bnkit.kernels.cpu_launch import _threads
-    except Exception:  # numba missing: the composed path is exact, only slower
+    kernels = _cpu_act()
+    if kernels is None:
         return None
-    _threads(z.numel())
+    cpu_act, threads = kernels
+    threads(z.numel())
     return cpu_act
 
 
@@ -352,7 +344,7 @@ class _BatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation, param,
-                memory_saving, inplace, for_backward=True):
+                memory_saving, inplace, for_backward):
         sd = ref.stats_dtype(x.dtype)
         c = x.shape[1]
         w = torch.ones(c, dtype=sd, device=x.device) if weight is None else _detached_as(weight, sd)

@@ -29,9 +29,9 @@ float64; short rows (:func:`ncs_row_stats`) and channels-innermost rows (:func:`
 blocks of ``NSC_SBLOCK`` rows) likewise; partial results are merged in float64 with Chan's
 formula (:func:`chan_merge`). The normalization uses the float64 mean and
 ``scale = w / sqrt(var + eps)`` and rounds each output once: ``y = (x - mean) * scale + shift``.
-For bfloat16/float16 data the normalization runs in float32 (:func:`to_coef`): the output's own
-rounding (2**-9 or 2**-12 relative) dwarfs float32's, and float64 lanes made that pass
-compute-bound (1.7x slower).
+For bfloat16/float16 data the launcher hands the normalization float32 arrays instead (the
+*normalization dtype*): the output's own rounding (2**-9 or 2**-12 relative) dwarfs float32's, and
+float64 lanes made that pass compute-bound (1.7x slower).
 """
 
 from __future__ import annotations
@@ -216,19 +216,6 @@ def _to_acc_impl(a, v):
     return lambda a, v: np.float32(v)
 
 
-def to_coef(a, v):
-    """``v`` in the dtype the normalization of ``a``'s data runs in: float32 for 16-bit data
-    (bfloat16/float16 bits), float64 otherwise (one rounding per float32/float64 output)."""
-    raise NotImplementedError
-
-
-@overload(to_coef, jit_options={"fastmath": _FAST})
-def _to_coef_impl(a, v):
-    if a.dtype in (types.uint16, types.int16):
-        return lambda a, v: np.float32(v)
-    return lambda a, v: np.float64(v)
-
-
 # --- shared math --------------------------------------------------------------------------------------
 
 
@@ -317,14 +304,15 @@ def _ncs_chunk_affine(u, x, out, c, C, S, j0, j1, has_u, a, m, k, sh):
 
 
 @njit(**_JIT)
-def _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, mean64, scale, shift):
-    # mean and biased var go out in the statistics dtype; the normalization gets float64 mean and
-    # scale = w / sqrt(var + eps) (``mean64``, ``scale``, ``shift`` are float64 arrays), so each
-    # output value is rounded once instead of after every step.
+def _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift):
+    # mean and biased var go out in the statistics dtype; the normalization gets the mean and
+    # scale = w / sqrt(var + eps) computed in float64 and stored in the normalization dtype of
+    # ``nmean``, ``scale``, ``shift`` (float64, so each float32/float64 output is rounded once;
+    # float32 for 16-bit data).
     mean_out[c] = mu
     v = m2 / cnt
     var_out[c] = v
-    mean64[c] = mu
+    nmean[c] = mu
     scale[c] = float(weight[c]) / np.sqrt(v + eps)
     shift[c] = bias[c]
 
@@ -340,13 +328,13 @@ def _part(total, parts, p):
 
 @njit(parallel=True, **_JIT)
 def ncs_train(
-    x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, mean64, scale, shift, part_n, part_mu, part_m2
+    x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, nmean, scale, shift, part_n, part_mu, part_m2
 ):
     """Training forward on ``(N, C, S)`` memory; one task per (channel, part).
 
     ``fuse`` (needs ``P == 1``): each task owns a whole channel: it computes its statistics, then
     normalizes it, ``y = (x - mean) * scale + shift``, while its data is still in cache, and
-    writes ``mean_out``/``var_out`` and the float64 ``mean64``/``scale``/``shift``. Otherwise (e.g.
+    writes ``mean_out``/``var_out`` and ``nmean``/``scale``/``shift`` (normalization dtype). Otherwise (e.g.
     ``P > 1``, few channels) each task only writes the (count, mean, M2) of its part to
     ``part_*[p, c]``; the caller merges them (:func:`finish_stats`) and normalizes with
     :func:`ncs_affine`.
@@ -358,9 +346,8 @@ def ncs_train(
         j0, j1 = _part(M, P, p)
         cnt, mu, m2 = _ncs_chunk_stats(x, c, C, S, j0, j1)
         if fuse:
-            _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, mean64, scale, shift)
-            sc = to_coef(x, scale[c])
-            _ncs_chunk_affine(x, x, y, c, C, S, 0, M, False, sc, to_coef(x, mu), sc, to_coef(x, shift[c]))
+            _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
+            _ncs_chunk_affine(x, x, y, c, C, S, 0, M, False, scale[c], nmean[c], scale[c], shift[c])
         else:
             part_n[p, c] = cnt
             part_mu[p, c] = mu
@@ -368,14 +355,14 @@ def ncs_train(
 
 
 @njit(**_JIT)
-def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, mean64, scale, shift):
+def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift):
     """Merge per-part (count, mean, M2) rows ``part_*[p, c]`` into mean, var, scale, shift.
 
     All parts at once (the parallel form of Chan's formula): ``mean = mu_0 + sum(n_p (mu_p -
     mu_0)) / n`` (deviations from part 0's mean keep offset data exact), then ``M2 = sum(M2_p +
     n_p (mu_p - mean)**2)``. Loops run over channels innermost (they vectorize) and make one
     division per channel instead of three per part. ``mean_out``/``var_out`` are in the statistics
-    dtype; ``mean64``/``scale``/``shift`` (what the normalization uses) are float64.
+    dtype; ``nmean``/``scale``/``shift`` (what the normalization uses) in the normalization dtype.
     """
     P, C = part_mu.shape
     cnt = np.zeros(C)
@@ -393,7 +380,7 @@ def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out,
             d = part_mu[p, c] - mu[c]
             m2[c] += part_m2[p, c] + part_n[p, c] * d * d
     for c in range(C):
-        _finish_channel(c, cnt[c], mu[c], m2[c], weight, bias, eps, mean_out, var_out, mean64, scale, shift)
+        _finish_channel(c, cnt[c], mu[c], m2[c], weight, bias, eps, mean_out, var_out, nmean, scale, shift)
 
 
 @njit(parallel=True, **_JIT)
@@ -490,12 +477,14 @@ def _affine_run(u, x, out, i0, i1, has_u, ac, m, kc, sh):
 
 @njit(parallel=True, **_JIT)
 def ncs_affine_short(u, x, out, N, C, S, Q, has_u, a, mean, k, shift, tab):
-    """:func:`ncs_affine` for short rows (small ``S``, e.g. 7x7): one loop over a sample's ``C*S`` values.
+    """:func:`ncs_affine` for very short rows (``S <= SHORT_ROW_S`` of the launcher, e.g. 4x4):
+    one loop over a sample's ``C*S`` values.
 
-    A loop over each row of 49 values is mostly the vector loop's scalar remainder; here the
-    per-channel constants are first repeated over one sample (``tab``: 4 rows of ``C*S`` values
-    of their dtype, built once per call, small enough to stay in cache), so each of the ``N*Q``
-    tasks (sample ``n``, segment ``q`` of its ``C*S`` values) is one long loop that vectorizes.
+    A row of 16 values is less than one vector loop iteration; here the per-channel constants are
+    first repeated over one sample (``tab``: 4 rows of ``C*S`` values of their dtype, built once
+    per call, small enough to stay in cache), so each of the ``N*Q`` tasks (sample ``n``, segment
+    ``q`` of its ``C*S`` values) is one long loop that vectorizes. From about 25 values per row
+    (5x5) :func:`ncs_affine`'s ranges of rows are faster.
     """
     CS = C * S
     for c in range(C):
@@ -546,7 +535,7 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
             gs = dy[r * S : (r + 1) * S]
             xs = x[r * S : (r + 1) * S]
             if write:
-                s0, s1 = _dot_sums_store(gs, xs, dx[r * S : (r + 1) * S], mean[c], scale[c], S)
+                s0, s1 = _dot_sums(gs, xs, mean[c], S, dx[r * S : (r + 1) * S], scale[c])
             else:
                 s0, s1 = _dot_sums(gs, xs, mean[c], S)
             a0[c] += s0
@@ -572,43 +561,27 @@ def _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu):
 
 
 @njit(**_JIT)
-def _dot_sums(gs, xs, m, n):
+def _dot_sums(gs, xs, m, n, ds=None, sc=0.0):
     # (sum(g), sum(g * (x - m))) over n values: float32 lanes within blocks of RBLOCK values (they
     # vectorize 8 wide; a block's rounding error stays ~1e-7 relative), blocks summed in float64.
+    # With ``ds`` also ds = sc * g in the same read (the eval-mode backward's dx); numba decides
+    # ``ds is None`` when it compiles, so the plain sums carry no store.
     s0 = 0.0
     s1 = 0.0
     for b0 in range(0, n, RBLOCK):
         b1 = min(b0 + RBLOCK, n)
         gb = gs[b0:b1]  # sub-slices indexed from 0 (see _seg_stats)
         xb = xs[b0:b1]
+        if ds is not None:
+            db = ds[b0:b1]
         t0 = to_acc(gs, 0.0)
         t1 = t0
         for i in range(gb.shape[0]):
             g = load(gb, i)
             t0 += g
             t1 += g * (load(xb, i) - m)
-        s0 += t0
-        s1 += t1
-    return s0, s1
-
-
-@njit(**_JIT)
-def _dot_sums_store(gs, xs, ds, m, sc, n):
-    # _dot_sums, and ds = sc * g in the same read (the eval-mode backward's dx)
-    s0 = 0.0
-    s1 = 0.0
-    for b0 in range(0, n, RBLOCK):
-        b1 = min(b0 + RBLOCK, n)
-        gb = gs[b0:b1]
-        xb = xs[b0:b1]
-        db = ds[b0:b1]
-        t0 = to_acc(gs, 0.0)
-        t1 = t0
-        for i in range(gb.shape[0]):
-            g = load(gb, i)
-            t0 += g
-            t1 += g * (load(xb, i) - m)
-            store(db, i, sc * g)
+            if ds is not None:
+                store(db, i, sc * g)
         s0 += t0
         s1 += t1
     return s0, s1

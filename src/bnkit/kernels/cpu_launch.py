@@ -35,6 +35,15 @@ _VIEW: dict[torch.dtype, tuple[torch.dtype, type]] = {
     torch.float16: (torch.int16, np.float32),
 }
 
+# dtype -> numpy dtype of the per-channel mean/scale/shift the normalization uses: float64, so a
+# float32/float64 output is rounded once; float32 for 16-bit data (see bnkit.kernels.cpu)
+_NORM: dict[torch.dtype, type] = {
+    torch.float32: np.float64,
+    torch.float64: np.float64,
+    torch.bfloat16: np.float32,
+    torch.float16: np.float32,
+}
+
 # Below this many elements one thread beats waking the others.
 SERIAL_NUMEL = 1 << 15
 # Aim for this many parallel tasks per thread (load balance on a shared machine).
@@ -237,7 +246,7 @@ class CpuBackend:
         mean = torch.empty(c, dtype=sd)
         var = torch.empty(c, dtype=sd)
         mean_np, var_np = mean.numpy(), var.numpy()
-        mean64, scale, shift = np.empty((3, c))  # float64: the normalization rounds once
+        nmean, scale, shift = np.empty((3, c), _NORM[x.dtype])
         nt = _threads(x.numel())
         e = float(eps)
         xf, yf = _flat(x), _flat(y)
@@ -249,18 +258,15 @@ class CpuBackend:
             p = _ncs_parts(nt, c, n * s)
             fuse = p == 1 and FUSE_NCS
             parts = np.empty((3, p, c))
-            K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, mean64, scale, shift, *parts)
+            K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, nmean, scale, shift, *parts)
             if fuse:
                 return y, mean, var
         else:
             p = _nsc_parts(nt, n * s, c)
             parts = np.empty((3, p, c))
             K.nsc_stats(xf, n * s, c, p, *parts)
-        K.finish_stats(*parts, w, b, e, mean_np, var_np, mean64, scale, shift)
-        if np_sd is np.float32 and x.dtype is not torch.float32:
-            # 16-bit data: normalize in float32 (see bnkit.kernels.cpu: K.to_coef)
-            mean64, scale, shift = mean64.astype(np.float32), scale.astype(np.float32), shift.astype(np.float32)
-        self._affine(order, n, c, s, xf, xf, yf, False, scale, mean64, scale, shift)
+        K.finish_stats(*parts, w, b, e, mean_np, var_np, nmean, scale, shift)
+        self._affine(order, n, c, s, xf, xf, yf, False, scale, nmean, scale, shift)
         return y, mean, var
 
     def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
