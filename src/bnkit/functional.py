@@ -24,6 +24,7 @@ from torch import Tensor
 
 from bnkit import autograd
 from bnkit import reference as ref
+from bnkit import small as _small
 
 __all__ = ["batch_norm", "batch_norm_pure", "check_batch_norm_args"]
 
@@ -329,6 +330,10 @@ def batch_norm_pure(
     given. ``momentum`` may be a tensor (e.g. ``1 / num_batches_tracked`` for the
     cumulative average), which keeps ``torch.compile`` graphs free of host syncs.
     """
+    if mask is None and channel_dim == 1 and type(channel_dim) is int:
+        small = _small.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
+        if small is not None:
+            return small
     x, channel_dim = to_channels_first(input, channel_dim)
     check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if x.numel() == 0:
@@ -378,6 +383,10 @@ def batch_norm(
             _verify_batch_size(input.size())
         _check_eps(eps, training)
         raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
+    if mask is None and channel_dim == 1 and type(channel_dim) is int:
+        small = _small.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, True)
+        if small is not None:  # running statistics already updated in place
+            return small[0]
     y, new_mean, new_var = batch_norm_pure(
         input, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask, channel_dim=channel_dim
     )

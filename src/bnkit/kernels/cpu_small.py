@@ -1,0 +1,263 @@
+r"""numba kernels for small inputs: a whole batch-norm call in one serial compiled call.
+
+Below about 32K elements a batch norm costs microseconds of arithmetic and tens of microseconds of
+Python: argument checks, numpy views of every tensor (about 0.8 us each), allocations, one launch
+per pass and the torch ops of the running-statistics update. These kernels take the data as raw
+addresses (``Tensor.data_ptr()``: 0.1 us, where ``Tensor.numpy()`` costs 0.8) and do everything of
+one call in one launch:
+
+* :func:`train_forward`: per-channel mean and biased variance (two float64 passes over data that
+  sits in cache), the output ``y = (x - mean) * scale + shift`` rounded once from float64, and the
+  new running statistics, with exactly the float operations of
+  :func:`bnkit.reference.update_running_stats` in the statistics dtype (no fused multiply-add);
+* :func:`eval_forward`: the eval output from the running statistics, with the arithmetic of the
+  ``cpu`` backend (:func:`bnkit.kernels.cpu.eval_coeffs`, then ``(x - mean) * scale + shift``);
+* :func:`train_backward`: both reductions, then ``dx = a*dy + k*(x - mean) + c`` (the symbols of
+  :mod:`bnkit.autograd`), with ``dweight`` and ``dbias``.
+
+Memory is channel-major ``(N, C, S)`` (contiguous ``(N, C, *)``; ``S = 1`` for ``(N, C)``),
+float32 or float64, every per-channel vector contiguous in the data's dtype (which is then the
+statistics dtype). A raw address carries no type or size: :mod:`bnkit.small` checks every tensor
+(type, device, dtype, shape, contiguity) before a call, and a call it cannot prove safe goes
+the regular way. The ``like`` argument (a zero of the data's dtype) only selects the
+specialization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit, types
+from numba.extending import intrinsic
+
+__all__ = ["eval_forward", "train_backward", "train_forward"]
+
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@intrinsic
+def _ptr(typingctx, addr, like):
+    # an integer address as a pointer to values of like's type (for numba.carray)
+    if not isinstance(addr, types.Integer) or not isinstance(like, types.Float):
+        return None
+    sig = types.CPointer(like)(addr, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _view(addr, n, like):
+    return carray(_ptr(addr, like), n)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _moments(x, N, C, S, mean, m2):
+    # Per channel, in memory order (rows r = n*C + c): the shifted sums of the regular path's short
+    # rows (cpu.ncs_row_stats) with K = the channel's first finite value, float64 throughout; then
+    # mean = K + S1/M and M2 = S2 - S1**2/M go to mean[c] and m2[c].
+    k = np.zeros(C)
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    for c in range(C):
+        k0 = float(x[c * S])
+        k[c] = k0 if np.isfinite(k0) else 0.0
+    if S == 1:  # (N, C): rows of channels, the inner loop runs across them
+        for n in range(N):
+            xs = x[n * C : (n + 1) * C]
+            for c in range(C):
+                d = xs[c] - k[c]
+                s1[c] += d
+                s2[c] += d * d
+    else:
+        for r in range(N * C):
+            c = r % C
+            xs = x[r * S : (r + 1) * S]
+            kc = k[c]
+            a = 0.0
+            q = 0.0
+            for i in range(S):
+                d = xs[i] - kc
+                a += d
+                q += d * d
+            s1[c] += a
+            s2[c] += q
+    M = float(N * S)
+    for c in range(C):
+        mean[c] = k[c] + s1[c] / M
+        v = s2[c] - s1[c] * (s1[c] / M)
+        m2[c] = v if not v < 0.0 else 0.0
+
+
+@njit(cache=True, fastmath=_FAST)
+def _normalize(x, y, N, C, S, mu, k, sh):
+    # y = (x - mu[c]) * k[c] + sh[c] in memory order, in the precision of mu/k/sh, rounded once to y's dtype
+    if S == 1:
+        for n in range(N):
+            xs = x[n * C : (n + 1) * C]
+            ys = y[n * C : (n + 1) * C]
+            for c in range(C):
+                ys[c] = (xs[c] - mu[c]) * k[c] + sh[c]
+        return
+    for r in range(N * C):
+        c = r % C
+        xs = x[r * S : (r + 1) * S]
+        ys = y[r * S : (r + 1) * S]
+        mc = mu[c]
+        kc = k[c]
+        shc = sh[c]
+        for i in range(S):
+            ys[i] = (xs[i] - mc) * kc + shc
+
+
+@njit(cache=True)
+def _blend(run, stat, keep, take):
+    # reference.update_running_stats in the statistics dtype: run*keep + stat*take, two roundings
+    # of the products and one of the sum (no fastmath: contract would fuse them into one FMA)
+    return run * keep + stat * take
+
+
+@njit(cache=True)
+def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take):
+    """Training forward of ``(N, C, S)`` data at address ``xa`` into ``ya``.
+
+    ``wa``/``ba``: weight and bias addresses, 0 when absent. Writes the mean and biased variance
+    (statistics dtype) to ``meana``/``vara``. With running statistics (``rma``, ``rva`` non-zero)
+    it writes their update, ``run * keep + stat * take`` with ``stat = var * ratio`` for the
+    variance, to ``nma``/``nva`` (which may be ``rma``/``rva`` themselves: an in-place update).
+    ``ratio``, ``keep`` and ``take`` come rounded to the statistics dtype, as torch rounds the
+    Python scalars of the reference's expression.
+    """
+    total = N * C * S
+    x = _view(xa, total, like)
+    y = _view(ya, total, like)
+    mean = _view(meana, C, like)
+    var = _view(vara, C, like)
+    mu = np.empty(C)
+    k = np.empty(C)
+    sh = np.zeros(C)
+    _moments(x, N, C, S, mu, k)
+    for c in range(C):
+        v = k[c] / (N * S)
+        mean[c] = mu[c]
+        var[c] = v
+        k[c] = (_view(wa, C, like)[c] if wa != 0 else 1.0) / np.sqrt(v + eps)
+        if ba != 0:
+            sh[c] = _view(ba, C, like)[c]
+    _normalize(x, y, N, C, S, mu, k, sh)
+    if rma != 0:
+        rm = _view(rma, C, like)
+        rv = _view(rva, C, like)
+        nm = _view(nma, C, like)
+        nv = _view(nva, C, like)
+        for c in range(C):
+            nm[c] = _blend(rm[c], mean[c], keep, take)
+            nv[c] = _blend(rv[c], var[c] * ratio, keep, take)
+
+
+@njit(cache=True, error_model="numpy")
+def _eval_coeff(rv, w, eps, one):
+    # cpu.eval_coeffs for one channel: (1 / sqrt(rv + eps)) * w in the statistics dtype, no fastmath
+    return (one / np.sqrt(rv + eps)) * w
+
+
+@njit(cache=True)
+def eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, one):
+    """Eval forward from the running statistics: the numbers of the ``cpu`` backend's
+    ``forward_eval_running`` (``eps`` and ``one`` in the statistics dtype)."""
+    total = N * C * S
+    x = _view(xa, total, like)
+    y = _view(ya, total, like)
+    rm = _view(rma, C, like)
+    rv = _view(rva, C, like)
+    k = np.empty_like(rm)
+    sh = np.zeros_like(rm)
+    for c in range(C):
+        k[c] = _eval_coeff(rv[c], _view(wa, C, like)[c] if wa != 0 else one, eps, one)
+        if ba != 0:
+            sh[c] = _view(ba, C, like)[c]
+    _normalize(x, y, N, C, S, rm, k, sh)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _grad_sums(g, x, N, C, S, mean, s0, s1):
+    # s0[c] = sum(dy), s1[c] = sum(dy * (x - mean[c])) in float64, in memory order
+    if S == 1:
+        for n in range(N):
+            gs = g[n * C : (n + 1) * C]
+            xs = x[n * C : (n + 1) * C]
+            for c in range(C):
+                s0[c] += gs[c]
+                s1[c] += gs[c] * (xs[c] - mean[c])
+        return
+    for r in range(N * C):
+        c = r % C
+        gs = g[r * S : (r + 1) * S]
+        xs = x[r * S : (r + 1) * S]
+        m = mean[c]
+        a = 0.0
+        q = 0.0
+        for i in range(S):
+            a += gs[i]
+            q += gs[i] * (xs[i] - m)
+        s0[c] += a
+        s1[c] += q
+
+
+@njit(cache=True, fastmath=_FAST)
+def _grad_input(g, x, dx, N, C, S, a, m, k, cc):
+    # dx = a[c]*dy + k[c]*(x - m[c]) + cc[c] in memory order, in float64, rounded once
+    if S == 1:
+        for n in range(N):
+            gs = g[n * C : (n + 1) * C]
+            xs = x[n * C : (n + 1) * C]
+            ds = dx[n * C : (n + 1) * C]
+            for c in range(C):
+                ds[c] = a[c] * gs[c] + k[c] * (xs[c] - m[c]) + cc[c]
+        return
+    for r in range(N * C):
+        c = r % C
+        gs = g[r * S : (r + 1) * S]
+        xs = x[r * S : (r + 1) * S]
+        ds = dx[r * S : (r + 1) * S]
+        ac = a[c]
+        mc = m[c]
+        kc = k[c]
+        ccc = cc[c]
+        for i in range(S):
+            ds[i] = ac * gs[i] + kc * (xs[i] - mc) + ccc
+
+
+@njit(cache=True)
+def train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba):
+    """Training backward: ``dx`` (when ``dxa`` is non-zero) and ``dweight = sum(dy * xhat)``,
+    ``dbias = sum(dy)`` per channel, from the saved mean and biased variance.
+
+    Per channel, in float64: ``invstd = 1 / sqrt(var + eps)``, ``a = invstd * w``,
+    ``k = -a * invstd * dweight / M``, ``c = -a * dbias / M``; ``dx = a*dy + k*(x - mean) + c``.
+    """
+    total = N * C * S
+    g = _view(ga, total, like)
+    x = _view(xa, total, like)
+    mean = _view(meana, C, like)
+    var = _view(vara, C, like)
+    dw = _view(dwa, C, like)
+    db = _view(dba, C, like)
+    s0 = np.zeros(C)
+    s1 = np.zeros(C)
+    _grad_sums(g, x, N, C, S, mean, s0, s1)
+    M = float(N * S)
+    a = np.empty(C)
+    m = np.empty(C)
+    for c in range(C):
+        inv = 1.0 / np.sqrt(float(var[c]) + eps)
+        s1[c] *= inv  # now sum(dy * xhat)
+        dw[c] = s1[c]
+        db[c] = s0[c]
+        a[c] = inv * (_view(wa, C, like)[c] if wa != 0 else 1.0)
+        m[c] = mean[c]
+        s1[c] = -a[c] * inv * (s1[c] / M)  # k
+        s0[c] = -a[c] * (s0[c] / M)  # c
+    if dxa != 0:
+        _grad_input(g, x, _view(dxa, total, like), N, C, S, a, m, s1, s0)

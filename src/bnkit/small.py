@@ -1,0 +1,259 @@
+"""The small-input path: a whole batch-norm call in one compiled call (:mod:`bnkit.kernels.cpu_small`).
+
+On a (16, 16, 8, 8) input the arithmetic of a batch norm takes about 2 us; the regular path spent
+60-70 us around it (argument checks, backend dispatch, numpy views, one kernel per pass, six torch
+ops for the running statistics), and the training forward+backward 190 us, against torch's 42 and
+68. Here every check that guards a raw-address kernel is made on the tensors directly, and
+anything unusual (another dtype or layout, subclasses, tracing, transforms, forward AD, gradients
+of the running statistics, double backward) returns ``None`` and takes the regular path, which
+raises torch's errors for bad arguments. A call that passes every check has valid arguments: the
+checks imply everything :func:`bnkit.functional.check_batch_norm_args` asks.
+
+The numbers are the regular path's up to rounding: the statistics in float64 (two passes over
+data in cache), the output rounded once, the running statistics with the float operations of
+:func:`bnkit.reference.update_running_stats`, the eval output with those of the ``cpu`` backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
+from torch.autograd import forward_ad as _fwAD
+from torch.autograd.graph import increment_version
+from torch.nn import Parameter
+
+from bnkit import kernels
+
+__all__ = ["SMALL_NUMEL", "batch_norm"]
+
+# Inputs of at most this many elements take the small path: single-threaded (the cpu backend
+# runs them on one thread too: below its SERIAL_NUMEL waking a second one costs more than it saves).
+SMALL_NUMEL = 1 << 15
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+_ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
+_ONE = {torch.float32: np.float32(1.0), torch.float64: np.float64(1.0)}
+# (value, dtype) -> value as a numpy scalar of dtype (0.5 us to make, 0.1 to look up)
+_SCALARS: dict = {}
+
+_K = None  # bnkit.kernels.cpu_small, imported on first use (compiling it needs numba)
+
+
+def _kernels():
+    global _K
+    if _K is None:
+        from bnkit.kernels import cpu_small
+
+        _K = cpu_small
+    return _K
+
+
+def _scalar(value: float, dtype: torch.dtype):
+    key = (value, dtype)
+    v = _SCALARS.get(key)
+    if v is None:
+        if len(_SCALARS) >= 256:
+            _SCALARS.clear()
+        v = _SCALARS[key] = _NP[dtype](value)
+    return v
+
+
+def _vector_ok(t: Tensor | None, c: int, dtype: torch.dtype) -> bool:
+    # (a leaked functorch wrapper passes these checks; its data_ptr() raises, and the caller
+    # then takes the regular path)
+    return t is None or (
+        (type(t) is Tensor or type(t) is Parameter)  # Parameter: no __torch_function__ of its own
+        and t.dtype is dtype
+        and t.is_cpu
+        and t.shape == (c,)
+        and t.is_contiguous()
+    )
+
+
+def _addr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _eligible(x: Tensor, running_mean, running_var, weight, bias) -> bool:
+    """Whether the raw-address kernels may run on these tensors, and the cpu backend is the one selected."""
+    if type(x) is not Tensor or not x.is_cpu:
+        return False
+    dt = x.dtype
+    if dt is not torch.float32 and dt is not torch.float64:
+        return False
+    n = x.numel()
+    if n == 0 or n > SMALL_NUMEL or x.dim() < 2 or not x.is_contiguous():
+        return False
+    if (running_mean is None) != (running_var is None):
+        return False
+    c = x.shape[1]
+    if not (
+        _vector_ok(running_mean, c, dt)
+        and _vector_ok(running_var, c, dt)
+        and _vector_ok(weight, c, dt)
+        and _vector_ok(bias, c, dt)
+    ):
+        return False
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
+        return False
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() != 0
+        or torch._C._is_torch_function_mode_enabled()
+        or peek_interpreter_stack() is not None
+        or _fwAD._current_level >= 0
+    ):
+        return False
+    return kernels.runs_cpu_backend()
+
+
+def _needs_graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+    )
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    inplace: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """``(y, new_running_mean, new_running_var)`` of a small input, or ``None`` for the regular path.
+
+    With ``inplace`` the running statistics are updated in their own buffers (what
+    :func:`bnkit.functional.batch_norm` does) and returned; otherwise new tensors hold the update
+    (:func:`bnkit.functional.batch_norm_pure`). Channels must be in dim 1.
+    """
+    if type(eps) is not float or not _eligible(x, running_mean, running_var, weight, bias):
+        return None
+    if training is True:
+        if type(momentum) is not float or not eps > 0.0:
+            return None
+        return _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace)
+    if training is False and running_mean is not None and eps >= 0.0 and not _needs_graph(x, weight, bias):
+        dt = x.dtype
+        y = torch.empty_like(x)
+        shape = x.shape
+        n, c = shape[0], shape[1]
+        try:
+            xa, rma, rva, wa, ba = _addrs(x, running_mean, running_var, weight, bias)
+        except _NoStorage:
+            return None
+        _kernels().eval_forward(
+            _ZERO[dt], xa, y.data_ptr(), n, c, x.numel() // (n * c), rma, rva, wa, ba, _scalar(eps, dt), _ONE[dt]
+        )
+        return y, running_mean, running_var
+    return None
+
+
+def _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace):
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    count = n * s
+    if count < 2:
+        return None  # the regular path raises torch's "Expected more than 1 value per channel"
+    dt = x.dtype
+    mean, var = torch.empty((2, c), dtype=dt)  # one allocation; both only go to the kernels
+    if running_mean is None:
+        new_mean = new_var = None
+        stats = (0, 0, 0, 0)
+    else:
+        if inplace:
+            new_mean, new_var = running_mean, running_var
+        else:
+            new_mean, new_var = torch.empty(c, dtype=dt), torch.empty(c, dtype=dt)
+        try:
+            stats = _addrs(running_mean, running_var, new_mean, new_var)
+        except _NoStorage:
+            return None
+    args = (n, c, s, eps, mean, var, stats, _scalar(count / (count - 1), dt), _scalar(1 - momentum, dt),
+            _scalar(momentum, dt))  # fmt: skip
+    try:
+        if _needs_graph(x, weight, bias):
+            y = _train_apply(x, weight, bias, args)
+        else:
+            y = _train_forward(x, weight, bias, args)
+    except _NoStorage:
+        return None
+    if inplace and running_mean is not None:
+        # the kernel wrote the buffers through raw addresses: tell autograd, as copy_ would (a graph
+        # that saved them, e.g. an eval-mode call, then refuses a backward through stale values)
+        increment_version((running_mean, running_var))
+    return y, new_mean, new_var
+
+
+class _NoStorage(Exception):
+    """A tensor had no storage (a leaked functorch wrapper): nothing was written, take the regular path."""
+
+
+def _addrs(*tensors: Tensor | None) -> tuple[int, ...]:
+    try:
+        return tuple(0 if t is None else t.data_ptr() for t in tensors)
+    except RuntimeError as exc:
+        raise _NoStorage from exc
+
+
+def _train_forward(x, weight, bias, args):
+    n, c, s, eps, mean, var, stats, ratio, keep, take = args
+    try:
+        xa, wa, ba = x.data_ptr(), _addr(weight), _addr(bias)
+    except RuntimeError as exc:
+        raise _NoStorage from exc
+    y = torch.empty_like(x)
+    ya, ma, va = y.data_ptr(), mean.data_ptr(), var.data_ptr()
+    _kernels().train_forward(_ZERO[x.dtype], xa, ya, n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take)
+    return y
+
+
+class _SmallTrainFn(torch.autograd.Function):
+    """Training forward and backward of a small input; the double backward goes the regular way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, args):
+        y = _train_forward(x, weight, bias, args)
+        _n, _c, _s, eps, mean, var = args[:6]
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.param_dtype = x.dtype
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        if gy is None:
+            return None, None, None, None
+        x, weight, mean, var = ctx.saved_tensors
+        if (
+            torch.is_grad_enabled()
+            or type(gy) is not Tensor
+            or gy.dtype is not x.dtype
+            or gy.shape != x.shape
+            or not gy.is_contiguous()
+            or not gy.is_cpu
+            or is_functorch_wrapped_tensor(gy)
+        ):
+            from bnkit.autograd import _forward_train_backward
+
+            return (*_forward_train_backward(ctx, gy, None, None)[:3], None)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n, c = x.shape[0], x.shape[1]
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.empty(c, dtype=x.dtype)
+        db = torch.empty(c, dtype=x.dtype)
+        _kernels().train_backward(
+            _ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, x.numel() // (n * c),
+            mean.data_ptr(), var.data_ptr(), _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr(),
+        )  # fmt: skip
+        return dx, (dw if need_w else None), (db if need_b else None), None
+
+
+# Function.apply minus its Python wrapper, which only handles functorch (ruled out by _eligible)
+_train_apply = super(torch.autograd.Function, _SmallTrainFn).apply

@@ -1,0 +1,318 @@
+"""The small-input path (bnkit.small, bnkit.kernels.cpu_small) against torch, float64 and the reference.
+
+Every test checks that the small kernels really ran (a spy counts their calls), or, for the
+cases that must not take the path, that they did not.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnkit
+from bnkit import reference as ref
+from bnkit import small
+from bnkit.kernels import last_backend, use_backend
+
+SHAPES = [(16, 16, 8, 8), (4, 8, 4, 4, 4), (64, 128), (2, 3), (5, 7, 1), (3, 1, 4, 4), (7, 13, 11), (2, 5, 5, 5)]
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-12, 1e-12)}
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls of each small kernel."""
+    kernels = small._kernels()
+    calls: dict[str, int] = {}
+
+    def wrap(name):
+        fn = getattr(kernels, name)
+
+        def counted(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args)
+
+        return counted
+
+    names = ("train_forward", "eval_forward", "train_backward")
+    monkeypatch.setattr(small, "_K", types.SimpleNamespace(**{n: wrap(n) for n in names}))
+    return calls
+
+
+def _inputs(shape, dtype, affine=True, seed=0, offset=0.0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype) if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) if affine else None
+    rm = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    rv = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    return x, w, b, rm, rv
+
+
+def _close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_training_forward_matches_torch_and_float64(spy, shape, dtype, affine):
+    x, w, b, rm, rv = _inputs(shape, dtype, affine)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3)
+    assert spy == {"train_forward": 1} and last_backend() == "cpu"
+    y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True, momentum=0.3)
+    _close(y, y_t, dtype)
+    _close(rm, rm_t, dtype)
+    _close(rv, rv_t, dtype)
+    # float64 twin of the same call (the reference's math)
+    x64 = x.double()
+    exact = ref.batch_norm(x64, None, None, *(None if t is None else t.double() for t in (w, b)), True, 0.1, 1e-5)[0]
+    _close(y.double(), exact, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_forward_matches_torch_and_the_cpu_backend(spy, shape, dtype, affine):
+    x, w, b, rm, rv = _inputs(shape, dtype, affine, seed=1)
+    y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3)
+    assert spy == {"eval_forward": 1}
+    _close(y, F.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3), dtype)
+    from bnkit.kernels import get_backend
+
+    regular = get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-3)
+    _close(y, regular, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1 / 3, 0.0, 1.0])
+def test_running_statistics_are_the_reference_update_bit_for_bit(dtype, momentum):
+    # the kernel's update from its own mean/var == reference.update_running_stats on them
+    x, w, b, rm, rv = _inputs((6, 9, 7), dtype, seed=2)
+    k = small._kernels()
+    n, c, s = 6, 9, 7
+    y = torch.empty_like(x)
+    mean, var, new_mean, new_var = (torch.empty(c, dtype=dtype) for _ in range(4))
+    count = n * s
+    sc = small._NP[dtype]
+    k.train_forward(
+        small._ZERO[dtype], x.data_ptr(), y.data_ptr(), n, c, s, w.data_ptr(), b.data_ptr(), 1e-5,
+        mean.data_ptr(), var.data_ptr(), rm.data_ptr(), rv.data_ptr(), new_mean.data_ptr(), new_var.data_ptr(),
+        sc(count / (count - 1)), sc(1 - momentum), sc(momentum),
+    )  # fmt: skip
+    exp_mean, exp_var = ref.update_running_stats(rm, rv, mean, var, count, momentum)
+    assert torch.equal(new_mean, exp_mean) and torch.equal(new_var, exp_var)
+    x64 = x.double()
+    _close(mean.double(), x64.mean((0, 2)), dtype)
+    _close(var.double(), x64.var((0, 2), unbiased=False), dtype)
+
+
+def test_pure_returns_new_statistics_and_mutates_nothing(spy):
+    x, w, b, rm, rv = _inputs((8, 4, 3, 3), torch.float32)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y, new_mean, new_var = bnkit.functional.batch_norm_pure(x, rm, rv, w, b, training=True)
+    assert spy == {"train_forward": 1}
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert new_mean is not rm and new_var is not rv
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True)
+    _close(y, y_t, torch.float32)
+    _close(new_mean, rm_t, torch.float32)
+    _close(new_var, rv_t, torch.float32)
+    # without running statistics
+    y2, m2, v2 = bnkit.functional.batch_norm_pure(x, None, None, w, b, training=True)
+    assert m2 is None and v2 is None
+    _close(y2, y_t, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 8, 8), (64, 128), (5, 7, 1), (7, 13, 11)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("needs", ["all", "input", "params", "weight"])
+def test_gradients_match_torch(spy, shape, dtype, needs):
+    x0, w0, b0, rm, rv = _inputs(shape, dtype, seed=3, offset=1.0, scale=2.0)
+    dy = torch.randn(shape, dtype=dtype)
+    grads = {}
+    for name, fn in (("bnkit", bnkit.functional.batch_norm), ("torch", F.batch_norm)):
+        x, w, b = x0.clone(), w0.clone(), b0.clone()
+        x.requires_grad_(needs in ("all", "input"))
+        w.requires_grad_(needs in ("all", "params", "weight"))
+        b.requires_grad_(needs in ("all", "params"))
+        y = fn(x, rm.clone(), rv.clone(), w, b, training=True)
+        y.backward(dy)
+        grads[name] = [t.grad for t in (x, w, b)]
+    assert spy == {"train_forward": 1, "train_backward": 1}
+    for got, want in zip(grads["bnkit"], grads["torch"], strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            _close(got, want, dtype)
+
+
+def test_gradients_match_float64_reference(spy):
+    x0, w0, b0, _, _ = _inputs((6, 5, 4, 3), torch.float32, seed=4)
+    dy = torch.randn(6, 5, 4, 3)
+    x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+    bnkit.functional.batch_norm(x, None, None, w, b, training=True).backward(dy)
+    assert spy["train_backward"] == 1
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x0, w0, b0))
+    ref.batch_norm(x64, None, None, w64, b64, True, 0.1, 1e-5)[0].backward(dy.double())
+    for got, want in zip((x.grad, w.grad, b.grad), (x64.grad, w64.grad, b64.grad), strict=True):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_non_contiguous_output_gradient_takes_the_regular_backward(spy):
+    x, w, b, _, _ = _inputs((4, 3, 5, 5), torch.float32, seed=5)
+    x.requires_grad_()
+    dy = torch.randn(4, 5, 5, 3).permute(0, 3, 1, 2)  # channels_last gradient
+    bnkit.functional.batch_norm(x, None, None, w, b, training=True).backward(dy)
+    assert spy == {"train_forward": 1}
+    xt = x.detach().clone().requires_grad_()
+    F.batch_norm(xt, None, None, w, b, training=True).backward(dy)
+    _close(x.grad, xt.grad, torch.float32)
+
+
+def test_double_backward_goes_the_regular_way():
+    x = (torch.randn(3, 2, 4, dtype=torch.float64) + 2).requires_grad_()
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return bnkit.functional.batch_norm(x, None, None, w, b, training=True)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("kind", ["normal", "hard", "outlier-first"])
+def test_max_error_no_worse_than_torch(spy, kind):
+    offset, scale = (1e4, 1e-2) if kind == "hard" else (0.0, 1.0)
+    x, w, b, _, _ = _inputs((8, 16, 12, 12), torch.float32, seed=6, offset=offset, scale=scale)
+    if kind == "outlier-first":
+        x[0, :, 0, 0] = 1e3
+    exact = F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
+    ours = bnkit.functional.batch_norm(x, None, None, w, b, training=True).double()
+    assert spy == {"train_forward": 1}
+    theirs = F.batch_norm(x, None, None, w, b, training=True).double()
+    err_ours = (ours - exact).abs().max().item()
+    err_torch = (theirs - exact).abs().max().item()
+    assert err_ours <= err_torch * 1.05, (err_ours, err_torch)
+
+
+def test_module_takes_the_small_path_and_matches_torch(spy):
+    torch.manual_seed(0)
+    m_t = torch.nn.BatchNorm2d(5)
+    m_b = bnkit.nn.BatchNorm2d(5)
+    m_b.load_state_dict(m_t.state_dict())
+    for _ in range(3):
+        x = torch.randn(4, 5, 6, 6)
+        _close(m_b(x), m_t(x), torch.float32)
+    assert spy == {"train_forward": 3}
+    for key, value in m_t.state_dict().items():
+        torch.testing.assert_close(m_b.state_dict()[key], value, atol=2e-6, rtol=2e-6)
+    m_b.eval(), m_t.eval()
+    x = torch.randn(4, 5, 6, 6)
+    with torch.no_grad():  # with grad on, the parameters need a graph: the regular path
+        _close(m_b(x), m_t(x), torch.float32)
+    assert spy["eval_forward"] == 1
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["reference-backend", "channels_last", "bfloat16", "large", "stats-need-grad", "mixed-dtype", "subclass",
+     "channel_dim", "mask", "momentum-tensor", "eval-with-grad"],
+)  # fmt: skip
+def test_cases_that_must_not_take_the_small_path(spy, case):
+    x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=7)
+    kwargs: dict = {}
+    training, momentum = True, 0.1
+    backend = "auto"
+    if case == "reference-backend":
+        backend = "reference"
+    elif case == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif case == "bfloat16":
+        x = x.bfloat16()
+    elif case == "large":
+        x = torch.randn(small.SMALL_NUMEL // 3 + 1, 3, 1, 1)
+    elif case == "stats-need-grad":
+        rm.requires_grad_()
+    elif case == "mixed-dtype":
+        w = w.double()
+    elif case == "subclass":
+        x = torch.nn.Parameter(x)
+    elif case == "channel_dim":
+        x = x.movedim(1, -1).contiguous()
+        kwargs["channel_dim"] = -1
+    elif case == "mask":
+        kwargs["mask"] = torch.ones(4, 5, 5, dtype=torch.bool)
+    elif case == "momentum-tensor":
+        momentum = torch.tensor(0.1, dtype=torch.float64)
+    elif case == "eval-with-grad":
+        training = False
+        w.requires_grad_()
+    with use_backend(backend):
+        if case == "mixed-dtype":  # torch's error, from the regular checks
+            with pytest.raises(RuntimeError, match="mixed dtype"):
+                bnkit.functional.batch_norm_pure(x, rm, rv, w, b, training=training, momentum=momentum)
+        else:
+            bnkit.functional.batch_norm_pure(x, rm, rv, w, b, training=training, momentum=momentum, **kwargs)
+    assert spy == {}
+    if case == "reference-backend":
+        assert last_backend() == "reference"
+
+
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (dict(training=True, eps=0.0), ValueError),
+        (dict(training=False, eps=-1.0), ValueError),
+        (dict(training=True, shape=(1, 3)), ValueError),
+        (dict(training=True, weight_size=4), RuntimeError),
+        (dict(training=False, stats=False), RuntimeError),
+    ],
+)
+def test_bad_arguments_raise_torchs_error(spy, call, error):
+    shape = call.get("shape", (4, 3, 2))
+    x = torch.randn(shape)
+    w = torch.ones(call.get("weight_size", 3))
+    stats = (torch.zeros(3), torch.ones(3)) if call.get("stats", True) else (None, None)
+    kwargs = dict(training=call["training"], eps=call.get("eps", 1e-5))
+    with pytest.raises(error) as ours:
+        bnkit.functional.batch_norm(x, *stats, w, None, **kwargs)
+    with pytest.raises(error) as theirs:
+        F.batch_norm(x, *stats, w, None, **kwargs)
+    assert str(ours.value) == str(theirs.value)
+    assert spy == {}
+
+
+def test_leaked_functorch_wrapper_takes_the_regular_path(spy):
+    leaked = []
+
+    def f(x):
+        leaked.append(x * 1)
+        return x.sum()
+
+    torch.func.grad(f)(torch.randn(4, 3, 2))
+    x = leaked[0]  # a dead wrapper: its data_ptr() raises
+    y = bnkit.functional.batch_norm(x, None, None, training=True)
+    assert spy == {}
+    _close(y, F.batch_norm(torch._C._functorch.get_unwrapped(x), None, None, training=True), torch.float32)
+
+
+def test_in_place_update_bumps_the_version_counters(spy):
+    # autograd must see the write, as it sees copy_: a graph that saved the buffers refuses to run
+    x, w, b, rm, rv = _inputs((4, 3, 5), torch.float32, seed=8)
+    w.requires_grad_()
+    y_eval = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)  # saves rm and rv
+    versions = rm._version, rv._version
+    with torch.no_grad():
+        bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
+    assert spy == {"train_forward": 1}
+    assert rm._version > versions[0] and rv._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y_eval.sum().backward()
