@@ -304,17 +304,13 @@ def _ncs_chunk_affine(u, x, out, c, C, S, j0, j1, has_u, a, m, k, sh):
 
 
 @njit(**_JIT)
-def _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift):
-    # mean and biased var go out in the statistics dtype; the normalization gets the mean and
-    # scale = w / sqrt(var + eps) computed in float64 and stored in the normalization dtype of
-    # ``nmean``, ``scale``, ``shift`` (float64, so each float32/float64 output is rounded once;
-    # float32 for 16-bit data).
-    mean_out[c] = mu
+def _var_scale(cnt, m2, w, eps):
+    # biased variance and scale = w / sqrt(var + eps) of a channel, in float64. A scalar helper: the
+    # stores stay in the caller's loop over c, where numba knows c >= 0. A helper that took c and
+    # the arrays (the form this had) kept a negative-index check on each store, and
+    # finish_stats ran 5x slower (about 100 ns per channel: 14 us on 128 channels, now 2-3).
     v = m2 / cnt
-    var_out[c] = v
-    nmean[c] = mu
-    scale[c] = float(weight[c]) / np.sqrt(v + eps)
-    shift[c] = bias[c]
+    return v, w / np.sqrt(v + eps)
 
 
 @njit(**_JIT)
@@ -346,7 +342,15 @@ def ncs_train(
         j0, j1 = _part(M, P, p)
         cnt, mu, m2 = _ncs_chunk_stats(x, c, C, S, j0, j1)
         if fuse:
-            _finish_channel(c, cnt, mu, m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
+            # mean and biased var go out in the statistics dtype; the normalization gets the float64
+            # mean and scale in the normalization dtype (float64, so each float32/float64 output is
+            # rounded once; float32 for 16-bit data)
+            v, sc = _var_scale(cnt, m2, float(weight[c]), eps)
+            mean_out[c] = mu
+            var_out[c] = v
+            nmean[c] = mu
+            scale[c] = sc
+            shift[c] = bias[c]
             _ncs_chunk_affine(x, x, y, c, C, S, 0, M, False, scale[c], nmean[c], scale[c], shift[c])
         else:
             part_n[p, c] = cnt
@@ -379,8 +383,13 @@ def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out,
         for c in range(C):
             d = part_mu[p, c] - mu[c]
             m2[c] += part_m2[p, c] + part_n[p, c] * d * d
-    for c in range(C):
-        _finish_channel(c, cnt[c], mu[c], m2[c], weight, bias, eps, mean_out, var_out, nmean, scale, shift)
+    for c in range(C):  # the stores of ncs_train's fused channel
+        v, sc = _var_scale(cnt[c], m2[c], float(weight[c]), eps)
+        mean_out[c] = mu[c]
+        var_out[c] = v
+        nmean[c] = mu[c]
+        scale[c] = sc
+        shift[c] = bias[c]
 
 
 @njit(parallel=True, **_JIT)
