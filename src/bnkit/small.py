@@ -34,7 +34,6 @@ SMALL_NUMEL = 1 << 15
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
-_ONE = {torch.float32: np.float32(1.0), torch.float64: np.float64(1.0)}
 # (value, dtype) -> value as a numpy scalar of dtype (0.5 us to make, 0.1 to look up)
 _SCALARS: dict = {}
 
@@ -65,6 +64,7 @@ def _vector_ok(t: Tensor | None, c: int, dtype: torch.dtype) -> bool:
     # then takes the regular path)
     return t is None or (
         (type(t) is Tensor or type(t) is Parameter)  # Parameter: no __torch_function__ of its own
+        and t.layout is torch.strided
         and t.dtype is dtype
         and t.is_cpu
         and t.shape == (c,)
@@ -78,7 +78,7 @@ def _addr(t: Tensor | None) -> int:
 
 def _eligible(x: Tensor, running_mean, running_var, weight, bias) -> bool:
     """Whether the raw-address kernels may run on these tensors, and the cpu backend is the one selected."""
-    if type(x) is not Tensor or not x.is_cpu:
+    if type(x) is not Tensor or not x.is_cpu or x.layout is not torch.strided:
         return False
     dt = x.dtype
     if dt is not torch.float32 and dt is not torch.float64:
@@ -144,12 +144,11 @@ def batch_norm(
         shape = x.shape
         n, c = shape[0], shape[1]
         try:
-            xa, rma, rva, wa, ba = _addrs(x, running_mean, running_var, weight, bias)
-        except _NoStorage:
+            xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
+            wa, ba = _addr(weight), _addr(bias)
+        except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
             return None
-        _kernels().eval_forward(
-            _ZERO[dt], xa, y.data_ptr(), n, c, x.numel() // (n * c), rma, rva, wa, ba, _scalar(eps, dt), _ONE[dt]
-        )
+        _kernels().eval_forward(_ZERO[dt], xa, y.data_ptr(), n, c, x.numel() // (n * c), rma, rva, wa, ba, eps)
         return y, running_mean, running_var
     return None
 
@@ -161,7 +160,9 @@ def _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace):
     if count < 2:
         return None  # the regular path raises torch's "Expected more than 1 value per channel"
     dt = x.dtype
-    mean, var = torch.empty((2, c), dtype=dt)  # one allocation; both only go to the kernels
+    graph = _needs_graph(x, weight, bias)
+    # the batch statistics leave the kernel only when a backward needs them
+    mean, var = torch.empty((2, c), dtype=dt) if graph else (None, None)
     if running_mean is None:
         new_mean = new_var = None
         stats = (0, 0, 0, 0)
@@ -171,13 +172,13 @@ def _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace):
         else:
             new_mean, new_var = torch.empty(c, dtype=dt), torch.empty(c, dtype=dt)
         try:
-            stats = _addrs(running_mean, running_var, new_mean, new_var)
-        except _NoStorage:
+            stats = (running_mean.data_ptr(), running_var.data_ptr(), new_mean.data_ptr(), new_var.data_ptr())
+        except RuntimeError:
             return None
     args = (n, c, s, eps, mean, var, stats, _scalar(count / (count - 1), dt), _scalar(1 - momentum, dt),
             _scalar(momentum, dt))  # fmt: skip
     try:
-        if _needs_graph(x, weight, bias):
+        if graph:
             y = _train_apply(x, weight, bias, args)
         else:
             y = _train_forward(x, weight, bias, args)
@@ -194,13 +195,6 @@ class _NoStorage(Exception):
     """A tensor had no storage (a leaked functorch wrapper): nothing was written, take the regular path."""
 
 
-def _addrs(*tensors: Tensor | None) -> tuple[int, ...]:
-    try:
-        return tuple(0 if t is None else t.data_ptr() for t in tensors)
-    except RuntimeError as exc:
-        raise _NoStorage from exc
-
-
 def _train_forward(x, weight, bias, args):
     n, c, s, eps, mean, var, stats, ratio, keep, take = args
     try:
@@ -208,7 +202,7 @@ def _train_forward(x, weight, bias, args):
     except RuntimeError as exc:
         raise _NoStorage from exc
     y = torch.empty_like(x)
-    ya, ma, va = y.data_ptr(), mean.data_ptr(), var.data_ptr()
+    ya, ma, va = y.data_ptr(), _addr(mean), _addr(var)
     _kernels().train_forward(_ZERO[x.dtype], xa, ya, n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take)
     return y
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import carray, njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 __all__ = ["eval_forward", "train_backward", "train_forward"]
 
@@ -123,7 +123,7 @@ def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma
     """Training forward of ``(N, C, S)`` data at address ``xa`` into ``ya``.
 
     ``wa``/``ba``: weight and bias addresses, 0 when absent. Writes the mean and biased variance
-    (statistics dtype) to ``meana``/``vara``. With running statistics (``rma``, ``rva`` non-zero)
+    (statistics dtype) to ``meana``/``vara`` (0: not kept). With running statistics (``rma``, ``rva`` non-zero)
     it writes their update, ``run * keep + stat * take`` with ``stat = var * ratio`` for the
     variance, to ``nma``/``nva`` (which may be ``rma``/``rva`` themselves: an in-place update).
     ``ratio``, ``keep`` and ``take`` come rounded to the statistics dtype, as torch rounds the
@@ -132,8 +132,9 @@ def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma
     total = N * C * S
     x = _view(xa, total, like)
     y = _view(ya, total, like)
-    mean = _view(meana, C, like)
-    var = _view(vara, C, like)
+    # mean and var are kept (for a backward) only when given addresses; otherwise scratch
+    mean = _view(meana, C, like) if meana != 0 else np.empty(C, x.dtype)
+    var = _view(vara, C, like) if vara != 0 else np.empty(C, x.dtype)
     mu = np.empty(C)
     k = np.empty(C)
     sh = np.zeros(C)
@@ -162,10 +163,24 @@ def _eval_coeff(rv, w, eps, one):
     return (one / np.sqrt(rv + eps)) * w
 
 
+def _as_like(like, v):
+    """``v`` rounded to ``like``'s type (as torch rounds a Python scalar to a tensor's dtype)."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(_as_like)
+def _as_like_impl(like, v):
+    if like == types.float32:
+        return lambda like, v: np.float32(v)
+    return lambda like, v: np.float64(v)
+
+
 @njit(cache=True)
-def eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, one):
+def eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps):
     """Eval forward from the running statistics: the numbers of the ``cpu`` backend's
-    ``forward_eval_running`` (``eps`` and ``one`` in the statistics dtype)."""
+    ``forward_eval_running`` (which gets ``eps`` and 1 in the statistics dtype)."""
+    eps = _as_like(like, eps)
+    one = _as_like(like, 1.0)
     total = N * C * S
     x = _view(xa, total, like)
     y = _view(ya, total, like)
