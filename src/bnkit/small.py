@@ -9,9 +9,12 @@ of the running statistics, double backward) returns ``None`` and takes the regul
 raises torch's errors for bad arguments. A call that passes every check has valid arguments: the
 checks imply everything :func:`bnkit.functional.check_batch_norm_args` asks.
 
-The numbers are the regular path's up to rounding: the statistics in float64 (two passes over
-data in cache), the output rounded once, the running statistics with the float operations of
+The numbers are the regular path's up to rounding: the statistics as its short rows make them
+(float64 sums of ``x - K`` and ``(x - K)**2`` around the channel's first value), the output rounded
+once from float64, the running statistics with the float operations of
 :func:`bnkit.reference.update_running_stats`, the eval output with those of the ``cpu`` backend.
+Gradients of a training call go through :class:`_SmallTrainFn` (one kernel each way); an eval call
+whose inputs need a gradient, and everything above ``SMALL_NUMEL``, take the regular path.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from bnkit import kernels
 
 __all__ = ["SMALL_NUMEL", "batch_norm"]
 
-# Inputs of at most this many elements take the small path: single-threaded (the cpu backend
-# runs them on one thread too: below its SERIAL_NUMEL waking a second one costs more than it saves).
-SMALL_NUMEL = 1 << 15
+# Inputs of at most this many elements take the small path (single-threaded). Measured on the 2-core
+# Xeon VM (interleaved, benchmarks' functional calls, small path time / regular cpu path time):
+# 16x64x8x8 forward 0.47, eval 0.56, forward+backward 0.66; 256x256 0.44 / 0.45 / 0.66; 32x64x8x8
+# 0.60 / 0.62 / 0.80; 32x128x8x8 (2**18) 0.92 / 1.02 / 1.09; 32x64x16x16 1.10 / 1.31 / 1.35.
+SMALL_NUMEL = 1 << 17
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}

@@ -1,8 +1,9 @@
 r"""numba kernels for small inputs: a whole batch-norm call in one serial compiled call.
 
-Below about 32K elements a batch norm costs microseconds of arithmetic and tens of microseconds of
-Python: argument checks, numpy views of every tensor (about 0.8 us each), allocations, one launch
-per pass and the torch ops of the running-statistics update. These kernels take the data as raw
+On small inputs (up to ``bnkit.small.SMALL_NUMEL`` elements, 128K) a batch norm costs microseconds
+of arithmetic and tens of microseconds around it on the regular path: argument checks, numpy views of
+every tensor (about 0.8 us each), allocations, one launch per pass (and a second thread to wake) and
+the torch ops of the running-statistics update. These kernels take the data as raw
 addresses (``Tensor.data_ptr()``: 0.1 us, where ``Tensor.numpy()`` costs 0.8) and do everything of
 one call in one launch:
 
