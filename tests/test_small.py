@@ -37,7 +37,7 @@ def spy(monkeypatch):
 
         return counted
 
-    names = ("train_forward", "eval_forward", "train_backward")
+    names = ("train_forward", "eval_forward", "train_backward", "eval_backward")
     monkeypatch.setattr(small, "_K", types.SimpleNamespace(**{n: wrap(n) for n in names}))
     return calls
 
@@ -176,7 +176,42 @@ def test_non_contiguous_output_gradient_takes_the_regular_backward(spy):
     _close(x.grad, xt.grad, torch.float32)
 
 
-def test_double_backward_goes_the_regular_way():
+@pytest.mark.parametrize("shape", [(16, 16, 8, 8), (64, 128), (7, 13, 11)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("needs", ["all", "input", "params"])
+def test_eval_gradients_match_torch(spy, shape, dtype, needs):
+    x0, w0, b0, rm, rv = _inputs(shape, dtype, seed=9, offset=1.0, scale=2.0)
+    dy = torch.randn(shape, dtype=dtype)
+    grads = {}
+    for name, fn in (("bnkit", bnkit.functional.batch_norm), ("torch", F.batch_norm)):
+        x, w, b = x0.clone(), w0.clone(), b0.clone()
+        x.requires_grad_(needs in ("all", "input"))
+        w.requires_grad_(needs in ("all", "params"))
+        b.requires_grad_(needs in ("all", "params"))
+        fn(x, rm, rv, w, b, training=False, eps=1e-3).backward(dy)
+        grads[name] = [t.grad for t in (x, w, b)]
+    assert spy == {"eval_forward": 1, "eval_backward": 1}
+    for got, want in zip(grads["bnkit"], grads["torch"], strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward_goes_the_regular_way(training):
+    x = (torch.randn(3, 2, 4, dtype=torch.float64) + 2).requires_grad_()
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):
+        return bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_double_backward_without_running_stats():
     x = (torch.randn(3, 2, 4, dtype=torch.float64) + 2).requires_grad_()
     w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
@@ -216,15 +251,23 @@ def test_module_takes_the_small_path_and_matches_torch(spy):
         torch.testing.assert_close(m_b.state_dict()[key], value, atol=2e-6, rtol=2e-6)
     m_b.eval(), m_t.eval()
     x = torch.randn(4, 5, 6, 6)
-    with torch.no_grad():  # with grad on, the parameters need a graph: the regular path
+    with torch.no_grad():
         _close(m_b(x), m_t(x), torch.float32)
     assert spy["eval_forward"] == 1
+    y_b, y_t = m_b(x), m_t(x)  # grad on: the parameters need a graph (_SmallEvalFn)
+    _close(y_b, y_t, torch.float32)
+    dy = torch.randn_like(x)  # (y.sum() would hand the backward an expanded, non-contiguous dy)
+    (y_b * dy).sum().backward()
+    (y_t * dy).sum().backward()
+    assert spy["eval_forward"] == 2 and spy["eval_backward"] == 1
+    for p_b, p_t in zip(m_b.parameters(), m_t.parameters(), strict=True):
+        _close(p_b.grad, p_t.grad, torch.float32)
 
 
 @pytest.mark.parametrize(
     "case",
     ["reference-backend", "channels_last", "bfloat16", "large", "stats-need-grad", "mixed-dtype", "subclass",
-     "channel_dim", "mask", "momentum-tensor", "eval-with-grad"],
+     "channel_dim", "mask", "momentum-tensor"],
 )  # fmt: skip
 def test_cases_that_must_not_take_the_small_path(spy, case):
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=7)
@@ -252,9 +295,6 @@ def test_cases_that_must_not_take_the_small_path(spy, case):
         kwargs["mask"] = torch.ones(4, 5, 5, dtype=torch.bool)
     elif case == "momentum-tensor":
         momentum = torch.tensor(0.1, dtype=torch.float64)
-    elif case == "eval-with-grad":
-        training = False
-        w.requires_grad_()
     with use_backend(backend):
         if case == "mixed-dtype":  # torch's error, from the regular checks
             with pytest.raises(RuntimeError, match="mixed dtype"):
@@ -312,7 +352,7 @@ def test_in_place_update_bumps_the_version_counters(spy):
     versions = rm._version, rv._version
     with torch.no_grad():
         bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
-    assert spy == {"train_forward": 1}
+    assert spy == {"eval_forward": 1, "train_forward": 1}
     assert rm._version > versions[0] and rv._version > versions[1]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y_eval.sum().backward()

@@ -13,8 +13,8 @@ The numbers are the regular path's up to rounding: the statistics as its short r
 (float64 sums of ``x - K`` and ``(x - K)**2`` around the channel's first value), the output rounded
 once from float64, the running statistics with the float operations of
 :func:`bnkit.reference.update_running_stats`, the eval output with those of the ``cpu`` backend.
-Gradients of a training call go through :class:`_SmallTrainFn` (one kernel each way); an eval call
-whose inputs need a gradient, and everything above ``SMALL_NUMEL``, take the regular path.
+Calls that need a gradient go through :class:`_SmallTrainFn` / :class:`_SmallEvalFn` (one kernel
+each way); everything above ``SMALL_NUMEL`` takes the regular path.
 """
 
 from __future__ import annotations
@@ -143,19 +143,29 @@ def batch_norm(
         if type(momentum) is not float or not eps > 0.0:
             return None
         return _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace)
-    if training is False and running_mean is not None and eps >= 0.0 and not _needs_graph(x, weight, bias):
-        dt = x.dtype
-        y = torch.empty_like(x)
-        shape = x.shape
-        n, c = shape[0], shape[1]
+    if training is False and running_mean is not None and eps >= 0.0:
         try:
-            xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
-            wa, ba = _addr(weight), _addr(bias)
-        except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
+            if _needs_graph(x, weight, bias):
+                y = _eval_apply(x, running_mean, running_var, weight, bias, eps)
+            else:
+                y = _eval_forward(x, running_mean, running_var, weight, bias, eps)
+        except _NoStorage:
             return None
-        _kernels().eval_forward(_ZERO[dt], xa, y.data_ptr(), n, c, x.numel() // (n * c), rma, rva, wa, ba, eps)
         return y, running_mean, running_var
     return None
+
+
+def _eval_forward(x, running_mean, running_var, weight, bias, eps):
+    try:
+        xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
+        wa, ba = _addr(weight), _addr(bias)
+    except RuntimeError as exc:  # a tensor without storage (a leaked functorch wrapper)
+        raise _NoStorage from exc
+    y = torch.empty_like(x)
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    _kernels().eval_forward(_ZERO[x.dtype], xa, y.data_ptr(), n, c, x.numel() // (n * c), rma, rva, wa, ba, eps)
+    return y
 
 
 def _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace):
@@ -230,15 +240,7 @@ class _SmallTrainFn(torch.autograd.Function):
         if gy is None:
             return None, None, None, None
         x, weight, mean, var = ctx.saved_tensors
-        if (
-            torch.is_grad_enabled()
-            or type(gy) is not Tensor
-            or gy.dtype is not x.dtype
-            or gy.shape != x.shape
-            or not gy.is_contiguous()
-            or not gy.is_cpu
-            or is_functorch_wrapped_tensor(gy)
-        ):
+        if not _plain_grad(gy, x):
             from bnkit.autograd import _forward_train_backward
 
             return (*_forward_train_backward(ctx, gy, None, None)[:3], None)
@@ -254,5 +256,52 @@ class _SmallTrainFn(torch.autograd.Function):
         return dx, (dw if need_w else None), (db if need_b else None), None
 
 
+class _SmallEvalFn(torch.autograd.Function):
+    """Eval forward of a small input whose input or parameters need a gradient (running statistics
+    are constants); the inputs are those of :class:`bnkit.autograd._EvalFn`, whose backward serves
+    what the small kernel does not take."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
+        y = _eval_forward(x, running_mean, running_var, weight, bias, eps)
+        ctx.save_for_backward(x, running_mean, running_var, weight)
+        ctx.eps = eps
+        ctx.param_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, running_mean, running_var, weight = ctx.saved_tensors
+        if not _plain_grad(gy, x):
+            from bnkit.autograd import _forward_eval_backward
+
+            return _forward_eval_backward(ctx, gy)
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        n, c = x.shape[0], x.shape[1]
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.empty(c, dtype=x.dtype)
+        db = torch.empty(c, dtype=x.dtype)
+        _kernels().eval_backward(
+            _ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, x.numel() // (n * c),
+            running_mean.data_ptr(), running_var.data_ptr(), _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr(),
+        )  # fmt: skip
+        return dx, None, None, (dw if need_w else None), (db if need_b else None), None
+
+
+def _plain_grad(gy: Tensor, x: Tensor) -> bool:
+    """Whether the small backward kernels may read ``gy`` (else the regular backward runs)."""
+    return not (
+        torch.is_grad_enabled()  # double backward: the regular formulas in differentiable ops
+        or type(gy) is not Tensor
+        or gy.dtype is not x.dtype
+        or gy.shape != x.shape
+        or not gy.is_contiguous()
+        or not gy.is_cpu
+        or gy.layout is not torch.strided
+        or is_functorch_wrapped_tensor(gy)
+    )
+
+
 # Function.apply minus its Python wrapper, which only handles functorch (ruled out by _eligible)
 _train_apply = super(torch.autograd.Function, _SmallTrainFn).apply
+_eval_apply = super(torch.autograd.Function, _SmallEvalFn).apply

@@ -277,3 +277,31 @@ def train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba):
         s0[c] = -a[c] * (s0[c] / M)  # c
     if dxa != 0:
         _grad_input(g, x, _view(dxa, total, like), N, C, S, a, m, s1, s0)
+
+
+@njit(cache=True)
+def eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba):
+    """Eval-mode backward (the running statistics are constants): ``dx = scale * dy`` (when ``dxa``
+    is non-zero), ``dweight = sum(dy * (x - running_mean)) * invstd``, ``dbias = sum(dy)``.
+
+    ``invstd = 1 / sqrt(running_var + eps)`` and ``scale = invstd * w`` in float64; ``dx`` rounded once.
+    """
+    total = N * C * S
+    g = _view(ga, total, like)
+    x = _view(xa, total, like)
+    rm = _view(rma, C, like)
+    rv = _view(rva, C, like)
+    dw = _view(dwa, C, like)
+    db = _view(dba, C, like)
+    s0 = np.zeros(C)
+    s1 = np.zeros(C)
+    _grad_sums(g, x, N, C, S, rm, s0, s1)
+    a = np.empty(C)
+    zero = np.zeros(C)
+    for c in range(C):
+        inv = 1.0 / np.sqrt(float(rv[c]) + eps)
+        dw[c] = s1[c] * inv
+        db[c] = s0[c]
+        a[c] = inv * (_view(wa, C, like)[c] if wa != 0 else 1.0)
+    if dxa != 0:
+        _grad_input(g, x, _view(dxa, total, like), N, C, S, a, zero, zero, zero)
