@@ -18,27 +18,37 @@ from bnkit import small
 from bnkit.kernels import last_backend, use_backend
 
 SHAPES = [(16, 16, 8, 8), (4, 8, 4, 4, 4), (64, 128), (2, 3), (5, 7, 1), (3, 1, 4, 4), (7, 13, 11), (2, 5, 5, 5)]
+# above SERIAL_NUMEL: the parallel twins, with many rows, rows of channels (S = 1), and fewer rows than tasks
+PARALLEL_SHAPES = [(64, 16, 40), (1100, 40), (2, 2, 9001), (8, 33, 13, 11)]
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-12, 1e-12)}
+
+
+class _Calls(dict):
+    """Calls per small kernel (serial and parallel twins under one name); ``parallel`` counts the twins."""
+
+    parallel = 0
 
 
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the calls of each small kernel."""
     kernels = small._kernels()
-    calls: dict[str, int] = {}
+    calls = _Calls()
 
-    def wrap(name):
-        fn = getattr(kernels, name)
+    def wrap(name, par):
+        fn = getattr(kernels, name + ("_par" if par else ""))
 
         def counted(*args):
             calls[name] = calls.get(name, 0) + 1
+            calls.parallel += par
             return fn(*args)
 
         return counted
 
     names = ("train_forward", "eval_forward", "train_backward", "eval_backward")
-    monkeypatch.setattr(small, "_K", types.SimpleNamespace(**{n: wrap(n) for n in names}))
+    wrapped = {n + ("_par" if par else ""): wrap(n, par) for n in names for par in (False, True)}
+    monkeypatch.setattr(small, "_K", types.SimpleNamespace(**wrapped))
     return calls
 
 
@@ -58,7 +68,7 @@ def _close(actual, expected, dtype):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + PARALLEL_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("affine", [True, False])
 def test_training_forward_matches_torch_and_float64(spy, shape, dtype, affine):
@@ -76,7 +86,7 @@ def test_training_forward_matches_torch_and_float64(spy, shape, dtype, affine):
     _close(y.double(), exact, dtype)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + PARALLEL_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("affine", [True, False])
 def test_eval_forward_matches_torch_and_the_cpu_backend(spy, shape, dtype, affine):
@@ -131,7 +141,7 @@ def test_pure_returns_new_statistics_and_mutates_nothing(spy):
     _close(y2, y_t, torch.float32)
 
 
-@pytest.mark.parametrize("shape", [(16, 16, 8, 8), (64, 128), (5, 7, 1), (7, 13, 11)])
+@pytest.mark.parametrize("shape", [(16, 16, 8, 8), (64, 128), (5, 7, 1), (7, 13, 11), *PARALLEL_SHAPES])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("needs", ["all", "input", "params", "weight"])
 def test_gradients_match_torch(spy, shape, dtype, needs):
@@ -176,7 +186,7 @@ def test_non_contiguous_output_gradient_takes_the_regular_backward(spy):
     _close(x.grad, xt.grad, torch.float32)
 
 
-@pytest.mark.parametrize("shape", [(16, 16, 8, 8), (64, 128), (7, 13, 11)])
+@pytest.mark.parametrize("shape", [(16, 16, 8, 8), (64, 128), (7, 13, 11), *PARALLEL_SHAPES])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("needs", ["all", "input", "params"])
 def test_eval_gradients_match_torch(spy, shape, dtype, needs):
@@ -223,10 +233,11 @@ def test_double_backward_without_running_stats():
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
+@pytest.mark.parametrize("shape", [(8, 16, 12, 12), (16, 16, 24, 24)])  # serial, parallel
 @pytest.mark.parametrize("kind", ["normal", "hard", "outlier-first"])
-def test_max_error_no_worse_than_torch(spy, kind):
+def test_max_error_no_worse_than_torch(spy, kind, shape):
     offset, scale = (1e4, 1e-2) if kind == "hard" else (0.0, 1.0)
-    x, w, b, _, _ = _inputs((8, 16, 12, 12), torch.float32, seed=6, offset=offset, scale=scale)
+    x, w, b, _, _ = _inputs(shape, torch.float32, seed=6, offset=offset, scale=scale)
     if kind == "outlier-first":
         x[0, :, 0, 0] = 1e3
     exact = F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
@@ -356,3 +367,29 @@ def test_in_place_update_bumps_the_version_counters(spy):
     assert rm._version > versions[0] and rv._version > versions[1]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y_eval.sum().backward()
+
+
+def test_parallel_shapes_reach_the_parallel_kernels(spy):
+    # (CI has 2 cores; torch's thread count decides, as for the cpu backend)
+    if torch.get_num_threads() < 2:
+        pytest.fail("this test needs torch to allow 2 threads (CI has 2 cores)")
+    for shape in PARALLEL_SHAPES:
+        assert small.SERIAL_NUMEL < torch.Size(shape).numel() <= small.SMALL_GRAD_NUMEL
+        x, w, b, rm, rv = _inputs(shape, torch.float32)
+        bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
+        bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
+    assert spy.parallel == 2 * len(PARALLEL_SHAPES)
+
+
+def test_calls_that_record_a_graph_stop_at_the_grad_limit(spy):
+    n = small.SMALL_GRAD_NUMEL // 4 + 1  # (n, 4): above SMALL_GRAD_NUMEL, at most SMALL_NUMEL
+    assert small.SMALL_GRAD_NUMEL < 4 * n <= small.SMALL_NUMEL
+    x = torch.randn(n, 4)
+    w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    for training in (True, False):
+        bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=training)
+    assert spy == {}
+    with torch.no_grad():
+        for training in (True, False):
+            bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=training)
+    assert spy == {"train_forward": 1, "eval_forward": 1}

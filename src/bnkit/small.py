@@ -14,7 +14,7 @@ The numbers are the regular path's up to rounding: the statistics as its short r
 once from float64, the running statistics with the float operations of
 :func:`bnkit.reference.update_running_stats`, the eval output with those of the ``cpu`` backend.
 Calls that need a gradient go through :class:`_SmallTrainFn` / :class:`_SmallEvalFn` (one kernel
-each way); everything above ``SMALL_NUMEL`` takes the regular path.
+each way, up to ``SMALL_GRAD_NUMEL`` elements); everything above ``SMALL_NUMEL`` takes the regular path.
 """
 
 from __future__ import annotations
@@ -29,13 +29,22 @@ from torch.nn import Parameter
 
 from bnkit import kernels
 
-__all__ = ["SMALL_NUMEL", "batch_norm"]
+__all__ = ["SMALL_GRAD_NUMEL", "SMALL_NUMEL", "batch_norm"]
 
-# Inputs of at most this many elements take the small path (single-threaded). Measured on the 2-core
-# Xeon VM (interleaved, benchmarks' functional calls, small path time / regular cpu path time):
-# 16x64x8x8 forward 0.47, eval 0.56, forward+backward 0.66; 256x256 0.44 / 0.45 / 0.66; 32x64x8x8
-# 0.60 / 0.62 / 0.80; 32x128x8x8 (2**18) 0.92 / 1.02 / 1.09; 32x64x16x16 1.10 / 1.31 / 1.35.
-SMALL_NUMEL = 1 << 17
+# Up to this many elements the small kernels run serially (as the cpu backend does: waking a second
+# thread costs more than it saves); above, their parallel twins take TASKS_PER_THREAD ranges of rows
+# per thread.
+SERIAL_NUMEL = 1 << 15
+TASKS_PER_THREAD = 4
+
+# Inputs of at most SMALL_NUMEL elements take the small path; calls that record a graph (a backward
+# follows) only up to SMALL_GRAD_NUMEL: above it the cpu backend's in-cache fused backward wins.
+# Measured on the 2-core Xeon VM (interleaved functional calls, time of the small path / the regular
+# cpu path; forward, eval, forward+backward): 32x64x8x8 0.40 / 0.52 / 0.64; 32x128x8x8 0.47 / 0.57 /
+# 0.71; 32x64x16x16 (2**19) 0.58 / 0.68 / 0.73; 64x64x128 0.61 / 0.67 / 0.59; 32x32x32x32 (2**20)
+# 0.71 / 0.81 / 1.28; 1024x1024 0.77 / 0.78 / 0.96; 32x64x32x32 (2**21) 0.82 / 0.88 / 1.01.
+SMALL_NUMEL = 1 << 20
+SMALL_GRAD_NUMEL = 1 << 19
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
@@ -46,12 +55,29 @@ _K = None  # bnkit.kernels.cpu_small, imported on first use (compiling it needs 
 
 
 def _kernels():
-    global _K
+    global _K, _threads
     if _K is None:
         from bnkit.kernels import cpu_small
+        from bnkit.kernels.cpu_launch import _threads
 
         _K = cpu_small
     return _K
+
+
+_threads = None  # bnkit.kernels.cpu_launch._threads, with the kernels
+
+
+def _tasks(x: Tensor, n: int, c: int, s: int) -> int:
+    """Parallel row ranges for a call on ``x``: 0 (the serial kernels) up to ``SERIAL_NUMEL`` elements
+    or with one thread, else ``TASKS_PER_THREAD`` per thread (numba set to torch's thread count)."""
+    numel = x.numel()
+    if numel <= SERIAL_NUMEL:
+        return 0
+    _kernels()
+    nt = _threads(numel)
+    if nt == 1:
+        return 0
+    return min(n * c if s > 1 else n, TASKS_PER_THREAD * nt)
 
 
 def _scalar(value: float, dtype: torch.dtype):
@@ -146,6 +172,8 @@ def batch_norm(
     if training is False and running_mean is not None and eps >= 0.0:
         try:
             if _needs_graph(x, weight, bias):
+                if x.numel() > SMALL_GRAD_NUMEL:
+                    return None
                 y = _eval_apply(x, running_mean, running_var, weight, bias, eps)
             else:
                 y = _eval_forward(x, running_mean, running_var, weight, bias, eps)
@@ -164,7 +192,13 @@ def _eval_forward(x, running_mean, running_var, weight, bias, eps):
     y = torch.empty_like(x)
     shape = x.shape
     n, c = shape[0], shape[1]
-    _kernels().eval_forward(_ZERO[x.dtype], xa, y.data_ptr(), n, c, x.numel() // (n * c), rma, rva, wa, ba, eps)
+    s = x.numel() // (n * c)
+    t = _tasks(x, n, c, s)
+    k = _kernels()
+    if t:
+        k.eval_forward_par(_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, t)
+    else:
+        k.eval_forward(_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps)
     return y
 
 
@@ -176,6 +210,8 @@ def _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace):
         return None  # the regular path raises torch's "Expected more than 1 value per channel"
     dt = x.dtype
     graph = _needs_graph(x, weight, bias)
+    if graph and x.numel() > SMALL_GRAD_NUMEL:
+        return None
     # the batch statistics leave the kernel only when a backward needs them
     mean, var = torch.empty((2, c), dtype=dt) if graph else (None, None)
     if running_mean is None:
@@ -218,7 +254,11 @@ def _train_forward(x, weight, bias, args):
         raise _NoStorage from exc
     y = torch.empty_like(x)
     ya, ma, va = y.data_ptr(), _addr(mean), _addr(var)
-    _kernels().train_forward(_ZERO[x.dtype], xa, ya, n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take)
+    t = _tasks(x, n, c, s)
+    if t:
+        _kernels().train_forward_par(_ZERO[x.dtype], xa, ya, n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take, t)
+    else:
+        _kernels().train_forward(_ZERO[x.dtype], xa, ya, n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take)
     return y
 
 
@@ -249,10 +289,14 @@ class _SmallTrainFn(torch.autograd.Function):
         dx = torch.empty_like(x) if need_x else None
         dw = torch.empty(c, dtype=x.dtype)
         db = torch.empty(c, dtype=x.dtype)
-        _kernels().train_backward(
-            _ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, x.numel() // (n * c),
-            mean.data_ptr(), var.data_ptr(), _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr(),
-        )  # fmt: skip
+        s = x.numel() // (n * c)
+        args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, mean.data_ptr(), var.data_ptr(),
+                _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
+        t = _tasks(x, n, c, s)
+        if t:
+            _kernels().train_backward_par(*args, t)
+        else:
+            _kernels().train_backward(*args)
         return dx, (dw if need_w else None), (db if need_b else None), None
 
 
@@ -281,10 +325,14 @@ class _SmallEvalFn(torch.autograd.Function):
         dx = torch.empty_like(x) if need_x else None
         dw = torch.empty(c, dtype=x.dtype)
         db = torch.empty(c, dtype=x.dtype)
-        _kernels().eval_backward(
-            _ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, x.numel() // (n * c),
-            running_mean.data_ptr(), running_var.data_ptr(), _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr(),
-        )  # fmt: skip
+        s = x.numel() // (n * c)
+        args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, running_mean.data_ptr(),
+                running_var.data_ptr(), _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
+        t = _tasks(x, n, c, s)
+        if t:
+            _kernels().eval_backward_par(*args, t)
+        else:
+            _kernels().eval_backward(*args)
         return dx, None, None, (dw if need_w else None), (db if need_b else None), None
 
 

@@ -1,6 +1,6 @@
 r"""numba kernels for small inputs: a whole batch-norm call in one serial compiled call.
 
-On small inputs (up to ``bnkit.small.SMALL_NUMEL`` elements, 128K) a batch norm costs microseconds
+On small inputs (up to ``bnkit.small.SMALL_NUMEL`` elements) a batch norm costs microseconds
 of arithmetic and tens of microseconds around it on the regular path: argument checks, numpy views of
 every tensor (about 0.8 us each), allocations, one launch per pass (and a second thread to wake) and
 the torch ops of the running-statistics update. These kernels take the data as raw
@@ -16,9 +16,13 @@ one call in one launch:
 * :func:`train_backward`: both reductions, then ``dx = a*dy + k*(x - mean) + c`` (the symbols of
   :mod:`bnkit.autograd`), with ``dweight`` and ``dbias``.
 
-Memory is channel-major ``(N, C, S)`` (contiguous ``(N, C, *)``; ``S = 1`` for ``(N, C)``),
-float32 or float64, every per-channel vector contiguous in the data's dtype (which is then the
-statistics dtype). A raw address carries no type or size: :mod:`bnkit.small` checks every tensor
+Each kernel has a parallel twin (``*_par``, for inputs above ``bnkit.small.SERIAL_NUMEL``) that cuts
+its passes into ranges of rows, each task with its own float64 accumulators (all share one shift per
+channel, so the partial sums simply add).
+
+Memory is channel-major ``(N, C, S)`` (contiguous ``(N, C, *)``; ``S = 1`` for ``(N, C)``), float32
+or float64, every per-channel vector contiguous in the data's dtype (which is then the statistics
+dtype). A raw address carries no type or size: :mod:`bnkit.small` checks every tensor
 (type, device, dtype, shape, contiguity) before a call, and a call it cannot prove safe goes
 the regular way. The ``like`` argument (a zero of the data's dtype) only selects the
 specialization.
@@ -27,10 +31,19 @@ specialization.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, types
+from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["eval_forward", "train_backward", "train_forward"]
+__all__ = [
+    "eval_backward",
+    "eval_backward_par",
+    "eval_forward",
+    "eval_forward_par",
+    "train_backward",
+    "train_backward_par",
+    "train_forward",
+    "train_forward_par",
+]
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -53,56 +66,71 @@ def _view(addr, n, like):
     return carray(_ptr(addr, like), n)
 
 
-@njit(cache=True, fastmath=_FAST)
-def _moments(x, N, C, S, mean, m2):
-    # Per channel, in memory order (rows r = n*C + c): the shifted sums of the regular path's short
-    # rows (cpu.ncs_row_stats) with K = the channel's first finite value, float64 throughout; then
-    # mean = K + S1/M and M2 = S2 - S1**2/M go to mean[c] and m2[c].
-    k = np.zeros(C)
-    s1 = np.zeros(C)
-    s2 = np.zeros(C)
+# Row ranges. A "row" is S contiguous values of one channel (r = n*C + c, channel counted along) when
+# S > 1, and one sample's C channels when S == 1 (the inner loop then runs across channels); there are
+# _rows(N, C, S) of them. The serial kernels take all rows at once, the parallel ones cut them into T
+# ranges, each with its own accumulators.
+
+
+@njit(cache=True)
+def _rows(N, C, S):
+    return N * C if S > 1 else N
+
+
+@njit(cache=True)
+def _span(R, T, t):
+    return (R * t) // T, (R * (t + 1)) // T
+
+
+@njit(cache=True)
+def _shifts(x, C, S, k):
+    # K per channel: its first finite value (of sample 0)
     for c in range(C):
         k0 = float(x[c * S])
         k[c] = k0 if np.isfinite(k0) else 0.0
-    if S == 1:  # (N, C): rows of channels, the inner loop runs across them
-        for n in range(N):
+
+
+@njit(cache=True, fastmath=_FAST)
+def _shifted_sums(x, C, S, r0, r1, k, s1, s2):
+    # s1[c] += sum(x - K[c]), s2[c] += sum((x - K[c])**2) over rows [r0, r1), float64: the shifted
+    # sums of the regular path's short rows (cpu.ncs_row_stats)
+    if S == 1:
+        for n in range(r0, r1):
             xs = x[n * C : (n + 1) * C]
             for c in range(C):
                 d = xs[c] - k[c]
                 s1[c] += d
                 s2[c] += d * d
-    else:
-        for r in range(N * C):
-            c = r % C
-            xs = x[r * S : (r + 1) * S]
-            kc = k[c]
-            a = 0.0
-            q = 0.0
-            for i in range(S):
-                d = xs[i] - kc
-                a += d
-                q += d * d
-            s1[c] += a
-            s2[c] += q
-    M = float(N * S)
-    for c in range(C):
-        mean[c] = k[c] + s1[c] / M
-        v = s2[c] - s1[c] * (s1[c] / M)
-        m2[c] = v if not v < 0.0 else 0.0
+        return
+    c = r0 % C
+    for r in range(r0, r1):
+        xs = x[r * S : (r + 1) * S]
+        kc = k[c]
+        a = 0.0
+        q = 0.0
+        for i in range(S):
+            d = xs[i] - kc
+            a += d
+            q += d * d
+        s1[c] += a
+        s2[c] += q
+        c += 1
+        if c == C:
+            c = 0
 
 
 @njit(cache=True, fastmath=_FAST)
-def _normalize(x, y, N, C, S, mu, k, sh):
-    # y = (x - mu[c]) * k[c] + sh[c] in memory order, in the precision of mu/k/sh, rounded once to y's dtype
+def _normalize(x, y, C, S, r0, r1, mu, k, sh):
+    # y = (x - mu[c]) * k[c] + sh[c] over rows [r0, r1), in the precision of mu/k/sh, rounded once
     if S == 1:
-        for n in range(N):
+        for n in range(r0, r1):
             xs = x[n * C : (n + 1) * C]
             ys = y[n * C : (n + 1) * C]
             for c in range(C):
                 ys[c] = (xs[c] - mu[c]) * k[c] + sh[c]
         return
-    for r in range(N * C):
-        c = r % C
+    c = r0 % C
+    for r in range(r0, r1):
         xs = x[r * S : (r + 1) * S]
         ys = y[r * S : (r + 1) * S]
         mc = mu[c]
@@ -110,6 +138,9 @@ def _normalize(x, y, N, C, S, mu, k, sh):
         shc = sh[c]
         for i in range(S):
             ys[i] = (xs[i] - mc) * kc + shc
+        c += 1
+        if c == C:
+            c = 0
 
 
 @njit(cache=True)
@@ -119,35 +150,43 @@ def _blend(run, stat, keep, take):
     return run * keep + stat * take
 
 
-@njit(cache=True)
-def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take):
-    """Training forward of ``(N, C, S)`` data at address ``xa`` into ``ya``.
-
-    ``wa``/``ba``: weight and bias addresses, 0 when absent. Writes the mean and biased variance
-    (statistics dtype) to ``meana``/``vara`` (0: not kept). With running statistics (``rma``, ``rva`` non-zero)
-    it writes their update, ``run * keep + stat * take`` with ``stat = var * ratio`` for the
-    variance, to ``nma``/``nva`` (which may be ``rma``/``rva`` themselves: an in-place update).
-    ``ratio``, ``keep`` and ``take`` come rounded to the statistics dtype, as torch rounds the
-    Python scalars of the reference's expression.
-    """
+@njit(inline="always")
+def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, T):
     total = N * C * S
     x = _view(xa, total, like)
     y = _view(ya, total, like)
     # mean and var are kept (for a backward) only when given addresses; otherwise scratch
     mean = _view(meana, C, like) if meana != 0 else np.empty(C, x.dtype)
     var = _view(vara, C, like) if vara != 0 else np.empty(C, x.dtype)
-    mu = np.empty(C)
+    R = _rows(N, C, S)
     k = np.empty(C)
+    _shifts(x, C, S, k)
+    s1 = np.zeros((T, C))
+    s2 = np.zeros((T, C))
+    for t in prange(T):
+        r0, r1 = _span(R, T, t)
+        _shifted_sums(x, C, S, r0, r1, k, s1[t], s2[t])
+    mu = np.empty(C)
+    sc = np.empty(C)
     sh = np.zeros(C)
-    _moments(x, N, C, S, mu, k)
+    M = float(N * S)
     for c in range(C):
-        v = k[c] / (N * S)
+        a = 0.0
+        q = 0.0
+        for t in range(T):
+            a += s1[t, c]
+            q += s2[t, c]
+        mu[c] = k[c] + a / M
+        m2 = q - a * (a / M)
+        v = (m2 if not m2 < 0.0 else 0.0) / M
         mean[c] = mu[c]
         var[c] = v
-        k[c] = (_view(wa, C, like)[c] if wa != 0 else 1.0) / np.sqrt(v + eps)
+        sc[c] = (_view(wa, C, like)[c] if wa != 0 else 1.0) / np.sqrt(v + eps)
         if ba != 0:
             sh[c] = _view(ba, C, like)[c]
-    _normalize(x, y, N, C, S, mu, k, sh)
+    for t in prange(T):
+        r0, r1 = _span(R, T, t)
+        _normalize(x, y, C, S, r0, r1, mu, sc, sh)
     if rma != 0:
         rm = _view(rma, C, like)
         rv = _view(rva, C, like)
@@ -156,6 +195,26 @@ def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma
         for c in range(C):
             nm[c] = _blend(rm[c], mean[c], keep, take)
             nv[c] = _blend(rv[c], var[c] * ratio, keep, take)
+
+
+@njit(cache=True)
+def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take):
+    """Training forward of ``(N, C, S)`` data at address ``xa`` into ``ya``, on the calling thread.
+
+    ``wa``/``ba``: weight and bias addresses, 0 when absent. Writes the mean and biased variance
+    (statistics dtype) to ``meana``/``vara`` (0: not kept). With running statistics (``rma``, ``rva`` non-zero)
+    it writes their update, ``run * keep + stat * take`` with ``stat = var * ratio`` for the
+    variance, to ``nma``/``nva`` (which may be ``rma``/``rva`` themselves: an in-place update).
+    ``ratio``, ``keep`` and ``take`` come rounded to the statistics dtype, as torch rounds the
+    Python scalars of the reference's expression.
+    """
+    _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, 1)
+
+
+@njit(cache=True, parallel=True)
+def train_forward_par(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, T):
+    """:func:`train_forward` with its two passes cut into ``T`` parallel ranges of rows."""
+    _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, T)
 
 
 @njit(cache=True, error_model="numpy")
@@ -176,10 +235,8 @@ def _as_like_impl(like, v):
     return lambda like, v: np.float64(v)
 
 
-@njit(cache=True)
-def eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps):
-    """Eval forward from the running statistics: the numbers of the ``cpu`` backend's
-    ``forward_eval_running`` (which gets ``eps`` and 1 in the statistics dtype)."""
+@njit(inline="always")
+def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T):
     eps = _as_like(like, eps)
     one = _as_like(like, 1.0)
     total = N * C * S
@@ -193,22 +250,38 @@ def eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps):
         k[c] = _eval_coeff(rv[c], _view(wa, C, like)[c] if wa != 0 else one, eps, one)
         if ba != 0:
             sh[c] = _view(ba, C, like)[c]
-    _normalize(x, y, N, C, S, rm, k, sh)
+    R = _rows(N, C, S)
+    for t in prange(T):
+        r0, r1 = _span(R, T, t)
+        _normalize(x, y, C, S, r0, r1, rm, k, sh)
+
+
+@njit(cache=True)
+def eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps):
+    """Eval forward from the running statistics: the numbers of the ``cpu`` backend's
+    ``forward_eval_running`` (which gets ``eps`` and 1 in the statistics dtype)."""
+    _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, 1)
+
+
+@njit(cache=True, parallel=True)
+def eval_forward_par(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T):
+    """:func:`eval_forward` cut into ``T`` parallel ranges of rows."""
+    _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T)
 
 
 @njit(cache=True, fastmath=_FAST)
-def _grad_sums(g, x, N, C, S, mean, s0, s1):
-    # s0[c] = sum(dy), s1[c] = sum(dy * (x - mean[c])) in float64, in memory order
+def _grad_sums(g, x, C, S, r0, r1, mean, s0, s1):
+    # s0[c] += sum(dy), s1[c] += sum(dy * (x - mean[c])) over rows [r0, r1), in float64
     if S == 1:
-        for n in range(N):
+        for n in range(r0, r1):
             gs = g[n * C : (n + 1) * C]
             xs = x[n * C : (n + 1) * C]
             for c in range(C):
                 s0[c] += gs[c]
                 s1[c] += gs[c] * (xs[c] - mean[c])
         return
-    for r in range(N * C):
-        c = r % C
+    c = r0 % C
+    for r in range(r0, r1):
         gs = g[r * S : (r + 1) * S]
         xs = x[r * S : (r + 1) * S]
         m = mean[c]
@@ -219,21 +292,24 @@ def _grad_sums(g, x, N, C, S, mean, s0, s1):
             q += gs[i] * (xs[i] - m)
         s0[c] += a
         s1[c] += q
+        c += 1
+        if c == C:
+            c = 0
 
 
 @njit(cache=True, fastmath=_FAST)
-def _grad_input(g, x, dx, N, C, S, a, m, k, cc):
-    # dx = a[c]*dy + k[c]*(x - m[c]) + cc[c] in memory order, in float64, rounded once
+def _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc):
+    # dx = a[c]*dy + k[c]*(x - m[c]) + cc[c] over rows [r0, r1), in float64, rounded once
     if S == 1:
-        for n in range(N):
+        for n in range(r0, r1):
             gs = g[n * C : (n + 1) * C]
             xs = x[n * C : (n + 1) * C]
             ds = dx[n * C : (n + 1) * C]
             for c in range(C):
                 ds[c] = a[c] * gs[c] + k[c] * (xs[c] - m[c]) + cc[c]
         return
-    for r in range(N * C):
-        c = r % C
+    c = r0 % C
+    for r in range(r0, r1):
         gs = g[r * S : (r + 1) * S]
         xs = x[r * S : (r + 1) * S]
         ds = dx[r * S : (r + 1) * S]
@@ -243,6 +319,55 @@ def _grad_input(g, x, dx, N, C, S, a, m, k, cc):
         ccc = cc[c]
         for i in range(S):
             ds[i] = ac * gs[i] + kc * (xs[i] - mc) + ccc
+        c += 1
+        if c == C:
+            c = 0
+
+
+@njit(inline="always")
+def _sum_rows(acc, c):
+    # sum over tasks t of acc[t, c]
+    tot = 0.0
+    for t in range(acc.shape[0]):
+        tot += acc[t, c]
+    return tot
+
+
+@njit(inline="always")
+def _train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, T):
+    total = N * C * S
+    g = _view(ga, total, like)
+    x = _view(xa, total, like)
+    mean = _view(meana, C, like)
+    var = _view(vara, C, like)
+    dw = _view(dwa, C, like)
+    db = _view(dba, C, like)
+    R = _rows(N, C, S)
+    s0 = np.zeros((T, C))
+    s1 = np.zeros((T, C))
+    for t in prange(T):
+        r0, r1 = _span(R, T, t)
+        _grad_sums(g, x, C, S, r0, r1, mean, s0[t], s1[t])
+    M = float(N * S)
+    a = np.empty(C)
+    m = np.empty(C)
+    k = np.empty(C)
+    cc = np.empty(C)
+    for c in range(C):
+        sum_dy = _sum_rows(s0, c)
+        inv = 1.0 / np.sqrt(float(var[c]) + eps)
+        sum_dy_xhat = _sum_rows(s1, c) * inv
+        dw[c] = sum_dy_xhat
+        db[c] = sum_dy
+        a[c] = inv * (_view(wa, C, like)[c] if wa != 0 else 1.0)
+        m[c] = mean[c]
+        k[c] = -a[c] * inv * (sum_dy_xhat / M)
+        cc[c] = -a[c] * (sum_dy / M)
+    if dxa != 0:
+        dx = _view(dxa, total, like)
+        for t in prange(T):
+            r0, r1 = _span(R, T, t)
+            _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc)
 
 
 @njit(cache=True)
@@ -253,30 +378,42 @@ def train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba):
     Per channel, in float64: ``invstd = 1 / sqrt(var + eps)``, ``a = invstd * w``,
     ``k = -a * invstd * dweight / M``, ``c = -a * dbias / M``; ``dx = a*dy + k*(x - mean) + c``.
     """
+    _train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, 1)
+
+
+@njit(cache=True, parallel=True)
+def train_backward_par(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, T):
+    """:func:`train_backward` with its two passes cut into ``T`` parallel ranges of rows."""
+    _train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, T)
+
+
+@njit(inline="always")
+def _eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T):
     total = N * C * S
     g = _view(ga, total, like)
     x = _view(xa, total, like)
-    mean = _view(meana, C, like)
-    var = _view(vara, C, like)
+    rm = _view(rma, C, like)
+    rv = _view(rva, C, like)
     dw = _view(dwa, C, like)
     db = _view(dba, C, like)
-    s0 = np.zeros(C)
-    s1 = np.zeros(C)
-    _grad_sums(g, x, N, C, S, mean, s0, s1)
-    M = float(N * S)
+    R = _rows(N, C, S)
+    s0 = np.zeros((T, C))
+    s1 = np.zeros((T, C))
+    for t in prange(T):
+        r0, r1 = _span(R, T, t)
+        _grad_sums(g, x, C, S, r0, r1, rm, s0[t], s1[t])
     a = np.empty(C)
-    m = np.empty(C)
+    zero = np.zeros(C)
     for c in range(C):
-        inv = 1.0 / np.sqrt(float(var[c]) + eps)
-        s1[c] *= inv  # now sum(dy * xhat)
-        dw[c] = s1[c]
-        db[c] = s0[c]
+        inv = 1.0 / np.sqrt(float(rv[c]) + eps)
+        dw[c] = _sum_rows(s1, c) * inv
+        db[c] = _sum_rows(s0, c)
         a[c] = inv * (_view(wa, C, like)[c] if wa != 0 else 1.0)
-        m[c] = mean[c]
-        s1[c] = -a[c] * inv * (s1[c] / M)  # k
-        s0[c] = -a[c] * (s0[c] / M)  # c
     if dxa != 0:
-        _grad_input(g, x, _view(dxa, total, like), N, C, S, a, m, s1, s0)
+        dx = _view(dxa, total, like)
+        for t in prange(T):
+            r0, r1 = _span(R, T, t)
+            _grad_input(g, x, dx, C, S, r0, r1, a, zero, zero, zero)
 
 
 @njit(cache=True)
@@ -286,22 +423,10 @@ def eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba):
 
     ``invstd = 1 / sqrt(running_var + eps)`` and ``scale = invstd * w`` in float64; ``dx`` rounded once.
     """
-    total = N * C * S
-    g = _view(ga, total, like)
-    x = _view(xa, total, like)
-    rm = _view(rma, C, like)
-    rv = _view(rva, C, like)
-    dw = _view(dwa, C, like)
-    db = _view(dba, C, like)
-    s0 = np.zeros(C)
-    s1 = np.zeros(C)
-    _grad_sums(g, x, N, C, S, rm, s0, s1)
-    a = np.empty(C)
-    zero = np.zeros(C)
-    for c in range(C):
-        inv = 1.0 / np.sqrt(float(rv[c]) + eps)
-        dw[c] = s1[c] * inv
-        db[c] = s0[c]
-        a[c] = inv * (_view(wa, C, like)[c] if wa != 0 else 1.0)
-    if dxa != 0:
-        _grad_input(g, x, _view(dxa, total, like), N, C, S, a, zero, zero, zero)
+    _eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, 1)
+
+
+@njit(cache=True, parallel=True)
+def eval_backward_par(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T):
+    """:func:`eval_backward` with its two passes cut into ``T`` parallel ranges of rows."""
+    _eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T)
