@@ -277,8 +277,8 @@ def test_module_takes_the_small_path_and_matches_torch(spy):
 
 @pytest.mark.parametrize(
     "case",
-    ["reference-backend", "channels_last", "bfloat16", "large", "stats-need-grad", "mixed-dtype", "subclass",
-     "channel_dim", "mask", "momentum-tensor"],
+    ["reference-backend", "strided", "transposed-2d", "bfloat16", "large", "stats-need-grad", "mixed-dtype",
+     "subclass", "channel_dim", "mask", "momentum-tensor"],
 )  # fmt: skip
 def test_cases_that_must_not_take_the_small_path(spy, case):
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=7)
@@ -287,8 +287,11 @@ def test_cases_that_must_not_take_the_small_path(spy, case):
     backend = "auto"
     if case == "reference-backend":
         backend = "reference"
-    elif case == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
+    elif case == "strided":  # not dense
+        x = torch.randn(4, 3, 5, 10)[..., ::2]
+    elif case == "transposed-2d":  # (N, C) with channels outermost
+        x = torch.randn(3, 8).t()
+        x, w, b, rm, rv = x, None, None, torch.zeros(3), torch.ones(3)
     elif case == "bfloat16":
         x = x.bfloat16()
     elif case == "large":
@@ -393,3 +396,39 @@ def test_calls_that_record_a_graph_stop_at_the_grad_limit(spy):
         for training in (True, False):
             bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=training)
     assert spy == {"train_forward": 1, "eval_forward": 1}
+
+
+# channels-innermost memory: channels_last 2d/3d, an (N, C, L) view of (N, L, C) memory, and one above
+# SERIAL_NUMEL (the parallel twins)
+LAST_CASES = [((4, 5, 6, 6), "channels_last"), ((2, 3, 4, 4, 4), "channels_last"), ((6, 7, 11), "ncl"),
+              ((16, 32, 12, 12), "channels_last")]
+
+
+def _channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "ncl":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("shape, layout", LAST_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_innermost_memory(spy, shape, layout, dtype):
+    x0, w0, b0, rm, rv = _inputs(shape, dtype, seed=10, offset=1.0, scale=2.0)
+    x0 = _channels_last(x0, layout)
+    assert not x0.is_contiguous()
+    dy = _channels_last(torch.randn(shape, dtype=dtype), layout)
+    out = {}
+    for name, fn in (("bnkit", bnkit.functional.batch_norm), ("torch", F.batch_norm)):
+        x, w, b = x0.clone(), w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        x.requires_grad_()
+        run_m, run_v = rm.clone(), rv.clone()
+        y = fn(x, run_m, run_v, w, b, training=True, momentum=0.2)
+        y.backward(dy)
+        with torch.no_grad():
+            y_eval = fn(x, run_m, run_v, w, b, training=False)
+        out[name] = (y, y_eval, run_m, run_v, x.grad, w.grad, b.grad)
+    assert spy == {"train_forward": 1, "train_backward": 1, "eval_forward": 1}
+    assert out["bnkit"][0].stride() == x0.stride() and out["bnkit"][4].stride() == x0.stride()
+    for got, want in zip(out["bnkit"], out["torch"], strict=True):
+        _close(got, want, dtype)

@@ -107,6 +107,16 @@ def _addr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _dims(x: Tensor) -> tuple[int, int, int]:
+    """``(N, C, S)`` of ``x``'s memory for the kernels: contiguous ``(N, C, *)`` as it is; channels-innermost
+    memory (channels_last, an ``(N, C, L)`` view of ``(N, L, C)``: checked by :func:`_eligible`) as
+    ``N*S`` rows of ``C`` channels, ``(N*S, C, 1)``: the same statistics over the same values."""
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    s = x.numel() // (n * c)
+    return (n, c, s) if x.is_contiguous() else (n * s, c, 1)
+
+
 def _eligible(x: Tensor, running_mean, running_var, weight, bias) -> bool:
     """Whether the raw-address kernels may run on these tensors, and the cpu backend is the one selected."""
     if type(x) is not Tensor or not x.is_cpu or x.layout is not torch.strided:
@@ -115,8 +125,10 @@ def _eligible(x: Tensor, running_mean, running_var, weight, bias) -> bool:
     if dt is not torch.float32 and dt is not torch.float64:
         return False
     n = x.numel()
-    if n == 0 or n > SMALL_NUMEL or x.dim() < 2 or not x.is_contiguous():
+    if n == 0 or n > SMALL_NUMEL or x.dim() < 2:
         return False
+    if not x.is_contiguous() and not (x.dim() > 2 and x.movedim(1, -1).is_contiguous()):
+        return False  # neither (N, C, *) nor channels-innermost memory (see _dims)
     if (running_mean is None) != (running_var is None):
         return False
     c = x.shape[1]
@@ -189,10 +201,8 @@ def _eval_forward(x, running_mean, running_var, weight, bias, eps):
         wa, ba = _addr(weight), _addr(bias)
     except RuntimeError as exc:  # a tensor without storage (a leaked functorch wrapper)
         raise _NoStorage from exc
-    y = torch.empty_like(x)
-    shape = x.shape
-    n, c = shape[0], shape[1]
-    s = x.numel() // (n * c)
+    y = torch.empty_like(x)  # x is dense: y gets its strides
+    n, c, s = _dims(x)
     t = _tasks(x, n, c, s)
     k = _kernels()
     if t:
@@ -203,8 +213,7 @@ def _eval_forward(x, running_mean, running_var, weight, bias, eps):
 
 
 def _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace):
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c)
+    n, c, s = _dims(x)
     count = n * s
     if count < 2:
         return None  # the regular path raises torch's "Expected more than 1 value per channel"
@@ -285,11 +294,10 @@ class _SmallTrainFn(torch.autograd.Function):
 
             return (*_forward_train_backward(ctx, gy, None, None)[:3], None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        n, c = x.shape[0], x.shape[1]
+        n, c, s = _dims(x)
         dx = torch.empty_like(x) if need_x else None
         dw = torch.empty(c, dtype=x.dtype)
         db = torch.empty(c, dtype=x.dtype)
-        s = x.numel() // (n * c)
         args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, mean.data_ptr(), var.data_ptr(),
                 _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
         t = _tasks(x, n, c, s)
@@ -321,11 +329,10 @@ class _SmallEvalFn(torch.autograd.Function):
 
             return _forward_eval_backward(ctx, gy)
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        n, c = x.shape[0], x.shape[1]
+        n, c, s = _dims(x)
         dx = torch.empty_like(x) if need_x else None
         dw = torch.empty(c, dtype=x.dtype)
         db = torch.empty(c, dtype=x.dtype)
-        s = x.numel() // (n * c)
         args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, running_mean.data_ptr(),
                 running_var.data_ptr(), _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
         t = _tasks(x, n, c, s)
@@ -343,7 +350,7 @@ def _plain_grad(gy: Tensor, x: Tensor) -> bool:
         or type(gy) is not Tensor
         or gy.dtype is not x.dtype
         or gy.shape != x.shape
-        or not gy.is_contiguous()
+        or gy.stride() != x.stride()  # the same memory order as x (saved), which _dims describes
         or not gy.is_cpu
         or gy.layout is not torch.strided
         or is_functorch_wrapped_tensor(gy)

@@ -20,9 +20,10 @@ Each kernel has a parallel twin (``*_par``, for inputs above ``bnkit.small.SERIA
 its passes into ranges of rows, each task with its own float64 accumulators (all share one shift per
 channel, so the partial sums simply add).
 
-Memory is channel-major ``(N, C, S)`` (contiguous ``(N, C, *)``; ``S = 1`` for ``(N, C)``), float32
-or float64, every per-channel vector contiguous in the data's dtype (which is then the statistics
-dtype). A raw address carries no type or size: :mod:`bnkit.small` checks every tensor
+Memory is channel-major ``(N, C, S)`` (contiguous ``(N, C, *)``; ``S = 1`` for ``(N, C)``, and for
+channels-innermost memory, which :mod:`bnkit.small` passes as ``(N*S, C, 1)``), float32 or float64,
+every per-channel vector contiguous in the data's dtype (which is then the statistics dtype). A raw
+address carries no type or size: :mod:`bnkit.small` checks every tensor
 (type, device, dtype, shape, contiguity) before a call, and a call it cannot prove safe goes
 the regular way. The ``like`` argument (a zero of the data's dtype) only selects the
 specialization.
