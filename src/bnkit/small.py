@@ -67,10 +67,9 @@ def _kernels():
 _threads = None  # bnkit.kernels.cpu_launch._threads, with the kernels
 
 
-def _tasks(x: Tensor, n: int, c: int, s: int) -> int:
-    """Parallel row ranges for a call on ``x``: 0 (the serial kernels) up to ``SERIAL_NUMEL`` elements
-    or with one thread, else ``TASKS_PER_THREAD`` per thread (numba set to torch's thread count)."""
-    numel = x.numel()
+def _tasks(numel: int, n: int, c: int, s: int) -> int:
+    """Parallel row ranges for a call on ``(n, c, s)`` memory: 0 (the serial kernels) up to ``SERIAL_NUMEL``
+    elements or with one thread, else ``TASKS_PER_THREAD`` per thread (numba set to torch's thread count)."""
     if numel <= SERIAL_NUMEL:
         return 0
     _kernels()
@@ -107,40 +106,38 @@ def _addr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _dims(x: Tensor) -> tuple[int, int, int]:
-    """``(N, C, S)`` of ``x``'s memory for the kernels: contiguous ``(N, C, *)`` as it is; channels-innermost
-    memory (channels_last, an ``(N, C, L)`` view of ``(N, L, C)``: checked by :func:`_eligible`) as
-    ``N*S`` rows of ``C`` channels, ``(N*S, C, 1)``: the same statistics over the same values."""
-    shape = x.shape
-    n, c = shape[0], shape[1]
-    s = x.numel() // (n * c)
-    return (n, c, s) if x.is_contiguous() else (n * s, c, 1)
+def _layout(x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, int, int] | None:
+    """``(N, C, S)`` of ``x``'s memory for the kernels when they may run on these tensors and the cpu
+    backend is the one selected, else ``None``.
 
-
-def _eligible(x: Tensor, running_mean, running_var, weight, bias) -> bool:
-    """Whether the raw-address kernels may run on these tensors, and the cpu backend is the one selected."""
+    Contiguous ``(N, C, *)`` memory is ``(N, C, S)`` as it is; channels-innermost memory (channels_last,
+    an ``(N, C, L)`` view of ``(N, L, C)``) is ``N*S`` rows of ``C`` channels, ``(N*S, C, 1)``: the same
+    statistics over the same values.
+    """
     if type(x) is not Tensor or not x.is_cpu or x.layout is not torch.strided:
-        return False
+        return None
     dt = x.dtype
     if dt is not torch.float32 and dt is not torch.float64:
-        return False
-    n = x.numel()
-    if n == 0 or n > SMALL_NUMEL or x.dim() < 2:
-        return False
-    if not x.is_contiguous() and not (x.dim() > 2 and x.movedim(1, -1).is_contiguous()):
-        return False  # neither (N, C, *) nor channels-innermost memory (see _dims)
-    if (running_mean is None) != (running_var is None):
-        return False
-    c = x.shape[1]
+        return None
+    numel = x.numel()
+    shape = x.shape
+    if numel == 0 or numel > SMALL_NUMEL or len(shape) < 2 or (running_mean is None) != (running_var is None):
+        return None
+    n, c = shape[0], shape[1]
+    s = numel // (n * c)
+    if not x.is_contiguous():
+        if len(shape) == 2 or not x.movedim(1, -1).is_contiguous():
+            return None
+        n, s = n * s, 1
     if not (
         _vector_ok(running_mean, c, dt)
         and _vector_ok(running_var, c, dt)
         and _vector_ok(weight, c, dt)
         and _vector_ok(bias, c, dt)
     ):
-        return False
+        return None
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
-        return False
+        return None
     if (
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack() != 0
@@ -148,8 +145,8 @@ def _eligible(x: Tensor, running_mean, running_var, weight, bias) -> bool:
         or peek_interpreter_stack() is not None
         or _fwAD._current_level >= 0
     ):
-        return False
-    return kernels.runs_cpu_backend()
+        return None
+    return (n, c, s) if kernels.runs_cpu_backend() else None
 
 
 def _needs_graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -175,35 +172,38 @@ def batch_norm(
     :func:`bnkit.functional.batch_norm` does) and returned; otherwise new tensors hold the update
     (:func:`bnkit.functional.batch_norm_pure`). Channels must be in dim 1.
     """
-    if type(eps) is not float or not _eligible(x, running_mean, running_var, weight, bias):
+    if type(eps) is not float:
+        return None
+    dims = _layout(x, running_mean, running_var, weight, bias)
+    if dims is None:
         return None
     if training is True:
         if type(momentum) is not float or not eps > 0.0:
             return None
-        return _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace)
+        return _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inplace)
     if training is False and running_mean is not None and eps >= 0.0:
         try:
             if _needs_graph(x, weight, bias):
                 if x.numel() > SMALL_GRAD_NUMEL:
                     return None
-                y = _eval_apply(x, running_mean, running_var, weight, bias, eps)
+                y = _eval_apply(x, running_mean, running_var, weight, bias, eps, dims)
             else:
-                y = _eval_forward(x, running_mean, running_var, weight, bias, eps)
+                y = _eval_forward(x, dims, running_mean, running_var, weight, bias, eps)
         except _NoStorage:
             return None
         return y, running_mean, running_var
     return None
 
 
-def _eval_forward(x, running_mean, running_var, weight, bias, eps):
+def _eval_forward(x, dims, running_mean, running_var, weight, bias, eps):
     try:
         xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
         wa, ba = _addr(weight), _addr(bias)
     except RuntimeError as exc:  # a tensor without storage (a leaked functorch wrapper)
         raise _NoStorage from exc
     y = torch.empty_like(x)  # x is dense: y gets its strides
-    n, c, s = _dims(x)
-    t = _tasks(x, n, c, s)
+    n, c, s = dims
+    t = _tasks(n * c * s, n, c, s)
     k = _kernels()
     if t:
         k.eval_forward_par(_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, t)
@@ -212,8 +212,8 @@ def _eval_forward(x, running_mean, running_var, weight, bias, eps):
     return y
 
 
-def _train(x, running_mean, running_var, weight, bias, momentum, eps, inplace):
-    n, c, s = _dims(x)
+def _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inplace):
+    n, c, s = dims
     count = n * s
     if count < 2:
         return None  # the regular path raises torch's "Expected more than 1 value per channel"
@@ -263,7 +263,7 @@ def _train_forward(x, weight, bias, args):
         raise _NoStorage from exc
     y = torch.empty_like(x)
     ya, ma, va = y.data_ptr(), _addr(mean), _addr(var)
-    t = _tasks(x, n, c, s)
+    t = _tasks(n * c * s, n, c, s)
     if t:
         _kernels().train_forward_par(_ZERO[x.dtype], xa, ya, n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take, t)
     else:
@@ -277,8 +277,9 @@ class _SmallTrainFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, args):
         y = _train_forward(x, weight, bias, args)
-        _n, _c, _s, eps, mean, var = args[:6]
+        n, c, s, eps, mean, var = args[:6]
         ctx.save_for_backward(x, weight, mean, var)
+        ctx.dims = (n, c, s)
         ctx.eps = eps
         ctx.param_dtype = x.dtype
         ctx.set_materialize_grads(False)
@@ -294,13 +295,13 @@ class _SmallTrainFn(torch.autograd.Function):
 
             return (*_forward_train_backward(ctx, gy, None, None)[:3], None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        n, c, s = _dims(x)
+        n, c, s = ctx.dims
         dx = torch.empty_like(x) if need_x else None
         dw = torch.empty(c, dtype=x.dtype)
         db = torch.empty(c, dtype=x.dtype)
         args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, mean.data_ptr(), var.data_ptr(),
                 _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
-        t = _tasks(x, n, c, s)
+        t = _tasks(n * c * s, n, c, s)
         if t:
             _kernels().train_backward_par(*args, t)
         else:
@@ -314,9 +315,10 @@ class _SmallEvalFn(torch.autograd.Function):
     what the small kernel does not take."""
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
-        y = _eval_forward(x, running_mean, running_var, weight, bias, eps)
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps, dims):
+        y = _eval_forward(x, dims, running_mean, running_var, weight, bias, eps)
         ctx.save_for_backward(x, running_mean, running_var, weight)
+        ctx.dims = dims
         ctx.eps = eps
         ctx.param_dtype = x.dtype
         return y
@@ -327,20 +329,20 @@ class _SmallEvalFn(torch.autograd.Function):
         if not _plain_grad(gy, x):
             from bnkit.autograd import _forward_eval_backward
 
-            return _forward_eval_backward(ctx, gy)
+            return (*_forward_eval_backward(ctx, gy), None)
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        n, c, s = _dims(x)
+        n, c, s = ctx.dims
         dx = torch.empty_like(x) if need_x else None
         dw = torch.empty(c, dtype=x.dtype)
         db = torch.empty(c, dtype=x.dtype)
         args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, running_mean.data_ptr(),
                 running_var.data_ptr(), _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
-        t = _tasks(x, n, c, s)
+        t = _tasks(n * c * s, n, c, s)
         if t:
             _kernels().eval_backward_par(*args, t)
         else:
             _kernels().eval_backward(*args)
-        return dx, None, None, (dw if need_w else None), (db if need_b else None), None
+        return dx, None, None, (dw if need_w else None), (db if need_b else None), None, None
 
 
 def _plain_grad(gy: Tensor, x: Tensor) -> bool:
@@ -350,13 +352,13 @@ def _plain_grad(gy: Tensor, x: Tensor) -> bool:
         or type(gy) is not Tensor
         or gy.dtype is not x.dtype
         or gy.shape != x.shape
-        or gy.stride() != x.stride()  # the same memory order as x (saved), which _dims describes
+        or gy.stride() != x.stride()  # the same memory order as x (saved), which ctx.dims describes
         or not gy.is_cpu
         or gy.layout is not torch.strided
         or is_functorch_wrapped_tensor(gy)
     )
 
 
-# Function.apply minus its Python wrapper, which only handles functorch (ruled out by _eligible)
+# Function.apply minus its Python wrapper, which only handles functorch (ruled out by _layout)
 _train_apply = super(torch.autograd.Function, _SmallTrainFn).apply
 _eval_apply = super(torch.autograd.Function, _SmallEvalFn).apply
