@@ -432,3 +432,21 @@ def test_channels_innermost_memory(spy, shape, layout, dtype):
     assert out["bnkit"][0].stride() == x0.stride() and out["bnkit"][4].stride() == x0.stride()
     for got, want in zip(out["bnkit"], out["torch"], strict=True):
         _close(got, want, dtype)
+
+
+def test_kernels_that_fail_to_load_turn_the_path_off_with_one_warning(monkeypatch):
+    from bnkit.kernels import cpu_small
+
+    def broken():
+        raise RuntimeError("no LLVM today")
+
+    monkeypatch.setattr(small, "_K", None)
+    monkeypatch.setattr(cpu_small, "probe", broken)
+    x, w, b, rm, rv = _inputs((4, 3, 5), torch.float32, seed=11)
+    with pytest.warns(RuntimeWarning, match="small-input kernels are unavailable.*no LLVM today") as record:
+        y1 = bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
+        y2 = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
+    assert len([r for r in record if "small-input" in str(r.message)]) == 1
+    assert small._K is False and last_backend() == "cpu"  # the regular cpu path ran
+    _close(y1, F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True), torch.float32)
+    _close(y2, F.batch_norm(x, rm, rv, w, b, training=False), torch.float32)

@@ -19,6 +19,8 @@ each way, up to ``SMALL_GRAD_NUMEL`` elements); everything above ``SMALL_NUMEL``
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -51,16 +53,32 @@ _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
 # (value, dtype) -> value as a numpy scalar of dtype (0.5 us to make, 0.1 to look up)
 _SCALARS: dict = {}
 
-_K = None  # bnkit.kernels.cpu_small, imported on first use (compiling it needs numba)
+_K = None  # bnkit.kernels.cpu_small once loaded; False if it failed to (then the path is off)
 
 
 def _kernels():
+    """The small kernels, compiled (or loaded from numba's cache) on first use; ``False`` if they fail to.
+
+    A failure is one warning, and every later call takes the regular path (which has its own fallback
+    to the reference), as a fast backend that cannot load does.
+    """
     global _K, _threads
     if _K is None:
-        from bnkit.kernels import cpu_small
-        from bnkit.kernels.cpu_launch import _threads
+        try:
+            from bnkit.kernels import cpu_small
+            from bnkit.kernels.cpu_launch import _threads
 
-        _K = cpu_small
+            cpu_small.probe()
+        except Exception as exc:  # a broken numba install: one warning, then the regular path
+            warnings.warn(
+                f"bnkit: the small-input kernels are unavailable ({type(exc).__name__}: {exc}); "
+                "small inputs take the regular path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _K = False
+        else:
+            _K = cpu_small
     return _K
 
 
@@ -146,7 +164,7 @@ def _layout(x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, in
         or _fwAD._current_level >= 0
     ):
         return None
-    return (n, c, s) if kernels.runs_cpu_backend() else None
+    return (n, c, s) if kernels.runs_cpu_backend() and _kernels() else None
 
 
 def _needs_graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:

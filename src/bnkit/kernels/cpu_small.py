@@ -40,6 +40,7 @@ __all__ = [
     "eval_backward_par",
     "eval_forward",
     "eval_forward_par",
+    "probe",
     "train_backward",
     "train_backward_par",
     "train_forward",
@@ -431,3 +432,25 @@ def eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba):
 def eval_backward_par(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T):
     """:func:`eval_backward` with its two passes cut into ``T`` parallel ranges of rows."""
     _eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T)
+
+
+def probe() -> None:
+    """Compile (or load from numba's cache) every kernel once, for float32, on a 2x1x2 problem.
+
+    :mod:`bnkit.small` calls it before its first use, so that a broken numba install fails there,
+    where it becomes one warning and the regular path, and never in the middle of a call.
+    """
+    like = np.float32(0.0)
+    x, y, g, dx = (np.arange(4, dtype=np.float32) for _ in range(4))
+    vec = [np.ones(1, np.float32) for _ in range(6)]
+    xa, ya, ga, dxa = (a.ctypes.data for a in (x, y, g, dx))
+    m, v, rm, rv, w, b = (a.ctypes.data for a in vec)
+    one = np.float32(1.0)
+    for t in (None, 1):
+        par = t is not None
+        tail = (t,) if par else ()
+        fwd = train_forward_par if par else train_forward
+        fwd(like, xa, ya, 2, 1, 2, w, b, 1e-5, m, v, rm, rv, rm, rv, one, one, one, *tail)
+        (eval_forward_par if par else eval_forward)(like, xa, ya, 2, 1, 2, rm, rv, w, b, 1e-5, *tail)
+        (train_backward_par if par else train_backward)(like, ga, xa, dxa, 2, 1, 2, m, v, w, 1e-5, rm, rv, *tail)
+        (eval_backward_par if par else eval_backward)(like, ga, xa, dxa, 2, 1, 2, rm, rv, w, 1e-5, m, v, *tail)
