@@ -11,3 +11,14 @@ torch.set_num_threads(int(os.environ.get("BNKIT_TEST_THREADS", "2")))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["regular", "small"])
+def bn_path(request, monkeypatch):
+    """Run a functional-level test on both CPU paths: the ``cpu`` backend's kernels behind the autograd
+    layer ("regular"), and the one-call path that takes inputs up to ``bnkit.small.SMALL_NUMEL``."""
+    if request.param == "regular":
+        from bnkit import small
+
+        monkeypatch.setattr(small, "SMALL_NUMEL", 0)
+    return request.param

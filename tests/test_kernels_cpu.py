@@ -194,7 +194,7 @@ def test_bad_input_raises_before_the_kernel(cpu):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "contiguous_long", "channels_last", "ncl_view"])
-def test_gradients_through_functional(layout):
+def test_gradients_through_functional(bn_path, layout):
     # contiguous_long: rows of >= 1024 values take the fused in-cache training backward.
     shape = {"ncl_view": (6, 4, 15), "contiguous_long": (3, 4, 1031)}.get(layout, (6, 4, 5, 3))
     layout = "contiguous" if layout == "contiguous_long" else layout
@@ -268,18 +268,21 @@ def test_cpu_backend_ran_under_auto():
     assert last_backend() == "cpu"
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_gradcheck_float64_through_cpu_backend(training):
+@pytest.mark.parametrize("training, running_stats", [(True, True), (False, True), (True, False)])
+def test_gradcheck_float64_through_cpu_backend(bn_path, training, running_stats):
+    # first and second derivatives (the double backward rebuilds the statistics in plain ops)
     x = (torch.randn(3, 2, 4, dtype=torch.float64) + 2).requires_grad_()
     w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
 
     def fn(x, w, b):
-        return bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+        stats = (rm.clone(), rv.clone()) if running_stats else (None, None)
+        return bnkit.functional.batch_norm(x, *stats, w, b, training=training)
 
     with use_backend("cpu"):
         assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert torch.autograd.gradgradcheck(fn, (x, w, b))
         assert last_backend() == "cpu"
 
 

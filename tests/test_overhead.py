@@ -78,7 +78,7 @@ def test_running_stats_fast_path_reads_scalars_as_given():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_no_graph_when_nothing_needs_a_gradient(training):
+def test_no_graph_when_nothing_needs_a_gradient(bn_path, training):
     # grad mode on but no input requires grad, or grad mode off: same output, no graph, same stats
     torch.manual_seed(0)
     x = torch.randn(8, 4, 3, 3)
@@ -174,7 +174,7 @@ def test_eager_scalar_cache_gives_python_scalar_numbers():
 
 
 @needs_cpu
-def test_module_steps_match_functional():
+def test_module_steps_match_functional(bn_path):
     # the module's fast paths (buffer reads, num_batches_tracked increment) keep torch's bookkeeping
     import bnkit.nn as bnn
 

@@ -144,23 +144,41 @@ def test_pure_returns_new_statistics_and_mutates_nothing(spy):
 @pytest.mark.parametrize("shape", [(16, 16, 8, 8), (64, 128), (5, 7, 1), (7, 13, 11), *PARALLEL_SHAPES])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("needs", ["all", "input", "params", "weight"])
-def test_gradients_match_torch(spy, shape, dtype, needs):
-    x0, w0, b0, rm, rv = _inputs(shape, dtype, seed=3, offset=1.0, scale=2.0)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradients_match_torch(spy, shape, dtype, needs, training):
+    x0, w0, b0, rm, rv = _inputs(shape, dtype, seed=3 if training else 9, offset=1.0, scale=2.0)
     dy = torch.randn(shape, dtype=dtype)
+    eps = 1e-5 if training else 1e-3
     grads = {}
     for name, fn in (("bnkit", bnkit.functional.batch_norm), ("torch", F.batch_norm)):
         x, w, b = x0.clone(), w0.clone(), b0.clone()
         x.requires_grad_(needs in ("all", "input"))
         w.requires_grad_(needs in ("all", "params", "weight"))
         b.requires_grad_(needs in ("all", "params"))
-        y = fn(x, rm.clone(), rv.clone(), w, b, training=True)
+        y = fn(x, rm.clone(), rv.clone(), w, b, training=training, eps=eps)
         y.backward(dy)
         grads[name] = [t.grad for t in (x, w, b)]
-    assert spy == {"train_forward": 1, "train_backward": 1}
+    mode = "train" if training else "eval"
+    assert spy == {f"{mode}_forward": 1, f"{mode}_backward": 1}
     for got, want in zip(grads["bnkit"], grads["torch"], strict=True):
         assert (got is None) == (want is None)
         if got is not None:
             _close(got, want, dtype)
+
+
+def test_eval_input_gradient_does_not_read_the_input(spy):
+    # eval dx = scale * dy: an inf in x makes dweight inf/NaN, never dx (torch's and the regular path's rule)
+    x, w, b, rm, rv = _inputs((4, 3, 5), torch.float32, seed=12)
+    x[0, 0, 0] = float("inf")
+    dy = torch.randn(4, 3, 5)
+    grads = []
+    for fn in (bnkit.functional.batch_norm, F.batch_norm):
+        xx = x.clone().requires_grad_()
+        fn(xx, rm, rv, w, b, training=False).backward(dy)
+        grads.append(xx.grad)
+    assert spy == {"eval_forward": 1, "eval_backward": 1}
+    assert grads[0].isfinite().all()
+    _close(grads[0], grads[1], torch.float32)
 
 
 def test_gradients_match_float64_reference(spy):
@@ -184,53 +202,6 @@ def test_non_contiguous_output_gradient_takes_the_regular_backward(spy):
     xt = x.detach().clone().requires_grad_()
     F.batch_norm(xt, None, None, w, b, training=True).backward(dy)
     _close(x.grad, xt.grad, torch.float32)
-
-
-@pytest.mark.parametrize("shape", [(16, 16, 8, 8), (64, 128), (7, 13, 11), *PARALLEL_SHAPES])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("needs", ["all", "input", "params"])
-def test_eval_gradients_match_torch(spy, shape, dtype, needs):
-    x0, w0, b0, rm, rv = _inputs(shape, dtype, seed=9, offset=1.0, scale=2.0)
-    dy = torch.randn(shape, dtype=dtype)
-    grads = {}
-    for name, fn in (("bnkit", bnkit.functional.batch_norm), ("torch", F.batch_norm)):
-        x, w, b = x0.clone(), w0.clone(), b0.clone()
-        x.requires_grad_(needs in ("all", "input"))
-        w.requires_grad_(needs in ("all", "params"))
-        b.requires_grad_(needs in ("all", "params"))
-        fn(x, rm, rv, w, b, training=False, eps=1e-3).backward(dy)
-        grads[name] = [t.grad for t in (x, w, b)]
-    assert spy == {"eval_forward": 1, "eval_backward": 1}
-    for got, want in zip(grads["bnkit"], grads["torch"], strict=True):
-        assert (got is None) == (want is None)
-        if got is not None:
-            _close(got, want, dtype)
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_double_backward_goes_the_regular_way(training):
-    x = (torch.randn(3, 2, 4, dtype=torch.float64) + 2).requires_grad_()
-    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
-
-    def fn(x, w, b):
-        return bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
-
-    assert torch.autograd.gradcheck(fn, (x, w, b))
-    assert torch.autograd.gradgradcheck(fn, (x, w, b))
-
-
-def test_double_backward_without_running_stats():
-    x = (torch.randn(3, 2, 4, dtype=torch.float64) + 2).requires_grad_()
-    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-
-    def fn(x, w, b):
-        return bnkit.functional.batch_norm(x, None, None, w, b, training=True)
-
-    assert torch.autograd.gradcheck(fn, (x, w, b))
-    assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
 @pytest.mark.parametrize("shape", [(8, 16, 12, 12), (16, 16, 24, 24)])  # serial, parallel

@@ -233,12 +233,17 @@ def _kernels_for(x: Tensor, activation: str):
         return None
     if FORCE_KERNELS is None and (activation not in ("identity", "relu", "leaky_relu") or backend_for(x).name != "cpu"):
         return None
+    return _cpu_act_for(x.numel())
+
+
+def _cpu_act_for(numel: int):
+    """:mod:`bnkit.kernels.cpu_act` with numba's thread count set for ``numel`` elements as the cpu
+    backend sets it (torch's count; one for small inputs), or None when numba is unusable."""
     kernels = _cpu_act()
     if kernels is None:
         return None
     cpu_act, threads = kernels
-    # numba's thread count as the cpu backend sets it (torch's count; one for small inputs)
-    threads(x.numel())
+    threads(numel)
     return cpu_act
 
 
@@ -270,12 +275,7 @@ def _elu_kernels_for(z: Tensor, activation: str):
         return None
     if FORCE_KERNELS is None and backend_for(z).name != "cpu":
         return None
-    kernels = _cpu_act()
-    if kernels is None:
-        return None
-    cpu_act, threads = kernels
-    threads(z.numel())
-    return cpu_act
+    return _cpu_act_for(z.numel())
 
 
 def _elu_log(zc: Tensor, alpha: float, buf: Tensor) -> Tensor:

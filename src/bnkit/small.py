@@ -85,16 +85,17 @@ def _kernels():
 _threads = None  # bnkit.kernels.cpu_launch._threads, with the kernels
 
 
-def _tasks(numel: int, n: int, c: int, s: int) -> int:
-    """Parallel row ranges for a call on ``(n, c, s)`` memory: 0 (the serial kernels) up to ``SERIAL_NUMEL``
-    elements or with one thread, else ``TASKS_PER_THREAD`` per thread (numba set to torch's thread count)."""
-    if numel <= SERIAL_NUMEL:
-        return 0
-    _kernels()
-    nt = _threads(numel)
+def _launch(serial, parallel, args: tuple, n: int, c: int, s: int) -> None:
+    """Run a small kernel on ``(n, c, s)`` memory: ``serial(*args)`` up to ``SERIAL_NUMEL`` elements or
+    with one thread, else ``parallel(*args, T)`` with ``TASKS_PER_THREAD`` ranges of rows per thread
+    (numba set to torch's thread count, as the cpu backend sets it). The kernels are loaded: callers
+    got here through :func:`_layout`."""
+    numel = n * c * s
+    nt = 1 if numel <= SERIAL_NUMEL else _threads(numel)
     if nt == 1:
-        return 0
-    return min(n * c if s > 1 else n, TASKS_PER_THREAD * nt)
+        serial(*args)
+    else:
+        parallel(*args, min(n * c if s > 1 else n, TASKS_PER_THREAD * nt))
 
 
 def _scalar(value: float, dtype: torch.dtype):
@@ -221,12 +222,9 @@ def _eval_forward(x, dims, running_mean, running_var, weight, bias, eps):
         raise _NoStorage from exc
     y = torch.empty_like(x)  # x is dense: y gets its strides
     n, c, s = dims
-    t = _tasks(n * c * s, n, c, s)
     k = _kernels()
-    if t:
-        k.eval_forward_par(_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, t)
-    else:
-        k.eval_forward(_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps)
+    _launch(k.eval_forward, k.eval_forward_par, (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps),
+            n, c, s)  # fmt: skip
     return y
 
 
@@ -281,11 +279,9 @@ def _train_forward(x, weight, bias, args):
         raise _NoStorage from exc
     y = torch.empty_like(x)
     ya, ma, va = y.data_ptr(), _addr(mean), _addr(var)
-    t = _tasks(n * c * s, n, c, s)
-    if t:
-        _kernels().train_forward_par(_ZERO[x.dtype], xa, ya, n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take, t)
-    else:
-        _kernels().train_forward(_ZERO[x.dtype], xa, ya, n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take)
+    k = _kernels()
+    args = (_ZERO[x.dtype], xa, ya, n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take)
+    _launch(k.train_forward, k.train_forward_par, args, n, c, s)
     return y
 
 
@@ -319,11 +315,8 @@ class _SmallTrainFn(torch.autograd.Function):
         db = torch.empty(c, dtype=x.dtype)
         args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, mean.data_ptr(), var.data_ptr(),
                 _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
-        t = _tasks(n * c * s, n, c, s)
-        if t:
-            _kernels().train_backward_par(*args, t)
-        else:
-            _kernels().train_backward(*args)
+        k = _kernels()
+        _launch(k.train_backward, k.train_backward_par, args, n, c, s)
         return dx, (dw if need_w else None), (db if need_b else None), None
 
 
@@ -355,11 +348,8 @@ class _SmallEvalFn(torch.autograd.Function):
         db = torch.empty(c, dtype=x.dtype)
         args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, running_mean.data_ptr(),
                 running_var.data_ptr(), _addr(weight), ctx.eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
-        t = _tasks(n * c * s, n, c, s)
-        if t:
-            _kernels().eval_backward_par(*args, t)
-        else:
-            _kernels().eval_backward(*args)
+        k = _kernels()
+        _launch(k.eval_backward, k.eval_backward_par, args, n, c, s)
         return dx, None, None, (dw if need_w else None), (db if need_b else None), None, None
 
 

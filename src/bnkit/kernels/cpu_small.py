@@ -1,4 +1,4 @@
-r"""numba kernels for small inputs: a whole batch-norm call in one serial compiled call.
+r"""numba kernels for small and mid-size inputs: a whole batch-norm call in one compiled call.
 
 On small inputs (up to ``bnkit.small.SMALL_NUMEL`` elements) a batch norm costs microseconds
 of arithmetic and tens of microseconds around it on the regular path: argument checks, numpy views of
@@ -7,14 +7,16 @@ the torch ops of the running-statistics update. These kernels take the data as r
 addresses (``Tensor.data_ptr()``: 0.1 us, where ``Tensor.numpy()`` costs 0.8) and do everything of
 one call in one launch:
 
-* :func:`train_forward`: per-channel mean and biased variance (two float64 passes over data that
-  sits in cache), the output ``y = (x - mean) * scale + shift`` rounded once from float64, and the
+* :func:`train_forward`: per-channel mean and biased variance in one read (float64 sums of ``x - K``
+  and ``(x - K)**2`` with ``K`` the channel's first finite value, as the regular path's short rows),
+  the output ``y = (x - mean) * scale + shift`` rounded once from float64, and the
   new running statistics, with exactly the float operations of
   :func:`bnkit.reference.update_running_stats` in the statistics dtype (no fused multiply-add);
 * :func:`eval_forward`: the eval output from the running statistics, with the arithmetic of the
   ``cpu`` backend (:func:`bnkit.kernels.cpu.eval_coeffs`, then ``(x - mean) * scale + shift``);
-* :func:`train_backward`: both reductions, then ``dx = a*dy + k*(x - mean) + c`` (the symbols of
-  :mod:`bnkit.autograd`), with ``dweight`` and ``dbias``.
+* :func:`train_backward` / :func:`eval_backward` (one body, :func:`_backward`): both reductions, then
+  ``dx = a*dy + k*(x - mean) + c`` in training (the symbols of :mod:`bnkit.autograd`) or ``dx = a*dy``
+  in eval, with ``dweight`` and ``dbias``.
 
 Each kernel has a parallel twin (``*_par``, for inputs above ``bnkit.small.SERIAL_NUMEL``) that cuts
 its passes into ranges of rows, each task with its own float64 accumulators (all share one shift per
@@ -168,18 +170,16 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
     for t in prange(T):
         r0, r1 = _span(R, T, t)
         _shifted_sums(x, C, S, r0, r1, k, s1[t], s2[t])
+    sum_d = _add_tasks(s1)
+    sum_d2 = _add_tasks(s2)
     mu = np.empty(C)
     sc = np.empty(C)
     sh = np.zeros(C)
     M = float(N * S)
     for c in range(C):
-        a = 0.0
-        q = 0.0
-        for t in range(T):
-            a += s1[t, c]
-            q += s2[t, c]
+        a = sum_d[c]
         mu[c] = k[c] + a / M
-        m2 = q - a * (a / M)
+        m2 = sum_d2[c] - a * (a / M)
         v = (m2 if not m2 < 0.0 else 0.0) / M
         mean[c] = mu[c]
         var[c] = v
@@ -300,15 +300,20 @@ def _grad_sums(g, x, C, S, r0, r1, mean, s0, s1):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc):
-    # dx = a[c]*dy + k[c]*(x - m[c]) + cc[c] over rows [r0, r1), in float64, rounded once
+def _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc, training):
+    # over rows [r0, r1), in float64, rounded once: training dx = a[c]*dy + k[c]*(x - m[c]) + cc[c];
+    # eval dx = a[c]*dy, without reading x (as the regular path: an inf in x must not turn dx into NaN)
     if S == 1:
         for n in range(r0, r1):
             gs = g[n * C : (n + 1) * C]
             xs = x[n * C : (n + 1) * C]
             ds = dx[n * C : (n + 1) * C]
-            for c in range(C):
-                ds[c] = a[c] * gs[c] + k[c] * (xs[c] - m[c]) + cc[c]
+            if training:
+                for c in range(C):
+                    ds[c] = a[c] * gs[c] + k[c] * (xs[c] - m[c]) + cc[c]
+            else:
+                for c in range(C):
+                    ds[c] = a[c] * gs[c]
         return
     c = r0 % C
     for r in range(r0, r1):
@@ -316,32 +321,39 @@ def _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc):
         xs = x[r * S : (r + 1) * S]
         ds = dx[r * S : (r + 1) * S]
         ac = a[c]
-        mc = m[c]
-        kc = k[c]
-        ccc = cc[c]
-        for i in range(S):
-            ds[i] = ac * gs[i] + kc * (xs[i] - mc) + ccc
+        if training:
+            mc = m[c]
+            kc = k[c]
+            ccc = cc[c]
+            for i in range(S):
+                ds[i] = ac * gs[i] + kc * (xs[i] - mc) + ccc
+        else:
+            for i in range(S):
+                ds[i] = ac * gs[i]
         c += 1
         if c == C:
             c = 0
 
 
-@njit(inline="always")
-def _sum_rows(acc, c):
-    # sum over tasks t of acc[t, c]
-    tot = 0.0
-    for t in range(acc.shape[0]):
-        tot += acc[t, c]
-    return tot
+@njit(cache=True)
+def _add_tasks(acc):
+    # acc[0, c] = sum over tasks t of acc[t, c] (in task order), returned as acc[0]
+    for t in range(1, acc.shape[0]):
+        for c in range(acc.shape[1]):
+            acc[0, c] += acc[t, c]
+    return acc[0]
 
 
 @njit(inline="always")
-def _train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, T):
+def _backward(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba, training, T):
+    # Both modes from (mean, var): the batch's (training) or the running statistics (eval).
+    # sum(dy) and sum(dy * (x - mean)) in one read; dweight = sum(dy * (x - mean)) * invstd,
+    # dbias = sum(dy); then dx (when dxa is non-zero): see _grad_input.
     total = N * C * S
     g = _view(ga, total, like)
     x = _view(xa, total, like)
-    mean = _view(meana, C, like)
-    var = _view(vara, C, like)
+    mean = _view(ma, C, like)
+    var = _view(va, C, like)
     dw = _view(dwa, C, like)
     db = _view(dba, C, like)
     R = _rows(N, C, S)
@@ -350,26 +362,28 @@ def _train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, 
     for t in prange(T):
         r0, r1 = _span(R, T, t)
         _grad_sums(g, x, C, S, r0, r1, mean, s0[t], s1[t])
+    sum_dy = _add_tasks(s0)
+    sum_dy_xmu = _add_tasks(s1)
     M = float(N * S)
     a = np.empty(C)
     m = np.empty(C)
-    k = np.empty(C)
-    cc = np.empty(C)
+    k = np.zeros(C)
+    cc = np.zeros(C)
     for c in range(C):
-        sum_dy = _sum_rows(s0, c)
         inv = 1.0 / np.sqrt(float(var[c]) + eps)
-        sum_dy_xhat = _sum_rows(s1, c) * inv
+        sum_dy_xhat = sum_dy_xmu[c] * inv
         dw[c] = sum_dy_xhat
-        db[c] = sum_dy
+        db[c] = sum_dy[c]
         a[c] = inv * (_view(wa, C, like)[c] if wa != 0 else 1.0)
         m[c] = mean[c]
-        k[c] = -a[c] * inv * (sum_dy_xhat / M)
-        cc[c] = -a[c] * (sum_dy / M)
+        if training:
+            k[c] = -a[c] * inv * (sum_dy_xhat / M)
+            cc[c] = -a[c] * (sum_dy[c] / M)
     if dxa != 0:
         dx = _view(dxa, total, like)
         for t in prange(T):
             r0, r1 = _span(R, T, t)
-            _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc)
+            _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc, training)
 
 
 @njit(cache=True)
@@ -380,42 +394,13 @@ def train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba):
     Per channel, in float64: ``invstd = 1 / sqrt(var + eps)``, ``a = invstd * w``,
     ``k = -a * invstd * dweight / M``, ``c = -a * dbias / M``; ``dx = a*dy + k*(x - mean) + c``.
     """
-    _train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, 1)
+    _backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, True, 1)
 
 
 @njit(cache=True, parallel=True)
 def train_backward_par(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, T):
     """:func:`train_backward` with its two passes cut into ``T`` parallel ranges of rows."""
-    _train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, T)
-
-
-@njit(inline="always")
-def _eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T):
-    total = N * C * S
-    g = _view(ga, total, like)
-    x = _view(xa, total, like)
-    rm = _view(rma, C, like)
-    rv = _view(rva, C, like)
-    dw = _view(dwa, C, like)
-    db = _view(dba, C, like)
-    R = _rows(N, C, S)
-    s0 = np.zeros((T, C))
-    s1 = np.zeros((T, C))
-    for t in prange(T):
-        r0, r1 = _span(R, T, t)
-        _grad_sums(g, x, C, S, r0, r1, rm, s0[t], s1[t])
-    a = np.empty(C)
-    zero = np.zeros(C)
-    for c in range(C):
-        inv = 1.0 / np.sqrt(float(rv[c]) + eps)
-        dw[c] = _sum_rows(s1, c) * inv
-        db[c] = _sum_rows(s0, c)
-        a[c] = inv * (_view(wa, C, like)[c] if wa != 0 else 1.0)
-    if dxa != 0:
-        dx = _view(dxa, total, like)
-        for t in prange(T):
-            r0, r1 = _span(R, T, t)
-            _grad_input(g, x, dx, C, S, r0, r1, a, zero, zero, zero)
+    _backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, True, T)
 
 
 @njit(cache=True)
@@ -425,13 +410,13 @@ def eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba):
 
     ``invstd = 1 / sqrt(running_var + eps)`` and ``scale = invstd * w`` in float64; ``dx`` rounded once.
     """
-    _eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, 1)
+    _backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, False, 1)
 
 
 @njit(cache=True, parallel=True)
 def eval_backward_par(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T):
     """:func:`eval_backward` with its two passes cut into ``T`` parallel ranges of rows."""
-    _eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T)
+    _backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, False, T)
 
 
 def probe() -> None:
