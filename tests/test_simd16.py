@@ -1,0 +1,165 @@
+"""The 16-wide AVX-512 paths of 16-bit data in the cpu kernels (``bnkit.kernels.cpu``, ``SIMD_*``).
+
+Where the CPU has the instructions, every normalize-type pass of bfloat16/float16 data rounds
+16 values at a time with VCVTNEPS2BF16 / VCVTPS2PH and fixes NaNs and (bf16) float32 subnormals with
+the integer codec; the claim is that each output has exactly the bits of the scalar codec. Here the
+SIMD lanes are compared bit for bit with the scalar tail's formula on every 16-bit pattern and on
+coefficients that make float32 subnormals, NaNs and infinities. A subprocess compiles the kernels
+for a generic CPU (no SIMD) and checks that path against torch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from llvmlite import binding
+from numba import njit
+from numba.core import config
+
+from bnkit.kernels import cpu as K
+
+BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
+
+
+def test_flags_follow_the_host():
+    have = binding.get_host_cpu_features()
+    avx512 = all(have.get(f, False) for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+    host = config.CPU_NAME is None and config.CPU_FEATURES is None
+    assert K.SIMD_F16 == (host and avx512)
+    assert K.SIMD_BF16 == (host and avx512 and have.get("avx512bf16", False))
+
+
+@njit
+def _span(us, xs, os, has_u, a, m, k, sh):
+    K.affine_span(us, xs, os, xs.shape[0], has_u, a, m, k, sh)
+
+
+@njit
+def _span_scalar(us, xs, os, has_u, a, m, k, sh):
+    # the scalar tail's formula (software codec) for every value
+    for i in range(xs.shape[0]):
+        if has_u:
+            K.store(os, i, K._fma32(a, K.load(us, i), K._fma32(k, K.load(xs, i) - m, sh)))
+        else:
+            K.store(os, i, K._fma32(k, K.load(xs, i) - m, sh))
+
+
+@njit
+def _lanes(us, xs, os, has_u, a, m, k, sh):
+    K.affine_lanes(us, xs, os, xs.shape[0], has_u, a, m, k, sh)
+
+
+@njit
+def _lanes_scalar(us, xs, os, has_u, a, m, k, sh):
+    for i in range(xs.shape[0]):
+        if has_u:
+            K.store(os, i, K._fma32(a[i], K.load(us, i), K._fma32(k[i], K.load(xs, i) - m[i], sh[i])))
+        else:
+            K.store(os, i, K._fma32(k[i], K.load(xs, i) - m[i], sh[i]))
+
+
+def _assert_same_bits(got: np.ndarray, want: np.ndarray, dtype) -> None:
+    # Bit for bit, except the sign of a float16 NaN: with two NaN operands (a NaN x and a NaN
+    # coefficient) which one an FMA passes on depends on its operand order, and the vector and scalar
+    # forms order them differently. bf16 NaNs are all 0x7FC0.
+    if dtype == torch.float16:
+        nan = (got.view(np.uint16) & 0x7FFF) > 0x7C00
+        got, want = np.where(nan, got & 0x7FFF, got), np.where(nan, want & 0x7FFF, want)
+    np.testing.assert_array_equal(got, want)
+
+
+def _all_patterns(dtype) -> np.ndarray:
+    # every 16-bit pattern (NaNs, infinities, subnormals included), in a length that leaves a tail
+    bits = np.arange(-(2**15), 2**15, dtype=np.int32).astype(np.int16).view(BITS[dtype])
+    return np.concatenate([bits, bits[:13]])
+
+
+# (a, m, k, sh): plain, float32 subnormal results (the bf16 instruction flushes them), overflow to
+# inf, and a NaN coefficient
+COEFFS = [(0.75, 0.1, 1.5, 0.2), (1e-39, 0.0, 3e-39, 1e-40), (2.0, -1.0, 3e38, 0.0), (1.0, 0.0, float("nan"), 0.5)]
+
+
+@pytest.mark.parametrize("dtype", list(BITS), ids=str)
+@pytest.mark.parametrize("has_u", [False, True])
+@pytest.mark.parametrize("coeffs", COEFFS, ids=["plain", "subnormal", "overflow", "nan"])
+def test_span_bits_are_the_scalar_codecs(dtype, has_u, coeffs):
+    x = _all_patterns(dtype)
+    u = np.roll(x, 7)
+    a, m, k, sh = (np.float32(v) for v in coeffs)
+    got, want = np.empty_like(x), np.empty_like(x)
+    _span(u, x, got, has_u, a, m, k, sh)
+    _span_scalar(u, x, want, has_u, a, m, k, sh)
+    _assert_same_bits(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(BITS), ids=str)
+@pytest.mark.parametrize("has_u", [False, True])
+def test_lanes_bits_are_the_scalar_codecs(dtype, has_u):
+    x = _all_patterns(dtype)
+    u = np.roll(x, 5)
+    rng = np.random.default_rng(0)
+    # per-value coefficients that mix ordinary values with ones that give subnormal or NaN results
+    a, m, k, sh = (rng.standard_normal(x.shape[0]).astype(np.float32) for _ in range(4))
+    k[::17] = np.float32(2e-39)
+    sh[::17] = np.float32(0.0)
+    k[::101] = np.float32("nan")
+    got, want = np.empty_like(x), np.empty_like(x)
+    _lanes(u, x, got, has_u, a, m, k, sh)
+    _lanes_scalar(u, x, want, has_u, a, m, k, sh)
+    _assert_same_bits(got, want, dtype)
+
+
+@njit
+def _sums(x, k):
+    return K.block_sums(x, k)
+
+
+@pytest.mark.parametrize("dtype", list(BITS), ids=str)
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 1024])
+def test_block_sums_match_float64(dtype, n):
+    t = torch.randn(n, dtype=torch.float64) * 3 + 1000
+    x = t.to(dtype)
+    k = np.float32(x[0].item())
+    s1, s2 = _sums(x.view(torch.int16).numpy().view(BITS[dtype]), k)
+    d = x.double() - float(k)
+    assert s1 == pytest.approx(d.sum().item(), rel=1e-6, abs=1e-3)
+    assert s2 == pytest.approx((d * d).sum().item(), rel=1e-6, abs=1e-3)
+
+
+_GENERIC = textwrap.dedent(
+    """
+    import torch, torch.nn.functional as F
+    from bnkit.kernels import cpu as K, get_backend
+    assert not K.SIMD_BF16 and not K.SIMD_F16
+    cpu = get_backend("cpu")
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        x = bits.reshape(1, 1, -1).expand(2, 1, -1).contiguous()
+        zero = torch.zeros(1)
+        for p in (0, -9, 13):
+            y = cpu.forward_eval(x, zero, torch.full((1,), 2.0**p), zero)
+            torch.testing.assert_close(y, (x.float() * 2.0**p).to(dtype), atol=0, rtol=0, equal_nan=True)
+        x = (torch.randn(4, 3, 37, 29) * 2 + 5).to(dtype)
+        w, b = torch.rand(3) + 0.5, torch.randn(3)
+        y, mean, var = cpu.forward_train(x, w, b, 1e-5)
+        ref = F.batch_norm(x, None, None, w.to(dtype), b.to(dtype), training=True)
+        torch.testing.assert_close(y, ref, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(mean, x.float().mean((0, 2, 3)), atol=1e-3, rtol=1e-4)
+    print("ok")
+    """
+)
+
+
+def test_generic_cpu_takes_the_portable_code(tmp_path):
+    """With numba compiling for a generic CPU the flags are off and the scalar codecs run."""
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path), BNKIT_BACKEND="cpu")
+    out = subprocess.run([sys.executable, "-c", _GENERIC], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
