@@ -25,6 +25,12 @@ from numba.core import config
 from bnkit.kernels import cpu as K
 
 BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
+# The bit-for-bit claims are about the SIMD lanes; on a CPU without them the scalar loops run (checked
+# against torch by the generic-CPU subprocess below and by test_kernels_cpu).
+SIMD_DTYPES = [
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not K.SIMD_BF16, reason="no AVX-512 BF16 on this CPU")),
+    pytest.param(torch.float16, marks=pytest.mark.skipif(not K.SIMD_F16, reason="no AVX-512 on this CPU")),
+]
 
 
 def test_flags_follow_the_host():
@@ -85,7 +91,7 @@ def _all_patterns(dtype) -> np.ndarray:
 COEFFS = [(0.75, 0.1, 1.5, 0.2), (1e-39, 0.0, 3e-39, 1e-40), (2.0, -1.0, 3e38, 0.0), (1.0, 0.0, float("nan"), 0.5)]
 
 
-@pytest.mark.parametrize("dtype", list(BITS), ids=str)
+@pytest.mark.parametrize("dtype", SIMD_DTYPES, ids=str)
 @pytest.mark.parametrize("has_u", [False, True])
 @pytest.mark.parametrize("coeffs", COEFFS, ids=["plain", "subnormal", "overflow", "nan"])
 def test_span_bits_are_the_scalar_codecs(dtype, has_u, coeffs):
@@ -98,7 +104,7 @@ def test_span_bits_are_the_scalar_codecs(dtype, has_u, coeffs):
     _assert_same_bits(got, want, dtype)
 
 
-@pytest.mark.parametrize("dtype", list(BITS), ids=str)
+@pytest.mark.parametrize("dtype", SIMD_DTYPES, ids=str)
 @pytest.mark.parametrize("has_u", [False, True])
 def test_lanes_bits_are_the_scalar_codecs(dtype, has_u):
     x = _all_patterns(dtype)
@@ -163,3 +169,21 @@ def test_generic_cpu_takes_the_portable_code(tmp_path):
     out = subprocess.run([sys.executable, "-c", _GENERIC], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("dtype", SIMD_DTYPES, ids=str)
+@pytest.mark.parametrize("has_u", [False, True])
+@pytest.mark.parametrize("rows,channels,tasks", [(1000, 7, 3), (37, 64, 2), (5, 600, 2), (64, 8, 1)])
+def test_channels_innermost_tiles_match_rows(dtype, has_u, rows, channels, tasks):
+    """nsc_affine repeats the coefficients over q = NSC_TILE // C rows (16-bit data, SIMD path) and runs
+    one loop per q rows, the last one per task shorter: each value as the per-row formula gives it."""
+    x = (torch.randn(rows * channels) * 3).to(dtype).view(torch.int16).numpy().view(BITS[dtype])
+    u = np.roll(x, 3)
+    a, m, k, sh = (np.random.default_rng(i).standard_normal(channels).astype(np.float32) for i in range(4))
+    got = np.empty_like(x)
+    K.nsc_affine(u, x, got, rows, channels, tasks, has_u, a, m, k, sh)
+    want = np.empty_like(x)
+    for r in range(rows):
+        sl = slice(r * channels, (r + 1) * channels)
+        _lanes_scalar(u[sl], x[sl], want[sl], has_u, a, m, k, sh)
+    _assert_same_bits(got, want, dtype)

@@ -49,6 +49,10 @@ SMALL_NUMEL = 1 << 20
 SMALL_GRAD_NUMEL = 1 << 19
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
+_F32, _F64, _STRIDED = torch.float32, torch.float64, torch.strided
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
 _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
 # (value, dtype) -> value as a numpy scalar of dtype (0.5 us to make, 0.1 to look up)
 _SCALARS: dict = {}
@@ -108,19 +112,6 @@ def _scalar(value: float, dtype: torch.dtype):
     return v
 
 
-def _vector_ok(t: Tensor | None, c: int, dtype: torch.dtype) -> bool:
-    # (a leaked functorch wrapper passes these checks; its data_ptr() raises, and the caller
-    # then takes the regular path)
-    return t is None or (
-        (type(t) is Tensor or type(t) is Parameter)  # Parameter: no __torch_function__ of its own
-        and t.layout is torch.strided
-        and t.dtype is dtype
-        and t.is_cpu
-        and t.shape == (c,)
-        and t.is_contiguous()
-    )
-
-
 def _addr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -131,16 +122,19 @@ def _layout(x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, in
 
     Contiguous ``(N, C, *)`` memory is ``(N, C, S)`` as it is; channels-innermost memory (channels_last,
     an ``(N, C, L)`` view of ``(N, L, C)``) is ``N*S`` rows of ``C`` channels, ``(N*S, C, 1)``: the same
-    statistics over the same values.
+    statistics over the same values. (Every check here runs on every small call: module-level names
+    and one loop over the vectors, 0.4 us less than a helper per vector.)
     """
-    if type(x) is not Tensor or not x.is_cpu or x.layout is not torch.strided:
+    if type(x) is not Tensor:
         return None
     dt = x.dtype
-    if dt is not torch.float32 and dt is not torch.float64:
+    if (dt is not _F32 and dt is not _F64) or not x.is_cpu or x.layout is not _STRIDED:
+        return None
+    shape = x.shape
+    if len(shape) < 2 or (running_mean is None) != (running_var is None):
         return None
     numel = x.numel()
-    shape = x.shape
-    if numel == 0 or numel > SMALL_NUMEL or len(shape) < 2 or (running_mean is None) != (running_var is None):
+    if numel == 0 or numel > SMALL_NUMEL:
         return None
     n, c = shape[0], shape[1]
     s = numel // (n * c)
@@ -148,19 +142,25 @@ def _layout(x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, in
         if len(shape) == 2 or not x.movedim(1, -1).is_contiguous():
             return None
         n, s = n * s, 1
-    if not (
-        _vector_ok(running_mean, c, dt)
-        and _vector_ok(running_var, c, dt)
-        and _vector_ok(weight, c, dt)
-        and _vector_ok(bias, c, dt)
-    ):
-        return None
+    vshape = (c,)
+    for t in (running_mean, running_var, weight, bias):
+        # Parameter has no __torch_function__ of its own; a leaked functorch wrapper passes these
+        # checks, its data_ptr() raises, and the caller then takes the regular path
+        if t is not None and not (
+            (type(t) is Tensor or type(t) is Parameter)
+            and t.dtype is dt
+            and t.shape == vshape
+            and t.is_cpu
+            and t.layout is _STRIDED
+            and t.is_contiguous()
+        ):
+            return None
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
         return None
     if (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack() != 0
-        or torch._C._is_torch_function_mode_enabled()
+        _is_compiling()
+        or _dispatch_stack_len() != 0
+        or _torch_function_mode()
         or peek_interpreter_stack() is not None
         or _fwAD._current_level >= 0
     ):
