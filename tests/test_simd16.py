@@ -138,6 +138,22 @@ def test_block_sums_match_float64(dtype, n):
     assert s2 == pytest.approx((d * d).sum().item(), rel=1e-6, abs=1e-3)
 
 
+@njit
+def _dots(g, x, m):
+    return K.dot_block(g, x, m)
+
+
+@pytest.mark.parametrize("dtype", list(BITS), ids=str)
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 1024])
+def test_dot_block_matches_float64(dtype, n):
+    g = (torch.randn(n, dtype=torch.float64) * 2).to(dtype)
+    x = (torch.randn(n, dtype=torch.float64) * 3 + 1000).to(dtype)
+    m = np.float32(x.double().mean().item())
+    s0, s1 = _dots(*(t.view(torch.int16).numpy().view(BITS[dtype]) for t in (g, x)), m)
+    assert s0 == pytest.approx(g.double().sum().item(), rel=1e-6, abs=1e-3)
+    assert s1 == pytest.approx((g.double() * (x.double() - float(m))).sum().item(), rel=1e-6, abs=1e-2)
+
+
 _GENERIC = textwrap.dedent(
     """
     import torch, torch.nn.functional as F

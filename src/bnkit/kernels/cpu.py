@@ -478,15 +478,7 @@ def _shifted_sums16(typingctx, xs, n, k):
                 s1, s2 = accs[2 * half], accs[2 * half + 1]
                 builder.store(builder.fadd(builder.load(s1), d), s1)
                 builder.store(_fma16(builder, d, d, builder.load(s2)), s2)
-        vd = ir.VectorType(ir.DoubleType(), _W)
-        red = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.DoubleType(), [ir.DoubleType(), vd]), "llvm.vector.reduce.fadd.v16f64"
-        )
-        out = []
-        for s in (0, 1):
-            both = builder.fadd(builder.fpext(builder.load(accs[s]), vd), builder.fpext(builder.load(accs[s + 2]), vd))
-            out.append(builder.call(red, [ir.Constant(ir.DoubleType(), 0.0), both]))
-        return context.make_tuple(builder, signature.return_type, out)
+        return context.make_tuple(builder, signature.return_type, _lane_totals(builder, accs))
 
     return types.UniTuple(types.float64, 2)(xs, n, k), codegen
 
@@ -520,6 +512,98 @@ def _block_sums_impl(blk, k):
         return s1 + t1, s2 + t2
 
     return simd
+
+
+@intrinsic
+def _dot_sums16(typingctx, gs, xs, n, m):
+    """``(sum(gs[i]), sum(gs[i] * (xs[i] - m)))`` over ``i < n - n % 32``, 16-bit data, float32 lanes.
+
+    As :func:`_shifted_sums16`: two pairs of ``<16 x float>`` accumulators, added up in float64 at the end.
+    """
+    if not (
+        isinstance(gs, types.Array)
+        and isinstance(xs, types.Array)
+        and gs.dtype == xs.dtype
+        and xs.dtype in (types.uint16, types.int16)
+        and m == types.float32
+    ):
+        return None
+
+    def codegen(context, builder, signature, args):
+        gty, xty = signature.args[0], signature.args[1]
+        g_ary, x_ary, count, mv = args
+        zero = ir.Constant(_vt(_F32), [0.0] * _W)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+        ms = _splat(builder, mv)
+        step = ir.Constant(count.type, 2 * _W)
+        full = builder.sub(count, builder.srem(count, step))
+        with cgutils.for_range_slice(builder, ir.Constant(count.type, 0), full, step) as (i, _):
+            for half in (0, 1):
+                j = builder.add(i, ir.Constant(count.type, half * _W))
+                g = _load16(context, builder, gty, g_ary, j)
+                d = builder.fsub(_load16(context, builder, xty, x_ary, j), ms)
+                s0, s1 = accs[2 * half], accs[2 * half + 1]
+                builder.store(builder.fadd(builder.load(s0), g), s0)
+                builder.store(_fma16(builder, g, d, builder.load(s1)), s1)
+        return context.make_tuple(builder, signature.return_type, _lane_totals(builder, accs))
+
+    return types.UniTuple(types.float64, 2)(gs, xs, n, m), codegen
+
+
+def _lane_totals(builder, accs):
+    # [acc0 + acc2, acc1 + acc3] summed over their lanes in float64
+    vd = ir.VectorType(ir.DoubleType(), _W)
+    red = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.DoubleType(), [ir.DoubleType(), vd]), "llvm.vector.reduce.fadd.v16f64"
+    )
+    out = []
+    for s in (0, 1):
+        both = builder.fadd(builder.fpext(builder.load(accs[s]), vd), builder.fpext(builder.load(accs[s + 2]), vd))
+        out.append(builder.call(red, [ir.Constant(ir.DoubleType(), 0.0), both]))
+    return out
+
+
+def dot_block(gb, xb, m):
+    """``(sum(gb), sum(gb * (xb - m)))`` of a block of ``RBLOCK`` (16-bit data: ``SBLOCK16``) values in the
+    compute dtype, as float64."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@njit(**_JIT)
+def _dot_block_loop(gb, xb, m):
+    t0 = to_acc(gb, 0.0)
+    t1 = t0
+    for i in range(gb.shape[0]):
+        g = load(gb, i)
+        t0 += g
+        t1 += g * (load(xb, i) - m)
+    return float(t0), float(t1)
+
+
+@overload(dot_block, inline="always", jit_options={"fastmath": _FAST})
+def _dot_block_impl(gb, xb, m):
+    if not (_simd16(gb) and m == types.float32):
+        return lambda gb, xb, m: _dot_block_loop(gb, xb, m)
+
+    def simd(gb, xb, m):
+        n = gb.shape[0]
+        s0, s1 = _dot_sums16(gb, xb, n, m)
+        t = n - n % (2 * _W)
+        t0, t1 = _dot_block_loop(gb[t:], xb[t:], m)
+        return s0 + t0, s1 + t1
+
+    return simd
+
+
+def rblock(xs):
+    """Values per float32 block of the backward reductions for ``xs``'s dtype."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(rblock)
+def _rblock_impl(xs):
+    n = SBLOCK16 if xs.dtype in (types.uint16, types.int16) else RBLOCK
+    return lambda xs: n
 
 
 def nsc_tile(xs):
@@ -878,20 +962,24 @@ def _dot_sums(gs, xs, m, n, ds=None, sc=0.0):
     # ``ds is None`` when it compiles, so the plain sums carry no store.
     s0 = 0.0
     s1 = 0.0
-    for b0 in range(0, n, RBLOCK):
-        b1 = min(b0 + RBLOCK, n)
+    rb = rblock(gs)
+    for b0 in range(0, n, rb):
+        b1 = min(b0 + rb, n)
         gb = gs[b0:b1]  # sub-slices indexed from 0 (see _seg_stats)
         xb = xs[b0:b1]
-        if ds is not None:
-            db = ds[b0:b1]
+        if ds is None:
+            t0, t1 = dot_block(gb, xb, m)
+            s0 += t0
+            s1 += t1
+            continue
+        db = ds[b0:b1]
         t0 = to_acc(gs, 0.0)
         t1 = t0
         for i in range(gb.shape[0]):
             g = load(gb, i)
             t0 += g
             t1 += g * (load(xb, i) - m)
-            if ds is not None:
-                store(db, i, sc * g)
+            store(db, i, sc * g)
         s0 += t0
         s1 += t1
     return s0, s1
