@@ -3,7 +3,8 @@
 Where the CPU has the instructions, every normalize-type pass of bfloat16/float16 data rounds
 16 values at a time with VCVTNEPS2BF16 / VCVTPS2PH and fixes NaNs and (bf16) float32 subnormals with
 the integer codec; the claim is that each output has exactly the bits of the scalar codec. Here the
-SIMD lanes are compared bit for bit with the scalar tail's formula on every 16-bit pattern and on
+SIMD lanes (masked ones at the end of a row included) are compared bit for bit with the same formula as
+scalar code (software codec) on every 16-bit pattern and on
 coefficients that make float32 subnormals, NaNs and infinities. A subprocess compiles the kernels
 for a generic CPU (no SIMD) and checks that path against torch.
 """
@@ -48,7 +49,7 @@ def _span(us, xs, os, has_u, a, m, k, sh):
 
 @njit
 def _span_scalar(us, xs, os, has_u, a, m, k, sh):
-    # the scalar tail's formula (software codec) for every value
+    # the SIMD lanes' formula as scalar code (software codec), value by value
     for i in range(xs.shape[0]):
         if has_u:
             K.store(os, i, K._fma32(a, K.load(us, i), K._fma32(k, K.load(xs, i) - m, sh)))

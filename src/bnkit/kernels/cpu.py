@@ -292,20 +292,46 @@ def _lanes_ptr(context, builder, aryty, ary, i, elt):
     return builder.bitcast(builder.gep(data, [i]), _vt(elt).as_pointer())
 
 
-def _load16(context, builder, aryty, ary, i):
-    """16 values of ``ary`` from ``i`` as ``<16 x float>`` (bf16/fp16 bits widened, or float32)."""
-    if aryty.dtype == types.uint16:  # bf16: the top half of a float32
-        raw = builder.load(_lanes_ptr(context, builder, aryty, ary, i, _I16), align=2, typ=_vt(_I16))
+def _lane_mask(builder, left):
+    """``<16 x i1>``: lane ``j`` is on when ``j < left`` (``left`` an intp, possibly above 16)."""
+    sixteen = ir.Constant(left.type, _W)
+    n = builder.trunc(builder.select(builder.icmp_signed("<", left, sixteen), left, sixteen), _I32)
+    return builder.icmp_signed("<", ir.Constant(_vt(_I32), list(range(_W))), _splat(builder, n))
+
+
+def _masked(builder, op, vt):
+    # llvm.masked.load / llvm.masked.store of <16 x elt>
+    sfx = f"v{_W}{'i16' if vt.element == _I16 else 'f32'}.p0"
+    if op == "load":
+        fnty = ir.FunctionType(vt, [vt.as_pointer(), _I32, _vt(_I1), vt])
+    else:
+        fnty = ir.FunctionType(ir.VoidType(), [vt, vt.as_pointer(), _I32, _vt(_I1)])
+    return cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.{op}.{sfx}")
+
+
+def _load_lanes(builder, ptr, vt, align, mask):
+    if mask is None:
+        return builder.load(ptr, align=align, typ=vt)
+    zero = ir.Constant(vt, [0] * _W if vt.element == _I16 else [0.0] * _W)
+    return builder.call(_masked(builder, "load", vt), [ptr, ir.Constant(_I32, align), mask, zero])
+
+
+def _load16(context, builder, aryty, ary, i, mask=None):
+    """16 values of ``ary`` from ``i`` as ``<16 x float>`` (bf16/fp16 bits widened, or float32); with
+    ``mask`` only the lanes it selects are read (the others are 0)."""
+    if aryty.dtype in (types.uint16, types.int16):
+        raw = _load_lanes(builder, _lanes_ptr(context, builder, aryty, ary, i, _I16), _vt(_I16), 2, mask)
+        if aryty.dtype == types.int16:  # float16: exact widening (VCVTPH2PS)
+            return builder.fpext(builder.bitcast(raw, _vt(ir.HalfType())), _vt(_F32))
+        # bf16: the top half of a float32
         wide = builder.shl(builder.zext(raw, _vt(_I32)), ir.Constant(_vt(_I32), [16] * _W))
         return builder.bitcast(wide, _vt(_F32))
-    if aryty.dtype == types.int16:  # float16: exact widening (VCVTPH2PS)
-        h = builder.load(_lanes_ptr(context, builder, aryty, ary, i, ir.HalfType()), align=2, typ=_vt(ir.HalfType()))
-        return builder.fpext(h, _vt(_F32))
-    return builder.load(_lanes_ptr(context, builder, aryty, ary, i, _F32), align=4, typ=_vt(_F32))
+    return _load_lanes(builder, _lanes_ptr(context, builder, aryty, ary, i, _F32), _vt(_F32), 4, mask)
 
 
-def _store16(context, builder, aryty, ary, i, v):
-    """Round ``<16 x float>`` ``v`` to ``ary``'s 16-bit dtype (bits of the scalar codec) and store it."""
+def _store16(context, builder, aryty, ary, i, v, mask=None):
+    """Round ``<16 x float>`` ``v`` to ``ary``'s 16-bit dtype (bits of the scalar codec) and store it (with
+    ``mask``, only the lanes it selects)."""
     bf16 = aryty.dtype == types.uint16
     narrow = _BFloat() if bf16 else ir.HalfType()
     hw = builder.bitcast(builder.fptrunc(v, _vt(narrow)), _vt(_I16))
@@ -335,7 +361,11 @@ def _store16(context, builder, aryty, ary, i, v):
     out = builder.phi(_vt(_I16))
     out.add_incoming(hw, before)
     out.add_incoming(fixed, fixed_block)
-    builder.store(out, _lanes_ptr(context, builder, aryty, ary, i, _I16), align=2)
+    ptr = _lanes_ptr(context, builder, aryty, ary, i, _I16)
+    if mask is None:
+        builder.store(out, ptr, align=2)
+    else:
+        builder.call(_masked(builder, "store", _vt(_I16)), [out, ptr, ir.Constant(_I32, 2), mask])
 
 
 def _fma16(builder, a, b, c):
@@ -345,7 +375,8 @@ def _fma16(builder, a, b, c):
 
 @intrinsic
 def _fma32(typingctx, a, b, c):
-    """``a*b + c`` rounded once, in float32 (the scalar tail of the SIMD loops)."""
+    """``a*b + c`` rounded once, in float32: one lane of :func:`_affine16` written as scalar code (the
+    tests' reference for the SIMD lanes)."""
     if not (a == b == c == types.float32):
         return None
 
@@ -356,8 +387,10 @@ def _fma32(typingctx, a, b, c):
 
 
 @intrinsic
-def _affine16(typingctx, us, xs, os, i, a, m, k, sh, has_u, lanes):
-    """``os[i:i+16] = fma(a, us, fma(k, xs - m, sh))`` (no ``a*us`` term without ``has_u``).
+def _affine16(typingctx, us, xs, os, i, left, a, m, k, sh, has_u, lanes):
+    """``os[i:i+16] = fma(a, us, fma(k, xs - m, sh))`` (no ``a*us`` term without ``has_u``), over
+    ``min(16, left)`` values (masked loads and stores for fewer: no scalar tail, so every value of a
+    row gets the same arithmetic).
 
     With ``lanes`` (a literal) the four coefficients are float32 arrays read from ``i`` as well (one
     per value: channels innermost, per-position tables), else float32 scalars.
@@ -366,19 +399,28 @@ def _affine16(typingctx, us, xs, os, i, a, m, k, sh, has_u, lanes):
         return None
 
     def codegen(context, builder, signature, args):
-        us_, xs_, os_, i_, a_, m_, k_, sh_ = args[:8]
+        us_, xs_, os_, i_, left_ = args[:5]
         tys = signature.args
-        if lanes.literal_value:
-            a_, m_, k_, sh_ = (_load16(context, builder, tys[j], args[j], i_) for j in (4, 5, 6, 7))
-        else:
-            a_, m_, k_, sh_ = (_splat(builder, v) for v in (a_, m_, k_, sh_))
-        v = _fma16(builder, k_, builder.fsub(_load16(context, builder, tys[1], xs_, i_), m_), sh_)
-        if has_u.literal_value:
-            v = _fma16(builder, a_, _load16(context, builder, tys[0], us_, i_), v)
-        _store16(context, builder, tys[2], os_, i_, v)
+
+        def lanes16(mask):
+            if lanes.literal_value:
+                a_, m_, k_, sh_ = (_load16(context, builder, tys[j], args[j], i_, mask) for j in (5, 6, 7, 8))
+            else:
+                a_, m_, k_, sh_ = (_splat(builder, v) for v in args[5:9])
+            v = _fma16(builder, k_, builder.fsub(_load16(context, builder, tys[1], xs_, i_, mask), m_), sh_)
+            if has_u.literal_value:
+                v = _fma16(builder, a_, _load16(context, builder, tys[0], us_, i_, mask), v)
+            _store16(context, builder, tys[2], os_, i_, v, mask)
+
+        full = builder.icmp_signed(">=", left_, ir.Constant(left_.type, _W))
+        with builder.if_else(full, likely=True) as (whole, part):
+            with whole:
+                lanes16(None)
+            with part:
+                lanes16(_lane_mask(builder, left_))
         return context.get_dummy_value()
 
-    return types.void(us, xs, os, types.intp, a, m, k, sh, has_u, lanes), codegen
+    return types.void(us, xs, os, types.intp, types.intp, a, m, k, sh, has_u, lanes), codegen
 
 
 def affine_span(us, xs, os, n, has_u, a, m, k, sh):
@@ -391,17 +433,12 @@ def _affine_span_impl(us, xs, os, n, has_u, a, m, k, sh):
     if _simd16(os) and a == m == k == sh == types.float32:
 
         def simd(us, xs, os, n, has_u, a, m, k, sh):
-            full = n - n % _W
             if has_u:
-                for i in range(0, full, _W):
-                    _affine16(us, xs, os, i, a, m, k, sh, True, False)
-                for i in range(full, n):
-                    store(os, i, _fma32(a, load(us, i), _fma32(k, load(xs, i) - m, sh)))
+                for i in range(0, n, _W):
+                    _affine16(us, xs, os, i, n - i, a, m, k, sh, True, False)
             else:
-                for i in range(0, full, _W):
-                    _affine16(us, xs, os, i, a, m, k, sh, False, False)
-                for i in range(full, n):
-                    store(os, i, _fma32(k, load(xs, i) - m, sh))
+                for i in range(0, n, _W):
+                    _affine16(us, xs, os, i, n - i, a, m, k, sh, False, False)
 
         return simd
 
@@ -426,17 +463,12 @@ def _affine_lanes_impl(us, xs, os, n, has_u, a, m, k, sh):
     if _simd16(os) and a.dtype == m.dtype == k.dtype == sh.dtype == types.float32:
 
         def simd(us, xs, os, n, has_u, a, m, k, sh):
-            full = n - n % _W
             if has_u:
-                for i in range(0, full, _W):
-                    _affine16(us, xs, os, i, a, m, k, sh, True, True)
-                for i in range(full, n):
-                    store(os, i, _fma32(a[i], load(us, i), _fma32(k[i], load(xs, i) - m[i], sh[i])))
+                for i in range(0, n, _W):
+                    _affine16(us, xs, os, i, n - i, a, m, k, sh, True, True)
             else:
-                for i in range(0, full, _W):
-                    _affine16(us, xs, os, i, a, m, k, sh, False, True)
-                for i in range(full, n):
-                    store(os, i, _fma32(k[i], load(xs, i) - m[i], sh[i]))
+                for i in range(0, n, _W):
+                    _affine16(us, xs, os, i, n - i, a, m, k, sh, False, True)
 
         return simd
 
@@ -452,7 +484,7 @@ def _affine_lanes_impl(us, xs, os, n, has_u, a, m, k, sh):
 
 @intrinsic
 def _shifted_sums16(typingctx, xs, n, k):
-    """``(sum(xs[i] - k), sum((xs[i] - k)**2))`` over ``i < n - n % 32``, 16-bit data, in float32 lanes.
+    """``(sum(xs[i] - k), sum((xs[i] - k)**2))`` over ``i < n``, 16-bit data, in float32 lanes.
 
     Two pairs of ``<16 x float>`` accumulators (32 partial sums, so a block of SBLOCK16 values adds
     SBLOCK16 / 32 values in each), added up in float64 at the end. The vectorizer made 8-wide loops
@@ -468,16 +500,21 @@ def _shifted_sums16(typingctx, xs, n, k):
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # s1, s2 for lanes 0-15, 16-31
         ks = _splat(builder, kv)
         full = builder.sub(count, builder.srem(count, ir.Constant(count.type, 2 * _W)))
+        def step(j, half, mask):
+            d = builder.fsub(_load16(context, builder, aryty, ary, j, mask), ks)
+            if mask is not None:  # lanes past the end add nothing
+                d = builder.select(mask, d, zero)
+            s1, s2 = accs[2 * half], accs[2 * half + 1]
+            builder.store(builder.fadd(builder.load(s1), d), s1)
+            builder.store(_fma16(builder, d, d, builder.load(s2)), s2)
+
         with cgutils.for_range_slice(builder, ir.Constant(count.type, 0), full, ir.Constant(count.type, 2 * _W)) as (
             i,
             _,
         ):
             for half in (0, 1):
-                j = builder.add(i, ir.Constant(count.type, half * _W))
-                d = builder.fsub(_load16(context, builder, aryty, ary, j), ks)
-                s1, s2 = accs[2 * half], accs[2 * half + 1]
-                builder.store(builder.fadd(builder.load(s1), d), s1)
-                builder.store(_fma16(builder, d, d, builder.load(s2)), s2)
+                step(builder.add(i, ir.Constant(count.type, half * _W)), half, None)
+        _masked_tail(builder, count, full, step)
         return context.make_tuple(builder, signature.return_type, _lane_totals(builder, accs))
 
     return types.UniTuple(types.float64, 2)(xs, n, k), codegen
@@ -506,17 +543,14 @@ def _block_sums_impl(blk, k):
         return lambda blk, k: _block_sums_loop(blk, k)
 
     def simd(blk, k):
-        n = blk.shape[0]
-        s1, s2 = _shifted_sums16(blk, n, k)
-        t1, t2 = _block_sums_loop(blk[n - n % (2 * _W) :], k)
-        return s1 + t1, s2 + t2
+        return _shifted_sums16(blk, blk.shape[0], k)
 
     return simd
 
 
 @intrinsic
 def _dot_sums16(typingctx, gs, xs, n, m):
-    """``(sum(gs[i]), sum(gs[i] * (xs[i] - m)))`` over ``i < n - n % 32``, 16-bit data, float32 lanes.
+    """``(sum(gs[i]), sum(gs[i] * (xs[i] - m)))`` over ``i < n``, 16-bit data, float32 lanes.
 
     As :func:`_shifted_sums16`: two pairs of ``<16 x float>`` accumulators, added up in float64 at the end.
     """
@@ -537,17 +571,31 @@ def _dot_sums16(typingctx, gs, xs, n, m):
         ms = _splat(builder, mv)
         step = ir.Constant(count.type, 2 * _W)
         full = builder.sub(count, builder.srem(count, step))
+        def lanes16(j, half, mask):
+            g = _load16(context, builder, gty, g_ary, j, mask)
+            d = builder.fsub(_load16(context, builder, xty, x_ary, j, mask), ms)
+            if mask is not None:  # lanes past the end add nothing (g is 0 there; d may not be)
+                d = builder.select(mask, d, zero)
+            s0, s1 = accs[2 * half], accs[2 * half + 1]
+            builder.store(builder.fadd(builder.load(s0), g), s0)
+            builder.store(_fma16(builder, g, d, builder.load(s1)), s1)
+
         with cgutils.for_range_slice(builder, ir.Constant(count.type, 0), full, step) as (i, _):
             for half in (0, 1):
-                j = builder.add(i, ir.Constant(count.type, half * _W))
-                g = _load16(context, builder, gty, g_ary, j)
-                d = builder.fsub(_load16(context, builder, xty, x_ary, j), ms)
-                s0, s1 = accs[2 * half], accs[2 * half + 1]
-                builder.store(builder.fadd(builder.load(s0), g), s0)
-                builder.store(_fma16(builder, g, d, builder.load(s1)), s1)
+                lanes16(builder.add(i, ir.Constant(count.type, half * _W)), half, None)
+        _masked_tail(builder, count, full, lanes16)
         return context.make_tuple(builder, signature.return_type, _lane_totals(builder, accs))
 
     return types.UniTuple(types.float64, 2)(gs, xs, n, m), codegen
+
+
+def _masked_tail(builder, count, full, lanes16):
+    # the last count - full (< 32) values: up to two 16-lane steps, each masked to what is left
+    for half in (0, 1):
+        j = builder.add(full, ir.Constant(count.type, half * _W))
+        left = builder.sub(count, j)
+        with builder.if_then(builder.icmp_signed(">", left, ir.Constant(count.type, 0))):
+            lanes16(j, half, _lane_mask(builder, left))
 
 
 def _lane_totals(builder, accs):
@@ -586,24 +634,22 @@ def _dot_block_impl(gb, xb, m):
         return lambda gb, xb, m: _dot_block_loop(gb, xb, m)
 
     def simd(gb, xb, m):
-        n = gb.shape[0]
-        s0, s1 = _dot_sums16(gb, xb, n, m)
-        t = n - n % (2 * _W)
-        t0, t1 = _dot_block_loop(gb[t:], xb[t:], m)
-        return s0 + t0, s1 + t1
+        return _dot_sums16(gb, xb, gb.shape[0], m)
 
     return simd
 
 
-def rblock(xs):
-    """Values per float32 block of the backward reductions for ``xs``'s dtype."""
+def simd16(a):
+    """Whether array ``a`` takes the 16-wide SIMD code (a compile-time constant in jitted code). Callers
+    keep their own scalar loops for everything else: the float32/float64 loops stay exactly as they were
+    (moved into the helpers, 7x7 rows ran 1.8x slower)."""
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 
-@overload(rblock)
-def _rblock_impl(xs):
-    n = SBLOCK16 if xs.dtype in (types.uint16, types.int16) else RBLOCK
-    return lambda xs: n
+@overload(simd16, inline="always")
+def _simd16_flag_impl(a):
+    v = _simd16(a)
+    return lambda a: v
 
 
 def nsc_tile(xs):
@@ -615,18 +661,6 @@ def nsc_tile(xs):
 def _nsc_tile_impl(xs):
     n = NSC_TILE if _simd16(xs) else 1
     return lambda xs: n
-
-
-def sblock(xs):
-    """Values per float32 block of :func:`_seg_stats` for ``xs``'s dtype."""
-    raise NotImplementedError  # replaced by the overload inside jitted code
-
-
-@overload(sblock)
-def _sblock_impl(xs):
-    n = SBLOCK16 if xs.dtype in (types.uint16, types.int16) else SBLOCK
-    return lambda xs: n
-
 
 
 # --- shared math --------------------------------------------------------------------------------------
@@ -653,7 +687,7 @@ def _seg_stats(xs, n, cnt, mu, m2):
     # as K could be an outlier, and the float32 sums would then cancel badly.
     if n == 0:
         return cnt, mu, m2
-    sb = sblock(xs)
+    sb = SBLOCK16 if simd16(xs) else SBLOCK
     if cnt > 0.0:
         k = to_acc(xs, mu)
     else:
@@ -669,7 +703,18 @@ def _seg_stats(xs, n, cnt, mu, m2):
     for b0 in range(0, n, sb):
         # a sub-slice indexed from 0: numba can then prove the index is non-negative and drops the
         # per-element wraparound check; `for i in range(b0, b1)` ran 2.2x slower (not memory-bound)
-        ts, tq = block_sums(xs[b0 : min(b0 + sb, n)], k)
+        blk = xs[b0 : min(b0 + sb, n)]
+        if simd16(xs):
+            ts, tq = block_sums(blk, k)
+            s1 += ts
+            s2 += tq
+            continue
+        ts = to_acc(xs, 0.0)
+        tq = ts
+        for i in range(blk.shape[0]):
+            d = load(blk, i) - k
+            ts += d
+            tq += d * d
         s1 += ts
         s2 += tq
     nb = float(n)
@@ -700,8 +745,17 @@ def _ncs_chunk_affine(u, x, out, c, C, S, j0, j1, has_u, a, m, k, sh):
         base = (n * C + c) * S
         lo = max(j0 - n * S, 0)
         hi = min(j1 - n * S, S)
-        affine_span(u[base + lo : base + hi], x[base + lo : base + hi], out[base + lo : base + hi], hi - lo, has_u,
-                    a, m, k, sh)  # fmt: skip
+        xs = x[base + lo : base + hi]
+        os = out[base + lo : base + hi]
+        if simd16(out):
+            affine_span(u[base + lo : base + hi], xs, os, hi - lo, has_u, a, m, k, sh)
+        elif has_u:
+            us = u[base + lo : base + hi]
+            for i in range(hi - lo):
+                store(os, i, a * load(us, i) + k * (load(xs, i) - m) + sh)
+        else:
+            for i in range(hi - lo):
+                store(os, i, (load(xs, i) - m) * k + sh)
 
 
 @njit(**_JIT)
@@ -874,7 +928,17 @@ def ncs_affine(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift):
 @njit(inline="always", **_JIT)
 def _affine_run(u, x, out, i0, i1, has_u, ac, m, kc, sh):
     # out[i] = ac*u[i] + kc*(x[i] - m) + sh on [i0, i1), over slices indexed from 0
-    affine_span(u[i0:i1], x[i0:i1], out[i0:i1], i1 - i0, has_u, ac, m, kc, sh)
+    xs = x[i0:i1]
+    os = out[i0:i1]
+    if simd16(out):
+        affine_span(u[i0:i1], xs, os, i1 - i0, has_u, ac, m, kc, sh)
+    elif has_u:
+        us = u[i0:i1]
+        for i in range(i1 - i0):
+            store(os, i, ac * load(us, i) + kc * (load(xs, i) - m) + sh)
+    else:
+        for i in range(i1 - i0):
+            store(os, i, (load(xs, i) - m) * kc + sh)
 
 
 @njit(parallel=True, **_JIT)
@@ -900,8 +964,18 @@ def ncs_affine_short(u, x, out, N, C, S, Q, has_u, a, mean, k, shift, tab):
     for t in prange(N * Q):
         n = t // Q
         j0, j1 = _part(CS, Q, t % Q)
-        i0, i1 = n * CS + j0, n * CS + j1
-        affine_lanes(u[i0:i1], x[i0:i1], out[i0:i1], j1 - j0, has_u, ta[j0:j1], tm[j0:j1], tk[j0:j1], tsh[j0:j1])
+        xs = x[n * CS + j0 : n * CS + j1]
+        os = out[n * CS + j0 : n * CS + j1]
+        ma, mm, mk, msh = ta[j0:j1], tm[j0:j1], tk[j0:j1], tsh[j0:j1]
+        if simd16(out):
+            affine_lanes(u[n * CS + j0 : n * CS + j1], xs, os, j1 - j0, has_u, ma, mm, mk, msh)
+        elif has_u:
+            us = u[n * CS + j0 : n * CS + j1]
+            for i in range(j1 - j0):
+                store(os, i, ma[i] * load(us, i) + mk[i] * (load(xs, i) - mm[i]) + msh[i])
+        else:
+            for i in range(j1 - j0):
+                store(os, i, (load(xs, i) - mm[i]) * mk[i] + msh[i])
 
 
 @njit(parallel=True, **_JIT)
@@ -962,24 +1036,26 @@ def _dot_sums(gs, xs, m, n, ds=None, sc=0.0):
     # ``ds is None`` when it compiles, so the plain sums carry no store.
     s0 = 0.0
     s1 = 0.0
-    rb = rblock(gs)
+    rb = SBLOCK16 if simd16(gs) else RBLOCK
     for b0 in range(0, n, rb):
         b1 = min(b0 + rb, n)
         gb = gs[b0:b1]  # sub-slices indexed from 0 (see _seg_stats)
         xb = xs[b0:b1]
-        if ds is None:
+        if ds is None and simd16(gs):
             t0, t1 = dot_block(gb, xb, m)
             s0 += t0
             s1 += t1
             continue
-        db = ds[b0:b1]
+        if ds is not None:
+            db = ds[b0:b1]
         t0 = to_acc(gs, 0.0)
         t1 = t0
         for i in range(gb.shape[0]):
             g = load(gb, i)
             t0 += g
             t1 += g * (load(xb, i) - m)
-            store(db, i, sc * g)
+            if ds is not None:
+                store(db, i, sc * g)
         s0 += t0
         s1 += t1
     return s0, s1
@@ -1030,7 +1106,14 @@ def ncs_backward_train(dy, x, dx, N, C, S, mean, invstd, weight, sum_dy, sum_dy_
         cv = cc[c]
         for n in range(N):
             base = (n * C + c) * S
-            affine_span(dy[base : base + S], x[base : base + S], dx[base : base + S], S, True, ac, m, kc, cv)
+            gs = dy[base : base + S]
+            xs = x[base : base + S]
+            ds = dx[base : base + S]
+            if simd16(dx):
+                affine_span(gs, xs, ds, S, True, ac, m, kc, cv)
+                continue
+            for i in range(S):
+                store(ds, i, ac * load(gs, i) + kc * (load(xs, i) - m) + cv)
 
 
 # --- channel-minor (R, C) kernels ---------------------------------------------------------------------
@@ -1116,8 +1199,17 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
         for t in prange(T):
             r0, r1 = _part(R, T, t)
             for r in range(r0, r1):
-                i0 = r * C
-                affine_lanes(u[i0 : i0 + C], x[i0 : i0 + C], out[i0 : i0 + C], C, has_u, a, mean, k, shift)
+                xr = x[r * C : (r + 1) * C]
+                orow = out[r * C : (r + 1) * C]
+                if simd16(out):
+                    affine_lanes(u[r * C : (r + 1) * C], xr, orow, C, has_u, a, mean, k, shift)
+                elif has_u:
+                    ur = u[r * C : (r + 1) * C]
+                    for c in range(C):
+                        store(orow, c, a[c] * load(ur, c) + k[c] * (load(xr, c) - mean[c]) + shift[c])
+                else:
+                    for c in range(C):
+                        store(orow, c, (load(xr, c) - mean[c]) * k[c] + shift[c])
         return
     tab = np.empty((4, q * C), a.dtype)
     for j in range(q):
