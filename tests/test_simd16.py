@@ -204,3 +204,20 @@ def test_channels_innermost_tiles_match_rows(dtype, has_u, rows, channels, tasks
         sl = slice(r * channels, (r + 1) * channels)
         _lanes_scalar(u[sl], x[sl], want[sl], has_u, a, m, k, sh)
     _assert_same_bits(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(BITS), ids=str)
+@pytest.mark.parametrize("rows,channels,tasks", [(1000, 7, 3), (130, 64, 2), (65, 600, 1), (3, 37, 2)])
+def test_channels_innermost_statistics_match_float64(dtype, rows, channels, tasks):
+    """nsc_stats sums 16 channels at a time down the rows (SIMD path, masked last lanes): each part's
+    (count, mean, M2) against float64, on data offset by 100 (the shifted sums must not lose it)."""
+    x = (torch.randn(rows, channels, dtype=torch.float64) * 2 + 100).to(dtype)
+    parts = np.empty((3, tasks, channels))
+    K.nsc_stats(x.view(torch.int16).numpy().view(BITS[dtype]).reshape(-1), rows, channels, tasks, *parts)
+    xd = x.double().numpy()
+    for t in range(tasks):
+        r0, r1 = (rows * t) // tasks, (rows * (t + 1)) // tasks
+        part = xd[r0:r1]
+        np.testing.assert_array_equal(parts[0, t], r1 - r0)
+        np.testing.assert_allclose(parts[1, t], part.mean(0), rtol=0, atol=1e-9 * 100)
+        np.testing.assert_allclose(parts[2, t], ((part - part.mean(0)) ** 2).sum(0), rtol=1e-5, atol=1e-6)
