@@ -1,4 +1,4 @@
-"""The 16-wide AVX-512 paths of 16-bit data in the cpu kernels (``bnkit.kernels.cpu``, ``SIMD_*``).
+"""The 16-wide AVX-512 paths of 16-bit data in the cpu kernels (``bnkit.kernels.cpu16``, ``SIMD_*``).
 
 Where the CPU has the instructions, every normalize-type pass of bfloat16/float16 data rounds
 16 values at a time with VCVTNEPS2BF16 / VCVTPS2PH and fixes NaNs and (bf16) float32 subnormals with
@@ -24,13 +24,14 @@ from numba import njit
 from numba.core import config
 
 from bnkit.kernels import cpu as K
+from bnkit.kernels import cpu16 as S
 
 BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
 # The bit-for-bit claims are about the SIMD lanes; on a CPU without them the scalar loops run (checked
 # against torch by the generic-CPU subprocess below and by test_kernels_cpu).
 SIMD_DTYPES = [
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not K.SIMD_BF16, reason="no AVX-512 BF16 on this CPU")),
-    pytest.param(torch.float16, marks=pytest.mark.skipif(not K.SIMD_F16, reason="no AVX-512 on this CPU")),
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not S.SIMD_BF16, reason="no AVX-512 BF16 on this CPU")),
+    pytest.param(torch.float16, marks=pytest.mark.skipif(not S.SIMD_F16, reason="no AVX-512 on this CPU")),
 ]
 
 
@@ -38,13 +39,13 @@ def test_flags_follow_the_host():
     have = binding.get_host_cpu_features()
     avx512 = all(have.get(f, False) for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
     host = config.CPU_NAME is None and config.CPU_FEATURES is None
-    assert K.SIMD_F16 == (host and avx512)
-    assert K.SIMD_BF16 == (host and avx512 and have.get("avx512bf16", False))
+    assert S.SIMD_F16 == (host and avx512)
+    assert S.SIMD_BF16 == (host and avx512 and have.get("avx512bf16", False))
 
 
 @njit
 def _span(us, xs, os, has_u, a, m, k, sh):
-    K.affine_span(us, xs, os, xs.shape[0], has_u, a, m, k, sh)
+    S.affine_span(us, xs, os, xs.shape[0], has_u, a, m, k, sh)
 
 
 @njit
@@ -52,23 +53,23 @@ def _span_scalar(us, xs, os, has_u, a, m, k, sh):
     # the SIMD lanes' formula as scalar code (software codec), value by value
     for i in range(xs.shape[0]):
         if has_u:
-            K.store(os, i, K._fma32(a, K.load(us, i), K._fma32(k, K.load(xs, i) - m, sh)))
+            S.store(os, i, S._fma32(a, S.load(us, i), S._fma32(k, S.load(xs, i) - m, sh)))
         else:
-            K.store(os, i, K._fma32(k, K.load(xs, i) - m, sh))
+            S.store(os, i, S._fma32(k, S.load(xs, i) - m, sh))
 
 
 @njit
 def _lanes(us, xs, os, has_u, a, m, k, sh):
-    K.affine_lanes(us, xs, os, xs.shape[0], has_u, a, m, k, sh)
+    S.affine_lanes(us, xs, os, xs.shape[0], has_u, a, m, k, sh)
 
 
 @njit
 def _lanes_scalar(us, xs, os, has_u, a, m, k, sh):
     for i in range(xs.shape[0]):
         if has_u:
-            K.store(os, i, K._fma32(a[i], K.load(us, i), K._fma32(k[i], K.load(xs, i) - m[i], sh[i])))
+            S.store(os, i, S._fma32(a[i], S.load(us, i), S._fma32(k[i], S.load(xs, i) - m[i], sh[i])))
         else:
-            K.store(os, i, K._fma32(k[i], K.load(xs, i) - m[i], sh[i]))
+            S.store(os, i, S._fma32(k[i], S.load(xs, i) - m[i], sh[i]))
 
 
 def _assert_same_bits(got: np.ndarray, want: np.ndarray, dtype) -> None:
@@ -124,7 +125,7 @@ def test_lanes_bits_are_the_scalar_codecs(dtype, has_u):
 
 @njit
 def _sums(x, k):
-    return K.block_sums(x, k)
+    return S.block_sums(x, k)
 
 
 @pytest.mark.parametrize("dtype", list(BITS), ids=str)
@@ -141,7 +142,7 @@ def test_block_sums_match_float64(dtype, n):
 
 @njit
 def _dots(g, x, m):
-    return K.dot_block(g, x, m)
+    return S.dot_block(g, x, m)
 
 
 @pytest.mark.parametrize("dtype", list(BITS), ids=str)
@@ -158,8 +159,8 @@ def test_dot_block_matches_float64(dtype, n):
 _GENERIC = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
-    from bnkit.kernels import cpu as K, get_backend
-    assert not K.SIMD_BF16 and not K.SIMD_F16
+    from bnkit.kernels import cpu16 as S, get_backend
+    assert not S.SIMD_BF16 and not S.SIMD_F16
     cpu = get_backend("cpu")
     torch.manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
