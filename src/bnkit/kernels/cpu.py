@@ -45,8 +45,7 @@ from numba import njit, prange
 # __pycache__/cpu.*.nbi/.nbc (./dev does it), or cached kernels keep the old helpers.
 from bnkit.kernels.cpu16 import (
     _FAST,
-    affine_lanes,
-    affine_span,
+    affine,
     block_sums,
     column_sums,
     dot_block,
@@ -79,9 +78,9 @@ RBLOCK = 256
 # Values per float32 block of the forward statistics' shifted sums (ncs): the vectorized loop
 # keeps 32 partial sums, so each adds up SBLOCK / 32 values before the block goes to float64.
 SBLOCK = 256
-# The same for 16-bit data (its 8-bit or 11-bit mantissas leave the float32 sums plenty of room): the
-# per-block horizontal sums cost more than the adds at 256 (on bf16: 0.33 against 0.24 cycles per
-# value at 1024, scalar loops).
+# The same for 16-bit data on the SIMD path (statistics and backward reductions; its 8-bit or 11-bit
+# mantissas leave the float32 sums plenty of room): per-block horizontal sums cost more than the adds
+# at 256 (bf16, scalar loops: 0.33 against 0.24 cycles per value at 1024).
 SBLOCK16 = 1024
 # Rows per block of the float32 sums in channels-innermost memory (statistics and backward
 # reductions): there each channel's sums are one sequential chain (the lanes run across
@@ -131,18 +130,7 @@ def _seg_stats(xs, n, cnt, mu, m2):
     for b0 in range(0, n, sb):
         # a sub-slice indexed from 0: numba can then prove the index is non-negative and drops the
         # per-element wraparound check; `for i in range(b0, b1)` ran 2.2x slower (not memory-bound)
-        blk = xs[b0 : min(b0 + sb, n)]
-        if simd16(xs):
-            ts, tq = block_sums(blk, k)
-            s1 += ts
-            s2 += tq
-            continue
-        ts = to_acc(xs, 0.0)
-        tq = ts
-        for i in range(blk.shape[0]):
-            d = load(blk, i) - k
-            ts += d
-            tq += d * d
+        ts, tq = block_sums(xs[b0 : min(b0 + sb, n)], k)
         s1 += ts
         s2 += tq
     nb = float(n)
@@ -176,7 +164,7 @@ def _ncs_chunk_affine(u, x, out, c, C, S, j0, j1, has_u, a, m, k, sh):
         xs = x[base + lo : base + hi]
         os = out[base + lo : base + hi]
         if simd16(out):
-            affine_span(u[base + lo : base + hi], xs, os, hi - lo, has_u, a, m, k, sh)
+            affine(u[base + lo : base + hi], xs, os, hi - lo, has_u, a, m, k, sh)
         elif has_u:
             us = u[base + lo : base + hi]
             for i in range(hi - lo):
@@ -359,7 +347,7 @@ def _affine_run(u, x, out, i0, i1, has_u, ac, m, kc, sh):
     xs = x[i0:i1]
     os = out[i0:i1]
     if simd16(out):
-        affine_span(u[i0:i1], xs, os, i1 - i0, has_u, ac, m, kc, sh)
+        affine(u[i0:i1], xs, os, i1 - i0, has_u, ac, m, kc, sh)
     elif has_u:
         us = u[i0:i1]
         for i in range(i1 - i0):
@@ -396,7 +384,7 @@ def ncs_affine_short(u, x, out, N, C, S, Q, has_u, a, mean, k, shift, tab):
         os = out[n * CS + j0 : n * CS + j1]
         ma, mm, mk, msh = ta[j0:j1], tm[j0:j1], tk[j0:j1], tsh[j0:j1]
         if simd16(out):
-            affine_lanes(u[n * CS + j0 : n * CS + j1], xs, os, j1 - j0, has_u, ma, mm, mk, msh)
+            affine(u[n * CS + j0 : n * CS + j1], xs, os, j1 - j0, has_u, ma, mm, mk, msh)
         elif has_u:
             us = u[n * CS + j0 : n * CS + j1]
             for i in range(j1 - j0):
@@ -469,21 +457,19 @@ def _dot_sums(gs, xs, m, n, ds=None, sc=0.0):
         b1 = min(b0 + rb, n)
         gb = gs[b0:b1]  # sub-slices indexed from 0 (see _seg_stats)
         xb = xs[b0:b1]
-        if ds is None and simd16(gs):
+        if ds is None:
             t0, t1 = dot_block(gb, xb, m)
             s0 += t0
             s1 += t1
             continue
-        if ds is not None:
-            db = ds[b0:b1]
+        db = ds[b0:b1]
         t0 = to_acc(gs, 0.0)
         t1 = t0
         for i in range(gb.shape[0]):
             g = load(gb, i)
             t0 += g
             t1 += g * (load(xb, i) - m)
-            if ds is not None:
-                store(db, i, sc * g)
+            store(db, i, sc * g)
         s0 += t0
         s1 += t1
     return s0, s1
@@ -538,7 +524,7 @@ def ncs_backward_train(dy, x, dx, N, C, S, mean, invstd, weight, sum_dy, sum_dy_
             xs = x[base : base + S]
             ds = dx[base : base + S]
             if simd16(dx):
-                affine_span(gs, xs, ds, S, True, ac, m, kc, cv)
+                affine(gs, xs, ds, S, True, ac, m, kc, cv)
                 continue
             for i in range(S):
                 store(ds, i, ac * load(gs, i) + kc * (load(xs, i) - m) + cv)
@@ -633,7 +619,7 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
                 xr = x[r * C : (r + 1) * C]
                 orow = out[r * C : (r + 1) * C]
                 if simd16(out):
-                    affine_lanes(u[r * C : (r + 1) * C], xr, orow, C, has_u, a, mean, k, shift)
+                    affine(u[r * C : (r + 1) * C], xr, orow, C, has_u, a, mean, k, shift)
                 elif has_u:
                     ur = u[r * C : (r + 1) * C]
                     for c in range(C):
@@ -655,7 +641,7 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
         for r in range(r0, r1, q):
             i0 = r * C
             m = (min(r + q, r1) - r) * C
-            affine_lanes(u[i0 : i0 + m], x[i0 : i0 + m], out[i0 : i0 + m], m, has_u, ta[:m], tm[:m], tk[:m], tsh[:m])
+            affine(u[i0 : i0 + m], x[i0 : i0 + m], out[i0 : i0 + m], m, has_u, ta[:m], tm[:m], tk[:m], tsh[:m])
 
 
 @njit(parallel=True, **_JIT)

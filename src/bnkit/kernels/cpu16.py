@@ -6,11 +6,12 @@ does (uint16 arrays hold bfloat16 bits, int16 arrays float16 bits; numba has nei
 integer ops and bitcasts, so fastmath cannot change them.
 
 Where the CPU has AVX-512 (``SIMD_BF16``/``SIMD_F16``) the normalize-type loops of 16-bit data
-(:func:`affine_span`, :func:`affine_lanes`) and the blocks of their sums (:func:`block_sums`,
+(:func:`affine`) and the blocks of their sums (:func:`block_sums`,
 :func:`dot_block`, :func:`column_sums`) run 16 values at a time in explicit vector code: LLVM IR
 written here through numba intrinsics, rounding with the CPU's conversion instructions to the scalar
-codec's bits. :mod:`bnkit.kernels.cpu` calls them where :func:`simd16` holds (a compile-time
-constant) and keeps its own loops for everything else.
+codec's bits. :func:`block_sums` and :func:`dot_block` serve every dtype (their plain loops are the
+only ones); :mod:`bnkit.kernels.cpu` calls :func:`affine` and :func:`column_sums` only where
+:func:`simd16` holds (a compile-time constant) and keeps its own loops for everything else.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ __all__ = [
     "NSC_TILE",
     "SIMD_BF16",
     "SIMD_F16",
-    "affine_lanes",
-    "affine_span",
+    "affine",
     "block_sums",
     "column_sums",
     "dot_block",
@@ -335,19 +335,6 @@ def _fma16(builder, a, b, c):
 
 
 @intrinsic
-def _fma32(typingctx, a, b, c):
-    """``a*b + c`` rounded once, in float32: one lane of :func:`_affine16` written as scalar code (the
-    tests' reference for the SIMD lanes)."""
-    if not (a == b == c == types.float32):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fma(*args)
-
-    return types.float32(a, b, c), codegen
-
-
-@intrinsic
 def _affine16(typingctx, us, xs, os, i, left, a, m, k, sh, has_u, lanes):
     """``os[i:i+16] = fma(a, us, fma(k, xs - m, sh))`` (no ``a*us`` term without ``has_u``), over
     ``min(16, left)`` values (masked loads and stores for fewer: no scalar tail, so every value of a
@@ -384,137 +371,127 @@ def _affine16(typingctx, us, xs, os, i, left, a, m, k, sh, has_u, lanes):
     return types.void(us, xs, os, types.intp, types.intp, a, m, k, sh, has_u, lanes), codegen
 
 
-def affine_span(us, xs, os, n, has_u, a, m, k, sh):
-    """``os[i] = a*us[i] + k*(xs[i] - m) + sh`` for ``i < n`` (the ``us`` term only with ``has_u``)."""
+def _at(v, i):
+    """``v[i]`` for a per-value coefficient array, ``v`` itself for a scalar coefficient."""
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 
-@overload(affine_span, inline="always", jit_options={"fastmath": _FAST})
-def _affine_span_impl(us, xs, os, n, has_u, a, m, k, sh):
-    if _simd16(os) and a == m == k == sh == types.float32:
+@overload(_at, inline="always")
+def _at_impl(v, i):
+    if isinstance(v, types.Array):
+        return lambda v, i: v[i]
+    return lambda v, i: v
+
+
+def affine(us, xs, os, n, has_u, a, m, k, sh):
+    """``os[i] = a*us[i] + k*(xs[i] - m) + sh`` for ``i < n`` (the ``us`` term only with ``has_u``).
+
+    The coefficients are float32 scalars, or float32 arrays of one value per element (channels
+    innermost, per-position tables: ``a[i]``, ...). 16-bit data on the SIMD path runs
+    :func:`_affine16`; the plain loop below serves any other dtype, but :mod:`bnkit.kernels.cpu`
+    keeps its own loops there (through this helper, its float32 7x7 rows ran 1.7x slower).
+    """
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(affine, inline="always", jit_options={"fastmath": _FAST})
+def _affine_impl(us, xs, os, n, has_u, a, m, k, sh):
+    lanes = isinstance(m, types.Array)
+    coeff = m.dtype if lanes else m
+    if _simd16(os) and coeff == types.float32:
 
         def simd(us, xs, os, n, has_u, a, m, k, sh):
             if has_u:
                 for i in range(0, n, _W):
-                    _affine16(us, xs, os, i, n - i, a, m, k, sh, True, False)
+                    _affine16(us, xs, os, i, n - i, a, m, k, sh, True, lanes)
             else:
                 for i in range(0, n, _W):
-                    _affine16(us, xs, os, i, n - i, a, m, k, sh, False, False)
+                    _affine16(us, xs, os, i, n - i, a, m, k, sh, False, lanes)
 
         return simd
 
-    def scalar(us, xs, os, n, has_u, a, m, k, sh):
+    def plain(us, xs, os, n, has_u, a, m, k, sh):
         if has_u:
             for i in range(n):
-                store(os, i, a * load(us, i) + k * (load(xs, i) - m) + sh)
+                store(os, i, _at(a, i) * load(us, i) + _at(k, i) * (load(xs, i) - _at(m, i)) + _at(sh, i))
         else:
             for i in range(n):
-                store(os, i, (load(xs, i) - m) * k + sh)
+                store(os, i, (load(xs, i) - _at(m, i)) * _at(k, i) + _at(sh, i))
 
-    return scalar
-
-
-def affine_lanes(us, xs, os, n, has_u, a, m, k, sh):
-    """:func:`affine_span` with one coefficient per value: ``os[i] = a[i]*us[i] + k[i]*(xs[i] - m[i]) + sh[i]``."""
-    raise NotImplementedError  # replaced by the overload inside jitted code
+    return plain
 
 
-@overload(affine_lanes, inline="always", jit_options={"fastmath": _FAST})
-def _affine_lanes_impl(us, xs, os, n, has_u, a, m, k, sh):
-    if _simd16(os) and a.dtype == m.dtype == k.dtype == sh.dtype == types.float32:
+def _paired_sums(builder, count, terms):
+    """``(sum(t0), sum(p * q))`` in float64 over ``count`` values, 16 lanes at a time.
 
-        def simd(us, xs, os, n, has_u, a, m, k, sh):
-            if has_u:
-                for i in range(0, n, _W):
-                    _affine16(us, xs, os, i, n - i, a, m, k, sh, True, True)
-            else:
-                for i in range(0, n, _W):
-                    _affine16(us, xs, os, i, n - i, a, m, k, sh, False, True)
+    ``terms(j, mask)`` returns the ``<16 x float>`` ``(t0, p, q)`` of values ``j .. j+15``; with a
+    ``mask`` (only the lanes before ``count``) the others must add nothing (:func:`_zero_off`). Two
+    pairs of accumulators, 32 partial float32 sums, each pair fed every other step so that the add
+    latency hides; the last ``count % 32`` values are up to two masked steps; the lanes are summed in
+    float64 at the end.
+    """
+    zero = ir.Constant(_vt(_F32), [0.0] * _W)
+    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # (t0, pq) for steps 0, 1 of 32
 
-        return simd
+    def step(j, half, mask):
+        t0, p, q = terms(j, mask)
+        s0, s1 = accs[2 * half], accs[2 * half + 1]
+        builder.store(builder.fadd(builder.load(s0), t0), s0)
+        builder.store(_fma16(builder, p, q, builder.load(s1)), s1)
 
-    def scalar(us, xs, os, n, has_u, a, m, k, sh):
-        if has_u:
-            for i in range(n):
-                store(os, i, a[i] * load(us, i) + k[i] * (load(xs, i) - m[i]) + sh[i])
-        else:
-            for i in range(n):
-                store(os, i, (load(xs, i) - m[i]) * k[i] + sh[i])
+    two = ir.Constant(count.type, 2 * _W)
+    full = builder.sub(count, builder.srem(count, two))
+    with cgutils.for_range_slice(builder, ir.Constant(count.type, 0), full, two) as (i, _):
+        for half in (0, 1):
+            step(builder.add(i, ir.Constant(count.type, half * _W)), half, None)
+    for half in (0, 1):
+        j = builder.add(full, ir.Constant(count.type, half * _W))
+        left = builder.sub(count, j)
+        with builder.if_then(builder.icmp_signed(">", left, ir.Constant(count.type, 0))):
+            step(j, half, _lane_mask(builder, left))
+    vd = ir.VectorType(ir.DoubleType(), _W)
+    red = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.DoubleType(), [ir.DoubleType(), vd]), "llvm.vector.reduce.fadd.v16f64"
+    )
+    out = []
+    for s in (0, 1):
+        both = builder.fadd(builder.fpext(builder.load(accs[s]), vd), builder.fpext(builder.load(accs[s + 2]), vd))
+        # reassoc: a tree of adds, not 16 in a row (0.21 -> 0.17 cycles per bf16 value, stats in cache)
+        out.append(builder.call(red, [ir.Constant(ir.DoubleType(), 0.0), both], fastmath=("reassoc",)))
+    return out
 
-    return scalar
+
+def _zero_off(builder, mask, v):
+    # v with the lanes outside mask set to 0 (masked loads give 0 there, but x - k does not)
+    return v if mask is None else builder.select(mask, v, ir.Constant(_vt(_F32), [0.0] * _W))
+
 
 @intrinsic
 def _shifted_sums16(typingctx, xs, n, k):
-    """``(sum(xs[i] - k), sum((xs[i] - k)**2))`` over ``i < n``, 16-bit data, in float32 lanes.
-
-    Two pairs of ``<16 x float>`` accumulators (32 partial sums, so a block of SBLOCK16 values adds
-    SBLOCK16 / 32 values in each), added up in float64 at the end. The vectorizer made 8-wide loops
-    of this with a horizontal sum per block: 0.33 cycles per bf16 value with blocks of 256.
-    """
+    """``(sum(xs[i] - k), sum((xs[i] - k)**2))`` over ``i < n``, 16-bit data, in float32 lanes
+    (:func:`_paired_sums`: 32 partial sums, so a block of SBLOCK16 values adds SBLOCK16 / 32 in each).
+    The vectorizer made 8-wide loops of this with a horizontal sum per block: 0.33 cycles per bf16
+    value with blocks of 256, 0.17 here."""
     if not (isinstance(xs, types.Array) and xs.dtype in (types.uint16, types.int16) and k == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
         ary, count, kv = args
-        zero = ir.Constant(_vt(_F32), [0.0] * _W)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # s1, s2 for lanes 0-15, 16-31
         ks = _splat(builder, kv)
-        full = builder.sub(count, builder.srem(count, ir.Constant(count.type, 2 * _W)))
-        def step(j, half, mask):
-            d = builder.fsub(_load16(context, builder, aryty, ary, j, mask), ks)
-            if mask is not None:  # lanes past the end add nothing
-                d = builder.select(mask, d, zero)
-            s1, s2 = accs[2 * half], accs[2 * half + 1]
-            builder.store(builder.fadd(builder.load(s1), d), s1)
-            builder.store(_fma16(builder, d, d, builder.load(s2)), s2)
 
-        with cgutils.for_range_slice(builder, ir.Constant(count.type, 0), full, ir.Constant(count.type, 2 * _W)) as (
-            i,
-            _,
-        ):
-            for half in (0, 1):
-                step(builder.add(i, ir.Constant(count.type, half * _W)), half, None)
-        _masked_tail(builder, count, full, step)
-        return context.make_tuple(builder, signature.return_type, _lane_totals(builder, accs))
+        def terms(j, mask):
+            d = _zero_off(builder, mask, builder.fsub(_load16(context, builder, signature.args[0], ary, j, mask), ks))
+            return d, d, d
+
+        return context.make_tuple(builder, signature.return_type, _paired_sums(builder, count, terms))
 
     return types.UniTuple(types.float64, 2)(xs, n, k), codegen
 
 
-def block_sums(blk, k):
-    """``(sum(blk - k), sum((blk - k)**2))`` of a block of ``SBLOCK`` (16-bit data: ``SBLOCK16``)
-    values, summed in the compute dtype (float32 for all but float64 data)."""
-    raise NotImplementedError  # replaced by the overload inside jitted code
-
-
-@njit(**_JIT)
-def _block_sums_loop(blk, k):
-    ts = to_acc(blk, 0.0)
-    tq = ts
-    for i in range(blk.shape[0]):
-        d = load(blk, i) - k
-        ts += d
-        tq += d * d
-    return float(ts), float(tq)
-
-
-@overload(block_sums, inline="always", jit_options={"fastmath": _FAST})
-def _block_sums_impl(blk, k):
-    if not _simd16(blk):
-        return lambda blk, k: _block_sums_loop(blk, k)
-
-    def simd(blk, k):
-        return _shifted_sums16(blk, blk.shape[0], k)
-
-    return simd
-
-
 @intrinsic
 def _dot_sums16(typingctx, gs, xs, n, m):
-    """``(sum(gs[i]), sum(gs[i] * (xs[i] - m)))`` over ``i < n``, 16-bit data, float32 lanes.
-
-    As :func:`_shifted_sums16`: two pairs of ``<16 x float>`` accumulators, added up in float64 at the end.
-    """
+    """``(sum(gs[i]), sum(gs[i] * (xs[i] - m)))`` over ``i < n``, 16-bit data, float32 lanes
+    (:func:`_paired_sums`)."""
     if not (
         isinstance(gs, types.Array)
         and isinstance(xs, types.Array)
@@ -527,27 +504,61 @@ def _dot_sums16(typingctx, gs, xs, n, m):
     def codegen(context, builder, signature, args):
         gty, xty = signature.args[0], signature.args[1]
         g_ary, x_ary, count, mv = args
-        zero = ir.Constant(_vt(_F32), [0.0] * _W)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
         ms = _splat(builder, mv)
-        step = ir.Constant(count.type, 2 * _W)
-        full = builder.sub(count, builder.srem(count, step))
-        def lanes16(j, half, mask):
-            g = _load16(context, builder, gty, g_ary, j, mask)
-            d = builder.fsub(_load16(context, builder, xty, x_ary, j, mask), ms)
-            if mask is not None:  # lanes past the end add nothing (g is 0 there; d may not be)
-                d = builder.select(mask, d, zero)
-            s0, s1 = accs[2 * half], accs[2 * half + 1]
-            builder.store(builder.fadd(builder.load(s0), g), s0)
-            builder.store(_fma16(builder, g, d, builder.load(s1)), s1)
 
-        with cgutils.for_range_slice(builder, ir.Constant(count.type, 0), full, step) as (i, _):
-            for half in (0, 1):
-                lanes16(builder.add(i, ir.Constant(count.type, half * _W)), half, None)
-        _masked_tail(builder, count, full, lanes16)
-        return context.make_tuple(builder, signature.return_type, _lane_totals(builder, accs))
+        def terms(j, mask):
+            g = _load16(context, builder, gty, g_ary, j, mask)  # 0 outside mask
+            return g, g, _zero_off(builder, mask, builder.fsub(_load16(context, builder, xty, x_ary, j, mask), ms))
+
+        return context.make_tuple(builder, signature.return_type, _paired_sums(builder, count, terms))
 
     return types.UniTuple(types.float64, 2)(gs, xs, n, m), codegen
+
+
+def block_sums(blk, k):
+    """``(sum(blk - k), sum((blk - k)**2))`` of one block of values, summed in the compute dtype
+    (float32 for all but float64 data; blocks of ``SBLOCK``, or ``SBLOCK16`` on the SIMD path), as float64."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(block_sums, inline="always", jit_options={"fastmath": _FAST})
+def _block_sums_impl(blk, k):
+    if _simd16(blk):
+        return lambda blk, k: _shifted_sums16(blk, blk.shape[0], k)
+
+    def plain(blk, k):
+        ts = to_acc(blk, 0.0)
+        tq = ts
+        for i in range(blk.shape[0]):
+            d = load(blk, i) - k
+            ts += d
+            tq += d * d
+        return float(ts), float(tq)
+
+    return plain
+
+
+def dot_block(gb, xb, m):
+    """``(sum(gb), sum(gb * (xb - m)))`` of one block of values in the compute dtype, as float64 (blocks of
+    ``RBLOCK``, or ``SBLOCK16`` on the SIMD path)."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(dot_block, inline="always", jit_options={"fastmath": _FAST})
+def _dot_block_impl(gb, xb, m):
+    if _simd16(gb) and m == types.float32:
+        return lambda gb, xb, m: _dot_sums16(gb, xb, gb.shape[0], m)
+
+    def plain(gb, xb, m):
+        t0 = to_acc(gb, 0.0)
+        t1 = t0
+        for i in range(gb.shape[0]):
+            g = load(gb, i)
+            t0 += g
+            t1 += g * (load(xb, i) - m)
+        return float(t0), float(t1)
+
+    return plain
 
 
 @intrinsic
@@ -600,61 +611,9 @@ def _column_sums_impl(x, r0, r1, C, k, ts, tq):
     return lambda x, r0, r1, C, k, ts, tq: None
 
 
-def _masked_tail(builder, count, full, lanes16):
-    # the last count - full (< 32) values: up to two 16-lane steps, each masked to what is left
-    for half in (0, 1):
-        j = builder.add(full, ir.Constant(count.type, half * _W))
-        left = builder.sub(count, j)
-        with builder.if_then(builder.icmp_signed(">", left, ir.Constant(count.type, 0))):
-            lanes16(j, half, _lane_mask(builder, left))
-
-
-def _lane_totals(builder, accs):
-    # [acc0 + acc2, acc1 + acc3] summed over their lanes in float64
-    vd = ir.VectorType(ir.DoubleType(), _W)
-    red = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.DoubleType(), [ir.DoubleType(), vd]), "llvm.vector.reduce.fadd.v16f64"
-    )
-    out = []
-    for s in (0, 1):
-        both = builder.fadd(builder.fpext(builder.load(accs[s]), vd), builder.fpext(builder.load(accs[s + 2]), vd))
-        # reassoc: a tree of adds, not 16 in a row (0.21 -> 0.17 cycles per bf16 value, stats in cache)
-        out.append(builder.call(red, [ir.Constant(ir.DoubleType(), 0.0), both], fastmath=("reassoc",)))
-    return out
-
-
-def dot_block(gb, xb, m):
-    """``(sum(gb), sum(gb * (xb - m)))`` of a block of ``RBLOCK`` (16-bit data: ``SBLOCK16``) values in the
-    compute dtype, as float64."""
-    raise NotImplementedError  # replaced by the overload inside jitted code
-
-
-@njit(**_JIT)
-def _dot_block_loop(gb, xb, m):
-    t0 = to_acc(gb, 0.0)
-    t1 = t0
-    for i in range(gb.shape[0]):
-        g = load(gb, i)
-        t0 += g
-        t1 += g * (load(xb, i) - m)
-    return float(t0), float(t1)
-
-
-@overload(dot_block, inline="always", jit_options={"fastmath": _FAST})
-def _dot_block_impl(gb, xb, m):
-    if not (_simd16(gb) and m == types.float32):
-        return lambda gb, xb, m: _dot_block_loop(gb, xb, m)
-
-    def simd(gb, xb, m):
-        return _dot_sums16(gb, xb, gb.shape[0], m)
-
-    return simd
-
-
 def simd16(a):
-    """Whether array ``a`` takes the 16-wide SIMD code (a compile-time constant in jitted code). Callers
-    keep their own scalar loops for everything else: the float32/float64 loops stay exactly as they were
-    (moved into the helpers, 7x7 rows ran 1.8x slower)."""
+    """Whether array ``a`` takes the 16-wide SIMD code (a compile-time constant in jitted code): where it
+    does not, :mod:`bnkit.kernels.cpu` runs its own normalize loops (see :func:`affine`)."""
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 
