@@ -54,8 +54,9 @@ CASES = [
     # short rows (S < ROW_STATS_MAX_S: statistics in memory order), a long-row fused case, few channels cut in parts
     # short rows of at most SHORT_ROW_S values (one loop per sample: ncs_affine_short), serial and cut in
     # segments; 7x7 rows in parallel row ranges
+    # groups of channels for short float32/float64 rows (ncs_train_groups), the last group partial in (5, 67, 12, 12)
     ("contiguous", [(3, 5, 7, 11), (2, 1, 13), (5, 3, 1, 1), (2, 2, 3, 5, 7), (4, 64, 13, 11), (3, 11, 1031),
-                    (6, 7, 3, 3), (3, 2000, 3, 3), (3, 600, 7, 7)]),
+                    (6, 7, 3, 3), (3, 2000, 3, 3), (3, 600, 7, 7), (5, 67, 12, 12)]),
     ("contiguous_split", [(1, 2, 20000), (2, 1, 5, 4099)]),
     ("nc", [(7, 5), (2, 1), (1, 3), (11003, 3)]),
     ("channels_last", [(3, 5, 7, 11), (2, 4, 1, 1), (2, 3, 2, 3, 5), (16, 3, 31, 29)]),
@@ -84,6 +85,33 @@ def test_cases_reach_the_short_row_kernel(monkeypatch):
     y = get_backend("cpu").forward_eval(x, torch.zeros(2000), torch.ones(2000), torch.zeros(2000))
     assert seen and seen[0] > 1 and cpu_launch.SHORT_ROW_S >= 9
     torch.testing.assert_close(y, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cases_reach_the_group_kernels(monkeypatch, dtype):
+    # (5, 67, 12, 12) must take groups of channels both ways, its last group partial
+    from bnkit.kernels import cpu as kcpu
+
+    seen = {}
+
+    def spy(name, g_arg):
+        real = getattr(kcpu, name)
+
+        def wrapped(*args):
+            seen[name] = args[g_arg]
+            return real(*args)
+
+        monkeypatch.setattr(kcpu, name, wrapped)
+
+    spy("ncs_train_groups", 5)
+    spy("ncs_backward_train", 6)
+    cpu = get_backend("cpu")
+    x = torch.randn(5, 67, 12, 12, dtype=dtype)
+    y, mean, var = cpu.forward_train(x, None, None, 1e-5)
+    cpu.backward_train(torch.randn_like(x), x, mean, torch.rsqrt(var + 1e-5), None)
+    assert 1 < seen["ncs_train_groups"] < 67 and 67 % seen["ncs_train_groups"]
+    assert 1 < seen["ncs_backward_train"] < 67 and 67 % seen["ncs_backward_train"]
+    torch.testing.assert_close(y, REF.forward_train(x, None, None, 1e-5)[0])
 
 
 def _close(actual, expected, tol):
@@ -223,13 +251,14 @@ def test_gradients_through_functional(bn_path, layout):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "contiguous-long-rows", "channels_last", "nc", "ncl_view"])
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "contiguous-long-rows", "contiguous-groups", "channels_last", "nc", "ncl_view"]
+)
 def test_mean_accurate_on_offset_data(cpu, layout):
     """mean error <= 1e-4 sigma on data offset by 1000 (torch's channels_last path misses this)."""
-    shape = {"nc": (4096, 8), "ncl_view": (16, 8, 256), "contiguous-long-rows": (4, 8, 40, 40)}.get(
-        layout, (16, 8, 16, 16)
-    )
-    x = _make(shape, layout.removesuffix("-long-rows"), torch.float32, offset=1000.0)
+    shape = {"nc": (4096, 8), "ncl_view": (16, 8, 256), "contiguous-long-rows": (4, 8, 40, 40),
+             "contiguous-groups": (8, 16, 12, 12)}.get(layout, (16, 8, 16, 16))  # fmt: skip
+    x = _make(shape, layout.split("-")[0], torch.float32, offset=1000.0)
     _, mean, var = cpu.forward_train(x, None, None, 1e-5)
     dims = [0, *range(2, x.dim())]
     x64 = x.double()
@@ -239,7 +268,9 @@ def test_mean_accurate_on_offset_data(cpu, layout):
 
 
 @pytest.mark.parametrize("kind", ["normal", "hard", "drifting"])
-@pytest.mark.parametrize("layout", ["contiguous", "contiguous-long-rows", "channels_last", "nc"])
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "contiguous-two-pass", "contiguous-long-rows", "channels_last", "nc"]
+)
 def test_max_error_no_worse_than_torch(cpu, kind, layout):
     """Max error of y against float64 no worse than torch's own (hard: mean 1e4, std 1e-2).
 
@@ -247,8 +278,11 @@ def test_max_error_no_worse_than_torch(cpu, kind, layout):
     deviations, so the blocks the kernels shift by their first value have means far from it.
     """
     offset, scale = (0.0, 1.0) if kind != "hard" else (1e4, 1e-2)
-    shape = {"contiguous-long-rows": (4, 16, 36, 36), "nc": (2048, 16)}.get(layout, (8, 16, 12, 12))
-    x = _make(shape, layout.removesuffix("-long-rows"), torch.float32, offset=offset, scale=scale)
+    # (8, 16, 12, 12) takes groups of channels (ncs_train_groups), (64, 16, 7, 7) the two passes
+    shape = {"contiguous-long-rows": (4, 16, 36, 36), "nc": (2048, 16), "contiguous-two-pass": (64, 16, 7, 7)}.get(
+        layout, (8, 16, 12, 12)
+    )
+    x = _make(shape, layout.split("-")[0], torch.float32, offset=offset, scale=scale)
     if kind == "drifting":
         ramp = torch.linspace(-30.0, 30.0, x.numel() // x.shape[1]).reshape(x.shape[0], *x.shape[2:])
         x = x + ramp.unsqueeze(1).to(memory_format=torch.contiguous_format).expand_as(x) + 100.0
@@ -302,7 +336,7 @@ def test_launch_after_backend_load_uses_torchs_thread_count():
     assert numba.get_num_threads() == want
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "contiguous-long-rows", "channels_last", "nc"])
+@pytest.mark.parametrize("layout", ["contiguous", "contiguous-groups", "contiguous-long-rows", "channels_last", "nc"])
 @pytest.mark.parametrize("kind", ["sample-offsets", "outlier-first"])
 def test_shifted_statistics_stay_accurate(cpu, layout, kind):
     """The kernels sum x - K around a shift K taken from the data (a value, or the mean so far).
@@ -311,8 +345,10 @@ def test_shifted_statistics_stay_accurate(cpu, layout, kind):
     row's mean is far (1e5 of its own standard deviations) from the shift it inherits.
     outlier-first: the first value of every channel, a natural shift, is 1e3 standard deviations out.
     """
-    shape = {"contiguous-long-rows": (6, 4, 40, 40), "nc": (4096, 4)}.get(layout, (6, 4, 12, 12))
-    x = _make(shape, layout.removesuffix("-long-rows"), torch.float32, scale=1e-2 if kind == "sample-offsets" else 1.0)
+    shape = {"contiguous-long-rows": (6, 4, 40, 40), "nc": (4096, 4), "contiguous-groups": (6, 16, 12, 12)}.get(
+        layout, (6, 4, 12, 12)
+    )
+    x = _make(shape, layout.split("-")[0], torch.float32, scale=1e-2 if kind == "sample-offsets" else 1.0)
     if kind == "sample-offsets":
         offsets = torch.linspace(-1e3, 1e3, x.shape[0]).view(-1, *[1] * (x.dim() - 1))
         x = x + offsets  # keeps x's memory format

@@ -67,6 +67,7 @@ __all__ = [
     "ncs_reduce",
     "ncs_row_stats",
     "ncs_train",
+    "ncs_train_groups",
     "nsc_affine",
     "nsc_reduce",
     "nsc_stats",
@@ -286,15 +287,8 @@ def ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2):
         for r in range(r0, r1):
             xs = x[r * S : (r + 1) * S]
             if cnt[c] == 0.0:
-                k0 = float(load(xs, 0))
-                k[c] = k0 if np.isfinite(k0) else 0.0
-            kc = k[c]
-            a = 0.0
-            q = 0.0
-            for i in range(S):
-                d = load(xs, i) - kc
-                a += d
-                q += d * d
+                k[c] = _first_shift(xs)
+            a, q = _row_sums(xs, S, k[c])
             s1[c] += a
             s2[c] += q
             cnt[c] += S
@@ -304,13 +298,77 @@ def ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2):
         for ch in range(C):
             n = cnt[ch]
             part_n[t, ch] = n
-            if n == 0.0:
-                part_mu[t, ch] = 0.0
-                part_m2[t, ch] = 0.0
-                continue
-            part_mu[t, ch] = k[ch] + s1[ch] / n
-            m2 = s2[ch] - s1[ch] * (s1[ch] / n)
-            part_m2[t, ch] = m2 if not m2 < 0.0 else 0.0
+            part_mu[t, ch], part_m2[t, ch] = _shifted_moments(n, k[ch], s1[ch], s2[ch])
+
+
+@njit(inline="always", **_JIT)
+def _first_shift(xs):
+    # the shift K of a channel's shifted sums: its first value (0 if that is not finite)
+    k0 = float(load(xs, 0))
+    return k0 if np.isfinite(k0) else 0.0
+
+
+@njit(inline="always", **_JIT)
+def _row_sums(xs, S, kc):
+    # sum(x - K) and sum((x - K)**2) of one short row, in float64
+    a = 0.0
+    q = 0.0
+    for i in range(S):
+        d = load(xs, i) - kc
+        a += d
+        q += d * d
+    return a, q
+
+
+@njit(inline="always", **_JIT)
+def _shifted_moments(n, kc, s1, s2):
+    # (mean, M2) of n values from their shifted sums around K; M2 clamped at 0 (rounding), NaN kept
+    if n == 0.0:
+        return 0.0, 0.0
+    m2 = s2 - s1 * (s1 / n)
+    return kc + s1 / n, (m2 if not m2 < 0.0 else 0.0)
+
+
+@njit(parallel=True, **_JIT)
+def ncs_train_groups(x, y, N, C, S, G, weight, bias, eps, mean_out, var_out, nmean, scale, shift):
+    """Training forward on ``(N, C, S)`` memory with short rows, one task per group of ``G`` channels.
+
+    A group's rows of one sample are adjacent in memory (``G*S`` values), so the task reads them as
+    one run per sample, takes each channel's shifted sums as :func:`ncs_row_stats` does (one task
+    holds the whole channel: ``K`` is its first value), then normalizes the group while its
+    ``G*N*S`` values are still in cache (the launcher sizes ``G`` for that). Short rows read one
+    channel at a time are too scattered for the prefetcher, so without groups they take two passes
+    over memory (:func:`ncs_row_stats`, then :func:`ncs_affine`).
+    """
+    M = float(N * S)
+    for g in prange((C + G - 1) // G):
+        c0 = g * G
+        gc = min(G, C - c0)
+        k = np.empty(gc)
+        s1 = np.zeros(gc)
+        s2 = np.zeros(gc)
+        for j in range(gc):
+            k[j] = _first_shift(x[(c0 + j) * S : (c0 + j + 1) * S])
+        for n in range(N):
+            base = (n * C + c0) * S
+            for j in range(gc):
+                a, q = _row_sums(x[base + j * S : base + (j + 1) * S], S, k[j])
+                s1[j] += a
+                s2[j] += q
+        for j in range(gc):
+            c = c0 + j
+            mu, m2 = _shifted_moments(M, k[j], s1[j], s2[j])
+            v, sc = _var_scale(M, m2, float(weight[c]), eps)
+            mean_out[c] = mu
+            var_out[c] = v
+            nmean[c] = mu
+            scale[c] = sc
+            shift[c] = bias[c]
+        for n in range(N):
+            base = (n * C + c0) * S
+            for j in range(gc):
+                c = c0 + j
+                _affine_run(x, x, y, base + j * S, base + (j + 1) * S, False, scale[c], nmean[c], scale[c], shift[c])
 
 
 @njit(parallel=True, **_JIT)
@@ -497,37 +555,36 @@ def _coeffs_channel(c, s0, s1, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc)
 
 
 @njit(parallel=True, **_JIT)
-def ncs_backward_train(dy, x, dx, N, C, S, mean, invstd, weight, sum_dy, sum_dy_xhat, a, k, cc):
-    """Fused training backward on ``(N, C, S)`` memory, one task per channel.
+def ncs_backward_train(dy, x, dx, N, C, S, G, mean, invstd, weight, sum_dy, sum_dy_xhat, a, k, cc):
+    """Fused training backward on ``(N, C, S)`` memory, one task per group of ``G`` channels.
 
-    Each task reduces ``sum(dy)`` and ``sum(dy * (x - mean))`` over its channel, forms the
+    Each task reduces ``sum(dy)`` and ``sum(dy * (x - mean))`` over its channels, forms the
     coefficients (:func:`backward_coeffs`), then writes ``dx = a*dy + k*(x - mean) + cc`` while
-    the channel's ``dy`` and ``x`` are still in cache: memory is read about once.
+    the channels' ``dy`` and ``x`` are still in cache: memory is read about once. Long rows take
+    ``G = 1``; short ones a group whose rows of one sample are adjacent in memory (see
+    :func:`ncs_train_groups`).
     """
     M = float(N * S)
-    for c in prange(C):
-        m = mean[c]
-        s0 = 0.0
-        s1 = 0.0
+    for g in prange((C + G - 1) // G):
+        c0 = g * G
+        gc = min(G, C - c0)
+        s0 = np.zeros(gc)
+        s1 = np.zeros(gc)
         for n in range(N):
-            base = (n * C + c) * S
-            r0, r1 = _dot_sums(dy[base : base + S], x[base : base + S], m, S)
-            s0 += r0
-            s1 += r1
-        _coeffs_channel(c, s0, s1, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc)
-        ac = a[c]
-        kc = k[c]
-        cv = cc[c]
+            base = (n * C + c0) * S
+            for j in range(gc):
+                lo = base + j * S
+                r0, r1 = _dot_sums(dy[lo : lo + S], x[lo : lo + S], mean[c0 + j], S)
+                s0[j] += r0
+                s1[j] += r1
+        for j in range(gc):
+            _coeffs_channel(c0 + j, s0[j], s1[j], invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc)
         for n in range(N):
-            base = (n * C + c) * S
-            gs = dy[base : base + S]
-            xs = x[base : base + S]
-            ds = dx[base : base + S]
-            if simd16(dx):
-                affine(gs, xs, ds, S, True, ac, m, kc, cv)
-                continue
-            for i in range(S):
-                store(ds, i, ac * load(gs, i) + kc * (load(xs, i) - m) + cv)
+            base = (n * C + c0) * S
+            for j in range(gc):
+                c = c0 + j
+                lo = base + j * S
+                _affine_run(dy, x, dx, lo, lo + S, True, a[c], mean[c], k[c], cc[c])
 
 
 # --- channel-minor (R, C) kernels ---------------------------------------------------------------------

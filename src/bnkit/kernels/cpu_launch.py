@@ -62,6 +62,19 @@ FUSE_NCS = True
 ROW_STATS_MAX_S = 256
 BACKWARD_FUSED_MIN_S = 128
 
+# float32/float64 channel-major rows of SHORT_ROW_S < S < GROUP_MAX_S values: the training forward
+# takes groups of channels (ncs_train_groups) when a group's values fit in GROUP_BYTES (a fifth of
+# the 2 MB L2, which also takes the output) and its rows of one sample make runs of at least
+# GROUP_RUN_BYTES (shorter runs defeat the prefetcher as single rows do). Measured on the 2-core Xeon
+# VM (interleaved, kernel time against the path it replaces, in the same output buffer): float32
+# 64x256x14x14 0.82-0.93, 16x256x14x14 0.82, 32x512x7x7 0.83, 64x128x16x16 0.93 (against the
+# fused per-channel kernel), float64 64x256x14x14 and 64x128x16x16 0.83; 128x256x14x14 (runs of 3 KB)
+# 0.95-1.0 and 256x512x7x7 (1.5 KB) 1.2-1.3 keep the old paths, and so does 16-bit data (its old
+# paths sum in 16-wide vector code: float16 64x128x16x16 took 2.5x as long in groups).
+GROUP_MAX_S = 512
+GROUP_BYTES = 400 * 1024
+GROUP_RUN_BYTES = 4096
+
 # Channel-major rows of at most this many values are normalized by ncs_affine_short (one loop per
 # sample over constants repeated per position) when a sample's C*S values are at most
 # SHORT_ROW_TABLE (the four repeated tables stay in cache). Measured (interleaved, ms, tables
@@ -195,6 +208,14 @@ def _ncs_parts(nt: int, c: int, m: int) -> int:
     return max(1, min(-(-TASKS_PER_THREAD * nt // c), m // MIN_TASK))
 
 
+def _ncs_group(nt: int, n: int, c: int, s: int, itemsize: int) -> int:
+    """Channels per task of :func:`bnkit.kernels.cpu.ncs_train_groups`, or 0 to keep the other paths."""
+    if s >= GROUP_MAX_S or s <= SHORT_ROW_S:
+        return 0
+    g = min(GROUP_BYTES // (n * s * itemsize), c // (TASKS_PER_THREAD * nt) if nt > 1 else c)
+    return g if g >= 1 and g * s * itemsize >= GROUP_RUN_BYTES else 0
+
+
 def _row_segments(nt: int, rows: int, s: int) -> int:
     """How many segments to cut each of ``rows`` contiguous rows of ``s`` values into."""
     if nt == 1 or rows >= TASKS_PER_THREAD * nt:
@@ -250,6 +271,10 @@ class CpuBackend:
         nt = _threads(x.numel())
         e = float(eps)
         xf, yf = _flat(x), _flat(y)
+        g = _ncs_group(nt, n, c, s, x.element_size()) if order == "ncs" and x.dtype in _NUMPY_DTYPES else 0
+        if g:
+            K.ncs_train_groups(xf, yf, n, c, s, g, w, b, e, mean_np, var_np, nmean, scale, shift)
+            return y, mean, var
         if order == "ncs" and s < ROW_STATS_MAX_S:
             p = _nsc_parts(nt, n * c, s)  # short rows: stream them in memory order
             parts = np.empty((3, p, c))
@@ -343,8 +368,10 @@ class CpuBackend:
         dx = _empty_like(x)
         gf, xf, df = _flat(dy), _flat(x), _flat(dx)
         nt = _threads(x.numel())
-        if order == "ncs" and s >= BACKWARD_FUSED_MIN_S and _ncs_parts(nt, c, n * s) == 1:
-            K.ncs_backward_train(gf, xf, df, n, c, s, m, inv, w, s0, s1, a, k, cc)
+        # groups of short rows as in forward_train, sized for two tensors (dy and x)
+        g = _ncs_group(nt, n, c, s, 2 * x.element_size()) if order == "ncs" and x.dtype in _NUMPY_DTYPES else 0
+        if g or (order == "ncs" and s >= BACKWARD_FUSED_MIN_S and _ncs_parts(nt, c, n * s) == 1):
+            K.ncs_backward_train(gf, xf, df, n, c, s, max(g, 1), m, inv, w, s0, s1, a, k, cc)
             return dx, sum_dy, sum_dy_xhat
         # sum(dy * (x - mean)) goes to `s1`, then backward_coeffs scales it in place by invstd.
         self._reduce(order, n, c, s, gf, xf, m, s0, s1, False, gf, m)
