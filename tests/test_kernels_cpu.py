@@ -360,3 +360,25 @@ def test_shifted_statistics_stay_accurate(cpu, layout, kind):
     x64 = x.double()
     torch.testing.assert_close(var.double(), x64.var(dims, unbiased=False), rtol=2e-6, atol=0)
     assert ((mean.double() - x64.mean(dims)).abs() / x64.std(dims)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6, 1e8], ids=["folded", "unfolded", "unfolded-constant"])
+def test_channels_last_normalize_rounds_once(cpu, offset):
+    """float32 channels-innermost training outputs are float64's, rounded once (within an ulp).
+
+    With |mean * scale| <= FOLD_MAX (mean 1e4, std 1e-2: about 2**20) the normalize runs as
+    x * scale + (shift - mean * scale); above it (mean 1e6: about 2**27) as (x - mean) * scale + shift.
+    At 1e8 every float32 value is the mean (std 0, scale 1/sqrt(eps)): y must be the bias, where the
+    folded form would be off by about 2**-52 * |mean * scale|, 1e-5 here.
+    """
+    from bnkit.kernels import cpu as kcpu
+
+    x = _make((16, 8, 9, 7), "channels_last", torch.float32, offset=offset, scale=1e-2)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    y, mean, var = cpu.forward_train(x, w, b, 1e-5)
+    x64 = x.double()
+    m64, v64 = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+    scale = w.double() / (v64 + 1e-5).sqrt()
+    assert ((m64.abs() * scale).max().item() <= kcpu.FOLD_MAX) == (offset == 1e4)
+    exact = (x64 - m64.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)
+    torch.testing.assert_close(y.double(), exact, atol=2**-26, rtol=2**-23)
