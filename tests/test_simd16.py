@@ -220,14 +220,16 @@ def test_channels_innermost_tiles_match_rows(dtype, has_u, rows, channels, tasks
     _assert_same_bits(got, want, dtype)
 
 
-@pytest.mark.parametrize("dtype", list(BITS), ids=str)
+@pytest.mark.parametrize("dtype", [*BITS, torch.float32], ids=str)
 @pytest.mark.parametrize("rows,channels,tasks", [(1000, 7, 3), (130, 64, 2), (65, 600, 1), (3, 37, 2)])
 def test_channels_innermost_statistics_match_float64(dtype, rows, channels, tasks):
-    """nsc_stats sums 16 channels at a time down the rows (SIMD path, masked last lanes): each part's
-    (count, mean, M2) against float64, on data offset by 100 (the shifted sums must not lose it)."""
+    """nsc_stats sums 16 channels at a time down the rows (SIMD path, masked last lanes; float32 too):
+    each part's (count, mean, M2) against float64, on data offset by 100 (the shifted sums must not lose it)."""
     x = (torch.randn(rows, channels, dtype=torch.float64) * 2 + 100).to(dtype)
     parts = np.empty((3, tasks, channels))
-    K.nsc_stats(x.view(torch.int16).numpy().view(BITS[dtype]).reshape(-1), rows, channels, tasks, *parts)
+    flat = x.numpy() if dtype == torch.float32 else x.view(torch.int16).numpy().view(BITS[dtype])
+    flat = flat.reshape(-1)
+    K.nsc_stats(flat, rows, channels, tasks, *parts)
     xd = x.double().numpy()
     for t in range(tasks):
         r0, r1 = (rows * t) // tasks, (rows * (t + 1)) // tasks

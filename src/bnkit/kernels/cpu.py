@@ -628,8 +628,9 @@ def nsc_stats(x, R, C, T, part_n, part_mu, part_m2):
     Each part reads its rows once, ``NSC_SBLOCK`` rows at a time: per channel, the block is shifted
     by ``K``, the part's mean so far (for its first block, that block's own mean, from one more
     read of rows still in cache), and ``sum(x - K)``, ``sum((x - K)**2)`` run in the compute dtype across
-    channels (they vectorize); the block's (mean, M2) is merged in float64 into the part's
-    (count, mean, M2), ``part_*[t, c]`` (Chan). The caller merges the parts
+    channels (they vectorize; 16-bit and float32 data on AVX-512 in :func:`column_sums`, the sums in
+    registers); the block's (mean, M2) is merged in float64 into the part's (count, mean, M2),
+    ``part_*[t, c]`` (Chan). The caller merges the parts
     (:func:`finish_stats`) and normalizes with :func:`nsc_affine`.
     """
     for t in prange(T):
@@ -660,9 +661,7 @@ def nsc_stats(x, R, C, T, part_n, part_mu, part_m2):
                     k[c] = zero
                 ts[c] = 0.0
                 tq[c] = 0.0
-            if simd16(x):
-                column_sums(x, b0, b1, C, k, ts, tq)
-            else:
+            if not column_sums(x, b0, b1, C, k, ts, tq):
                 for r in range(b0, b1):
                     xr = x[r * C : (r + 1) * C]
                     for c in range(C):
