@@ -369,6 +369,24 @@ def test_calls_that_record_a_graph_stop_at_the_grad_limit(spy):
     assert spy == {"train_forward": 1, "eval_forward": 1}
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_without_a_graph_takes_the_path_at_every_size(spy, layout):
+    # above SMALL_NUMEL: eval without a graph stays on the small path, training and graphs do not
+    x, w, b, rm, rv = _inputs((8, 64, 48, 48), torch.float32, seed=3)
+    x = x if layout == "contiguous" else x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() > small.SMALL_NUMEL
+    y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
+    assert spy == {"eval_forward": 1} and spy.parallel == 1
+    assert y.stride() == x.stride()
+    _close(y, F.batch_norm(x, rm, rv, w, b, training=False), torch.float32)
+    from bnkit.kernels import get_backend
+
+    _close(y, get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5), torch.float32)
+    bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
+    bnkit.functional.batch_norm(x, rm, rv, w.requires_grad_(), b, training=False)
+    assert spy == {"eval_forward": 1}
+
+
 # channels-innermost memory: channels_last 2d/3d, an (N, C, L) view of (N, L, C) memory, and one above
 # SERIAL_NUMEL (the parallel twins)
 LAST_CASES = [((4, 5, 6, 6), "channels_last"), ((2, 3, 4, 4, 4), "channels_last"), ((6, 7, 11), "ncl"),

@@ -14,7 +14,8 @@ The numbers are the regular path's up to rounding: the statistics as its short r
 once from float64, the running statistics with the float operations of
 :func:`bnkit.reference.update_running_stats`, the eval output with those of the ``cpu`` backend.
 Calls that need a gradient go through :class:`_SmallTrainFn` / :class:`_SmallEvalFn` (one kernel
-each way, up to ``SMALL_GRAD_NUMEL`` elements); everything above ``SMALL_NUMEL`` takes the regular path.
+each way, up to ``SMALL_GRAD_NUMEL`` elements); training calls above ``SMALL_NUMEL`` take the regular
+path, eval calls without a graph take this one at every size (``SMALL_EVAL_NUMEL``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ TASKS_PER_THREAD = 4
 # 0.71 / 0.81 / 1.28; 1024x1024 0.77 / 0.78 / 0.96; 32x64x32x32 (2**21) 0.82 / 0.88 / 1.01.
 SMALL_NUMEL = 1 << 20
 SMALL_GRAD_NUMEL = 1 << 19
+# Eval calls that record no graph take the path at every size: its one compiled pass beats the
+# regular path's launcher there too (interleaved functional calls, float32, small / regular time):
+# 64x256x14x14 0.92, 8x32x128x128 0.90, 64x128x1000 0.94 and its (N, C, L) view of (N, L, C) 0.92,
+# 32x64x56x56 channels_last 0.93, 64x256x14x14 channels_last 0.89, 4096x1024 0.92; 256x512x7x7
+# 1.00-1.04 and float64 32x64x56x56 0.99 alike.
+SMALL_EVAL_NUMEL = 1 << 62
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 _F32, _F64, _STRIDED = torch.float32, torch.float64, torch.strided
@@ -116,7 +123,7 @@ def _addr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _layout(x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, int, int] | None:
+def _layout(x: Tensor, running_mean, running_var, weight, bias, limit: int) -> tuple[int, int, int] | None:
     """``(N, C, S)`` of ``x``'s memory for the kernels when they may run on these tensors and the cpu
     backend is the one selected, else ``None``.
 
@@ -134,7 +141,7 @@ def _layout(x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, in
     if len(shape) < 2 or (running_mean is None) != (running_var is None):
         return None
     numel = x.numel()
-    if numel == 0 or numel > SMALL_NUMEL:
+    if numel == 0 or numel > limit:
         return None
     n, c = shape[0], shape[1]
     s = numel // (n * c)
@@ -193,7 +200,8 @@ def batch_norm(
     """
     if type(eps) is not float:
         return None
-    dims = _layout(x, running_mean, running_var, weight, bias)
+    eval_only = training is False and not _needs_graph(x, weight, bias)
+    dims = _layout(x, running_mean, running_var, weight, bias, SMALL_EVAL_NUMEL if eval_only else SMALL_NUMEL)
     if dims is None:
         return None
     if training is True:
@@ -202,7 +210,7 @@ def batch_norm(
         return _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inplace)
     if training is False and running_mean is not None and eps >= 0.0:
         try:
-            if _needs_graph(x, weight, bias):
+            if not eval_only:
                 if x.numel() > SMALL_GRAD_NUMEL:
                     return None
                 y = _eval_apply(x, running_mean, running_var, weight, bias, eps, dims)

@@ -1,6 +1,7 @@
 r"""numba kernels for small and mid-size inputs: a whole batch-norm call in one compiled call.
 
-On small inputs (up to ``bnkit.small.SMALL_NUMEL`` elements) a batch norm costs microseconds
+On small inputs (up to ``bnkit.small.SMALL_NUMEL`` elements; eval calls without a graph at every size,
+where one pass beats the regular launcher too) a batch norm costs microseconds
 of arithmetic and tens of microseconds around it on the regular path: argument checks, numpy views of
 every tensor (about 0.8 us each), allocations, one launch per pass (and a second thread to wake) and
 the torch ops of the running-statistics update. These kernels take the data as raw
