@@ -445,3 +445,28 @@ def test_kernels_row_fallback(kernels, monkeypatch, activation, memory_saving):
         # float32 only: each dtype is another numba compilation of the four row kernels (~3 s each, cold)
         _compare(activation, memory_saving, training, shape, dtype=torch.float32)
         assert calls == [f"row_reduce_{suffix}", f"row_input_{suffix}"], calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("memory_saving", [False, True])
+def test_channel_kernels_take_groups_of_short_rows(kernels, monkeypatch, dtype, memory_saving):
+    # (5, 67, 12, 12): short rows -> groups of channels per task (the last one partial), both ways
+    from bnkit.kernels import cpu_act
+
+    groups = {}
+
+    def spy_on(name):
+        kernel = getattr(cpu_act, name)
+
+        def spy(*args):
+            groups[name] = args[4 if name == "channel_train_act" else 5]  # G follows (N, C, S)
+            return kernel(*args)
+        return spy
+
+    for name in ("channel_train_act", *CHANNEL_KERNELS):
+        monkeypatch.setattr(cpu_act, name, spy_on(name))
+    for training in (True, False):
+        _compare("leaky_relu", memory_saving, training, (5, 67, 12, 12), dtype=dtype)
+    backward = "channel_backward_ms" if memory_saving else "channel_backward_std"
+    assert set(groups) == {"channel_train_act", backward}, groups
+    assert all(1 < g < 67 and 67 % g for g in groups.values()), groups

@@ -289,6 +289,15 @@ def _elu_log(zc: Tensor, alpha: float, buf: Tensor) -> Tensor:
     return torch.div(zc, alpha, out=out).log1p_()
 
 
+def _channel_group(x: Tensor, tensors: int) -> int:
+    """Channels per task of the channel kernels: a group of short rows where the ``cpu`` backend takes
+    one for ``tensors`` tensors of ``x``'s size (:func:`bnkit.kernels.cpu_launch._ncs_group`), else 1."""
+    from bnkit.kernels.cpu_launch import _ncs_group, _threads
+
+    n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
+    return max(1, _ncs_group(_threads(x.numel()), n, c, s, tensors * x.element_size()))
+
+
 def _channel_tasks(x: Tensor) -> bool:
     """One task per channel (reduce, then write while the channel is in cache) when the channels
     alone keep every thread busy, as :mod:`bnkit.kernels.cpu_launch` decides; else row-parallel passes."""
@@ -359,9 +368,9 @@ class _BatchNormAct(torch.autograd.Function):
                 z = x if inplace else torch.empty_like(x)
                 n, s = x.shape[0], _rows(x)[2]
                 mean64, var64 = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-                k.channel_train_act(_flat(x), n, c, s, _np(w, torch.float64), _np(b, torch.float64), float(eps),
-                                    *_kind_and_param(k, activation, param, x.dtype), _flat(z), mean64.numpy(),
-                                    var64.numpy(), np.empty(3 * c, dtype=_flat(x).dtype))
+                k.channel_train_act(_flat(x), n, c, s, _channel_group(x, 1), _np(w, torch.float64),
+                                    _np(b, torch.float64), float(eps), *_kind_and_param(k, activation, param, x.dtype),
+                                    _flat(z), mean64.numpy(), var64.numpy(), np.empty(3 * c, dtype=_flat(x).dtype))
                 mean, var = mean64.to(sd), var64.to(sd)
             elif inplace:
                 mean, var = _stats_by_reduce(x)
@@ -475,7 +484,7 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
     sum_g, sum_g_xmu = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
     dx = torch.empty_like(x) if need_x else x
     # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients)
-    k.channel_backward_std(_flat(dz), _flat(x), n, c, s, _np(mean, dt), _np(a, dt), _np(b, dt),
+    k.channel_backward_std(_flat(dz), _flat(x), n, c, s, _channel_group(x, 2), _np(mean, dt), _np(a, dt), _np(b, dt),
                            *_kind_and_param(k, act, param, dt), _np(w, torch.float64), _np(inv, torch.float64),
                            float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(), sum_g_xmu.numpy(),
                            np.empty(3 * c, dtype=_flat(x).dtype), _flat(dx))
@@ -527,10 +536,11 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
         floor = np.float32(-1.0 + torch.finfo(dt).eps) if dt == torch.float32 else -1.0 + torch.finfo(dt).eps
         sum_g, sum_g_ymb = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
         dx = torch.empty_like(z) if need_x else z
-        k.channel_backward_ms(_flat(dz), _flat(z), n, c, s, _np(b, dt), *_kind_and_param(k, act, param, dt), floor,
-                              _np(w, torch.float64), _np(inv, torch.float64), float(n * s), bool(ctx.training),
-                              bool(need_x), sum_g.numpy(), sum_g_ymb.numpy(), np.empty(3 * c, dtype=_flat(z).dtype),
-                              _flat(dx))
+        k.channel_backward_ms(_flat(dz), _flat(z), n, c, s, _channel_group(z, 2), _np(b, dt),
+                              *_kind_and_param(k, act, param, dt), floor, _np(w, torch.float64),
+                              _np(inv, torch.float64), float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(),
+                              sum_g_ymb.numpy(),
+                              np.empty(3 * c, dtype=_flat(z).dtype), _flat(dx))
         sum_g_xhat = (sum_g_ymb / w.double()).to(w.dtype)
         return (dx if need_x else None), sum_g_xhat, sum_g.to(w.dtype)
     if k is not None:

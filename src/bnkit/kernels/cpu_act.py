@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import njit, prange
 
 from bnkit.kernels.cpu import RBLOCK, _seg_stats, to_acc
@@ -227,33 +228,44 @@ def slope(kind: int, p: float) -> float:
 
 
 @njit(parallel=True, **_JIT)
-def channel_train_act(x, N, C, S, w, b, eps, kind, p, out, out_mean, out_var, scratch):
-    """Training forward, one channel per task: its statistics, then ``out = act(y)`` at once.
+def channel_train_act(x, N, C, S, G, w, b, eps, kind, p, out, out_mean, out_var, scratch):
+    """Training forward, one group of ``G`` channels per task: their statistics, then ``out = act(y)``.
 
     The statistics read each value once (:func:`bnkit.kernels.cpu._seg_stats`: shifted sums,
-    float64 across blocks and rows); the normalizing pass then finds the channel still in cache,
-    so memory is read about once. ``out`` may be ``x``. ``out_mean``/``out_var`` get the batch
-    mean and biased variance (float64); ``scratch`` (3 * C values of the data dtype) holds the
-    per-channel constants rounded to the data dtype, so that float32 data is normalized in
-    float32 (as the reference does) with twice the SIMD width.
+    float64 across blocks and rows); the normalizing pass then finds the channels still in cache,
+    so memory is read about once. Long rows take ``G = 1``; short ones a group whose rows of one
+    sample are adjacent in memory (as :func:`bnkit.kernels.cpu.ncs_train_groups`). ``out`` may be
+    ``x``. ``out_mean``/``out_var`` get the batch mean and biased variance (float64); ``scratch``
+    (3 * C values of the data dtype) holds the per-channel constants rounded to the data dtype, so
+    that float32 data is normalized in float32 (as the reference does) with twice the SIMD width.
     """
     M = N * S
-    for c in prange(C):
-        cnt = 0.0
-        mean = 0.0
-        m2 = 0.0
+    for g in prange((C + G - 1) // G):
+        c0 = g * G
+        gc = min(G, C - c0)
+        cnt = np.zeros(gc)
+        mean = np.zeros(gc)
+        m2 = np.zeros(gc)
         for n in range(N):
-            cnt, mean, m2 = _seg_stats(x[(n * C + c) * S : (n * C + c + 1) * S], S, cnt, mean, m2)
-        var = m2 / M
-        out_mean[c] = mean
-        out_var[c] = var
-        scratch[3 * c] = mean
-        scratch[3 * c + 1] = w[c] / math.sqrt(var + eps)
-        scratch[3 * c + 2] = b[c]
-        m, aa, bb = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
+            base = (n * C + c0) * S
+            for j in range(gc):
+                lo = base + j * S
+                cnt[j], mean[j], m2[j] = _seg_stats(x[lo : lo + S], S, cnt[j], mean[j], m2[j])
+        for j in range(gc):
+            c = c0 + j
+            var = m2[j] / M
+            out_mean[c] = mean[j]
+            out_var[c] = var
+            scratch[3 * c] = mean[j]
+            scratch[3 * c + 1] = w[c] / math.sqrt(var + eps)
+            scratch[3 * c + 2] = b[c]
         for n in range(N):
-            base = (n * C + c) * S
-            _act_row(x[base : base + S], out[base : base + S], S, m, aa, bb, kind, p)
+            base = (n * C + c0) * S
+            for j in range(gc):
+                c = c0 + j
+                lo = base + j * S
+                m, aa, bb = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
+                _act_row(x[lo : lo + S], out[lo : lo + S], S, m, aa, bb, kind, p)
 
 
 @njit(parallel=True, **_JIT)
@@ -364,58 +376,78 @@ def row_input_ms_elu(dz, z, Y, R, C, S, b, p, A, K, Cc, dx):
 
 
 @njit(parallel=True, **_JIT)
-def channel_backward_std(dz, x, N, C, S, mean, a, b, kind, p, w, inv, M, training, write, out_g, out_gx,
+def channel_backward_std(dz, x, N, C, S, G, mean, a, b, kind, p, w, inv, M, training, write, out_g, out_gx,
                          scratch, dx):
     """Standard mode: ``out_g = sum(g)``, ``out_gx = sum(g * (x - mean))`` per channel (float64),
     then ``dx = A * g + K * (x - mean) + Cc`` with ``A = w * inv``, ``K = -A * inv**2 * out_gx / M``,
-    ``Cc = -a * out_g / M`` (``K = Cc = 0`` when not ``training``)."""
-    for c in prange(C):
-        m, aa, bb = mean[c], a[c], b[c]
-        sg = 0.0
-        sgx = 0.0
+    ``Cc = -a * out_g / M`` (``K = Cc = 0`` when not ``training``); one group of ``G`` channels per task."""
+    for g in prange((C + G - 1) // G):
+        c0 = g * G
+        gc = min(G, C - c0)
+        sg = np.zeros(gc)
+        sgx = np.zeros(gc)
         for n in range(N):
-            base = (n * C + c) * S
-            rg, rgx = _std_sums(x[base : base + S], dz[base : base + S], S, m, aa, bb, kind, p)
-            sg += rg
-            sgx += rgx
-        out_g[c] = sg
-        out_gx[c] = sgx
+            base = (n * C + c0) * S
+            for j in range(gc):
+                c = c0 + j
+                lo = base + j * S
+                rg, rgx = _std_sums(x[lo : lo + S], dz[lo : lo + S], S, mean[c], a[c], b[c], kind, p)
+                sg[j] += rg
+                sgx[j] += rgx
+        for j in range(gc):
+            c = c0 + j
+            out_g[c] = sg[j]
+            out_gx[c] = sgx[j]
+            a64 = w[c] * inv[c]
+            scratch[3 * c] = a64
+            scratch[3 * c + 1] = -a64 * inv[c] * (sgx[j] * inv[c] / M) if training else 0.0
+            scratch[3 * c + 2] = -a64 * (sg[j] / M) if training else 0.0
         if not write:
             continue
-        a64 = w[c] * inv[c]
-        scratch[3 * c] = a64
-        scratch[3 * c + 1] = -a64 * inv[c] * (sgx * inv[c] / M) if training else 0.0
-        scratch[3 * c + 2] = -a64 * (sg / M) if training else 0.0
-        A_, K_, C_ = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
         for n in range(N):
-            base = (n * C + c) * S
-            _std_dx(x[base : base + S], dz[base : base + S], dx[base : base + S], S, m, aa, bb, kind, p, A_, K_, C_)
+            base = (n * C + c0) * S
+            for j in range(gc):
+                c = c0 + j
+                lo = base + j * S
+                A_, K_, C_ = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
+                _std_dx(x[lo : lo + S], dz[lo : lo + S], dx[lo : lo + S], S, mean[c], a[c], b[c], kind, p, A_, K_, C_)
 
 
 @njit(parallel=True, **_JIT)
-def channel_backward_ms(dz, z, N, C, S, b, kind, p, floor, w, inv, M, training, write, out_g, out_gy,
+def channel_backward_ms(dz, z, N, C, S, G, b, kind, p, floor, w, inv, M, training, write, out_g, out_gy,
                         scratch, dx):
     """Memory-saving mode: ``out_g = sum(g)``, ``out_gy = sum(g * (y - b))`` with ``y = act^{-1}(z)``,
     then ``dx = A * g + K * (y - b) + Cc`` with ``A = w * inv``, ``K = -inv * out_gy / (w * M)``,
-    ``Cc = -A * out_g / M`` (``K = Cc = 0`` when not ``training``). Needs ``w != 0`` where ``write``."""
-    for c in prange(C):
-        bb = b[c]
-        sg = 0.0
-        sgy = 0.0
+    ``Cc = -A * out_g / M`` (``K = Cc = 0`` when not ``training``); one group of ``G`` channels per task.
+    Needs ``w != 0`` where ``write``."""
+    for g in prange((C + G - 1) // G):
+        c0 = g * G
+        gc = min(G, C - c0)
+        sg = np.zeros(gc)
+        sgy = np.zeros(gc)
         for n in range(N):
-            base = (n * C + c) * S
-            rg, rgy = _ms_sums(z[base : base + S], dz[base : base + S], S, bb, kind, p, floor)
-            sg += rg
-            sgy += rgy
-        out_g[c] = sg
-        out_gy[c] = sgy
+            base = (n * C + c0) * S
+            for j in range(gc):
+                lo = base + j * S
+                rg, rgy = _ms_sums(z[lo : lo + S], dz[lo : lo + S], S, b[c0 + j], kind, p, floor)
+                sg[j] += rg
+                sgy[j] += rgy
+        for j in range(gc):
+            c = c0 + j
+            out_g[c] = sg[j]
+            out_gy[c] = sgy[j]
         if not write:
             continue
-        a64 = w[c] * inv[c]
-        scratch[3 * c] = a64
-        scratch[3 * c + 1] = -inv[c] * (sgy / w[c] / M) if training else 0.0
-        scratch[3 * c + 2] = -a64 * (sg / M) if training else 0.0
-        A_, K_, C_ = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
+        for j in range(gc):
+            c = c0 + j
+            a64 = w[c] * inv[c]
+            scratch[3 * c] = a64
+            scratch[3 * c + 1] = -inv[c] * (sgy[j] / w[c] / M) if training else 0.0
+            scratch[3 * c + 2] = -a64 * (sg[j] / M) if training else 0.0
         for n in range(N):
-            base = (n * C + c) * S
-            _ms_dx(z[base : base + S], dz[base : base + S], dx[base : base + S], S, bb, kind, p, floor, A_, K_, C_)
+            base = (n * C + c0) * S
+            for j in range(gc):
+                c = c0 + j
+                lo = base + j * S
+                A_, K_, C_ = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
+                _ms_dx(z[lo : lo + S], dz[lo : lo + S], dx[lo : lo + S], S, b[c], kind, p, floor, A_, K_, C_)
