@@ -71,8 +71,10 @@ __all__ = [
     "ncs_train",
     "ncs_train_groups",
     "nsc_affine",
+    "nsc_backward_train",
     "nsc_reduce",
     "nsc_stats",
+    "nsc_train",
     "store",
 ]
 
@@ -788,6 +790,32 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
                 a0[c] += t0[c]
                 a1[c] += t1[c]
     _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
+
+
+# --- whole channels-innermost passes in one compiled call ----------------------------------------------
+# The launcher's Python between two kernels runs with cold caches after a pass over megabytes (each small
+# step costs 5-30 us there instead of 1): calling the passes from one jitted function keeps that out.
+# Measured on the 2-core Xeon VM (interleaved against the launcher's old sequence of kernel calls, the same
+# numbers bit for bit): forward 64x256x14x14 channels_last 0.95-0.97x the time (bf16 0.97x), 4096x1024
+# 0.96-0.97x; backward 0.95x and 0.97x.
+
+
+@njit(**_JIT)
+def nsc_train(x, y, R, C, T, part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift):
+    """Training forward on ``(R, C)`` memory: :func:`nsc_stats`, :func:`finish_stats`, :func:`nsc_affine`."""
+    nsc_stats(x, R, C, T, part_n, part_mu, part_m2)
+    finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
+    nsc_affine(x, x, y, R, C, T, False, scale, nmean, scale, shift)
+
+
+@njit(**_JIT)
+def nsc_backward_train(dy, x, dx, R, C, T, mean, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc):
+    """Training backward on ``(R, C)`` memory: :func:`nsc_reduce`, :func:`backward_coeffs`, then
+    ``dx = a*dy + k*(x - mean) + cc`` (:func:`nsc_affine`)."""
+    # sum(dy * (x - mean)) goes to sum_dy_xhat, which backward_coeffs scales in place by invstd
+    nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xhat, False, dy, mean)
+    backward_coeffs(sum_dy, sum_dy_xhat, invstd, weight, M, sum_dy_xhat, a, k, cc)
+    nsc_affine(dy, x, dx, R, C, T, True, a, mean, k, cc)
 
 
 def load_backend():

@@ -286,10 +286,10 @@ class CpuBackend:
             K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, nmean, scale, shift, *parts)
             if fuse:
                 return y, mean, var
-        else:
+        else:  # channels innermost: all of it in one compiled call
             p = _nsc_parts(nt, n * s, c)
-            parts = np.empty((3, p, c))
-            K.nsc_stats(xf, n * s, c, p, *parts)
+            K.nsc_train(xf, yf, n * s, c, p, *np.empty((3, p, c)), w, b, e, mean_np, var_np, nmean, scale, shift)
+            return y, mean, var
         K.finish_stats(*parts, w, b, e, mean_np, var_np, nmean, scale, shift)
         self._affine(order, n, c, s, xf, xf, yf, False, scale, nmean, scale, shift)
         return y, mean, var
@@ -372,6 +372,10 @@ class CpuBackend:
         g = _ncs_group(nt, n, c, s, 2 * x.element_size()) if order == "ncs" and x.dtype in _NUMPY_DTYPES else 0
         if g or (order == "ncs" and s >= BACKWARD_FUSED_MIN_S and _ncs_parts(nt, c, n * s) == 1):
             K.ncs_backward_train(gf, xf, df, n, c, s, max(g, 1), m, inv, w, s0, s1, a, k, cc)
+            return dx, sum_dy, sum_dy_xhat
+        if order == "nsc":
+            t = _nsc_parts(nt, n * s, c)
+            K.nsc_backward_train(gf, xf, df, n * s, c, t, m, inv, w, float(n * s), s0, s1, a, k, cc)
             return dx, sum_dy, sum_dy_xhat
         # sum(dy * (x - mean)) goes to `s1`, then backward_coeffs scales it in place by invstd.
         self._reduce(order, n, c, s, gf, xf, m, s0, s1, False, gf, m)
