@@ -74,16 +74,16 @@ def test_cases_reach_the_short_row_kernel(monkeypatch):
     from bnkit.kernels import cpu_launch
 
     seen = []
-    real = kcpu.ncs_affine_short
+    real = kcpu.ncs_affine_any
 
     def spy(*args):
-        seen.append(args[6])  # Q
+        seen.append((args[7], args[13].shape))  # Q, the constant tables (4 x C*S: ncs_affine_short)
         return real(*args)
 
-    monkeypatch.setattr(kcpu, "ncs_affine_short", spy)
+    monkeypatch.setattr(kcpu, "ncs_affine_any", spy)
     x = torch.randn(3, 2000, 3, 3)
     y = get_backend("cpu").forward_eval(x, torch.zeros(2000), torch.ones(2000), torch.zeros(2000))
-    assert seen and seen[0] > 1 and cpu_launch.SHORT_ROW_S >= 9
+    assert seen and seen[0][0] > 1 and seen[0][1] == (4, 2000 * 9) and cpu_launch.SHORT_ROW_S >= 9
     torch.testing.assert_close(y, x)
 
 

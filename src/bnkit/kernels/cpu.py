@@ -64,12 +64,15 @@ __all__ = [
     "finish_stats",
     "load",
     "ncs_affine",
+    "ncs_affine_any",
     "ncs_affine_short",
+    "ncs_backward_rows",
     "ncs_backward_train",
     "ncs_reduce",
     "ncs_row_stats",
     "ncs_train",
     "ncs_train_groups",
+    "ncs_train_rows",
     "nsc_affine",
     "nsc_backward_train",
     "nsc_reduce",
@@ -792,12 +795,41 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
 
 
-# --- whole channels-innermost passes in one compiled call ----------------------------------------------
+# --- whole passes in one compiled call ---------------------------------------------------------------
 # The launcher's Python between two kernels runs with cold caches after a pass over megabytes (each small
 # step costs 5-30 us there instead of 1): calling the passes from one jitted function keeps that out.
 # Measured on the 2-core Xeon VM (interleaved against the launcher's old sequence of kernel calls, the same
-# numbers bit for bit): forward 64x256x14x14 channels_last 0.95-0.97x the time (bf16 0.97x), 4096x1024
-# 0.96-0.97x; backward 0.95x and 0.97x.
+# numbers bit for bit): channels innermost, forward 64x256x14x14 channels_last 0.95-0.97x the time (bf16
+# 0.97x), 4096x1024 0.96-0.97x, backward 0.95x and 0.97x; channel-major short rows, forward 256x512x7x7
+# 0.99x and 256x64x4x4 0.96x, backward 0.98x and 0.97x.
+
+
+@njit(**_JIT)
+def ncs_affine_any(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift, tab):
+    """:func:`ncs_affine_short` when ``tab`` has columns (``4 x C*S``), else :func:`ncs_affine`."""
+    if tab.shape[1] > 0:
+        ncs_affine_short(u, x, out, N, C, S, Q, has_u, a, mean, k, shift, tab)
+    else:
+        ncs_affine(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift)
+
+
+@njit(**_JIT)
+def ncs_train_rows(x, y, N, C, S, T, part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale,
+                   shift, TA, Q, tab):
+    """Training forward on ``(N, C, S)`` memory in two streaming passes: :func:`ncs_row_stats` (``T``
+    tasks), :func:`finish_stats`, then :func:`ncs_affine_any` (``TA``, ``Q``, ``tab``)."""
+    ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2)
+    finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
+    ncs_affine_any(x, x, y, N, C, S, TA, Q, False, scale, nmean, scale, shift, tab)
+
+
+@njit(**_JIT)
+def ncs_backward_rows(dy, x, dx, N, C, S, T, mean, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc, TA, Q, tab):
+    """Training backward on ``(N, C, S)`` memory in two streaming passes: :func:`ncs_reduce`,
+    :func:`backward_coeffs`, then ``dx`` (:func:`ncs_affine_any`)."""
+    ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xhat, False, dy, mean)
+    backward_coeffs(sum_dy, sum_dy_xhat, invstd, weight, M, sum_dy_xhat, a, k, cc)
+    ncs_affine_any(dy, x, dx, N, C, S, TA, Q, True, a, mean, k, cc, tab)
 
 
 @njit(**_JIT)

@@ -216,6 +216,14 @@ def _ncs_group(nt: int, n: int, c: int, s: int, itemsize: int) -> int:
     return g if g >= 1 and g * s * itemsize >= GROUP_RUN_BYTES else 0
 
 
+def _ncs_affine_plan(nt: int, n: int, c: int, s: int, dtype) -> tuple[int, int, np.ndarray]:
+    """``(T, Q, tab)`` of :func:`bnkit.kernels.cpu.ncs_affine_any` for ``(n, c, s)`` memory: the constant
+    tables of ``ncs_affine_short`` (rows of at most SHORT_ROW_S values), or none (ranges of rows)."""
+    if s <= SHORT_ROW_S and c * s <= SHORT_ROW_TABLE:
+        return 0, _row_segments(nt, n, c * s), np.empty((4, c * s), dtype)
+    return _nsc_parts(nt, n * c, s), _row_segments(nt, n * c, s), np.empty((4, 0), dtype)
+
+
 def _row_segments(nt: int, rows: int, s: int) -> int:
     """How many segments to cut each of ``rows`` contiguous rows of ``s`` values into."""
     if nt == 1 or rows >= TASKS_PER_THREAD * nt:
@@ -275,11 +283,12 @@ class CpuBackend:
         if g:
             K.ncs_train_groups(xf, yf, n, c, s, g, w, b, e, mean_np, var_np, nmean, scale, shift)
             return y, mean, var
-        if order == "ncs" and s < ROW_STATS_MAX_S:
-            p = _nsc_parts(nt, n * c, s)  # short rows: stream them in memory order
-            parts = np.empty((3, p, c))
-            K.ncs_row_stats(xf, n, c, s, p, *parts)
-        elif order == "ncs":
+        if order == "ncs" and s < ROW_STATS_MAX_S:  # short rows: stream them in memory order, twice
+            p = _nsc_parts(nt, n * c, s)
+            K.ncs_train_rows(xf, yf, n, c, s, p, *np.empty((3, p, c)), w, b, e, mean_np, var_np, nmean, scale, shift,
+                             *_ncs_affine_plan(nt, n, c, s, nmean.dtype))
+            return y, mean, var
+        if order == "ncs":
             p = _ncs_parts(nt, c, n * s)
             fuse = p == 1 and FUSE_NCS
             parts = np.empty((3, p, c))
@@ -377,10 +386,8 @@ class CpuBackend:
             t = _nsc_parts(nt, n * s, c)
             K.nsc_backward_train(gf, xf, df, n * s, c, t, m, inv, w, float(n * s), s0, s1, a, k, cc)
             return dx, sum_dy, sum_dy_xhat
-        # sum(dy * (x - mean)) goes to `s1`, then backward_coeffs scales it in place by invstd.
-        self._reduce(order, n, c, s, gf, xf, m, s0, s1, False, gf, m)
-        K.backward_coeffs(s0, s1, inv, w, float(n * s), s1, a, k, cc)
-        self._affine(order, n, c, s, gf, xf, df, True, a, m, k, cc)
+        K.ncs_backward_rows(gf, xf, df, n, c, s, _nsc_parts(nt, n * c, s), m, inv, w, float(n * s), s0, s1, a, k, cc,
+                            *_ncs_affine_plan(nt, n, c, s, a.dtype))
         return dx, sum_dy, sum_dy_xhat
 
     def backward_eval(
@@ -428,12 +435,9 @@ class CpuBackend:
         # u, x, out: tensors or their flat buffers (already made by the caller: saves a conversion)
         nt = _threads(n * c * s)
         uf, xf, of = (t if isinstance(t, np.ndarray) else _flat(t) for t in (u, x, out))
-        if order == "ncs" and s <= SHORT_ROW_S and c * s <= SHORT_ROW_TABLE:
-            q = _row_segments(nt, n, c * s)
-            K.ncs_affine_short(uf, xf, of, n, c, s, q, has_u, a, m, k, sh, np.empty((4, c * s), a.dtype))
-        elif order == "ncs":
-            q = _row_segments(nt, n * c, s)
-            K.ncs_affine(uf, xf, of, n, c, s, _nsc_parts(nt, n * c, s), q, has_u, a, m, k, sh)
+        if order == "ncs":
+            t, q, tab = _ncs_affine_plan(nt, n, c, s, a.dtype)
+            K.ncs_affine_any(uf, xf, of, n, c, s, t, q, has_u, a, m, k, sh, tab)
         else:
             t = _nsc_parts(nt, n * s, c)
             K.nsc_affine(uf, xf, of, n * s, c, t, has_u, a, m, k, sh)
