@@ -57,7 +57,8 @@ def _fma32(typingctx, a, b, c):
 
 
 @njit
-def _span(us, xs, os, has_u, a, m, k, sh):
+def _affine(us, xs, os, has_u, a, m, k, sh):
+    # the vector code, scalar or per-value coefficients (the kind comes from the types)
     S.affine(us, xs, os, xs.shape[0], has_u, a, m, k, sh)
 
 
@@ -69,11 +70,6 @@ def _span_scalar(us, xs, os, has_u, a, m, k, sh):
             S.store(os, i, _fma32(a, S.load(us, i), _fma32(k, S.load(xs, i) - m, sh)))
         else:
             S.store(os, i, _fma32(k, S.load(xs, i) - m, sh))
-
-
-@njit
-def _lanes(us, xs, os, has_u, a, m, k, sh):
-    S.affine(us, xs, os, xs.shape[0], has_u, a, m, k, sh)
 
 
 @njit
@@ -114,7 +110,7 @@ def test_span_bits_are_the_scalar_codecs(dtype, has_u, coeffs):
     u = np.roll(x, 7)
     a, m, k, sh = (np.float32(v) for v in coeffs)
     got, want = np.empty_like(x), np.empty_like(x)
-    _span(u, x, got, has_u, a, m, k, sh)
+    _affine(u, x, got, has_u, a, m, k, sh)
     _span_scalar(u, x, want, has_u, a, m, k, sh)
     _assert_same_bits(got, want, dtype)
 
@@ -131,7 +127,7 @@ def test_lanes_bits_are_the_scalar_codecs(dtype, has_u):
     sh[::17] = np.float32(0.0)
     k[::101] = np.float32("nan")
     got, want = np.empty_like(x), np.empty_like(x)
-    _lanes(u, x, got, has_u, a, m, k, sh)
+    _affine(u, x, got, has_u, a, m, k, sh)
     _lanes_scalar(u, x, want, has_u, a, m, k, sh)
     _assert_same_bits(got, want, dtype)
 

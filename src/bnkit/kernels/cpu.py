@@ -309,8 +309,8 @@ def ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2):
     ``sum(x - K)`` and ``sum((x - K)**2)`` over each row into float64 totals: no division per
     row, and the shifted sums stay well-conditioned unless the data spreads over many orders of
     magnitude more than its standard deviation. At the end ``mean = K + S1/n`` and
-    ``M2 = S2 - S1**2/n`` go to ``part_*[t, c]``; the caller merges the parts
-    (:func:`finish_stats`) and normalizes with :func:`ncs_affine`.
+    ``M2 = S2 - S1**2/n`` go to ``part_*[t, c]``; :func:`ncs_train_rows` then merges the parts
+    (:func:`finish_stats`) and normalizes (:func:`ncs_affine_any`).
     """
     R = N * C
     for t in prange(T):
@@ -706,7 +706,7 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
     q = max(1, nsc_tile(x) // C)
     if q == 1:
         fold = folds_mean(x, k) and not has_u
-        sh2 = np.empty(C, shift.dtype)
+        sh2 = np.empty(C, shift.dtype) if fold else shift
         if fold:
             for c in range(C):
                 p = mean[c] * k[c]

@@ -395,15 +395,16 @@ def channel_backward_std(dz, x, N, C, S, G, mean, a, b, kind, p, w, inv, M, trai
                 sg[j] += rg
                 sgx[j] += rgx
         for j in range(gc):
+            out_g[c0 + j] = sg[j]
+            out_gx[c0 + j] = sgx[j]
+        if not write:
+            continue
+        for j in range(gc):
             c = c0 + j
-            out_g[c] = sg[j]
-            out_gx[c] = sgx[j]
             a64 = w[c] * inv[c]
             scratch[3 * c] = a64
             scratch[3 * c + 1] = -a64 * inv[c] * (sgx[j] * inv[c] / M) if training else 0.0
             scratch[3 * c + 2] = -a64 * (sg[j] / M) if training else 0.0
-        if not write:
-            continue
         for n in range(N):
             base = (n * C + c0) * S
             for j in range(gc):
@@ -433,9 +434,8 @@ def channel_backward_ms(dz, z, N, C, S, G, b, kind, p, floor, w, inv, M, trainin
                 sg[j] += rg
                 sgy[j] += rgy
         for j in range(gc):
-            c = c0 + j
-            out_g[c] = sg[j]
-            out_gy[c] = sgy[j]
+            out_g[c0 + j] = sg[j]
+            out_gy[c0 + j] = sgy[j]
         if not write:
             continue
         for j in range(gc):

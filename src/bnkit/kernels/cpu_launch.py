@@ -288,19 +288,17 @@ class CpuBackend:
             K.ncs_train_rows(xf, yf, n, c, s, p, *np.empty((3, p, c)), w, b, e, mean_np, var_np, nmean, scale, shift,
                              *_ncs_affine_plan(nt, n, c, s, nmean.dtype))
             return y, mean, var
-        if order == "ncs":
-            p = _ncs_parts(nt, c, n * s)
-            fuse = p == 1 and FUSE_NCS
-            parts = np.empty((3, p, c))
-            K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, nmean, scale, shift, *parts)
-            if fuse:
-                return y, mean, var
-        else:  # channels innermost: all of it in one compiled call
+        if order == "nsc":  # channels innermost: all of it in one compiled call
             p = _nsc_parts(nt, n * s, c)
             K.nsc_train(xf, yf, n * s, c, p, *np.empty((3, p, c)), w, b, e, mean_np, var_np, nmean, scale, shift)
             return y, mean, var
-        K.finish_stats(*parts, w, b, e, mean_np, var_np, nmean, scale, shift)
-        self._affine(order, n, c, s, xf, xf, yf, False, scale, nmean, scale, shift)
+        p = _ncs_parts(nt, c, n * s)
+        fuse = p == 1 and FUSE_NCS
+        parts = np.empty((3, p, c))
+        K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, nmean, scale, shift, *parts)
+        if not fuse:  # few channels cut in parts: merge them, then normalize
+            K.finish_stats(*parts, w, b, e, mean_np, var_np, nmean, scale, shift)
+            self._affine(order, n, c, s, xf, xf, yf, False, scale, nmean, scale, shift)
         return y, mean, var
 
     def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
