@@ -103,13 +103,13 @@ def test_cases_reach_the_group_kernels(monkeypatch, dtype):
 
         monkeypatch.setattr(kcpu, name, wrapped)
 
-    spy("ncs_train_groups", 5)
+    spy("ncs_train_groups_all", 5)
     spy("ncs_backward_train", 6)
     cpu = get_backend("cpu")
     x = torch.randn(5, 67, 12, 12, dtype=dtype)
     y, mean, var = cpu.forward_train(x, None, None, 1e-5)
     cpu.backward_train(torch.randn_like(x), x, mean, torch.rsqrt(var + 1e-5), None)
-    assert 1 < seen["ncs_train_groups"] < 67 and 67 % seen["ncs_train_groups"]
+    assert 1 < seen["ncs_train_groups_all"] < 67 and 67 % seen["ncs_train_groups_all"]
     assert 1 < seen["ncs_backward_train"] < 67 and 67 % seen["ncs_backward_train"]
     torch.testing.assert_close(y, REF.forward_train(x, None, None, 1e-5)[0])
 
@@ -382,3 +382,57 @@ def test_channels_last_normalize_rounds_once(cpu, offset):
     assert ((m64.abs() * scale).max().item() <= kcpu.FOLD_MAX) == (offset == 1e4)
     exact = (x64 - m64.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)
     torch.testing.assert_close(y.double(), exact, atol=2**-26, rtol=2**-23)
+
+
+# One shape per training-forward path of the launcher: groups of channels (float32/float64; 16-bit
+# data takes the short rows there), short rows in memory order, long rows fused per channel, few
+# channels cut in parts, channels innermost (channels_last, (N, C)).
+RUNNING_CASES = [
+    ("contiguous", (5, 67, 12, 12)),
+    ("contiguous", (3, 67, 7, 7)),
+    ("contiguous", (4, 67, 300)),
+    ("contiguous", (1, 2, 20000)),
+    ("channels_last", (16, 67, 5, 7)),
+    ("nc", (300, 67)),
+]
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "new-vectors"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,shape", RUNNING_CASES, ids=[f"{k}-{'x'.join(map(str, s))}" for k, s in RUNNING_CASES])
+def test_running_update_in_the_kernel_call_is_the_reference_update(cpu, layout, shape, dtype, inplace):
+    # forward_train(..., running) updates the running statistics in its compiled call: the same
+    # bits as reference.update_running_stats on the batch statistics (the torch ops it replaces;
+    # 67 channels: a fused multiply-add would change some), and the same y, mean and var
+    from bnkit import reference as ref
+
+    x = _make(shape, layout, dtype, offset=3.0)
+    c = shape[1]
+    sd = ref.stats_dtype(dtype)
+    w, b = torch.rand(c, dtype=sd) + 0.5, torch.randn(c, dtype=sd)
+    y0, mean0, var0 = cpu.forward_train(x, w, b, 1e-5)
+    count = x.numel() // c
+    for momentum in (0.1, 1 / 3):
+        rm, rv = torch.randn(c, dtype=sd), torch.rand(c, dtype=sd) + 0.5
+        exp_mean, exp_var = ref.update_running_stats(rm, rv, mean0, var0, count, momentum)
+        if inplace:
+            new_mean, new_var = rm, rv
+        else:
+            new_mean, new_var = torch.full_like(rm, float("nan")), torch.full_like(rv, float("nan"))
+            rm0, rv0 = rm.clone(), rv.clone()
+        y, mean, var = cpu.forward_train(x, w, b, 1e-5, (rm, rv, new_mean, new_var, momentum))
+        assert torch.equal(y, y0) and torch.equal(mean, mean0) and torch.equal(var, var0)
+        assert torch.equal(new_mean, exp_mean) and torch.equal(new_var, exp_var)
+        if not inplace:
+            assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_running_update_rejects_vectors_it_cannot_write(cpu):
+    x = torch.randn(4, 3, 5)
+    good = torch.zeros(3)
+    bads = (torch.zeros(4), torch.zeros(3, dtype=torch.float64), torch.zeros(6)[::2], torch.zeros(3).requires_grad_())
+    for bad in bads:
+        with pytest.raises(ValueError, match="cpu backend: running_var"):
+            cpu.forward_train(x, None, None, 1e-5, (good, bad, good.clone(), good.clone(), 0.1))
+    with pytest.raises(ValueError, match="at least 2 values"):
+        cpu.forward_train(torch.randn(1, 3), None, None, 1e-5, (good, good.clone(), good, good, 0.1))

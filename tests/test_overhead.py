@@ -188,3 +188,94 @@ def test_module_steps_match_functional(bn_path):
     assert m.num_batches_tracked.item() == 3 and m.num_batches_tracked.dtype == torch.long
     torch.testing.assert_close(m.running_mean, t.running_mean)
     torch.testing.assert_close(m.running_var, t.running_var)
+
+
+def _torch_ops_update(monkeypatch):
+    """Make every call update the running statistics with torch ops (the path before the compiled update)."""
+    monkeypatch.setattr(F, "_compiled_update", lambda *args: None)
+
+
+@needs_cpu
+@pytest.mark.parametrize("grad", [False, True], ids=["no-graph", "graph"])
+@pytest.mark.parametrize(
+    "dtype,layout", [(torch.float32, "contiguous"), (torch.float64, "contiguous"), (torch.float32, "channels_last"),
+                     (torch.bfloat16, "contiguous"), (torch.float16, "channels_last")],
+)  # fmt: skip
+def test_compiled_running_update_matches_the_torch_ops(monkeypatch, bn_path, dtype, layout, grad):
+    # batch_norm (in place), batch_norm_pure and a module step: the running statistics the backend
+    # writes in its compiled call are the torch ops' bits, and so are y and the gradients; the buffers'
+    # versions move as copy_ moves them, and batch_norm_pure mutates nothing
+    from bnkit.nn import BatchNorm2d
+
+    sd = ref.stats_dtype(dtype)
+    x0 = (torch.randn(6, 67, 9, 8) * 2 + 3).to(dtype)
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0, b0 = torch.rand(67, dtype=sd) + 0.5, torch.randn(67, dtype=sd)
+    rm0, rv0 = torch.randn(67, dtype=sd), torch.rand(67, dtype=sd) + 0.5
+    dy = torch.randn_like(x0)
+
+    def step(mode):
+        x, w, b = (t.clone().requires_grad_(grad) for t in (x0, w0, b0))
+        rm, rv = rm0.clone(), rv0.clone()
+        versions = rm._version, rv._version
+        if mode == "inplace":
+            y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+            out = (rm, rv)
+            assert (rm._version, rv._version) == (versions[0] + 1, versions[1] + 1)
+        elif mode == "pure":
+            y, new_mean, new_var = F.batch_norm_pure(x, rm, rv, w, b, True, 1 / 3, 1e-5)
+            assert torch.equal(rm, rm0) and torch.equal(rv, rv0) and new_mean is not rm
+            out = (new_mean, new_var)
+        else:
+            m = BatchNorm2d(67, dtype=sd)
+            with torch.no_grad():
+                m.weight.copy_(w0)
+                m.bias.copy_(b0)
+                m.running_mean.copy_(rm0)
+                m.running_var.copy_(rv0)
+            y = m(x)
+            out = (m.running_mean, m.running_var, m.num_batches_tracked)
+        grads = ()
+        if grad:
+            y.backward(dy)
+            grads = (x.grad, w.grad, b.grad) if mode != "module" else (x.grad, m.weight.grad, m.bias.grad)
+        return y, *out, *grads
+
+    with use_backend("cpu"):
+        for mode in ("inplace", "pure", "module"):
+            got = step(mode)
+            with monkeypatch.context() as mp:
+                _torch_ops_update(mp)
+                expected = step(mode)
+            assert len(got) == len(expected)
+            for a, e in zip(got, expected, strict=True):
+                assert torch.equal(_bits(a), _bits(e)), mode
+
+
+@needs_cpu
+def test_compiled_running_update_leaves_shared_or_odd_buffers_to_torch_ops(monkeypatch):
+    # running_mean and running_var in the same memory, a tensor momentum, 16-bit running statistics:
+    # the torch ops update them (the kernel would read the variance after writing the mean)
+    from bnkit import small
+
+    monkeypatch.setattr(small, "SMALL_NUMEL", 0)
+    calls = []
+    real = F.updated_running_stats
+    monkeypatch.setattr(F, "updated_running_stats", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(6, 5, 9, 8) + 2
+    with use_backend("cpu"):
+        shared = torch.rand(5) + 0.5
+        expected_var = ref.update_running_stats(shared.clone(), shared.clone(), *ref.batch_stats(x), 6 * 72, 0.1)[1]
+        F.batch_norm(x, shared, shared, None, None, True, 0.1, 1e-5)
+        torch.testing.assert_close(shared, expected_var, rtol=1e-6, atol=1e-6)
+        buf = torch.rand(9) + 0.5
+        F.batch_norm(x, buf[:5], buf[4:], None, None, True, 0.1, 1e-5)
+        F.batch_norm(x, torch.zeros(5), torch.ones(5), None, None, True, torch.tensor(0.1), 1e-5)
+        xb = x.bfloat16()
+        F.batch_norm(xb, torch.zeros(5, dtype=torch.bfloat16), torch.ones(5, dtype=torch.bfloat16), None, None, True)
+    assert len(calls) == 4
+    calls.clear()
+    with use_backend("cpu"):
+        F.batch_norm(x, torch.zeros(5), torch.ones(5), None, None, True, 0.1, 1e-5)
+    assert calls == []

@@ -34,7 +34,7 @@ from bnkit import reference as ref
 from bnkit.kernels import backend_for
 from bnkit.kernels import base as _kbase
 
-__all__ = ["backward_eval", "backward_train", "evaluate", "forward_eval", "forward_train", "train"]
+__all__ = ["backward_eval", "backward_train", "evaluate", "forward_eval", "forward_train", "train", "train_updating"]
 
 
 _SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
@@ -292,8 +292,14 @@ def _eager(x: Tensor) -> bool:
 
 class _TrainFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, var = backend_for(x).forward_train(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, running=None):
+        # running (cpu backend only, see train_updating): the running statistics' update, in the
+        # backend's compiled call; its tensors are buffers that carry no gradient
+        backend = backend_for(x)
+        if running is None:
+            y, mean, var = backend.forward_train(x, weight, bias, eps)
+        else:
+            y, mean, var = backend.forward_train(x, weight, bias, eps, running)
         ctx.mark_non_differentiable(mean, var)
         # the backward ignores the (always zero) gradients of mean and var: do not build them
         ctx.set_materialize_grads(False)
@@ -302,7 +308,7 @@ class _TrainFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gmean, gvar):
-        return _forward_train_backward(ctx, gy, gmean, gvar)
+        return (*_forward_train_backward(ctx, gy, gmean, gvar), None)
 
 
 class _EvalFn(torch.autograd.Function):
@@ -344,6 +350,31 @@ def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> 
             return _train_apply(x, weight, bias, eps)
         return backend_for(x).forward_train(x, weight, bias, eps)
     return forward_train(x, weight, bias, eps)
+
+
+def train_updating(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running: tuple[Tensor, Tensor, Tensor, Tensor, float],
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`train` with the running statistics' update done by the ``cpu`` backend in its compiled call.
+
+    ``running = (running_mean, running_var, new_mean, new_var, momentum)``: the update goes to
+    ``new_*`` (which may be the buffers themselves; the caller bumps their version counters). ``None``
+    when the ``cpu`` backend does not run this call eagerly: nothing was computed or written, and the
+    caller takes :func:`train` and updates the statistics itself.
+    """
+    if not _eager(x):
+        return None
+    x, weight, bias = unwrap_if_dead(x), _live(weight), _live(bias)
+    backend = backend_for(x)
+    if backend.name != "cpu":
+        return None
+    if _records_graph(x, weight, bias):
+        return _train_apply(x, weight, bias, eps, running)
+    return backend.forward_train(x, weight, bias, eps, running)
 
 
 def evaluate(

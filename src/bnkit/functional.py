@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from bnkit import autograd
 from bnkit import reference as ref
@@ -334,6 +335,26 @@ def batch_norm_pure(
         small = _small.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
         if small is not None:
             return small
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, mask, channel_dim,
+                       False)
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | Tensor,
+    eps: float,
+    mask: Tensor | None,
+    channel_dim: int,
+    inplace: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`batch_norm_pure`, past the small path. With ``inplace`` a training call may write the new
+    running statistics into their buffers itself (then it returns the buffers, and
+    :func:`write_running_stats` has nothing to copy)."""
     x, channel_dim = to_channels_first(input, channel_dim)
     check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if x.numel() == 0:
@@ -351,11 +372,54 @@ def batch_norm_pure(
         y = autograd.evaluate(x, running_mean, running_var, weight, bias, eps)
         new_mean, new_var = running_mean, running_var
     else:
-        y, mean, var = autograd.train(x, weight, bias, eps)
-        new_mean, new_var = updated_running_stats(
-            running_mean, running_var, mean, var, ref.count_per_channel(x), momentum
-        )
+        running = _compiled_update(x, running_mean, running_var, momentum, inplace)
+        out = None if running is None else autograd.train_updating(x, weight, bias, eps, running)
+        if out is not None:
+            y = out[0]
+            new_mean, new_var = running[2], running[3]
+            if new_mean is running_mean:
+                # written through raw memory: tell autograd, as copy_ would
+                increment_version((running_mean, running_var))
+        else:
+            y, mean, var = autograd.train(x, weight, bias, eps)
+            new_mean, new_var = updated_running_stats(
+                running_mean, running_var, mean, var, ref.count_per_channel(x), momentum
+            )
     return from_channels_first(y, channel_dim), new_mean, new_var
+
+
+def _compiled_update(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float | Tensor, inplace: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float] | None:
+    """The ``running`` argument of :func:`bnkit.autograd.train_updating` when the running statistics
+    can be updated inside the ``cpu`` backend's compiled call, else ``None`` (torch ops update them).
+
+    That takes two plain, distinct, contiguous CPU vectors of the statistics dtype that need no
+    gradient and a float momentum; the update goes to the buffers themselves with ``inplace``,
+    else to new vectors. The kernel reads ``running_var`` after writing ``running_mean``, so
+    buffers that share memory keep the torch ops (which read both first).
+    """
+    if (
+        type(momentum) is not float
+        or type(running_mean) is not Tensor
+        or type(running_var) is not Tensor
+        or not x.is_cpu
+    ):
+        return None
+    sd = ref.stats_dtype(x.dtype)
+    c = x.shape[1]
+    for t in (running_mean, running_var):
+        if not (
+            t.dtype is sd and t.is_cpu and t.layout is torch.strided and t.shape == (c,) and t.is_contiguous()
+            and not t.requires_grad
+        ):
+            return None
+    if inplace:
+        a, b = running_mean.data_ptr(), running_var.data_ptr()
+        if abs(a - b) < c * running_mean.element_size():
+            return None
+        return running_mean, running_var, running_mean, running_var, momentum
+    return running_mean, running_var, torch.empty_like(running_mean), torch.empty_like(running_var), momentum
 
 
 def batch_norm(
@@ -387,8 +451,8 @@ def batch_norm(
         small = _small.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, True)
         if small is not None:  # running statistics already updated in place
             return small[0]
-    y, new_mean, new_var = batch_norm_pure(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask, channel_dim=channel_dim
+    y, new_mean, new_var = _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, mask, channel_dim, True
     )
     if training:
         write_running_stats(running_mean, running_var, new_mean, new_var)

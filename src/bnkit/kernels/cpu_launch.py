@@ -190,6 +190,32 @@ def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np
     return t.detach().numpy()
 
 
+def _running_arrays(running, c: int, count: int, np_sd: type) -> tuple:
+    """The ``running`` argument of the training kernels (:func:`bnkit.kernels.cpu.update_running`):
+    numpy views of the four vectors, ``ratio = count / (count - 1)``, ``keep = 1 - momentum`` and
+    ``take = momentum`` rounded to the statistics dtype (as torch rounds them in the reference's
+    ops); empty vectors when ``running`` is ``None``."""
+    if running is None:
+        empty = _const(0, np_sd, 0.0)
+        zero = np_sd(0.0)
+        return empty, empty, empty, empty, zero, zero, zero
+    *vectors, momentum = running
+    sd = _TORCH_SD[np_sd]
+    arrays = []
+    for name, t in zip(("running_mean", "running_var", "new_mean", "new_var"), vectors, strict=True):
+        if not isinstance(t, Tensor) or not (
+            t.dtype is sd and t.is_cpu and t.layout is torch.strided and t.shape == (c,) and t.is_contiguous()
+            and not t.requires_grad
+        ):
+            desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"cpu backend: {name} must be a contiguous {sd} CPU vector of {c} elements "
+                             f"without grad, got {desc}")
+        arrays.append(t.numpy())
+    if count < 2:
+        raise ValueError(f"cpu backend: the running variance needs at least 2 values per channel, got {count}")
+    return (*arrays, np_sd(count / (count - 1)), np_sd(1.0 - momentum), np_sd(momentum))
+
+
 def _threads(numel: int) -> int:
     """Set numba's thread count for this launch: torch's count, or one for small inputs."""
     nt = 1 if numel < SERIAL_NUMEL else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
@@ -264,13 +290,22 @@ class CpuBackend:
         )
 
     def forward_train(
-        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running: tuple[Tensor, Tensor, Tensor, Tensor, float] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(y, mean, var)``; with ``running = (running_mean, running_var, new_mean, new_var, momentum)``
+        also the running statistics' update, written to ``new_*`` (which may be the buffers
+        themselves) in the same compiled call (:func:`bnkit.kernels.cpu.update_running`)."""
         order, n, c, s = self._layout(x)
         sd = ref.stats_dtype(x.dtype)
         np_sd = _VIEW[x.dtype][1]
         w = _vec("weight", weight, c, np_sd, 1.0)
         b = _vec("bias", bias, c, np_sd, 0.0)
+        upd = _running_arrays(running, c, n * s, np_sd)
         y = _empty_like(x)
         mean = torch.empty(c, dtype=sd)
         var = torch.empty(c, dtype=sd)
@@ -281,24 +316,21 @@ class CpuBackend:
         xf, yf = _flat(x), _flat(y)
         g = _ncs_group(nt, n, c, s, x.element_size()) if order == "ncs" and x.dtype in _NUMPY_DTYPES else 0
         if g:
-            K.ncs_train_groups(xf, yf, n, c, s, g, w, b, e, mean_np, var_np, nmean, scale, shift)
-            return y, mean, var
-        if order == "ncs" and s < ROW_STATS_MAX_S:  # short rows: stream them in memory order, twice
+            K.ncs_train_groups_all(xf, yf, n, c, s, g, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
+        elif order == "ncs" and s < ROW_STATS_MAX_S:  # short rows: stream them in memory order, twice
             p = _nsc_parts(nt, n * c, s)
             K.ncs_train_rows(xf, yf, n, c, s, p, *np.empty((3, p, c)), w, b, e, mean_np, var_np, nmean, scale, shift,
-                             *_ncs_affine_plan(nt, n, c, s, nmean.dtype))
-            return y, mean, var
-        if order == "nsc":  # channels innermost: all of it in one compiled call
+                             *_ncs_affine_plan(nt, n, c, s, nmean.dtype), upd)
+        elif order == "nsc":  # channels innermost
             p = _nsc_parts(nt, n * s, c)
-            K.nsc_train(xf, yf, n * s, c, p, *np.empty((3, p, c)), w, b, e, mean_np, var_np, nmean, scale, shift)
-            return y, mean, var
-        p = _ncs_parts(nt, c, n * s)
-        fuse = p == 1 and FUSE_NCS
-        parts = np.empty((3, p, c))
-        K.ncs_train(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, nmean, scale, shift, *parts)
-        if not fuse:  # few channels cut in parts: merge them, then normalize
-            K.finish_stats(*parts, w, b, e, mean_np, var_np, nmean, scale, shift)
-            self._affine(order, n, c, s, xf, xf, yf, False, scale, nmean, scale, shift)
+            K.nsc_train(xf, yf, n * s, c, p, *np.empty((3, p, c)), w, b, e, mean_np, var_np, nmean, scale, shift, upd)
+        else:
+            p = _ncs_parts(nt, c, n * s)
+            fuse = p == 1 and FUSE_NCS
+            # few channels cut in parts: merged, then normalized in a second pass
+            plan = (0, 1, np.empty((4, 0), nmean.dtype)) if fuse else _ncs_affine_plan(nt, n, c, s, nmean.dtype)
+            K.ncs_train_all(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, nmean, scale, shift,
+                            *np.empty((3, p, c)), *plan, upd)
         return y, mean, var
 
     def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
