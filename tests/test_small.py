@@ -48,6 +48,7 @@ def spy(monkeypatch):
 
     names = ("train_forward", "eval_forward", "train_backward", "eval_backward")
     wrapped = {n + ("_par" if par else ""): wrap(n, par) for n in names for par in (False, True)}
+    wrapped["eval_forward16"] = wrap("eval_forward16", False)  # one kernel: its normalize is parallel inside
     monkeypatch.setattr(small, "_K", types.SimpleNamespace(**wrapped))
     return calls
 
@@ -421,6 +422,48 @@ def test_channels_innermost_memory(spy, shape, layout, dtype):
     assert out["bnkit"][0].stride() == x0.stride() and out["bnkit"][4].stride() == x0.stride()
     for got, want in zip(out["bnkit"], out["torch"], strict=True):
         _close(got, want, dtype)
+
+
+# 16-bit eval: contiguous (N, C, *) with short and long rows (the normalize's constant tables and row
+# ranges), (N, C) and (N, C, 1, 1), channels-innermost memory, and sizes above SERIAL_NUMEL
+SIXTEEN_CASES = [((3, 5, 7, 11), "contiguous"), ((7, 5), "contiguous"), ((5, 3, 1, 1), "contiguous"),
+                 ((3, 200, 3, 3), "contiguous"), ((4, 5, 6, 6), "channels_last"), ((2, 3, 4, 4, 4), "channels_last"),
+                 ((6, 7, 11), "ncl"), ((16, 32, 12, 12), "channels_last"), ((2, 2, 9001), "contiguous"),
+                 ((1100, 40), "contiguous"), ((4, 64, 20, 20), "contiguous")]  # fmt: skip
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape, layout", SIXTEEN_CASES)
+def test_16bit_eval_is_the_cpu_backends_bit_for_bit(spy, shape, layout, dtype, affine):
+    # bfloat16/float16 data with float32 running statistics and parameters, eval without a graph:
+    # one call (eval_forward16), the bits of the cpu backend's forward_eval_running, close to torch
+    from bnkit.kernels import get_backend
+
+    x, w, b, rm, rv = _inputs(shape, torch.float32, affine, seed=11, offset=1.0, scale=2.0)
+    x = x.to(dtype)
+    if layout != "contiguous":
+        x = _channels_last(x, layout)
+    y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
+    assert spy == {"eval_forward16": 1} and last_backend() == "cpu"
+    assert y.dtype == dtype and y.stride() == x.stride()
+    expected = get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+    tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(y.float(), F.batch_norm(x, rm, rv, w, b, training=False).float(), atol=tol, rtol=tol)
+
+
+def test_16bit_takes_the_path_only_in_eval_without_a_graph_and_with_float32_vectors(spy):
+    x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=7)
+    xb = x.bfloat16()
+    bnkit.functional.batch_norm(xb, rm.bfloat16(), rv.bfloat16(), w.bfloat16(), b.bfloat16(), training=False)
+    bnkit.functional.batch_norm(xb.clone().requires_grad_(), rm, rv, w, b, training=False)
+    bnkit.functional.batch_norm(xb, rm.clone(), rv.clone(), w, b, training=True)
+    with pytest.raises(RuntimeError, match="mixed dtype"):  # torch's error, from the regular checks
+        bnkit.functional.batch_norm(xb, rm, rv.double(), w, b, training=False)
+    assert spy == {}
+    bnkit.functional.batch_norm(xb, rm, rv, w, b, training=False)
+    assert spy == {"eval_forward16": 1}
 
 
 def test_kernels_that_fail_to_load_turn_the_path_off_with_one_warning(monkeypatch):

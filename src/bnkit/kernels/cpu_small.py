@@ -15,6 +15,8 @@ one call in one launch:
   :func:`bnkit.reference.update_running_stats` in the statistics dtype (no fused multiply-add);
 * :func:`eval_forward`: the eval output from the running statistics, with the arithmetic of the
   ``cpu`` backend (:func:`bnkit.kernels.cpu.eval_coeffs`, then ``(x - mean) * scale + shift``);
+* :func:`eval_forward16`: the eval output of bfloat16/float16 data (float32 running statistics and
+  parameters), with the ``cpu`` backend's own coefficients and normalize kernels;
 * :func:`train_backward` / :func:`eval_backward` (one body, :func:`_backward`): both reductions, then
   ``dx = a*dy + k*(x - mean) + c`` in training (the symbols of :mod:`bnkit.autograd`) or ``dx = a*dy``
   in eval, with ``dweight`` and ``dbias``.
@@ -38,10 +40,13 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
+from bnkit.kernels.cpu import ncs_affine_any, nsc_affine
+
 __all__ = [
     "eval_backward",
     "eval_backward_par",
     "eval_forward",
+    "eval_forward16",
     "eval_forward_par",
     "probe",
     "train_backward",
@@ -56,7 +61,7 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 @intrinsic
 def _ptr(typingctx, addr, like):
     # an integer address as a pointer to values of like's type (for numba.carray)
-    if not isinstance(addr, types.Integer) or not isinstance(like, types.Float):
+    if not isinstance(addr, types.Integer) or not isinstance(like, (types.Float, types.Integer)):
         return None
     sig = types.CPointer(like)(addr, like)
 
@@ -272,6 +277,37 @@ def eval_forward_par(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T):
     _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T)
 
 
+@njit(cache=True)
+def eval_forward16(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T, Q, tab):
+    """Eval forward of 16-bit data from float32 running statistics (and weight/bias): the ``cpu``
+    backend's ``forward_eval_running`` in one call, its numbers by construction.
+
+    ``like`` is a zero of the raw type (``np.uint16``: bfloat16, ``np.int16``: float16). The float32
+    scale is :func:`bnkit.kernels.cpu.eval_coeffs`' (``eps`` rounded to float32), then the backend's
+    own normalize kernels run on the raw 16-bit values: :func:`bnkit.kernels.cpu.nsc_affine` on
+    rows of channels (``S == 1``, ``T`` row ranges), else :func:`bnkit.kernels.cpu.ncs_affine_any`
+    with the launcher's plan (``T``, ``Q``, ``tab``).
+    """
+    total = N * C * S
+    x = _view(xa, total, like)
+    y = _view(ya, total, like)
+    f = np.float32(0.0)
+    one = np.float32(1.0)
+    e = np.float32(eps)
+    rm = _view(rma, C, f)
+    rv = _view(rva, C, f)
+    k = np.empty(C, np.float32)
+    sh = np.zeros(C, np.float32)
+    for c in range(C):
+        k[c] = _eval_coeff(rv[c], _view(wa, C, f)[c] if wa != 0 else one, e, one)
+        if ba != 0:
+            sh[c] = _view(ba, C, f)[c]
+    if S == 1:
+        nsc_affine(x, x, y, N, C, T, False, k, rm, k, sh)
+    else:
+        ncs_affine_any(x, x, y, N, C, S, T, Q, False, k, rm, k, sh, tab)
+
+
 @njit(cache=True, fastmath=_FAST)
 def _grad_sums(g, x, C, S, r0, r1, mean, s0, s1):
     # s0[c] += sum(dy), s1[c] += sum(dy * (x - mean[c])) over rows [r0, r1), in float64
@@ -421,7 +457,8 @@ def eval_backward_par(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T
 
 
 def probe() -> None:
-    """Compile (or load from numba's cache) every kernel once, for float32, on a 2x1x2 problem.
+    """Compile (or load from numba's cache) every kernel once, for float32 (bfloat16 for
+    :func:`eval_forward16`), on a 2x1x2 problem.
 
     :mod:`bnkit.small` calls it before its first use, so that a broken numba install fails there,
     where it becomes one warning and the regular path, and never in the middle of a call.
@@ -440,3 +477,6 @@ def probe() -> None:
         (eval_forward_par if par else eval_forward)(like, xa, ya, 2, 1, 2, rm, rv, w, b, 1e-5, *tail)
         (train_backward_par if par else train_backward)(like, ga, xa, dxa, 2, 1, 2, m, v, w, 1e-5, rm, rv, *tail)
         (eval_backward_par if par else eval_backward)(like, ga, xa, dxa, 2, 1, 2, rm, rv, w, 1e-5, m, v, *tail)
+    raw = np.zeros(4, np.uint16)
+    eval_forward16(raw[0], raw.ctypes.data, raw.ctypes.data, 2, 1, 2, rm, rv, w, b, 1e-5, 1, 1,
+                   np.empty((4, 0), np.float32))
