@@ -254,28 +254,35 @@ def test_compiled_running_update_matches_the_torch_ops(monkeypatch, bn_path, dty
 
 
 @needs_cpu
-def test_compiled_running_update_leaves_shared_or_odd_buffers_to_torch_ops(monkeypatch):
-    # running_mean and running_var in the same memory, a tensor momentum, 16-bit running statistics:
-    # the torch ops update them (the kernel would read the variance after writing the mean)
-    from bnkit import small
+def test_one_buffer_as_both_running_statistics_gets_torchs_numbers(bn_path):
+    # torch's kernel writes the running mean before it reads the running variance: with one buffer
+    # passed as both, the variance's update starts from the updated mean (the torch ops would not)
+    x = torch.randn(6, 5, 9, 8) + 2
+    shared = torch.rand(5) + 0.5
+    expected = shared.clone()
+    torch.nn.functional.batch_norm(x, expected, expected, None, None, True, 0.1, 1e-5)
+    with use_backend("cpu"):
+        F.batch_norm(x, shared, shared, None, None, True, 0.1, 1e-5)
+    torch.testing.assert_close(shared, expected, rtol=1e-6, atol=1e-6)
 
-    monkeypatch.setattr(small, "SMALL_NUMEL", 0)
+
+@needs_cpu
+def test_compiled_running_update_leaves_odd_statistics_to_torch_ops(monkeypatch, bn_path):
+    # a tensor momentum and 16-bit running statistics: the torch ops update them
     calls = []
     real = F.updated_running_stats
     monkeypatch.setattr(F, "updated_running_stats", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(6, 5, 9, 8) + 2
     with use_backend("cpu"):
-        shared = torch.rand(5) + 0.5
-        expected_var = ref.update_running_stats(shared.clone(), shared.clone(), *ref.batch_stats(x), 6 * 72, 0.1)[1]
-        F.batch_norm(x, shared, shared, None, None, True, 0.1, 1e-5)
-        torch.testing.assert_close(shared, expected_var, rtol=1e-6, atol=1e-6)
-        buf = torch.rand(9) + 0.5
-        F.batch_norm(x, buf[:5], buf[4:], None, None, True, 0.1, 1e-5)
-        F.batch_norm(x, torch.zeros(5), torch.ones(5), None, None, True, torch.tensor(0.1), 1e-5)
+        rm, rv = torch.zeros(5), torch.ones(5)
+        F.batch_norm(x, rm, rv, None, None, True, torch.tensor(0.1), 1e-5)
+        rm_t, rv_t = torch.zeros(5), torch.ones(5)
+        torch.nn.functional.batch_norm(x, rm_t, rv_t, None, None, True, 0.1, 1e-5)
+        torch.testing.assert_close((rm, rv), (rm_t, rv_t))
         xb = x.bfloat16()
-        F.batch_norm(xb, torch.zeros(5, dtype=torch.bfloat16), torch.ones(5, dtype=torch.bfloat16), None, None, True)
-    assert len(calls) == 4
-    calls.clear()
-    with use_backend("cpu"):
-        F.batch_norm(x, torch.zeros(5), torch.ones(5), None, None, True, 0.1, 1e-5)
-    assert calls == []
+        rm, rv = torch.zeros(5, dtype=torch.bfloat16), torch.ones(5, dtype=torch.bfloat16)
+        F.batch_norm(xb, rm, rv, None, None, True)
+        rm_t, rv_t = rm.clone().zero_(), rv.clone().fill_(1)
+        torch.nn.functional.batch_norm(xb, rm_t, rv_t, None, None, True)
+        torch.testing.assert_close((rm, rv), (rm_t, rv_t))
+    assert len(calls) == 2

@@ -48,7 +48,9 @@ def spy(monkeypatch):
 
     names = ("train_forward", "eval_forward", "train_backward", "eval_backward")
     wrapped = {n + ("_par" if par else ""): wrap(n, par) for n in names for par in (False, True)}
-    wrapped["eval_forward16"] = wrap("eval_forward16", False)  # one kernel: its normalize is parallel inside
+    # one kernel each: their passes are parallel inside
+    wrapped["eval_forward16"] = wrap("eval_forward16", False)
+    wrapped["train_regular"] = wrap("train_regular", False)
     monkeypatch.setattr(small, "_K", types.SimpleNamespace(**wrapped))
     return calls
 
@@ -264,10 +266,10 @@ def test_cases_that_must_not_take_the_small_path(spy, case):
     elif case == "transposed-2d":  # (N, C) with channels outermost
         x = torch.randn(3, 8).t()
         x, w, b, rm, rv = x, None, None, torch.zeros(3), torch.ones(3)
-    elif case == "bfloat16":
-        x = x.bfloat16()
-    elif case == "large":
-        x = torch.randn(small.SMALL_NUMEL // 3 + 1, 3, 1, 1)
+    elif case == "bfloat16":  # with a graph (training without one takes train_regular)
+        x = x.bfloat16().requires_grad_()
+    elif case == "large":  # the same
+        x = torch.randn(small.SMALL_NUMEL // 3 + 1, 3, 1, 1, requires_grad=True)
     elif case == "stats-need-grad":
         rm.requires_grad_()
     elif case == "mixed-dtype":
@@ -383,8 +385,8 @@ def test_eval_without_a_graph_takes_the_path_at_every_size(spy, layout):
     from bnkit.kernels import get_backend
 
     _close(y, get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5), torch.float32)
-    bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
     bnkit.functional.batch_norm(x, rm, rv, w.requires_grad_(), b, training=False)
+    bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
     assert spy == {"eval_forward": 1}
 
 
@@ -458,12 +460,68 @@ def test_16bit_takes_the_path_only_in_eval_without_a_graph_and_with_float32_vect
     xb = x.bfloat16()
     bnkit.functional.batch_norm(xb, rm.bfloat16(), rv.bfloat16(), w.bfloat16(), b.bfloat16(), training=False)
     bnkit.functional.batch_norm(xb.clone().requires_grad_(), rm, rv, w, b, training=False)
-    bnkit.functional.batch_norm(xb, rm.clone(), rv.clone(), w, b, training=True)
     with pytest.raises(RuntimeError, match="mixed dtype"):  # torch's error, from the regular checks
         bnkit.functional.batch_norm(xb, rm, rv.double(), w, b, training=False)
     assert spy == {}
     bnkit.functional.batch_norm(xb, rm, rv, w, b, training=False)
     assert spy == {"eval_forward16": 1}
+
+
+# training without a graph above SMALL_NUMEL and for 16-bit data: the cpu backend's plan, one per path
+# (groups of channels, short rows, long rows fused and cut in parts, channels innermost)
+REGULAR_CASES = [((64, 67, 12, 12), "contiguous"), ((3, 2000, 3, 3), "contiguous"), ((4, 64, 300), "contiguous"),
+                 ((1, 2, 20000), "contiguous"), ((16, 3, 31, 29), "channels_last"), ((8, 13, 401), "ncl"),
+                 ((11003, 3), "contiguous"), ((3, 5, 7, 11), "contiguous")]  # fmt: skip
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["batch_norm", "batch_norm_pure"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape, layout", REGULAR_CASES)
+def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, shape, layout, dtype, inplace):
+    # one compiled call (train_regular) with the cpu backend's kernels and plan: the regular path's
+    # output and running statistics, bit for bit (SMALL_NUMEL = 0: float32/float64 take it at any size)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    x, w, b, rm, rv = _inputs(shape, sd, seed=12, offset=1.0, scale=2.0)
+    x = x.to(dtype)
+    if layout != "contiguous":
+        x = _channels_last(x, layout)
+
+    def run():
+        run_m, run_v = rm.clone(), rv.clone()
+        if inplace:
+            y = bnkit.functional.batch_norm(x, run_m, run_v, w, b, training=True, momentum=0.3)
+            return y, run_m, run_v
+        y, new_m, new_v = bnkit.functional.batch_norm_pure(x, run_m, run_v, w, b, training=True, momentum=0.3)
+        assert torch.equal(run_m, rm) and torch.equal(run_v, rv)
+        return y, new_m, new_v
+
+    monkeypatch.setattr(small, "SMALL_NUMEL", 0)
+    got = run()
+    assert spy == {"train_regular": 1} and last_backend() == "cpu"
+    assert got[0].dtype == dtype and got[0].stride() == x.stride()
+    monkeypatch.setattr(small, "SMALL_NO_GRAPH_NUMEL", 0)  # the regular path
+    expected = run()
+    assert spy == {"train_regular": 1}
+    for a, e in zip(got, expected, strict=True):
+        assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
+                           e.view(torch.int16) if e.element_size() == 2 else e)  # fmt: skip
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True, momentum=0.3)
+    tol = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}.get(dtype, 1e-5)
+    torch.testing.assert_close(got[0].double(), y_t.double(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got[1].double(), rm_t.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2].double(), rv_t.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_training_without_a_graph_and_without_running_statistics(spy):
+    x, w, b, _, _ = _inputs((4, 3, 5, 5), torch.float32, seed=13)
+    xb = x.bfloat16()
+    y, m, v = bnkit.functional.batch_norm_pure(xb, None, None, w, b, training=True)
+    assert spy == {"train_regular": 1} and m is None and v is None
+    torch.testing.assert_close(y.float(), F.batch_norm(xb, None, None, w, b, training=True).float(), atol=1.6e-2,
+                               rtol=1.6e-2)  # fmt: skip
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bnkit.functional.batch_norm(torch.randn(1, 3).bfloat16(), None, None, training=True)
 
 
 def test_kernels_that_fail_to_load_turn_the_path_off_with_one_warning(monkeypatch):

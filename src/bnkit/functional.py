@@ -394,10 +394,10 @@ def _compiled_update(
     """The ``running`` argument of :func:`bnkit.autograd.train_updating` when the running statistics
     can be updated inside the ``cpu`` backend's compiled call, else ``None`` (torch ops update them).
 
-    That takes two plain, distinct, contiguous CPU vectors of the statistics dtype that need no
-    gradient and a float momentum; the update goes to the buffers themselves with ``inplace``,
-    else to new vectors. The kernel reads ``running_var`` after writing ``running_mean``, so
-    buffers that share memory keep the torch ops (which read both first).
+    That takes two plain contiguous CPU vectors of the statistics dtype that need no gradient and a
+    float momentum; the update goes to the buffers themselves with ``inplace``, else to new vectors.
+    In place, per channel, the mean is written before the variance is read, as torch's kernel does:
+    one buffer passed as both gets torch's numbers (the torch ops read both first).
     """
     if (
         type(momentum) is not float
@@ -415,9 +415,6 @@ def _compiled_update(
         ):
             return None
     if inplace:
-        a, b = running_mean.data_ptr(), running_var.data_ptr()
-        if abs(a - b) < c * running_mean.element_size():
-            return None
         return running_mean, running_var, running_mean, running_var, momentum
     return running_mean, running_var, torch.empty_like(running_mean), torch.empty_like(running_var), momentum
 

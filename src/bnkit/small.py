@@ -15,7 +15,7 @@ once from float64, the running statistics with the float operations of
 :func:`bnkit.reference.update_running_stats`, the eval output with those of the ``cpu`` backend.
 Calls that need a gradient go through :class:`_SmallTrainFn` / :class:`_SmallEvalFn` (one kernel
 each way, up to ``SMALL_GRAD_NUMEL`` elements); training calls above ``SMALL_NUMEL`` take the regular
-path, eval calls without a graph take this one at every size (``SMALL_EVAL_NUMEL``). Those eval calls
+path, eval calls without a graph take this one at every size (``SMALL_NO_GRAPH_NUMEL``). Those eval calls
 also take bfloat16/float16 data with float32 vectors: one compiled call runs the cpu backend's own
 coefficients and normalize kernels on the 16-bit values (:func:`bnkit.kernels.cpu_small.eval_forward16`),
 so the bits are the regular path's. Measured on the 2-core Xeon VM (interleaved functional calls,
@@ -58,7 +58,7 @@ SMALL_GRAD_NUMEL = 1 << 19
 # 64x256x14x14 0.92, 8x32x128x128 0.90, 64x128x1000 0.94 and its (N, C, L) view of (N, L, C) 0.92,
 # 32x64x56x56 channels_last 0.93, 64x256x14x14 channels_last 0.89, 4096x1024 0.92; 256x512x7x7
 # 1.00-1.04 and float64 32x64x56x56 0.99 alike.
-SMALL_EVAL_NUMEL = 1 << 62
+SMALL_NO_GRAPH_NUMEL = 1 << 62
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 _F32, _F64, _STRIDED = torch.float32, torch.float64, torch.strided
@@ -82,11 +82,13 @@ def _kernels():
     A failure is one warning, and every later call takes the regular path (which has its own fallback
     to the reference), as a fast backend that cannot load does.
     """
-    global _K, _threads, _nsc_parts, _ncs_affine_plan
+    global _K, _threads, _nsc_parts, _ncs_affine_plan, _train_plan, _layout_of
     if _K is None:
         try:
             from bnkit.kernels import cpu_small
             from bnkit.kernels.cpu_launch import _ncs_affine_plan, _nsc_parts, _threads
+            from bnkit.kernels.cpu_launch import layout_of as _layout_of
+            from bnkit.kernels.cpu_launch import train_plan as _train_plan
 
             cpu_small.probe()
         except Exception as exc:  # a broken numba install: one warning, then the regular path
@@ -102,8 +104,8 @@ def _kernels():
     return _K
 
 
-# bnkit.kernels.cpu_launch's _threads, _nsc_parts and _ncs_affine_plan, with the kernels
-_threads = _nsc_parts = _ncs_affine_plan = None
+# bnkit.kernels.cpu_launch's _threads, _nsc_parts, _ncs_affine_plan, train_plan and layout_of, with the kernels
+_threads = _nsc_parts = _ncs_affine_plan = _train_plan = _layout_of = None
 
 
 def _launch(serial, parallel, args: tuple, n: int, c: int, s: int) -> None:
@@ -239,9 +241,9 @@ def batch_norm(
     """
     if type(eps) is not float:
         return None
-    eval_only = training is False and not _needs_graph(x, weight, bias)
-    if eval_only:
-        dims = _layout(x, running_mean, running_var, weight, bias, SMALL_EVAL_NUMEL, True)
+    no_graph = not _needs_graph(x, weight, bias)
+    if no_graph:
+        dims = _layout(x, running_mean, running_var, weight, bias, SMALL_NO_GRAPH_NUMEL, True)
     else:
         dims = _layout(x, running_mean, running_var, weight, bias, SMALL_NUMEL)
     if dims is None:
@@ -249,10 +251,12 @@ def batch_norm(
     if training is True:
         if type(momentum) is not float or not eps > 0.0:
             return None
+        if no_graph and (x.numel() > SMALL_NUMEL or x.dtype in _RAW16):
+            return _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, inplace)
         return _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inplace)
     if training is False and running_mean is not None and eps >= 0.0:
         try:
-            if not eval_only:
+            if not no_graph:
                 if x.numel() > SMALL_GRAD_NUMEL:
                     return None
                 y = _eval_apply(x, running_mean, running_var, weight, bias, eps, dims)
@@ -292,6 +296,37 @@ def _eval_forward16(x, dims, running_mean, running_var, weight, bias, eps):
     plan = (_nsc_parts(nt, n, c), 1, _NO_TABLE) if s == 1 else _ncs_affine_plan(nt, n, c, s, np.float32)
     _call(_kernels().eval_forward16, (_RAW16[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, *plan))
     return y
+
+
+def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, inplace):
+    # the cpu backend's kernels, plan and numbers (cpu_small.train_regular) in one call
+    order, n, c, s = _layout_of(x)
+    count = n * s
+    if count < 2:
+        return None  # the regular path raises torch's "Expected more than 1 value per channel"
+    dt = x.dtype
+    sd = _F32 if dt in _RAW16 else dt
+    try:
+        xa, wa, ba = x.data_ptr(), _addr(weight), _addr(bias)
+        if running_mean is None:
+            new_mean = new_var = None
+            stats = (0, 0, 0, 0)
+        else:
+            if inplace:
+                new_mean, new_var = running_mean, running_var
+            else:
+                new_mean, new_var = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
+            stats = (running_mean.data_ptr(), running_var.data_ptr(), new_mean.data_ptr(), new_var.data_ptr())
+    except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
+        return None
+    y = torch.empty_like(x)
+    plan = _train_plan(_threads(x.numel()), order, n, c, s, dt)
+    like = _RAW16[dt] if dt in _RAW16 else _ZERO[dt]
+    scalars = (_scalar(count / (count - 1), sd), _scalar(1 - momentum, sd), _scalar(momentum, sd))
+    _call(_kernels().train_regular, (like, xa, y.data_ptr(), n, c, s, *plan, wa, ba, eps, *stats, *scalars))
+    if inplace and running_mean is not None:
+        increment_version((running_mean, running_var))
+    return y, new_mean, new_var
 
 
 def _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inplace):

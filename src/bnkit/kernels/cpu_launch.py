@@ -242,6 +242,33 @@ def _ncs_group(nt: int, n: int, c: int, s: int, itemsize: int) -> int:
     return g if g >= 1 and g * s * itemsize >= GROUP_RUN_BYTES else 0
 
 
+# The training forward's paths (train_plan): groups of channels, short rows streamed twice, channels
+# innermost, long rows (fused per channel, or channels cut in parts)
+PATH_GROUPS, PATH_ROWS, PATH_NSC, PATH_LONG = 0, 1, 2, 3
+
+
+def train_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) -> tuple:
+    """``(path, G, P, fuse, TA, Q, tab)`` of the training forward on ``(order, n, c, s)`` memory with ``nt``
+    threads: which kernel runs (``PATH_*``), its channels per group ``G``, parts ``P`` and ``fuse``
+    flag, and the normalize plan of :func:`_ncs_affine_plan` (``TA``, ``Q``, ``tab``; unused ones
+    ``(0, 1, no table)``). One decision for :meth:`CpuBackend.forward_train` and :mod:`bnkit.small`."""
+    norm = _NORM[dtype]
+    none = (0, 1, np.empty((4, 0), norm))
+    if order == "ncs":
+        g = _ncs_group(nt, n, c, s, _ITEMSIZE[dtype]) if dtype in _NUMPY_DTYPES else 0
+        if g:
+            return (PATH_GROUPS, g, 1, False, *none)
+        if s < ROW_STATS_MAX_S:  # short rows: stream them in memory order, twice
+            return (PATH_ROWS, 0, _nsc_parts(nt, n * c, s), False, *_ncs_affine_plan(nt, n, c, s, norm))
+        p = _ncs_parts(nt, c, n * s)
+        fuse = p == 1 and FUSE_NCS  # else few channels cut in parts: merged, then normalized
+        return (PATH_LONG, 0, p, fuse, *(none if fuse else _ncs_affine_plan(nt, n, c, s, norm)))
+    return (PATH_NSC, 0, _nsc_parts(nt, n * s, c), False, *none)
+
+
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
+
+
 def _ncs_affine_plan(nt: int, n: int, c: int, s: int, dtype) -> tuple[int, int, np.ndarray]:
     """``(T, Q, tab)`` of :func:`bnkit.kernels.cpu.ncs_affine_any` for ``(n, c, s)`` memory: the constant
     tables of ``ncs_affine_short`` (rows of at most SHORT_ROW_S values), or none (ranges of rows)."""
@@ -314,23 +341,17 @@ class CpuBackend:
         nt = _threads(x.numel())
         e = float(eps)
         xf, yf = _flat(x), _flat(y)
-        g = _ncs_group(nt, n, c, s, x.element_size()) if order == "ncs" and x.dtype in _NUMPY_DTYPES else 0
-        if g:
+        path, g, p, fuse, ta, q, tab = train_plan(nt, order, n, c, s, x.dtype)
+        parts = np.empty((3, p, c))
+        if path == PATH_GROUPS:
             K.ncs_train_groups_all(xf, yf, n, c, s, g, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
-        elif order == "ncs" and s < ROW_STATS_MAX_S:  # short rows: stream them in memory order, twice
-            p = _nsc_parts(nt, n * c, s)
-            K.ncs_train_rows(xf, yf, n, c, s, p, *np.empty((3, p, c)), w, b, e, mean_np, var_np, nmean, scale, shift,
-                             *_ncs_affine_plan(nt, n, c, s, nmean.dtype), upd)
-        elif order == "nsc":  # channels innermost
-            p = _nsc_parts(nt, n * s, c)
-            K.nsc_train(xf, yf, n * s, c, p, *np.empty((3, p, c)), w, b, e, mean_np, var_np, nmean, scale, shift, upd)
+        elif path == PATH_ROWS:
+            K.ncs_train_rows(xf, yf, n, c, s, p, *parts, w, b, e, mean_np, var_np, nmean, scale, shift, ta, q, tab, upd)
+        elif path == PATH_NSC:
+            K.nsc_train(xf, yf, n * s, c, p, *parts, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
         else:
-            p = _ncs_parts(nt, c, n * s)
-            fuse = p == 1 and FUSE_NCS
-            # few channels cut in parts: merged, then normalized in a second pass
-            plan = (0, 1, np.empty((4, 0), nmean.dtype)) if fuse else _ncs_affine_plan(nt, n, c, s, nmean.dtype)
-            K.ncs_train_all(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, nmean, scale, shift,
-                            *np.empty((3, p, c)), *plan, upd)
+            K.ncs_train_all(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, nmean, scale, shift, *parts, ta, q, tab,
+                            upd)  # fmt: skip
         return y, mean, var
 
     def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

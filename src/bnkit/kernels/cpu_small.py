@@ -40,7 +40,14 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from bnkit.kernels.cpu import ncs_affine_any, nsc_affine
+from bnkit.kernels.cpu import (
+    ncs_affine_any,
+    ncs_train_all,
+    ncs_train_groups_all,
+    ncs_train_rows,
+    nsc_affine,
+    nsc_train,
+)
 
 __all__ = [
     "eval_backward",
@@ -49,6 +56,7 @@ __all__ = [
     "eval_forward16",
     "eval_forward_par",
     "probe",
+    "train_regular",
     "train_backward",
     "train_backward_par",
     "train_forward",
@@ -306,6 +314,69 @@ def eval_forward16(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T, Q, tab):
         nsc_affine(x, x, y, N, C, T, False, k, rm, k, sh)
     else:
         ncs_affine_any(x, x, y, N, C, S, T, Q, False, k, rm, k, sh, tab)
+
+
+def _norm_zero(like):
+    """A zero of the normalization dtype for data of ``like``'s type: float64 for float32/float64 data,
+    float32 for raw 16-bit values (the cpu backend's ``_NORM``)."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(_norm_zero)
+def _norm_zero_impl(like):
+    if isinstance(like, types.Integer):
+        return lambda like: np.float32(0.0)
+    return lambda like: 0.0
+
+
+@njit(cache=True)
+def train_regular(like, xa, ya, N, C, S, path, G, P, fuse, TA, Q, tab, wa, ba, eps, rma, rva, nma, nva, ratio, keep,
+                  take):
+    """Training forward of any size and dtype without a graph: the ``cpu`` backend's
+    ``forward_train`` with the running-statistics update in one call, its numbers by construction.
+
+    ``like``: a zero of the data's type (raw ``np.uint16``/``np.int16`` for bfloat16/float16);
+    ``ratio``, ``keep``, ``take`` come in the statistics dtype (float32 for 16-bit data), which the
+    vectors at ``wa``/``ba``/``rma``/... have. ``path``, ``G``, ``P``, ``fuse``, ``TA``, ``Q``, ``tab``
+    are the launcher's plan (:func:`bnkit.kernels.cpu_launch.train_plan`) for this memory: ``(N, C, S)``
+    as :func:`bnkit.kernels.cpu_launch.layout_of` gives it. Without running statistics (``rma`` 0)
+    there is no update; the batch statistics stay inside.
+    """
+    total = N * C * S
+    x = _view(xa, total, like)
+    y = _view(ya, total, like)
+    one = _as_like(ratio, 1.0)
+    if wa != 0:
+        w = _view(wa, C, ratio)
+    else:
+        w = np.full(C, one)
+    if ba != 0:
+        b = _view(ba, C, ratio)
+    else:
+        b = np.zeros_like(w)
+    mean = np.empty_like(w)
+    var = np.empty_like(w)
+    if rma != 0:
+        rm = _view(rma, C, ratio)
+        rv = _view(rva, C, ratio)
+        nm = _view(nma, C, ratio)
+        nv = _view(nva, C, ratio)
+    else:
+        rm = rv = nm = nv = np.empty(0, mean.dtype)
+    running = (rm, rv, nm, nv, ratio, keep, take)
+    norm = np.full((3, C), _norm_zero(like))
+    nmean, scale, shift = norm[0], norm[1], norm[2]
+    parts = np.empty((3, P, C))
+    if path == 0:
+        ncs_train_groups_all(x, y, N, C, S, G, w, b, eps, mean, var, nmean, scale, shift, running)
+    elif path == 1:
+        ncs_train_rows(x, y, N, C, S, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, nmean, scale, shift, TA,
+                       Q, tab, running)
+    elif path == 2:
+        nsc_train(x, y, N * S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, nmean, scale, shift, running)
+    else:
+        ncs_train_all(x, y, N, C, S, P, fuse, w, b, eps, mean, var, nmean, scale, shift, parts[0], parts[1], parts[2],
+                      TA, Q, tab, running)
 
 
 @njit(cache=True, fastmath=_FAST)
