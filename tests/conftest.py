@@ -17,10 +17,10 @@ def _seed():
 def bn_path(request, monkeypatch):
     """Run a functional-level test on both CPU paths: the ``cpu`` backend's kernels behind the autograd
     layer ("regular"), and the one-call path that takes inputs up to ``bnkit.small.SMALL_NUMEL`` (eval
-    calls without a graph: ``SMALL_NO_GRAPH_NUMEL``)."""
+    calls without a graph: ``ONE_CALL_NUMEL``)."""
     if request.param == "regular":
         from bnkit import small
 
         monkeypatch.setattr(small, "SMALL_NUMEL", 0)
-        monkeypatch.setattr(small, "SMALL_NO_GRAPH_NUMEL", 0)
+        monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)
     return request.param

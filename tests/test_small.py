@@ -51,6 +51,7 @@ def spy(monkeypatch):
     # one kernel each: their passes are parallel inside
     wrapped["eval_forward16"] = wrap("eval_forward16", False)
     wrapped["train_regular"] = wrap("train_regular", False)
+    wrapped["backward_regular"] = wrap("backward_regular", False)
     monkeypatch.setattr(small, "_K", types.SimpleNamespace(**wrapped))
     return calls
 
@@ -266,10 +267,11 @@ def test_cases_that_must_not_take_the_small_path(spy, case):
     elif case == "transposed-2d":  # (N, C) with channels outermost
         x = torch.randn(3, 8).t()
         x, w, b, rm, rv = x, None, None, torch.zeros(3), torch.ones(3)
-    elif case == "bfloat16":  # with a graph (training without one takes train_regular)
-        x = x.bfloat16().requires_grad_()
-    elif case == "large":  # the same
-        x = torch.randn(small.SMALL_NUMEL // 3 + 1, 3, 1, 1, requires_grad=True)
+    elif case == "bfloat16":  # 16-bit data takes float32 vectors only
+        x, w, b, rm, rv = (t.bfloat16() for t in (x, w, b, rm, rv))
+    elif case == "large":  # eval with a graph above SMALL_GRAD_NUMEL
+        x = torch.randn(small.SMALL_GRAD_NUMEL // 3 + 1, 3, 1, 1, requires_grad=True)
+        training = False
     elif case == "stats-need-grad":
         rm.requires_grad_()
     elif case == "mixed-dtype":
@@ -359,13 +361,20 @@ def test_parallel_shapes_reach_the_parallel_kernels(spy):
 
 
 def test_calls_that_record_a_graph_stop_at_the_grad_limit(spy):
+    # above SMALL_GRAD_NUMEL a graph takes the cpu backend's kernels: training in one call each way
+    # (train_regular, backward_regular), eval the regular path; without a graph the small kernels
     n = small.SMALL_GRAD_NUMEL // 4 + 1  # (n, 4): above SMALL_GRAD_NUMEL, at most SMALL_NUMEL
     assert small.SMALL_GRAD_NUMEL < 4 * n <= small.SMALL_NUMEL
     x = torch.randn(n, 4)
     w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
-    for training in (True, False):
-        bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=training)
+    bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=False)
     assert spy == {}
+    bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=True).sum().backward()
+    assert spy == {"train_regular": 1}  # no input gradient: the regular backward
+    xg = x.clone().requires_grad_()
+    bnkit.functional.batch_norm(xg, torch.zeros(4), torch.ones(4), w, b, training=True).backward(torch.randn_like(x))
+    assert spy == {"train_regular": 2, "backward_regular": 1}
+    spy.clear()
     with torch.no_grad():
         for training in (True, False):
             bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=training)
@@ -374,7 +383,8 @@ def test_calls_that_record_a_graph_stop_at_the_grad_limit(spy):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_eval_without_a_graph_takes_the_path_at_every_size(spy, layout):
-    # above SMALL_NUMEL: eval without a graph stays on the small path, training and graphs do not
+    # above SMALL_NUMEL: eval without a graph stays on the small kernel; training (here with a graph)
+    # takes the cpu backend's kernels in one call, eval with a graph the regular path
     x, w, b, rm, rv = _inputs((8, 64, 48, 48), torch.float32, seed=3)
     x = x if layout == "contiguous" else x.contiguous(memory_format=torch.channels_last)
     assert x.numel() > small.SMALL_NUMEL
@@ -386,8 +396,9 @@ def test_eval_without_a_graph_takes_the_path_at_every_size(spy, layout):
 
     _close(y, get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5), torch.float32)
     bnkit.functional.batch_norm(x, rm, rv, w.requires_grad_(), b, training=False)
-    bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
     assert spy == {"eval_forward": 1}
+    bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
+    assert spy == {"eval_forward": 1, "train_regular": 1}
 
 
 # channels-innermost memory: channels_last 2d/3d, an (N, C, L) view of (N, L, C) memory, and one above
@@ -499,7 +510,7 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypa
     got = run()
     assert spy == {"train_regular": 1} and last_backend() == "cpu"
     assert got[0].dtype == dtype and got[0].stride() == x.stride()
-    monkeypatch.setattr(small, "SMALL_NO_GRAPH_NUMEL", 0)  # the regular path
+    monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)  # the regular path
     expected = run()
     assert spy == {"train_regular": 1}
     for a, e in zip(got, expected, strict=True):
@@ -513,6 +524,65 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypa
     torch.testing.assert_close(got[2].double(), rv_t.double(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape, layout", REGULAR_CASES)
+def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, shape, layout, dtype):
+    # forward and backward in one compiled call each (train_regular, backward_regular) above
+    # SMALL_GRAD_NUMEL (here 0) and in 16-bit: the regular path's y, running statistics and gradients
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    x0, w0, b0, rm, rv = _inputs(shape, sd, seed=15, offset=1.0, scale=2.0)
+    x0 = x0.to(dtype)
+    if layout != "contiguous":
+        x0 = _channels_last(x0, layout)
+    dy = torch.randn(shape).to(dtype)
+    if layout != "contiguous":
+        dy = _channels_last(dy, layout)
+
+    def run():
+        x, w, b = x0.clone().requires_grad_(), w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        run_m, run_v = rm.clone(), rv.clone()
+        y = bnkit.functional.batch_norm(x, run_m, run_v, w, b, training=True, momentum=0.3)
+        y.backward(dy)
+        return y, run_m, run_v, x.grad, w.grad, b.grad
+
+    monkeypatch.setattr(small, "SMALL_GRAD_NUMEL", 0)
+    got = run()
+    assert spy == {"train_regular": 1, "backward_regular": 1}
+    assert got[0].stride() == x0.stride() and got[3].stride() == x0.stride()
+    monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)  # the regular path
+    expected = run()
+    assert spy == {"train_regular": 1, "backward_regular": 1}
+    for a, e in zip(got, expected, strict=True):
+        assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
+                           e.view(torch.int16) if e.element_size() == 2 else e)  # fmt: skip
+
+
+def test_graph_backwards_the_one_call_kernel_does_not_take_go_the_regular_way(spy, monkeypatch):
+    # a gradient laid out unlike x, no input gradient, and a double backward: the regular formulas,
+    # checked against torch
+    monkeypatch.setattr(small, "SMALL_GRAD_NUMEL", 0)
+    x0, w0, b0, rm, rv = _inputs((6, 5, 4, 3), torch.float64, seed=16)
+    dy = torch.randn(6, 5, 3, 4, dtype=torch.float64).transpose(2, 3)  # not x's strides
+    for case in ("strides", "no-input-grad", "double"):
+        out = {}
+        for name, fn in (("bnkit", bnkit.functional.batch_norm), ("torch", F.batch_norm)):
+            x = x0.clone().requires_grad_(case != "no-input-grad")
+            w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+            y = fn(x, rm.clone(), rv.clone(), w, b, training=True)
+            if case == "double":
+                (gx,) = torch.autograd.grad((y * dy).sum(), x, create_graph=True)
+                gx.pow(2).sum().backward()
+                out[name] = (gx, w.grad, b.grad, x.grad)
+            else:
+                y.backward(dy)
+                out[name] = (x.grad, w.grad, b.grad)
+        for a, e in zip(out["bnkit"], out["torch"], strict=True):
+            assert (a is None) == (e is None)
+            if a is not None:
+                _close(a, e, torch.float64)
+    assert spy == {"train_regular": 3}
+
+
 def test_training_without_a_graph_and_without_running_statistics(spy):
     x, w, b, _, _ = _inputs((4, 3, 5, 5), torch.float32, seed=13)
     xb = x.bfloat16()
@@ -522,6 +592,30 @@ def test_training_without_a_graph_and_without_running_statistics(spy):
                                rtol=1.6e-2)  # fmt: skip
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bnkit.functional.batch_norm(torch.randn(1, 3).bfloat16(), None, None, training=True)
+
+
+def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkeypatch, recwarn):
+    kernels = small._kernels()
+
+    def train_regular(*args):
+        raise RuntimeError("no LLVM today")
+
+    def eval_forward16(*args):
+        raise RuntimeError("no LLVM today")
+
+    names = [n for n in kernels.__all__ if n not in ("train_regular", "eval_forward16")]
+    ns = types.SimpleNamespace(**{n: getattr(kernels, n) for n in names}, train_regular=train_regular,
+                               eval_forward16=eval_forward16)  # fmt: skip
+    monkeypatch.setattr(small, "_K", ns)
+    monkeypatch.setattr(small, "_BROKEN", set())
+    x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=14)
+    xb = x.bfloat16()
+    outs = [bnkit.functional.batch_norm_pure(xb, rm, rv, w, b, training=t)[0] for t in (True, True, False, False)]
+    assert len([w for w in recwarn if "one-call kernel" in str(w.message)]) == 2
+    monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)
+    for t, y in zip((True, True, False, False), outs, strict=True):
+        expected = bnkit.functional.batch_norm_pure(xb, rm, rv, w, b, training=t)[0]
+        assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
 
 
 def test_kernels_that_fail_to_load_turn_the_path_off_with_one_warning(monkeypatch):

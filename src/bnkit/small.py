@@ -15,7 +15,7 @@ once from float64, the running statistics with the float operations of
 :func:`bnkit.reference.update_running_stats`, the eval output with those of the ``cpu`` backend.
 Calls that need a gradient go through :class:`_SmallTrainFn` / :class:`_SmallEvalFn` (one kernel
 each way, up to ``SMALL_GRAD_NUMEL`` elements); training calls above ``SMALL_NUMEL`` take the regular
-path, eval calls without a graph take this one at every size (``SMALL_NO_GRAPH_NUMEL``). Those eval calls
+path, eval calls without a graph take this one at every size (``ONE_CALL_NUMEL``). Those eval calls
 also take bfloat16/float16 data with float32 vectors: one compiled call runs the cpu backend's own
 coefficients and normalize kernels on the 16-bit values (:func:`bnkit.kernels.cpu_small.eval_forward16`),
 so the bits are the regular path's. Measured on the 2-core Xeon VM (interleaved functional calls,
@@ -37,7 +37,7 @@ from torch.nn import Parameter
 
 from bnkit import kernels
 
-__all__ = ["SMALL_GRAD_NUMEL", "SMALL_NUMEL", "batch_norm"]
+__all__ = ["ONE_CALL_NUMEL", "SMALL_GRAD_NUMEL", "SMALL_NUMEL", "batch_norm"]
 
 # Up to this many elements the small kernels run serially (as the cpu backend does: waking a second
 # thread costs more than it saves); above, their parallel twins take TASKS_PER_THREAD ranges of rows
@@ -53,12 +53,16 @@ TASKS_PER_THREAD = 4
 # 0.71 / 0.81 / 1.28; 1024x1024 0.77 / 0.78 / 0.96; 32x64x32x32 (2**21) 0.82 / 0.88 / 1.01.
 SMALL_NUMEL = 1 << 20
 SMALL_GRAD_NUMEL = 1 << 19
-# Eval calls that record no graph take the path at every size: its one compiled pass beats the
-# regular path's launcher there too (interleaved functional calls, float32, small / regular time):
-# 64x256x14x14 0.92, 8x32x128x128 0.90, 64x128x1000 0.94 and its (N, C, L) view of (N, L, C) 0.92,
-# 32x64x56x56 channels_last 0.93, 64x256x14x14 channels_last 0.89, 4096x1024 0.92; 256x512x7x7
-# 1.00-1.04 and float64 32x64x56x56 0.99 alike.
-SMALL_NO_GRAPH_NUMEL = 1 << 62
+# Up to ONE_CALL_NUMEL elements (every size) the calls the small kernels do not take, for their size
+# or a 16-bit dtype, still take one compiled call per pass: eval without a graph on the small kernel
+# (16-bit: eval_forward16), training on the cpu backend's own plan and kernels (train_regular, and
+# backward_regular after it). Measured on the 2-core Xeon VM (interleaved functional calls, one call
+# / regular time): eval float32 64x256x14x14 0.92, 8x32x128x128 0.90, 64x128x1000 0.94 and its
+# (N, C, L) view 0.92, 32x64x56x56 channels_last 0.93, 64x256x14x14 channels_last 0.89, 4096x1024 0.92
+# (256x512x7x7 1.00-1.04, float64 32x64x56x56 0.99); training forward 64x256x14x14 channels_last
+# 0.83, 4096x1024 0.80, bf16 32x64x56x56 0.83 and 64x256x14x14 channels_last 0.79 (large contiguous
+# float32 0.96-1.03).
+ONE_CALL_NUMEL = 1 << 62
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 _F32, _F64, _STRIDED = torch.float32, torch.float64, torch.strided
@@ -82,11 +86,12 @@ def _kernels():
     A failure is one warning, and every later call takes the regular path (which has its own fallback
     to the reference), as a fast backend that cannot load does.
     """
-    global _K, _threads, _nsc_parts, _ncs_affine_plan, _train_plan, _layout_of
+    global _K, _threads, _nsc_parts, _ncs_affine_plan, _train_plan, _backward_plan, _layout_of
     if _K is None:
         try:
             from bnkit.kernels import cpu_small
             from bnkit.kernels.cpu_launch import _ncs_affine_plan, _nsc_parts, _threads
+            from bnkit.kernels.cpu_launch import backward_plan as _backward_plan
             from bnkit.kernels.cpu_launch import layout_of as _layout_of
             from bnkit.kernels.cpu_launch import train_plan as _train_plan
 
@@ -104,8 +109,9 @@ def _kernels():
     return _K
 
 
-# bnkit.kernels.cpu_launch's _threads, _nsc_parts, _ncs_affine_plan, train_plan and layout_of, with the kernels
-_threads = _nsc_parts = _ncs_affine_plan = _train_plan = _layout_of = None
+# bnkit.kernels.cpu_launch's _threads, _nsc_parts, _ncs_affine_plan, train_plan, backward_plan and layout_of,
+# with the kernels
+_threads = _nsc_parts = _ncs_affine_plan = _train_plan = _backward_plan = _layout_of = None
 
 
 def _launch(serial, parallel, args: tuple, n: int, c: int, s: int) -> None:
@@ -126,6 +132,32 @@ def _launch(serial, parallel, args: tuple, n: int, c: int, s: int) -> None:
 # ints (int64), eps (a float) and numpy scalars of that dtype. Calling the entry point skips the
 # dispatcher's typing of every argument: 1.17 -> 0.68 us for an 11-argument kernel (timeit minimum).
 _ENTRY: dict = {}
+
+
+_BROKEN: set = set()  # one-call drivers whose first call (their compilation) failed
+
+
+def _call_driver(kernel, args: tuple) -> bool:
+    """:func:`_call` for the one-call drivers, which :func:`_kernels` does not probe: their first call
+    compiles them (or loads them from numba's cache); if that fails, one warning, ``False`` (the
+    caller takes the regular path, nothing was written) then and for every later call."""
+    if (kernel, type(args[0])) in _ENTRY:
+        _call(kernel, args)
+        return True
+    if kernel in _BROKEN:
+        return False
+    try:
+        _call(kernel, args)
+    except Exception as exc:  # a compile error: the kernel did not run
+        _BROKEN.add(kernel)
+        warnings.warn(
+            f"bnkit: the one-call kernel {getattr(kernel, '__name__', kernel)} is unavailable "
+            f"({type(exc).__name__}: {exc}); such calls take the regular path",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+    return True
 
 
 def _call(kernel, args: tuple) -> None:
@@ -241,23 +273,22 @@ def batch_norm(
     """
     if type(eps) is not float:
         return None
-    no_graph = not _needs_graph(x, weight, bias)
-    if no_graph:
-        dims = _layout(x, running_mean, running_var, weight, bias, SMALL_NO_GRAPH_NUMEL, True)
-    else:
-        dims = _layout(x, running_mean, running_var, weight, bias, SMALL_NUMEL)
+    dims = _layout(x, running_mean, running_var, weight, bias, ONE_CALL_NUMEL, True)
     if dims is None:
         return None
+    graph = _needs_graph(x, weight, bias)
+    # beyond the small kernels (by size, or 16-bit data): the cpu backend's kernels, one call per pass
+    regular = x.dtype in _RAW16 or x.numel() > (SMALL_GRAD_NUMEL if graph else SMALL_NUMEL)
     if training is True:
         if type(momentum) is not float or not eps > 0.0:
             return None
-        if no_graph and (x.numel() > SMALL_NUMEL or x.dtype in _RAW16):
-            return _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, inplace)
+        if regular:
+            return _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, inplace, graph)
         return _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inplace)
     if training is False and running_mean is not None and eps >= 0.0:
         try:
-            if not no_graph:
-                if x.numel() > SMALL_GRAD_NUMEL:
+            if graph:
+                if regular:
                     return None
                 y = _eval_apply(x, running_mean, running_var, weight, bias, eps, dims)
             elif x.dtype in _RAW16:
@@ -294,12 +325,15 @@ def _eval_forward16(x, dims, running_mean, running_var, weight, bias, eps):
     n, c, s = dims
     nt = _threads(n * c * s)  # as the cpu backend's launcher sets numba's threads and cuts the work
     plan = (_nsc_parts(nt, n, c), 1, _NO_TABLE) if s == 1 else _ncs_affine_plan(nt, n, c, s, np.float32)
-    _call(_kernels().eval_forward16, (_RAW16[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, *plan))
+    if not _call_driver(_kernels().eval_forward16, (_RAW16[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba,
+                                                    eps, *plan)):  # fmt: skip
+        raise _NoStorage  # (nothing was written: the regular path)
     return y
 
 
-def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, inplace):
-    # the cpu backend's kernels, plan and numbers (cpu_small.train_regular) in one call
+def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, inplace, graph):
+    # the cpu backend's kernels, plan and numbers in one call (cpu_small.train_regular), through
+    # _RegularTrainFn when a backward follows
     order, n, c, s = _layout_of(x)
     count = n * s
     if count < 2:
@@ -319,11 +353,19 @@ def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, in
             stats = (running_mean.data_ptr(), running_var.data_ptr(), new_mean.data_ptr(), new_var.data_ptr())
     except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
         return None
-    y = torch.empty_like(x)
-    plan = _train_plan(_threads(x.numel()), order, n, c, s, dt)
     like = _RAW16[dt] if dt in _RAW16 else _ZERO[dt]
+    plan = _train_plan(_threads(x.numel()), order, n, c, s, dt)
     scalars = (_scalar(count / (count - 1), sd), _scalar(1 - momentum, sd), _scalar(momentum, sd))
-    _call(_kernels().train_regular, (like, xa, y.data_ptr(), n, c, s, *plan, wa, ba, eps, *stats, *scalars))
+    if graph:
+        try:
+            y = _regular_apply(x, weight, bias, eps, (like, order, n, c, s, sd, plan, stats, scalars))
+        except _NoStorage:
+            return None
+    else:
+        y = torch.empty_like(x)
+        args = (like, xa, y.data_ptr(), n, c, s, *plan, wa, ba, eps, 0, 0, *stats, *scalars)
+        if not _call_driver(_kernels().train_regular, args):
+            return None
     if inplace and running_mean is not None:
         increment_version((running_mean, running_var))
     return y, new_mean, new_var
@@ -369,7 +411,8 @@ def _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inpl
 
 
 class _NoStorage(Exception):
-    """A tensor had no storage (a leaked functorch wrapper): nothing was written, take the regular path."""
+    """Nothing was written, take the regular path: a tensor had no storage (a leaked functorch wrapper),
+    or a one-call driver failed to compile."""
 
 
 def _train_forward(x, weight, bias, args):
@@ -421,6 +464,48 @@ class _SmallTrainFn(torch.autograd.Function):
         return dx, (dw if need_w else None), (db if need_b else None), None
 
 
+class _RegularTrainFn(torch.autograd.Function):
+    """Training forward and backward on the cpu backend's kernels, one compiled call each way
+    (:func:`bnkit.kernels.cpu_small.train_regular`, :func:`~bnkit.kernels.cpu_small.backward_regular`),
+    for graphs the small kernels do not take; a backward they cannot serve (double backward, a
+    gradient laid out unlike ``x``, no input gradient) goes the regular way from the same context."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, spec):
+        like, order, n, c, s, sd, plan, stats, scalars = spec
+        y = torch.empty_like(x)
+        mean, var = torch.empty((2, c), dtype=sd)
+        args = (like, x.data_ptr(), y.data_ptr(), n, c, s, *plan, _addr(weight), _addr(bias), eps, mean.data_ptr(),
+                var.data_ptr(), *stats, *scalars)  # fmt: skip
+        if not _call_driver(_kernels().train_regular, args):
+            raise _NoStorage  # nothing written: the regular path
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.spec = (like, order, n, c, s, sd)
+        ctx.eps = eps
+        ctx.param_dtype = sd  # weight and bias, when given, are vectors of the statistics dtype (_layout)
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        if gy is None:
+            return None, None, None, None, None
+        x, weight, mean, var = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if need_x and _plain_grad(gy, x):
+            like, order, n, c, s, sd = ctx.spec
+            dx = torch.empty_like(x)
+            dw, db = torch.empty((2, c), dtype=sd)
+            plan = _backward_plan(_threads(x.numel()), order, n, c, s, x.dtype)
+            args = (like, gy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s, *plan, mean.data_ptr(), var.data_ptr(),
+                    _addr(weight), _scalar(ctx.eps, sd), dw.data_ptr(), db.data_ptr())  # fmt: skip
+            if _call_driver(_kernels().backward_regular, args):
+                return dx, (dw if need_w else None), (db if need_b else None), None, None
+        from bnkit.autograd import _forward_train_backward
+
+        return (*_forward_train_backward(ctx, gy, None, None)[:3], None, None)
+
+
 class _SmallEvalFn(torch.autograd.Function):
     """Eval forward of a small input whose input or parameters need a gradient (running statistics
     are constants); the inputs are those of :class:`bnkit.autograd._EvalFn`, whose backward serves
@@ -470,4 +555,5 @@ def _plain_grad(gy: Tensor, x: Tensor) -> bool:
 
 # Function.apply minus its Python wrapper, which only handles functorch (ruled out by _layout)
 _train_apply = super(torch.autograd.Function, _SmallTrainFn).apply
+_regular_apply = super(torch.autograd.Function, _RegularTrainFn).apply
 _eval_apply = super(torch.autograd.Function, _SmallEvalFn).apply

@@ -267,6 +267,25 @@ def train_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) 
 
 
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
+# The training backward's paths other than PATH_NSC (backward_plan): each channel (or group of channels)
+# reduced and written from cache, or short rows in two streaming passes
+PATH_FUSED = PATH_GROUPS
+
+
+def backward_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) -> tuple:
+    """``(path, G, T, TA, Q, tab)`` of the training backward on ``(order, n, c, s)`` memory: ``PATH_FUSED``
+    (channels per task ``G``), ``PATH_ROWS`` (``T`` row ranges for the reduction, then the normalize
+    plan ``TA``, ``Q``, ``tab``) or ``PATH_NSC`` (``T`` row ranges). One decision for
+    :meth:`CpuBackend.backward_train` and :mod:`bnkit.small`."""
+    sd = _VIEW[dtype][1]
+    none = (0, 1, np.empty((4, 0), sd))
+    if order == "nsc":
+        return (PATH_NSC, 1, _nsc_parts(nt, n * s, c), *none)
+    # groups of short rows as in the forward, sized for two tensors (dy and x)
+    g = _ncs_group(nt, n, c, s, 2 * _ITEMSIZE[dtype]) if dtype in _NUMPY_DTYPES else 0
+    if g or (s >= BACKWARD_FUSED_MIN_S and _ncs_parts(nt, c, n * s) == 1):
+        return (PATH_FUSED, max(g, 1), 1, *none)
+    return (PATH_ROWS, 1, _nsc_parts(nt, n * c, s), *_ncs_affine_plan(nt, n, c, s, sd))
 
 
 def _ncs_affine_plan(nt: int, n: int, c: int, s: int, dtype) -> tuple[int, int, np.ndarray]:
@@ -429,16 +448,13 @@ class CpuBackend:
         gf, xf, df = _flat(dy), _flat(x), _flat(dx)
         nt = _threads(x.numel())
         # groups of short rows as in forward_train, sized for two tensors (dy and x)
-        g = _ncs_group(nt, n, c, s, 2 * x.element_size()) if order == "ncs" and x.dtype in _NUMPY_DTYPES else 0
-        if g or (order == "ncs" and s >= BACKWARD_FUSED_MIN_S and _ncs_parts(nt, c, n * s) == 1):
-            K.ncs_backward_train(gf, xf, df, n, c, s, max(g, 1), m, inv, w, s0, s1, a, k, cc)
-            return dx, sum_dy, sum_dy_xhat
-        if order == "nsc":
-            t = _nsc_parts(nt, n * s, c)
+        path, g, t, ta, q, tab = backward_plan(nt, order, n, c, s, x.dtype)
+        if path == PATH_FUSED:
+            K.ncs_backward_train(gf, xf, df, n, c, s, g, m, inv, w, s0, s1, a, k, cc)
+        elif path == PATH_NSC:
             K.nsc_backward_train(gf, xf, df, n * s, c, t, m, inv, w, float(n * s), s0, s1, a, k, cc)
-            return dx, sum_dy, sum_dy_xhat
-        K.ncs_backward_rows(gf, xf, df, n, c, s, _nsc_parts(nt, n * c, s), m, inv, w, float(n * s), s0, s1, a, k, cc,
-                            *_ncs_affine_plan(nt, n, c, s, a.dtype))
+        else:
+            K.ncs_backward_rows(gf, xf, df, n, c, s, t, m, inv, w, float(n * s), s0, s1, a, k, cc, ta, q, tab)
         return dx, sum_dy, sum_dy_xhat
 
     def backward_eval(

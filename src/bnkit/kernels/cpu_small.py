@@ -42,14 +42,18 @@ from numba.extending import intrinsic, overload
 
 from bnkit.kernels.cpu import (
     ncs_affine_any,
+    ncs_backward_rows,
+    ncs_backward_train,
     ncs_train_all,
     ncs_train_groups_all,
     ncs_train_rows,
     nsc_affine,
+    nsc_backward_train,
     nsc_train,
 )
 
 __all__ = [
+    "backward_regular",
     "eval_backward",
     "eval_backward_par",
     "eval_forward",
@@ -330,8 +334,8 @@ def _norm_zero_impl(like):
 
 
 @njit(cache=True)
-def train_regular(like, xa, ya, N, C, S, path, G, P, fuse, TA, Q, tab, wa, ba, eps, rma, rva, nma, nva, ratio, keep,
-                  take):
+def train_regular(like, xa, ya, N, C, S, path, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio,
+                  keep, take):
     """Training forward of any size and dtype without a graph: the ``cpu`` backend's
     ``forward_train`` with the running-statistics update in one call, its numbers by construction.
 
@@ -339,8 +343,8 @@ def train_regular(like, xa, ya, N, C, S, path, G, P, fuse, TA, Q, tab, wa, ba, e
     ``ratio``, ``keep``, ``take`` come in the statistics dtype (float32 for 16-bit data), which the
     vectors at ``wa``/``ba``/``rma``/... have. ``path``, ``G``, ``P``, ``fuse``, ``TA``, ``Q``, ``tab``
     are the launcher's plan (:func:`bnkit.kernels.cpu_launch.train_plan`) for this memory: ``(N, C, S)``
-    as :func:`bnkit.kernels.cpu_launch.layout_of` gives it. Without running statistics (``rma`` 0)
-    there is no update; the batch statistics stay inside.
+    as :func:`bnkit.kernels.cpu_launch.layout_of` gives it. The batch mean and biased variance go to
+    ``ma``/``va`` (0: they stay inside); without running statistics (``rma`` 0) there is no update.
     """
     total = N * C * S
     x = _view(xa, total, like)
@@ -354,8 +358,12 @@ def train_regular(like, xa, ya, N, C, S, path, G, P, fuse, TA, Q, tab, wa, ba, e
         b = _view(ba, C, ratio)
     else:
         b = np.zeros_like(w)
-    mean = np.empty_like(w)
-    var = np.empty_like(w)
+    if ma != 0:
+        mean = _view(ma, C, ratio)
+        var = _view(va, C, ratio)
+    else:
+        mean = np.empty_like(w)
+        var = np.empty_like(w)
     if rma != 0:
         rm = _view(rma, C, ratio)
         rv = _view(rva, C, ratio)
@@ -377,6 +385,43 @@ def train_regular(like, xa, ya, N, C, S, path, G, P, fuse, TA, Q, tab, wa, ba, e
     else:
         ncs_train_all(x, y, N, C, S, P, fuse, w, b, eps, mean, var, nmean, scale, shift, parts[0], parts[1], parts[2],
                       TA, Q, tab, running)
+
+
+@njit(cache=True, error_model="numpy")
+def backward_regular(like, ga, xa, dxa, N, C, S, path, G, T, TA, Q, tab, ma, va, wa, eps, dwa, dba):
+    """Training backward of any size and dtype: the ``cpu`` backend's ``backward_train`` in one call,
+    its numbers by construction.
+
+    ``invstd = 1 / sqrt(var + eps)`` in the statistics dtype (``eps`` comes as a scalar of it; the
+    correctly rounded operations of the regular path's ``torch.rsqrt(var + eps)``), then the plan of
+    :func:`bnkit.kernels.cpu_launch.backward_plan` (``path`` 0: each channel or group of ``G``
+    reduced and written from cache, 1: short rows in two passes, 2: channels innermost) writes ``dx``
+    and ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` to ``dwa``/``dba``.
+    """
+    total = N * C * S
+    g = _view(ga, total, like)
+    x = _view(xa, total, like)
+    dx = _view(dxa, total, like)
+    mean = _view(ma, C, eps)
+    var = _view(va, C, eps)
+    one = _as_like(eps, 1.0)
+    inv = np.empty_like(mean)
+    for c in range(C):
+        inv[c] = one / np.sqrt(var[c] + eps)
+    if wa != 0:
+        w = _view(wa, C, eps)
+    else:
+        w = np.full(C, one)
+    s0 = _view(dba, C, eps)
+    s1 = _view(dwa, C, eps)
+    coeffs = np.empty((3, C), mean.dtype)
+    a, k, cc = coeffs[0], coeffs[1], coeffs[2]
+    if path == 0:
+        ncs_backward_train(g, x, dx, N, C, S, G, mean, inv, w, s0, s1, a, k, cc)
+    elif path == 2:
+        nsc_backward_train(g, x, dx, N * S, C, T, mean, inv, w, float(N * S), s0, s1, a, k, cc)
+    else:
+        ncs_backward_rows(g, x, dx, N, C, S, T, mean, inv, w, float(N * S), s0, s1, a, k, cc, TA, Q, tab)
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -528,11 +573,14 @@ def eval_backward_par(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T
 
 
 def probe() -> None:
-    """Compile (or load from numba's cache) every kernel once, for float32 (bfloat16 for
-    :func:`eval_forward16`), on a 2x1x2 problem.
+    """Compile (or load from numba's cache) every kernel but the two one-call drivers once, for float32,
+    on a 2x1x2 problem.
 
     :mod:`bnkit.small` calls it before its first use, so that a broken numba install fails there,
-    where it becomes one warning and the regular path, and never in the middle of a call.
+    where it becomes one warning and the regular path, and never in the middle of a call. The
+    drivers :func:`train_regular` and :func:`eval_forward16` compile on their first call instead
+    (15-25 s each on a cold cache on 2 cores, once per dtype; a failure there is one warning too):
+    most programs never call them in 16-bit, and a probe of them took the first call from 15 to 41 s.
     """
     like = np.float32(0.0)
     x, y, g, dx = (np.arange(4, dtype=np.float32) for _ in range(4))
@@ -548,6 +596,3 @@ def probe() -> None:
         (eval_forward_par if par else eval_forward)(like, xa, ya, 2, 1, 2, rm, rv, w, b, 1e-5, *tail)
         (train_backward_par if par else train_backward)(like, ga, xa, dxa, 2, 1, 2, m, v, w, 1e-5, rm, rv, *tail)
         (eval_backward_par if par else eval_backward)(like, ga, xa, dxa, 2, 1, 2, rm, rv, w, 1e-5, m, v, *tail)
-    raw = np.zeros(4, np.uint16)
-    eval_forward16(raw[0], raw.ctypes.data, raw.ctypes.data, 2, 1, 2, rm, rv, w, b, 1e-5, 1, 1,
-                   np.empty((4, 0), np.float32))
