@@ -36,11 +36,11 @@ def spy(monkeypatch):
     kernels = small._kernels()
     calls = _Calls()
 
-    def wrap(name, par):
+    def wrap(name, par, label=None):
         fn = getattr(kernels, name + ("_par" if par else ""))
 
         def counted(*args):
-            calls[name] = calls.get(name, 0) + 1
+            calls[label or name] = calls.get(label or name, 0) + 1
             calls.parallel += par
             return fn(*args)
 
@@ -48,10 +48,11 @@ def spy(monkeypatch):
 
     names = ("train_forward", "eval_forward", "train_backward", "eval_backward")
     wrapped = {n + ("_par" if par else ""): wrap(n, par) for n in names for par in (False, True)}
-    # one kernel each: their passes are parallel inside
+    # one kernel each (their passes are parallel inside); the drivers of every plan path under one name
     wrapped["eval_forward16"] = wrap("eval_forward16", False)
-    wrapped["train_regular"] = wrap("train_regular", False)
-    wrapped["backward_regular"] = wrap("backward_regular", False)
+    for table, label in ((kernels.TRAIN_DRIVERS, "train_regular"), (kernels.BACKWARD_DRIVERS, "backward_regular")):
+        wrapped.update({n: wrap(n, False, label) for n in table.values()})
+    wrapped["TRAIN_DRIVERS"], wrapped["BACKWARD_DRIVERS"] = kernels.TRAIN_DRIVERS, kernels.BACKWARD_DRIVERS
     monkeypatch.setattr(small, "_K", types.SimpleNamespace(**wrapped))
     return calls
 
@@ -597,15 +598,15 @@ def test_training_without_a_graph_and_without_running_statistics(spy):
 def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkeypatch, recwarn):
     kernels = small._kernels()
 
-    def train_regular(*args):
-        raise RuntimeError("no LLVM today")
+    def broken(name):
+        def driver(*args):
+            raise RuntimeError("no LLVM today")
 
-    def eval_forward16(*args):
-        raise RuntimeError("no LLVM today")
+        driver.__name__ = name
+        return driver
 
-    names = [n for n in kernels.__all__ if n not in ("train_regular", "eval_forward16")]
-    ns = types.SimpleNamespace(**{n: getattr(kernels, n) for n in names}, train_regular=train_regular,
-                               eval_forward16=eval_forward16)  # fmt: skip
+    drivers = [*kernels.TRAIN_DRIVERS.values(), *kernels.BACKWARD_DRIVERS.values(), "eval_forward16"]
+    ns = types.SimpleNamespace(**{n: broken(n) if n in drivers else getattr(kernels, n) for n in kernels.__all__})
     monkeypatch.setattr(small, "_K", ns)
     monkeypatch.setattr(small, "_BROKEN", set())
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=14)

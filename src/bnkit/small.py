@@ -55,13 +55,15 @@ SMALL_NUMEL = 1 << 20
 SMALL_GRAD_NUMEL = 1 << 19
 # Up to ONE_CALL_NUMEL elements (every size) the calls the small kernels do not take, for their size
 # or a 16-bit dtype, still take one compiled call per pass: eval without a graph on the small kernel
-# (16-bit: eval_forward16), training on the cpu backend's own plan and kernels (train_regular, and
-# backward_regular after it). Measured on the 2-core Xeon VM (interleaved functional calls, one call
-# / regular time): eval float32 64x256x14x14 0.92, 8x32x128x128 0.90, 64x128x1000 0.94 and its
-# (N, C, L) view 0.92, 32x64x56x56 channels_last 0.93, 64x256x14x14 channels_last 0.89, 4096x1024 0.92
-# (256x512x7x7 1.00-1.04, float64 32x64x56x56 0.99); training forward 64x256x14x14 channels_last
-# 0.83, 4096x1024 0.80, bf16 32x64x56x56 0.83 and 64x256x14x14 channels_last 0.79 (large contiguous
-# float32 0.96-1.03).
+# (16-bit: eval_forward16), training on the cpu backend's own plan and kernels (train_rows and the
+# other per-path drivers, backward_rows and its kind after them). Measured on the 2-core Xeon VM
+# (interleaved functional calls, one call / regular time): eval float32 64x256x14x14 0.92,
+# 8x32x128x128 0.90, 64x128x1000 0.94 and its (N, C, L) view 0.92, 32x64x56x56 channels_last 0.93,
+# 64x256x14x14 channels_last 0.89, 4096x1024 0.92 (256x512x7x7 1.00-1.04, float64 32x64x56x56 0.99);
+# training forward 64x256x14x14 channels_last 0.83, 4096x1024 0.80, bf16 32x64x56x56 0.83 and
+# 64x256x14x14 channels_last 0.79 (large contiguous float32 0.96-1.03); forward+backward 32x32x32x32
+# 0.90, bf16 64x256x14x14 channels_last 0.90, 64x256x14x14 channels_last 0.95 (large contiguous
+# float32 0.98-1.03).
 ONE_CALL_NUMEL = 1 << 62
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
@@ -132,6 +134,11 @@ def _launch(serial, parallel, args: tuple, n: int, c: int, s: int) -> None:
 # ints (int64), eps (a float) and numpy scalars of that dtype. Calling the entry point skips the
 # dispatcher's typing of every argument: 1.17 -> 0.68 us for an 11-argument kernel (timeit minimum).
 _ENTRY: dict = {}
+
+
+def _driver(names: dict, path: int):
+    """The one-call driver of a plan's path (``cpu_small.TRAIN_DRIVERS`` / ``BACKWARD_DRIVERS``)."""
+    return getattr(_kernels(), names[path])
 
 
 _BROKEN: set = set()  # one-call drivers whose first call (their compilation) failed
@@ -332,7 +339,8 @@ def _eval_forward16(x, dims, running_mean, running_var, weight, bias, eps):
 
 
 def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, inplace, graph):
-    # the cpu backend's kernels, plan and numbers in one call (cpu_small.train_regular), through
+    # the cpu backend's kernels, plan and numbers in one call (cpu_small.train_rows and the other
+    # drivers of cpu_small.TRAIN_DRIVERS), through
     # _RegularTrainFn when a backward follows
     order, n, c, s = _layout_of(x)
     count = n * s
@@ -363,8 +371,8 @@ def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, in
             return None
     else:
         y = torch.empty_like(x)
-        args = (like, xa, y.data_ptr(), n, c, s, *plan, wa, ba, eps, 0, 0, *stats, *scalars)
-        if not _call_driver(_kernels().train_regular, args):
+        args = (like, xa, y.data_ptr(), n, c, s, *plan[1:], wa, ba, eps, 0, 0, *stats, *scalars)
+        if not _call_driver(_driver(_kernels().TRAIN_DRIVERS, plan[0]), args):
             return None
     if inplace and running_mean is not None:
         increment_version((running_mean, running_var))
@@ -466,7 +474,8 @@ class _SmallTrainFn(torch.autograd.Function):
 
 class _RegularTrainFn(torch.autograd.Function):
     """Training forward and backward on the cpu backend's kernels, one compiled call each way
-    (:func:`bnkit.kernels.cpu_small.train_regular`, :func:`~bnkit.kernels.cpu_small.backward_regular`),
+    (:func:`bnkit.kernels.cpu_small.train_rows`, :func:`~bnkit.kernels.cpu_small.backward_rows` and
+    their kind for the other paths of the plan),
     for graphs the small kernels do not take; a backward they cannot serve (double backward, a
     gradient laid out unlike ``x``, no input gradient) goes the regular way from the same context."""
 
@@ -475,9 +484,9 @@ class _RegularTrainFn(torch.autograd.Function):
         like, order, n, c, s, sd, plan, stats, scalars = spec
         y = torch.empty_like(x)
         mean, var = torch.empty((2, c), dtype=sd)
-        args = (like, x.data_ptr(), y.data_ptr(), n, c, s, *plan, _addr(weight), _addr(bias), eps, mean.data_ptr(),
-                var.data_ptr(), *stats, *scalars)  # fmt: skip
-        if not _call_driver(_kernels().train_regular, args):
+        args = (like, x.data_ptr(), y.data_ptr(), n, c, s, *plan[1:], _addr(weight), _addr(bias), eps,
+                mean.data_ptr(), var.data_ptr(), *stats, *scalars)  # fmt: skip
+        if not _call_driver(_driver(_kernels().TRAIN_DRIVERS, plan[0]), args):
             raise _NoStorage  # nothing written: the regular path
         ctx.save_for_backward(x, weight, mean, var)
         ctx.spec = (like, order, n, c, s, sd)
@@ -497,9 +506,9 @@ class _RegularTrainFn(torch.autograd.Function):
             dx = torch.empty_like(x)
             dw, db = torch.empty((2, c), dtype=sd)
             plan = _backward_plan(_threads(x.numel()), order, n, c, s, x.dtype)
-            args = (like, gy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s, *plan, mean.data_ptr(), var.data_ptr(),
-                    _addr(weight), _scalar(ctx.eps, sd), dw.data_ptr(), db.data_ptr())  # fmt: skip
-            if _call_driver(_kernels().backward_regular, args):
+            args = (like, gy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s, *plan[1:], mean.data_ptr(),
+                    var.data_ptr(), _addr(weight), _scalar(ctx.eps, sd), dw.data_ptr(), db.data_ptr())  # fmt: skip
+            if _call_driver(_driver(_kernels().BACKWARD_DRIVERS, plan[0]), args):
                 return dx, (dw if need_w else None), (db if need_b else None), None, None
         from bnkit.autograd import _forward_train_backward
 

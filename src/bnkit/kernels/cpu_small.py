@@ -53,14 +53,21 @@ from bnkit.kernels.cpu import (
 )
 
 __all__ = [
-    "backward_regular",
+    "BACKWARD_DRIVERS",
+    "TRAIN_DRIVERS",
+    "backward_fused",
+    "backward_nsc",
+    "backward_rows",
     "eval_backward",
     "eval_backward_par",
     "eval_forward",
     "eval_forward16",
     "eval_forward_par",
     "probe",
-    "train_regular",
+    "train_groups",
+    "train_long",
+    "train_nsc",
+    "train_rows",
     "train_backward",
     "train_backward_par",
     "train_forward",
@@ -333,19 +340,14 @@ def _norm_zero_impl(like):
     return lambda like: 0.0
 
 
-@njit(cache=True)
-def train_regular(like, xa, ya, N, C, S, path, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio,
-                  keep, take):
-    """Training forward of any size and dtype without a graph: the ``cpu`` backend's
-    ``forward_train`` with the running-statistics update in one call, its numbers by construction.
+# The one-call drivers of the cpu backend's kernels: one per path of its plan, so that a first call
+# compiles only its own kernel (a single driver over all paths took 35 s cold for float32 on 2 cores).
+# All take the arguments of the launcher's plan in the same order; a path ignores what it does not use.
 
-    ``like``: a zero of the data's type (raw ``np.uint16``/``np.int16`` for bfloat16/float16);
-    ``ratio``, ``keep``, ``take`` come in the statistics dtype (float32 for 16-bit data), which the
-    vectors at ``wa``/``ba``/``rma``/... have. ``path``, ``G``, ``P``, ``fuse``, ``TA``, ``Q``, ``tab``
-    are the launcher's plan (:func:`bnkit.kernels.cpu_launch.train_plan`) for this memory: ``(N, C, S)``
-    as :func:`bnkit.kernels.cpu_launch.layout_of` gives it. The batch mean and biased variance go to
-    ``ma``/``va`` (0: they stay inside); without running statistics (``rma`` 0) there is no update.
-    """
+
+@njit(inline="always")
+def _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva, ratio, keep, take):
+    # views and scratch of a training forward (see train_rows): the arrays the launcher makes
     total = N * C * S
     x = _view(xa, total, like)
     y = _view(ya, total, like)
@@ -371,33 +373,66 @@ def train_regular(like, xa, ya, N, C, S, path, G, P, fuse, TA, Q, tab, wa, ba, e
         nv = _view(nva, C, ratio)
     else:
         rm = rv = nm = nv = np.empty(0, mean.dtype)
-    running = (rm, rv, nm, nv, ratio, keep, take)
     norm = np.full((3, C), _norm_zero(like))
-    nmean, scale, shift = norm[0], norm[1], norm[2]
-    parts = np.empty((3, P, C))
-    if path == 0:
-        ncs_train_groups_all(x, y, N, C, S, G, w, b, eps, mean, var, nmean, scale, shift, running)
-    elif path == 1:
-        ncs_train_rows(x, y, N, C, S, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, nmean, scale, shift, TA,
-                       Q, tab, running)
-    elif path == 2:
-        nsc_train(x, y, N * S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, nmean, scale, shift, running)
-    else:
-        ncs_train_all(x, y, N, C, S, P, fuse, w, b, eps, mean, var, nmean, scale, shift, parts[0], parts[1], parts[2],
-                      TA, Q, tab, running)
+    return x, y, w, b, mean, var, norm, (rm, rv, nm, nv, ratio, keep, take)
 
 
-@njit(cache=True, error_model="numpy")
-def backward_regular(like, ga, xa, dxa, N, C, S, path, G, T, TA, Q, tab, ma, va, wa, eps, dwa, dba):
-    """Training backward of any size and dtype: the ``cpu`` backend's ``backward_train`` in one call,
-    its numbers by construction.
+@njit(cache=True)
+def train_rows(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio, keep,
+               take):
+    """Training forward of any size and dtype: the ``cpu`` backend's ``forward_train`` with the
+    running-statistics update in one call, its numbers by construction; this one for short
+    channel-major rows (:func:`bnkit.kernels.cpu.ncs_train_rows`), :func:`train_groups`,
+    :func:`train_nsc` and :func:`train_long` for the other paths of
+    :func:`bnkit.kernels.cpu_launch.train_plan`, whose ``G``, ``P``, ``fuse``, ``TA``, ``Q``, ``tab`` they take.
 
-    ``invstd = 1 / sqrt(var + eps)`` in the statistics dtype (``eps`` comes as a scalar of it; the
-    correctly rounded operations of the regular path's ``torch.rsqrt(var + eps)``), then the plan of
-    :func:`bnkit.kernels.cpu_launch.backward_plan` (``path`` 0: each channel or group of ``G``
-    reduced and written from cache, 1: short rows in two passes, 2: channels innermost) writes ``dx``
-    and ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` to ``dwa``/``dba``.
+    ``like``: a zero of the data's type (raw ``np.uint16``/``np.int16`` for bfloat16/float16);
+    ``ratio``, ``keep``, ``take`` come in the statistics dtype (float32 for 16-bit data), which the
+    vectors at ``wa``/``ba``/``ma``/... have; ``(N, C, S)`` as
+    :func:`bnkit.kernels.cpu_launch.layout_of` gives it. The batch mean and biased variance go to
+    ``ma``/``va`` (0: they stay inside); without running statistics (``rma`` 0) there is no update.
     """
+    x, y, w, b, mean, var, norm, running = _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva,
+                                                          ratio, keep, take)  # fmt: skip
+    parts = np.empty((3, P, C))
+    ncs_train_rows(x, y, N, C, S, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1], norm[2],
+                   TA, Q, tab, running)  # fmt: skip
+
+
+@njit(cache=True)
+def train_groups(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio, keep,
+                 take):
+    """:func:`train_rows` for groups of ``G`` channels (:func:`bnkit.kernels.cpu.ncs_train_groups_all`)."""
+    x, y, w, b, mean, var, norm, running = _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva,
+                                                          ratio, keep, take)  # fmt: skip
+    ncs_train_groups_all(x, y, N, C, S, G, w, b, eps, mean, var, norm[0], norm[1], norm[2], running)
+
+
+@njit(cache=True)
+def train_nsc(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio, keep,
+              take):
+    """:func:`train_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_train`)."""
+    x, y, w, b, mean, var, norm, running = _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva,
+                                                          ratio, keep, take)  # fmt: skip
+    parts = np.empty((3, P, C))
+    nsc_train(x, y, N * S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1], norm[2],
+              running)  # fmt: skip
+
+
+@njit(cache=True)
+def train_long(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio, keep,
+               take):
+    """:func:`train_rows` for long channel-major rows (:func:`bnkit.kernels.cpu.ncs_train_all`)."""
+    x, y, w, b, mean, var, norm, running = _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva,
+                                                          ratio, keep, take)  # fmt: skip
+    parts = np.empty((3, P, C))
+    ncs_train_all(x, y, N, C, S, P, fuse, w, b, eps, mean, var, norm[0], norm[1], norm[2], parts[0], parts[1],
+                  parts[2], TA, Q, tab, running)  # fmt: skip
+
+
+@njit(inline="always", error_model="numpy")
+def _backward_vectors(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba):
+    # views and scratch of a training backward (see backward_rows): the arrays the launcher makes
     total = N * C * S
     g = _view(ga, total, like)
     x = _view(xa, total, like)
@@ -412,16 +447,42 @@ def backward_regular(like, ga, xa, dxa, N, C, S, path, G, T, TA, Q, tab, ma, va,
         w = _view(wa, C, eps)
     else:
         w = np.full(C, one)
-    s0 = _view(dba, C, eps)
-    s1 = _view(dwa, C, eps)
-    coeffs = np.empty((3, C), mean.dtype)
-    a, k, cc = coeffs[0], coeffs[1], coeffs[2]
-    if path == 0:
-        ncs_backward_train(g, x, dx, N, C, S, G, mean, inv, w, s0, s1, a, k, cc)
-    elif path == 2:
-        nsc_backward_train(g, x, dx, N * S, C, T, mean, inv, w, float(N * S), s0, s1, a, k, cc)
-    else:
-        ncs_backward_rows(g, x, dx, N, C, S, T, mean, inv, w, float(N * S), s0, s1, a, k, cc, TA, Q, tab)
+    return g, x, dx, mean, inv, w, _view(dba, C, eps), _view(dwa, C, eps), np.empty((3, C), mean.dtype)
+
+
+@njit(cache=True, error_model="numpy")
+def backward_rows(like, ga, xa, dxa, N, C, S, G, T, TA, Q, tab, ma, va, wa, eps, dwa, dba):
+    """Training backward of any size and dtype: the ``cpu`` backend's ``backward_train`` in one call,
+    its numbers by construction; this one for short channel-major rows in two passes
+    (:func:`bnkit.kernels.cpu.ncs_backward_rows`), :func:`backward_fused` and :func:`backward_nsc` for
+    the other paths of :func:`bnkit.kernels.cpu_launch.backward_plan` (``G``, ``T``, ``TA``, ``Q``, ``tab``).
+
+    ``invstd = 1 / sqrt(var + eps)`` in the statistics dtype (``eps`` comes as a scalar of it; the
+    correctly rounded operations of the regular path's ``torch.rsqrt(var + eps)``); writes ``dx`` and
+    ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` to ``dwa``/``dba``.
+    """
+    g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba)
+    ncs_backward_rows(g, x, dx, N, C, S, T, mean, inv, w, float(N * S), s0, s1, co[0], co[1], co[2], TA, Q, tab)
+
+
+@njit(cache=True, error_model="numpy")
+def backward_fused(like, ga, xa, dxa, N, C, S, G, T, TA, Q, tab, ma, va, wa, eps, dwa, dba):
+    """:func:`backward_rows` for each channel or group of ``G`` reduced and written from cache
+    (:func:`bnkit.kernels.cpu.ncs_backward_train`)."""
+    g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba)
+    ncs_backward_train(g, x, dx, N, C, S, G, mean, inv, w, s0, s1, co[0], co[1], co[2])
+
+
+@njit(cache=True, error_model="numpy")
+def backward_nsc(like, ga, xa, dxa, N, C, S, G, T, TA, Q, tab, ma, va, wa, eps, dwa, dba):
+    """:func:`backward_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_backward_train`)."""
+    g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba)
+    nsc_backward_train(g, x, dx, N * S, C, T, mean, inv, w, float(N * S), s0, s1, co[0], co[1], co[2])
+
+
+# plan path (bnkit.kernels.cpu_launch.PATH_*) -> its driver's name
+TRAIN_DRIVERS = {0: "train_groups", 1: "train_rows", 2: "train_nsc", 3: "train_long"}
+BACKWARD_DRIVERS = {0: "backward_fused", 1: "backward_rows", 2: "backward_nsc"}
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -578,9 +639,9 @@ def probe() -> None:
 
     :mod:`bnkit.small` calls it before its first use, so that a broken numba install fails there,
     where it becomes one warning and the regular path, and never in the middle of a call. The
-    drivers :func:`train_regular` and :func:`eval_forward16` compile on their first call instead
-    (15-25 s each on a cold cache on 2 cores, once per dtype; a failure there is one warning too):
-    most programs never call them in 16-bit, and a probe of them took the first call from 15 to 41 s.
+    one-call drivers (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`, :func:`eval_forward16`) compile
+    on their first call instead, once per dtype (a failure there is one warning too): on a cold cache
+    on 2 cores 6-19 s each, where this probe takes 22-28 s; with ``eval_forward16`` in it, 41 s.
     """
     like = np.float32(0.0)
     x, y, g, dx = (np.arange(4, dtype=np.float32) for _ in range(4))
