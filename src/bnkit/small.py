@@ -350,15 +350,7 @@ def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, in
     sd = _F32 if dt in _RAW16 else dt
     try:
         xa, wa, ba = x.data_ptr(), _addr(weight), _addr(bias)
-        if running_mean is None:
-            new_mean = new_var = None
-            stats = (0, 0, 0, 0)
-        else:
-            if inplace:
-                new_mean, new_var = running_mean, running_var
-            else:
-                new_mean, new_var = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
-            stats = (running_mean.data_ptr(), running_var.data_ptr(), new_mean.data_ptr(), new_var.data_ptr())
+        new_mean, new_var, stats = _running_outputs(running_mean, running_var, inplace, c, sd)
     except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
         return None
     like = _RAW16[dt] if dt in _RAW16 else _ZERO[dt]
@@ -385,23 +377,13 @@ def _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inpl
     if count < 2:
         return None  # the regular path raises torch's "Expected more than 1 value per channel"
     dt = x.dtype
-    graph = _needs_graph(x, weight, bias)
-    if graph and x.numel() > SMALL_GRAD_NUMEL:
-        return None
+    graph = _needs_graph(x, weight, bias)  # (batch_norm sends graphs above SMALL_GRAD_NUMEL elsewhere)
     # the batch statistics leave the kernel only when a backward needs them
     mean, var = torch.empty((2, c), dtype=dt) if graph else (None, None)
-    if running_mean is None:
-        new_mean = new_var = None
-        stats = (0, 0, 0, 0)
-    else:
-        if inplace:
-            new_mean, new_var = running_mean, running_var
-        else:
-            new_mean, new_var = torch.empty(c, dtype=dt), torch.empty(c, dtype=dt)
-        try:
-            stats = (running_mean.data_ptr(), running_var.data_ptr(), new_mean.data_ptr(), new_var.data_ptr())
-        except RuntimeError:
-            return None
+    try:
+        new_mean, new_var, stats = _running_outputs(running_mean, running_var, inplace, c, dt)
+    except RuntimeError:
+        return None
     args = (n, c, s, eps, mean, var, stats, _scalar(count / (count - 1), dt), _scalar(1 - momentum, dt),
             _scalar(momentum, dt))  # fmt: skip
     try:
@@ -416,6 +398,19 @@ def _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inpl
         # that saved them, e.g. an eval-mode call, then refuses a backward through stale values)
         increment_version((running_mean, running_var))
     return y, new_mean, new_var
+
+
+def _running_outputs(running_mean, running_var, inplace: bool, c: int, dtype: torch.dtype) -> tuple:
+    """``(new_mean, new_var, addresses)`` for a kernel's running-statistics update: the buffers themselves
+    with ``inplace``, else new vectors; addresses ``(running_mean, running_var, new_mean, new_var)``, all 0
+    without running statistics. ``data_ptr()`` raises RuntimeError for a tensor without storage."""
+    if running_mean is None:
+        return None, None, (0, 0, 0, 0)
+    if inplace:
+        new_mean, new_var = running_mean, running_var
+    else:
+        new_mean, new_var = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+    return new_mean, new_var, (running_mean.data_ptr(), running_var.data_ptr(), new_mean.data_ptr(), new_var.data_ptr())
 
 
 class _NoStorage(Exception):
