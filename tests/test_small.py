@@ -52,7 +52,9 @@ def spy(monkeypatch):
     wrapped["eval_forward16"] = wrap("eval_forward16", False)
     for table, label in ((kernels.TRAIN_DRIVERS, "train_regular"), (kernels.BACKWARD_DRIVERS, "backward_regular")):
         wrapped.update({n: wrap(n, False, label) for n in table.values()})
-    wrapped["TRAIN_DRIVERS"], wrapped["BACKWARD_DRIVERS"] = kernels.TRAIN_DRIVERS, kernels.BACKWARD_DRIVERS
+    wrapped.update({n: wrap(n, False, "eval_backward_regular") for n in kernels.EVAL_BACKWARD_DRIVERS.values()})
+    for table in ("TRAIN_DRIVERS", "BACKWARD_DRIVERS", "EVAL_BACKWARD_DRIVERS"):
+        wrapped[table] = getattr(kernels, table)
     monkeypatch.setattr(small, "_K", types.SimpleNamespace(**wrapped))
     return calls
 
@@ -253,7 +255,7 @@ def test_module_takes_the_small_path_and_matches_torch(spy):
 
 @pytest.mark.parametrize(
     "case",
-    ["reference-backend", "strided", "transposed-2d", "bfloat16", "large", "stats-need-grad", "mixed-dtype",
+    ["reference-backend", "strided", "transposed-2d", "bfloat16", "stats-need-grad", "mixed-dtype",
      "subclass", "channel_dim", "mask", "momentum-tensor"],
 )  # fmt: skip
 def test_cases_that_must_not_take_the_small_path(spy, case):
@@ -270,9 +272,6 @@ def test_cases_that_must_not_take_the_small_path(spy, case):
         x, w, b, rm, rv = x, None, None, torch.zeros(3), torch.ones(3)
     elif case == "bfloat16":  # 16-bit data takes float32 vectors only
         x, w, b, rm, rv = (t.bfloat16() for t in (x, w, b, rm, rv))
-    elif case == "large":  # eval with a graph above SMALL_GRAD_NUMEL
-        x = torch.randn(small.SMALL_GRAD_NUMEL // 3 + 1, 3, 1, 1, requires_grad=True)
-        training = False
     elif case == "stats-need-grad":
         rm.requires_grad_()
     elif case == "mixed-dtype":
@@ -362,14 +361,19 @@ def test_parallel_shapes_reach_the_parallel_kernels(spy):
 
 
 def test_calls_that_record_a_graph_stop_at_the_grad_limit(spy):
-    # above SMALL_GRAD_NUMEL a graph takes the cpu backend's kernels: training in one call each way
-    # (train_regular, backward_regular), eval the regular path; without a graph the small kernels
+    # above SMALL_GRAD_NUMEL a graph takes the cpu backend's kernels in one call each way: training
+    # (train_regular, backward_regular) and eval's backward (eval_backward_regular, when dx and a
+    # parameter's gradient are needed); without a graph the small kernels
     n = small.SMALL_GRAD_NUMEL // 4 + 1  # (n, 4): above SMALL_GRAD_NUMEL, at most SMALL_NUMEL
     assert small.SMALL_GRAD_NUMEL < 4 * n <= small.SMALL_NUMEL
     x = torch.randn(n, 4)
     w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
-    bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=False)
-    assert spy == {}
+    bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=False).sum().backward()
+    assert spy == {"eval_forward": 1}  # no input gradient: the regular backward
+    bnkit.functional.batch_norm(x.clone().requires_grad_(), torch.zeros(4), torch.ones(4), w, b,
+                                training=False).backward(torch.randn_like(x))  # fmt: skip
+    assert spy == {"eval_forward": 2, "eval_backward_regular": 1}
+    spy.clear()
     bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=True).sum().backward()
     assert spy == {"train_regular": 1}  # no input gradient: the regular backward
     xg = x.clone().requires_grad_()
@@ -384,8 +388,8 @@ def test_calls_that_record_a_graph_stop_at_the_grad_limit(spy):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_eval_without_a_graph_takes_the_path_at_every_size(spy, layout):
-    # above SMALL_NUMEL: eval without a graph stays on the small kernel; training (here with a graph)
-    # takes the cpu backend's kernels in one call, eval with a graph the regular path
+    # above SMALL_NUMEL: eval stays on the small kernel, with a graph too; training (here with a
+    # graph) takes the cpu backend's kernels in one call
     x, w, b, rm, rv = _inputs((8, 64, 48, 48), torch.float32, seed=3)
     x = x if layout == "contiguous" else x.contiguous(memory_format=torch.channels_last)
     assert x.numel() > small.SMALL_NUMEL
@@ -397,9 +401,9 @@ def test_eval_without_a_graph_takes_the_path_at_every_size(spy, layout):
 
     _close(y, get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5), torch.float32)
     bnkit.functional.batch_norm(x, rm, rv, w.requires_grad_(), b, training=False)
-    assert spy == {"eval_forward": 1}
+    assert spy == {"eval_forward": 2}
     bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
-    assert spy == {"eval_forward": 1, "train_regular": 1}
+    assert spy == {"eval_forward": 2, "train_regular": 1}
 
 
 # channels-innermost memory: channels_last 2d/3d, an (N, C, L) view of (N, L, C) memory, and one above
@@ -467,16 +471,16 @@ def test_16bit_eval_is_the_cpu_backends_bit_for_bit(spy, shape, layout, dtype, a
     torch.testing.assert_close(y.float(), F.batch_norm(x, rm, rv, w, b, training=False).float(), atol=tol, rtol=tol)
 
 
-def test_16bit_takes_the_path_only_in_eval_without_a_graph_and_with_float32_vectors(spy):
+def test_16bit_takes_the_path_only_with_float32_vectors(spy):
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=7)
     xb = x.bfloat16()
     bnkit.functional.batch_norm(xb, rm.bfloat16(), rv.bfloat16(), w.bfloat16(), b.bfloat16(), training=False)
-    bnkit.functional.batch_norm(xb.clone().requires_grad_(), rm, rv, w, b, training=False)
     with pytest.raises(RuntimeError, match="mixed dtype"):  # torch's error, from the regular checks
         bnkit.functional.batch_norm(xb, rm, rv.double(), w, b, training=False)
     assert spy == {}
     bnkit.functional.batch_norm(xb, rm, rv, w, b, training=False)
-    assert spy == {"eval_forward16": 1}
+    bnkit.functional.batch_norm(xb.clone().requires_grad_(), rm, rv, w, b, training=False)
+    assert spy == {"eval_forward16": 2}
 
 
 # training without a graph above SMALL_NUMEL and for 16-bit data: the cpu backend's plan, one per path
@@ -556,6 +560,44 @@ def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch
     for a, e in zip(got, expected, strict=True):
         assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
                            e.view(torch.int16) if e.element_size() == 2 else e)  # fmt: skip
+
+
+@pytest.mark.parametrize("needs", ["all", "input", "weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape, layout", [((3, 2000, 3, 3), "contiguous"), ((4, 64, 300), "contiguous"),
+                                           ((16, 3, 31, 29), "channels_last"), ((8, 13, 401), "ncl"),
+                                           ((11003, 3), "contiguous")])  # fmt: skip
+def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, shape, layout, dtype, needs):
+    # above SMALL_GRAD_NUMEL (here 0) and in 16-bit: the eval forward on the one-call kernels, its
+    # backward the cpu backend's in one call when both dx and a parameter's gradient are needed (else
+    # the regular backward), with the regular path's bits
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    x0, w0, b0, rm, rv = _inputs(shape, sd, seed=17, offset=1.0, scale=2.0)
+    x0 = x0.to(dtype)
+    if layout != "contiguous":
+        x0 = _channels_last(x0, layout)
+    dy = torch.randn(shape).to(dtype)
+    if layout != "contiguous":
+        dy = _channels_last(dy, layout)
+
+    def run():
+        x = x0.clone().requires_grad_(needs != "weight")
+        w, b = w0.clone().requires_grad_(needs != "input"), b0.clone().requires_grad_(needs != "input")
+        y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
+        y.backward(dy)
+        return y, x.grad, w.grad, b.grad
+
+    monkeypatch.setattr(small, "SMALL_GRAD_NUMEL", 0)
+    got = run()
+    fwd = "eval_forward16" if dtype in (torch.bfloat16, torch.float16) else "eval_forward"
+    assert spy == ({fwd: 1, "eval_backward_regular": 1} if needs == "all" else {fwd: 1})
+    monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)  # the regular path
+    expected = run()
+    for a, e in zip(got, expected, strict=True):
+        assert (a is None) == (e is None)
+        if a is not None:
+            assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
+                               e.view(torch.int16) if e.element_size() == 2 else e)  # fmt: skip
 
 
 def test_graph_backwards_the_one_call_kernel_does_not_take_go_the_regular_way(spy, monkeypatch):

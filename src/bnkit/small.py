@@ -14,13 +14,16 @@ The numbers are the regular path's up to rounding: the statistics as its short r
 once from float64, the running statistics with the float operations of
 :func:`bnkit.reference.update_running_stats`, the eval output with those of the ``cpu`` backend.
 Calls that need a gradient go through :class:`_SmallTrainFn` / :class:`_SmallEvalFn` (one kernel
-each way, up to ``SMALL_GRAD_NUMEL`` elements); training calls above ``SMALL_NUMEL`` take the regular
-path, eval calls without a graph take this one at every size (``ONE_CALL_NUMEL``). Those eval calls
-also take bfloat16/float16 data with float32 vectors: one compiled call runs the cpu backend's own
-coefficients and normalize kernels on the 16-bit values (:func:`bnkit.kernels.cpu_small.eval_forward16`),
-so the bits are the regular path's. Measured on the 2-core Xeon VM (interleaved functional calls,
-small / regular time): bf16 32x64x56x56 0.87, 64x256x14x14 channels_last 0.84, 4096x1024 0.84, float16
-64x256x14x14 0.81, bf16 16x16x8x8 0.26.
+each way, up to ``SMALL_GRAD_NUMEL`` elements). Beyond the small kernels (training above
+``SMALL_NUMEL``, above ``SMALL_GRAD_NUMEL`` with a graph, eval backwards above ``SMALL_GRAD_NUMEL``,
+and bfloat16/float16 data with float32 vectors, up to ``ONE_CALL_NUMEL``: every size) each pass is
+still one compiled call, of the cpu backend's own plan and kernels on raw addresses
+(:mod:`bnkit.kernels.cpu_small`'s drivers, :class:`_RegularTrainFn` with a graph), so the bits are the
+regular path's; eval forwards stay on the small kernel at every size (16-bit:
+:func:`bnkit.kernels.cpu_small.eval_forward16`, the backend's coefficients and normalize kernels).
+Measured on the 2-core Xeon VM (interleaved functional calls, one call / regular time): bf16 eval
+32x64x56x56 0.87, 64x256x14x14 channels_last 0.84, 4096x1024 0.84, float16 64x256x14x14 0.81, bf16
+16x16x8x8 0.26; training: see ``ONE_CALL_NUMEL``.
 """
 
 from __future__ import annotations
@@ -295,9 +298,7 @@ def batch_norm(
     if training is False and running_mean is not None and eps >= 0.0:
         try:
             if graph:
-                if regular:
-                    return None
-                y = _eval_apply(x, running_mean, running_var, weight, bias, eps, dims)
+                y = _eval_apply(x, running_mean, running_var, weight, bias, eps, (dims, regular))
             elif x.dtype in _RAW16:
                 y = _eval_forward16(x, dims, running_mean, running_var, weight, bias, eps)
             else:
@@ -511,28 +512,42 @@ class _RegularTrainFn(torch.autograd.Function):
 
 
 class _SmallEvalFn(torch.autograd.Function):
-    """Eval forward of a small input whose input or parameters need a gradient (running statistics
-    are constants); the inputs are those of :class:`bnkit.autograd._EvalFn`, whose backward serves
-    what the small kernel does not take."""
+    """Eval forward of an input whose input or parameters need a gradient (running statistics are
+    constants); the inputs are those of :class:`bnkit.autograd._EvalFn`, whose backward serves what
+    the kernels here do not take. ``regular`` (above ``SMALL_GRAD_NUMEL``, or 16-bit data): the
+    backward is the cpu backend's in one call (``cpu_small.EVAL_BACKWARD_DRIVERS``), when it needs the
+    input's gradient and a parameter's; otherwise the small kernel's."""
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, eps, dims):
-        y = _eval_forward(x, dims, running_mean, running_var, weight, bias, eps)
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps, spec):
+        dims, regular = spec
+        if x.dtype in _RAW16:
+            y = _eval_forward16(x, dims, running_mean, running_var, weight, bias, eps)
+        else:
+            y = _eval_forward(x, dims, running_mean, running_var, weight, bias, eps)
         ctx.save_for_backward(x, running_mean, running_var, weight)
-        ctx.dims = dims
+        ctx.spec = spec
         ctx.eps = eps
-        ctx.param_dtype = x.dtype
+        ctx.param_dtype = running_mean.dtype  # the vectors' dtype (_layout)
         return y
 
     @staticmethod
     def backward(ctx, gy):
+        from bnkit.autograd import _forward_eval_backward
+
         x, running_mean, running_var, weight = ctx.saved_tensors
         if not _plain_grad(gy, x):
-            from bnkit.autograd import _forward_eval_backward
-
             return (*_forward_eval_backward(ctx, gy), None)
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        n, c, s = ctx.dims
+        dims, regular = ctx.spec
+        if regular:
+            if need_x and (need_w or need_b):
+                dx = _eval_backward_regular(gy, x, running_mean, running_var, weight, ctx.eps)
+                if dx is not None:
+                    dx, dw, db = dx
+                    return dx, None, None, (dw if need_w else None), (db if need_b else None), None, None
+            return (*_forward_eval_backward(ctx, gy), None)
+        n, c, s = dims
         dx = torch.empty_like(x) if need_x else None
         dw = torch.empty(c, dtype=x.dtype)
         db = torch.empty(c, dtype=x.dtype)
@@ -541,6 +556,22 @@ class _SmallEvalFn(torch.autograd.Function):
         k = _kernels()
         _launch(k.eval_backward, k.eval_backward_par, args, n, c, s)
         return dx, None, None, (dw if need_w else None), (db if need_b else None), None, None
+
+
+def _eval_backward_regular(gy, x, running_mean, running_var, weight, eps):
+    # (dx, dweight, dbias) of the cpu backend's eval backward in one call; None if its driver failed to compile
+    order, n, c, s = _layout_of(x)
+    sd = running_mean.dtype
+    dx = torch.empty_like(x)
+    dw, db = torch.empty((2, c), dtype=sd)
+    nt = _threads(x.numel())
+    t = _nsc_parts(nt, n * c, s) if order == "ncs" else _nsc_parts(nt, n * s, c)
+    like = _RAW16[x.dtype] if x.dtype in _RAW16 else _ZERO[x.dtype]
+    args = (like, gy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s, t, running_mean.data_ptr(),
+            running_var.data_ptr(), _addr(weight), _scalar(eps, sd), dw.data_ptr(), db.data_ptr())  # fmt: skip
+    if not _call_driver(getattr(_kernels(), _kernels().EVAL_BACKWARD_DRIVERS[order]), args):
+        return None
+    return dx, dw, db
 
 
 def _plain_grad(gy: Tensor, x: Tensor) -> bool:

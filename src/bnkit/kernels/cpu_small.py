@@ -44,21 +44,26 @@ from bnkit.kernels.cpu import (
     ncs_affine_any,
     ncs_backward_rows,
     ncs_backward_train,
+    ncs_reduce,
     ncs_train_all,
     ncs_train_groups_all,
     ncs_train_rows,
     nsc_affine,
     nsc_backward_train,
+    nsc_reduce,
     nsc_train,
 )
 
 __all__ = [
     "BACKWARD_DRIVERS",
+    "EVAL_BACKWARD_DRIVERS",
     "TRAIN_DRIVERS",
     "backward_fused",
     "backward_nsc",
     "backward_rows",
     "eval_backward",
+    "eval_backward_ncs",
+    "eval_backward_nsc",
     "eval_backward_par",
     "eval_forward",
     "eval_forward16",
@@ -480,9 +485,52 @@ def backward_nsc(like, ga, xa, dxa, N, C, S, G, T, TA, Q, tab, ma, va, wa, eps, 
     nsc_backward_train(g, x, dx, N * S, C, T, mean, inv, w, float(N * S), s0, s1, co[0], co[1], co[2])
 
 
+@njit(inline="always", error_model="numpy")
+def _eval_backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba):
+    # views and scratch of an eval backward (see eval_backward_ncs); scale = invstd * w as autograd's
+    # torch ops make it (bnkit.autograd._eval_scale)
+    total = N * C * S
+    g = _view(ga, total, like)
+    x = _view(xa, total, like)
+    dx = _view(dxa, total, like)
+    rm = _view(rma, C, eps)
+    rv = _view(rva, C, eps)
+    one = _as_like(eps, 1.0)
+    inv = np.empty_like(rm)
+    k = np.empty_like(rm)
+    for c in range(C):
+        inv[c] = one / np.sqrt(rv[c] + eps)
+        k[c] = inv[c] * _view(wa, C, eps)[c] if wa != 0 else inv[c]
+    return g, x, dx, rm, inv, k, _view(dba, C, eps), _view(dwa, C, eps)
+
+
+@njit(cache=True, error_model="numpy")
+def eval_backward_ncs(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba):
+    """Eval-mode backward of any size and dtype: the ``cpu`` backend's ``backward_eval`` (one read of
+    ``dy`` and ``x``: ``dx = scale * dy`` and both reductions, :func:`bnkit.kernels.cpu.ncs_reduce` in
+    ``T`` row ranges) with autograd's coefficients, in one call; :func:`eval_backward_nsc` for
+    channels-innermost memory. ``scale = invstd * w`` and ``dweight = sum(dy * (x - running_mean)) * invstd``
+    in the statistics dtype, ``eps`` a scalar of it; ``dbias = sum(dy)``."""
+    g, x, dx, rm, inv, k, s0, s1 = _eval_backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
+    ncs_reduce(g, x, N, C, S, T, rm, s0, s1, True, dx, k)
+    for c in range(C):
+        s1[c] = s1[c] * inv[c]
+
+
+@njit(cache=True, error_model="numpy")
+def eval_backward_nsc(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba):
+    """:func:`eval_backward_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_reduce`)."""
+    g, x, dx, rm, inv, k, s0, s1 = _eval_backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
+    nsc_reduce(g, x, N * S, C, T, rm, s0, s1, True, dx, k)
+    for c in range(C):
+        s1[c] = s1[c] * inv[c]
+
+
 # plan path (bnkit.kernels.cpu_launch.PATH_*) -> its driver's name
 TRAIN_DRIVERS = {0: "train_groups", 1: "train_rows", 2: "train_nsc", 3: "train_long"}
 BACKWARD_DRIVERS = {0: "backward_fused", 1: "backward_rows", 2: "backward_nsc"}
+# memory order (bnkit.kernels.cpu_launch.layout_of) -> the eval backward's driver
+EVAL_BACKWARD_DRIVERS = {"ncs": "eval_backward_ncs", "nsc": "eval_backward_nsc"}
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -639,7 +687,8 @@ def probe() -> None:
 
     :mod:`bnkit.small` calls it before its first use, so that a broken numba install fails there,
     where it becomes one warning and the regular path, and never in the middle of a call. The
-    one-call drivers (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`, :func:`eval_forward16`) compile
+    one-call drivers (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`, :data:`EVAL_BACKWARD_DRIVERS`,
+    :func:`eval_forward16`) compile
     on their first call instead, once per dtype (a failure there is one warning too): on a cold cache
     on 2 cores 6-19 s each, where this probe takes 22-28 s; with ``eval_forward16`` in it, 41 s.
     """
