@@ -419,6 +419,26 @@ def _channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous(memory_format=fmt)
 
 
+def _case(shape, layout, dtype, seed):
+    """``x, w, b, rm, rv, dy`` for the comparisons with the regular path: ``x`` and ``dy`` of ``dtype`` in
+    ``layout`` ("contiguous", "channels_last" or "ncl"), the vectors of its statistics dtype."""
+    x, w, b, rm, rv = _inputs(shape, torch.float64 if dtype == torch.float64 else torch.float32, seed=seed,
+                              offset=1.0, scale=2.0)  # fmt: skip
+    x, dy = x.to(dtype), torch.randn(shape).to(dtype)
+    if layout != "contiguous":
+        x, dy = _channels_last(x, layout), _channels_last(dy, layout)
+    return x, w, b, rm, rv, dy
+
+
+def _assert_same_bits(got, expected):
+    """Each tensor of ``got`` has the bits of its twin in ``expected`` (``None`` where it is ``None``)."""
+    for a, e in zip(got, expected, strict=True):
+        assert (a is None) == (e is None)
+        if a is not None:
+            assert a.dtype == e.dtype and torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
+                                                      e.view(torch.int16) if e.element_size() == 2 else e)  # fmt: skip
+
+
 @pytest.mark.parametrize("shape, layout", LAST_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_channels_innermost_memory(spy, shape, layout, dtype):
@@ -465,8 +485,7 @@ def test_16bit_eval_is_the_cpu_backends_bit_for_bit(spy, shape, layout, dtype, a
     y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
     assert spy == {"eval_forward16": 1} and last_backend() == "cpu"
     assert y.dtype == dtype and y.stride() == x.stride()
-    expected = get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5)
-    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+    _assert_same_bits([y], [get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5)])
     tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(y.float(), F.batch_norm(x, rm, rv, w, b, training=False).float(), atol=tol, rtol=tol)
 
@@ -496,11 +515,7 @@ REGULAR_CASES = [((64, 67, 12, 12), "contiguous"), ((3, 2000, 3, 3), "contiguous
 def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, shape, layout, dtype, inplace):
     # one compiled call (train_regular) with the cpu backend's kernels and plan: the regular path's
     # output and running statistics, bit for bit (SMALL_NUMEL = 0: float32/float64 take it at any size)
-    sd = torch.float64 if dtype == torch.float64 else torch.float32
-    x, w, b, rm, rv = _inputs(shape, sd, seed=12, offset=1.0, scale=2.0)
-    x = x.to(dtype)
-    if layout != "contiguous":
-        x = _channels_last(x, layout)
+    x, w, b, rm, rv, _ = _case(shape, layout, dtype, seed=12)
 
     def run():
         run_m, run_v = rm.clone(), rv.clone()
@@ -518,9 +533,7 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypa
     monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)  # the regular path
     expected = run()
     assert spy == {"train_regular": 1}
-    for a, e in zip(got, expected, strict=True):
-        assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
-                           e.view(torch.int16) if e.element_size() == 2 else e)  # fmt: skip
+    _assert_same_bits(got, expected)
     rm_t, rv_t = rm.clone(), rv.clone()
     y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True, momentum=0.3)
     tol = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}.get(dtype, 1e-5)
@@ -534,14 +547,7 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypa
 def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, shape, layout, dtype):
     # forward and backward in one compiled call each (train_regular, backward_regular) above
     # SMALL_GRAD_NUMEL (here 0) and in 16-bit: the regular path's y, running statistics and gradients
-    sd = torch.float64 if dtype == torch.float64 else torch.float32
-    x0, w0, b0, rm, rv = _inputs(shape, sd, seed=15, offset=1.0, scale=2.0)
-    x0 = x0.to(dtype)
-    if layout != "contiguous":
-        x0 = _channels_last(x0, layout)
-    dy = torch.randn(shape).to(dtype)
-    if layout != "contiguous":
-        dy = _channels_last(dy, layout)
+    x0, w0, b0, rm, rv, dy = _case(shape, layout, dtype, seed=15)
 
     def run():
         x, w, b = x0.clone().requires_grad_(), w0.clone().requires_grad_(), b0.clone().requires_grad_()
@@ -557,9 +563,7 @@ def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch
     monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)  # the regular path
     expected = run()
     assert spy == {"train_regular": 1, "backward_regular": 1}
-    for a, e in zip(got, expected, strict=True):
-        assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
-                           e.view(torch.int16) if e.element_size() == 2 else e)  # fmt: skip
+    _assert_same_bits(got, expected)
 
 
 @pytest.mark.parametrize("needs", ["all", "input", "weight"])
@@ -571,14 +575,7 @@ def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, sh
     # above SMALL_GRAD_NUMEL (here 0) and in 16-bit: the eval forward on the one-call kernels, its
     # backward the cpu backend's in one call when both dx and a parameter's gradient are needed (else
     # the regular backward), with the regular path's bits
-    sd = torch.float64 if dtype == torch.float64 else torch.float32
-    x0, w0, b0, rm, rv = _inputs(shape, sd, seed=17, offset=1.0, scale=2.0)
-    x0 = x0.to(dtype)
-    if layout != "contiguous":
-        x0 = _channels_last(x0, layout)
-    dy = torch.randn(shape).to(dtype)
-    if layout != "contiguous":
-        dy = _channels_last(dy, layout)
+    x0, w0, b0, rm, rv, dy = _case(shape, layout, dtype, seed=17)
 
     def run():
         x = x0.clone().requires_grad_(needs != "weight")
@@ -593,11 +590,7 @@ def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, sh
     assert spy == ({fwd: 1, "eval_backward_regular": 1} if needs == "all" else {fwd: 1})
     monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)  # the regular path
     expected = run()
-    for a, e in zip(got, expected, strict=True):
-        assert (a is None) == (e is None)
-        if a is not None:
-            assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
-                               e.view(torch.int16) if e.element_size() == 2 else e)  # fmt: skip
+    _assert_same_bits(got, expected)
 
 
 def test_graph_backwards_the_one_call_kernel_does_not_take_go_the_regular_way(spy, monkeypatch):
@@ -658,7 +651,7 @@ def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkey
     monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)
     for t, y in zip((True, True, False, False), outs, strict=True):
         expected = bnkit.functional.batch_norm_pure(xb, rm, rv, w, b, training=t)[0]
-        assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+        _assert_same_bits([y], [expected])
 
 
 def test_kernels_that_fail_to_load_turn_the_path_off_with_one_warning(monkeypatch):

@@ -26,6 +26,7 @@ from torch.autograd.graph import increment_version
 from bnkit import autograd
 from bnkit import reference as ref
 from bnkit import small as _small
+from bnkit.kernels.base import is_running_vector
 
 __all__ = ["batch_norm", "batch_norm_pure", "check_batch_norm_args"]
 
@@ -406,14 +407,9 @@ def _compiled_update(
         or not x.is_cpu
     ):
         return None
-    sd = ref.stats_dtype(x.dtype)
-    c = x.shape[1]
-    for t in (running_mean, running_var):
-        if not (
-            t.dtype is sd and t.is_cpu and t.layout is torch.strided and t.shape == (c,) and t.is_contiguous()
-            and not t.requires_grad
-        ):
-            return None
+    sd, c = ref.stats_dtype(x.dtype), x.shape[1]
+    if not (is_running_vector(running_mean, c, sd) and is_running_vector(running_var, c, sd)):
+        return None
     if inplace:
         return running_mean, running_var, running_mean, running_var, momentum
     return running_mean, running_var, torch.empty_like(running_mean), torch.empty_like(running_var), momentum

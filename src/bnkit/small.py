@@ -74,11 +74,13 @@ _F32, _F64, _STRIDED = torch.float32, torch.float64, torch.strided
 _BF16, _F16 = torch.bfloat16, torch.float16
 # 16-bit dtype -> a zero of the raw type its kernels read (as the cpu backend's views)
 _RAW16 = {torch.bfloat16: np.uint16(0), torch.float16: np.int16(0)}
+# dtype -> the first argument of its kernels (a zero of the type they read the data as)
 _NO_TABLE = np.empty((4, 0), np.float32)
 _is_compiling = torch.compiler.is_compiling
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _torch_function_mode = torch._C._is_torch_function_mode_enabled
 _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
+_LIKE = {**_ZERO, **_RAW16}
 # (value, dtype) -> value as a numpy scalar of dtype (0.5 us to make, 0.1 to look up)
 _SCALARS: dict = {}
 
@@ -139,8 +141,9 @@ def _launch(serial, parallel, args: tuple, n: int, c: int, s: int) -> None:
 _ENTRY: dict = {}
 
 
-def _driver(names: dict, path: int):
-    """The one-call driver of a plan's path (``cpu_small.TRAIN_DRIVERS`` / ``BACKWARD_DRIVERS``)."""
+def _driver(names: dict, path):
+    """The one-call driver of a plan's path or a memory order (``cpu_small.TRAIN_DRIVERS``,
+    ``BACKWARD_DRIVERS``, ``EVAL_BACKWARD_DRIVERS``)."""
     return getattr(_kernels(), names[path])
 
 
@@ -199,12 +202,10 @@ def _addr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _layout(
-    x: Tensor, running_mean, running_var, weight, bias, limit: int, half: bool = False
-) -> tuple[int, int, int] | None:
-    """``(N, C, S)`` of ``x``'s memory for the kernels when they may run on these tensors and the cpu
-    backend is the one selected, else ``None``. float32/float64 data takes vectors of its dtype; with
-    ``half`` (eval without a graph) bfloat16/float16 data takes float32 vectors too.
+def _layout(x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, int, int] | None:
+    """``(N, C, S)`` of ``x``'s memory for the kernels when they may run on these tensors (at most
+    ``ONE_CALL_NUMEL`` elements) and the cpu backend is the one selected, else ``None``.
+    float32/float64 data takes vectors of its dtype, bfloat16/float16 data float32 vectors.
 
     Contiguous ``(N, C, *)`` memory is ``(N, C, S)`` as it is; channels-innermost memory (channels_last,
     an ``(N, C, L)`` view of ``(N, L, C)``) is ``N*S`` rows of ``C`` channels, ``(N*S, C, 1)``: the same
@@ -215,7 +216,7 @@ def _layout(
         return None
     dt = vdt = x.dtype
     if dt is not _F32 and dt is not _F64:
-        if not (half and (dt is _BF16 or dt is _F16)):
+        if dt is not _BF16 and dt is not _F16:
             return None
         vdt = _F32
     if not x.is_cpu or x.layout is not _STRIDED:
@@ -224,7 +225,7 @@ def _layout(
     if len(shape) < 2 or (running_mean is None) != (running_var is None):
         return None
     numel = x.numel()
-    if numel == 0 or numel > limit:
+    if numel == 0 or numel > ONE_CALL_NUMEL:
         return None
     n, c = shape[0], shape[1]
     s = numel // (n * c)
@@ -283,7 +284,7 @@ def batch_norm(
     """
     if type(eps) is not float:
         return None
-    dims = _layout(x, running_mean, running_var, weight, bias, ONE_CALL_NUMEL, True)
+    dims = _layout(x, running_mean, running_var, weight, bias)
     if dims is None:
         return None
     graph = _needs_graph(x, weight, bias)
@@ -303,7 +304,7 @@ def batch_norm(
                 y = _eval_forward16(x, dims, running_mean, running_var, weight, bias, eps)
             else:
                 y = _eval_forward(x, dims, running_mean, running_var, weight, bias, eps)
-        except _NoStorage:
+        except _TakeRegularPath:
             return None
         return y, running_mean, running_var
     return None
@@ -314,7 +315,7 @@ def _eval_forward(x, dims, running_mean, running_var, weight, bias, eps):
         xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
         wa, ba = _addr(weight), _addr(bias)
     except RuntimeError as exc:  # a tensor without storage (a leaked functorch wrapper)
-        raise _NoStorage from exc
+        raise _TakeRegularPath from exc
     y = torch.empty_like(x)  # x is dense: y gets its strides
     n, c, s = dims
     k = _kernels()
@@ -328,14 +329,14 @@ def _eval_forward16(x, dims, running_mean, running_var, weight, bias, eps):
         xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
         wa, ba = _addr(weight), _addr(bias)
     except RuntimeError as exc:
-        raise _NoStorage from exc
+        raise _TakeRegularPath from exc
     y = torch.empty_like(x)
     n, c, s = dims
     nt = _threads(n * c * s)  # as the cpu backend's launcher sets numba's threads and cuts the work
     plan = (_nsc_parts(nt, n, c), 1, _NO_TABLE) if s == 1 else _ncs_affine_plan(nt, n, c, s, np.float32)
-    if not _call_driver(_kernels().eval_forward16, (_RAW16[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba,
+    if not _call_driver(_kernels().eval_forward16, (_LIKE[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba,
                                                     eps, *plan)):  # fmt: skip
-        raise _NoStorage  # (nothing was written: the regular path)
+        raise _TakeRegularPath  # (nothing was written: the regular path)
     return y
 
 
@@ -354,13 +355,13 @@ def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, in
         new_mean, new_var, stats = _running_outputs(running_mean, running_var, inplace, c, sd)
     except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
         return None
-    like = _RAW16[dt] if dt in _RAW16 else _ZERO[dt]
+    like = _LIKE[dt]
     plan = _train_plan(_threads(x.numel()), order, n, c, s, dt)
     scalars = (_scalar(count / (count - 1), sd), _scalar(1 - momentum, sd), _scalar(momentum, sd))
     if graph:
         try:
             y = _regular_apply(x, weight, bias, eps, (like, order, n, c, s, sd, plan, stats, scalars))
-        except _NoStorage:
+        except _TakeRegularPath:
             return None
     else:
         y = torch.empty_like(x)
@@ -392,7 +393,7 @@ def _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inpl
             y = _train_apply(x, weight, bias, args)
         else:
             y = _train_forward(x, weight, bias, args)
-    except _NoStorage:
+    except _TakeRegularPath:
         return None
     if inplace and running_mean is not None:
         # the kernel wrote the buffers through raw addresses: tell autograd, as copy_ would (a graph
@@ -414,7 +415,7 @@ def _running_outputs(running_mean, running_var, inplace: bool, c: int, dtype: to
     return new_mean, new_var, (running_mean.data_ptr(), running_var.data_ptr(), new_mean.data_ptr(), new_var.data_ptr())
 
 
-class _NoStorage(Exception):
+class _TakeRegularPath(Exception):
     """Nothing was written, take the regular path: a tensor had no storage (a leaked functorch wrapper),
     or a one-call driver failed to compile."""
 
@@ -424,7 +425,7 @@ def _train_forward(x, weight, bias, args):
     try:
         xa, wa, ba = x.data_ptr(), _addr(weight), _addr(bias)
     except RuntimeError as exc:
-        raise _NoStorage from exc
+        raise _TakeRegularPath from exc
     y = torch.empty_like(x)
     ya, ma, va = y.data_ptr(), _addr(mean), _addr(var)
     k = _kernels()
@@ -483,7 +484,7 @@ class _RegularTrainFn(torch.autograd.Function):
         args = (like, x.data_ptr(), y.data_ptr(), n, c, s, *plan[1:], _addr(weight), _addr(bias), eps,
                 mean.data_ptr(), var.data_ptr(), *stats, *scalars)  # fmt: skip
         if not _call_driver(_driver(_kernels().TRAIN_DRIVERS, plan[0]), args):
-            raise _NoStorage  # nothing written: the regular path
+            raise _TakeRegularPath  # nothing written: the regular path
         ctx.save_for_backward(x, weight, mean, var)
         ctx.spec = (like, order, n, c, s, sd)
         ctx.eps = eps
@@ -541,11 +542,12 @@ class _SmallEvalFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         dims, regular = ctx.spec
         if regular:
+            grads = None
             if need_x and (need_w or need_b):
-                dx = _eval_backward_regular(gy, x, running_mean, running_var, weight, ctx.eps)
-                if dx is not None:
-                    dx, dw, db = dx
-                    return dx, None, None, (dw if need_w else None), (db if need_b else None), None, None
+                grads = _eval_backward_regular(gy, x, running_mean, running_var, weight, ctx.eps)
+            if grads is not None:
+                dx, dw, db = grads
+                return dx, None, None, (dw if need_w else None), (db if need_b else None), None, None
             return (*_forward_eval_backward(ctx, gy), None)
         n, c, s = dims
         dx = torch.empty_like(x) if need_x else None
@@ -566,10 +568,10 @@ def _eval_backward_regular(gy, x, running_mean, running_var, weight, eps):
     dw, db = torch.empty((2, c), dtype=sd)
     nt = _threads(x.numel())
     t = _nsc_parts(nt, n * c, s) if order == "ncs" else _nsc_parts(nt, n * s, c)
-    like = _RAW16[x.dtype] if x.dtype in _RAW16 else _ZERO[x.dtype]
+    like = _LIKE[x.dtype]
     args = (like, gy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s, t, running_mean.data_ptr(),
             running_var.data_ptr(), _addr(weight), _scalar(eps, sd), dw.data_ptr(), db.data_ptr())  # fmt: skip
-    if not _call_driver(getattr(_kernels(), _kernels().EVAL_BACKWARD_DRIVERS[order]), args):
+    if not _call_driver(_driver(_kernels().EVAL_BACKWARD_DRIVERS, order), args):
         return None
     return dx, dw, db
 

@@ -17,6 +17,20 @@ from torch import Tensor
 from bnkit import reference as ref
 
 
+def is_running_vector(t: object, c: int, dtype: torch.dtype) -> bool:
+    """Whether ``t`` is a running-statistics vector a backend may update through its raw memory: a
+    contiguous CPU tensor of shape ``(c,)`` and ``dtype`` that needs no gradient."""
+    return (
+        isinstance(t, Tensor)
+        and t.dtype is dtype
+        and t.is_cpu
+        and t.layout is torch.strided
+        and t.shape == (c,)
+        and t.is_contiguous()
+        and not t.requires_grad
+    )
+
+
 class Backend(Protocol):
     name: str
 

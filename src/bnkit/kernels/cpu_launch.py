@@ -203,10 +203,7 @@ def _running_arrays(running, c: int, count: int, np_sd: type) -> tuple:
     sd = _TORCH_SD[np_sd]
     arrays = []
     for name, t in zip(("running_mean", "running_var", "new_mean", "new_var"), vectors, strict=True):
-        if not isinstance(t, Tensor) or not (
-            t.dtype is sd and t.is_cpu and t.layout is torch.strided and t.shape == (c,) and t.is_contiguous()
-            and not t.requires_grad
-        ):
+        if not _base.is_running_vector(t, c, sd):
             desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"cpu backend: {name} must be a contiguous {sd} CPU vector of {c} elements "
                              f"without grad, got {desc}")
@@ -255,7 +252,7 @@ def train_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) 
     norm = _NORM[dtype]
     none = (0, 1, np.empty((4, 0), norm))
     if order == "ncs":
-        g = _ncs_group(nt, n, c, s, _ITEMSIZE[dtype]) if dtype in _NUMPY_DTYPES else 0
+        g = _ncs_group(nt, n, c, s, dtype.itemsize) if dtype in _NUMPY_DTYPES else 0
         if g:
             return (PATH_GROUPS, g, 1, False, *none)
         if s < ROW_STATS_MAX_S:  # short rows: stream them in memory order, twice
@@ -266,7 +263,6 @@ def train_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) 
     return (PATH_NSC, 0, _nsc_parts(nt, n * s, c), False, *none)
 
 
-_ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
 # The training backward's paths other than PATH_NSC (backward_plan): each channel (or group of channels)
 # reduced and written from cache, or short rows in two streaming passes
 PATH_FUSED = PATH_GROUPS
@@ -282,7 +278,7 @@ def backward_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtyp
     if order == "nsc":
         return (PATH_NSC, 1, _nsc_parts(nt, n * s, c), *none)
     # groups of short rows as in the forward, sized for two tensors (dy and x)
-    g = _ncs_group(nt, n, c, s, 2 * _ITEMSIZE[dtype]) if dtype in _NUMPY_DTYPES else 0
+    g = _ncs_group(nt, n, c, s, 2 * dtype.itemsize) if dtype in _NUMPY_DTYPES else 0
     if g or (s >= BACKWARD_FUSED_MIN_S and _ncs_parts(nt, c, n * s) == 1):
         return (PATH_FUSED, max(g, 1), 1, *none)
     return (PATH_ROWS, 1, _nsc_parts(nt, n * c, s), *_ncs_affine_plan(nt, n, c, s, sd))
@@ -447,7 +443,6 @@ class CpuBackend:
         dx = _empty_like(x)
         gf, xf, df = _flat(dy), _flat(x), _flat(dx)
         nt = _threads(x.numel())
-        # groups of short rows as in forward_train, sized for two tensors (dy and x)
         path, g, t, ta, q, tab = backward_plan(nt, order, n, c, s, x.dtype)
         if path == PATH_FUSED:
             K.ncs_backward_train(gf, xf, df, n, c, s, g, m, inv, w, s0, s1, a, k, cc)

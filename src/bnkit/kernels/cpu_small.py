@@ -268,6 +268,19 @@ def _as_like_impl(like, v):
 
 
 @njit(inline="always")
+def _eval_scale_shift(rv, wa, ba, C, eps, one):
+    # per channel scale = cpu.eval_coeffs' (1 / sqrt(rv + eps)) * w and shift = b, in one's dtype (the
+    # statistics dtype: eps and one are scalars of it)
+    k = np.empty_like(rv)
+    sh = np.zeros_like(rv)
+    for c in range(C):
+        k[c] = _eval_coeff(rv[c], _view(wa, C, one)[c] if wa != 0 else one, eps, one)
+        if ba != 0:
+            sh[c] = _view(ba, C, one)[c]
+    return k, sh
+
+
+@njit(inline="always")
 def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T):
     eps = _as_like(like, eps)
     one = _as_like(like, 1.0)
@@ -275,13 +288,7 @@ def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T):
     x = _view(xa, total, like)
     y = _view(ya, total, like)
     rm = _view(rma, C, like)
-    rv = _view(rva, C, like)
-    k = np.empty_like(rm)
-    sh = np.zeros_like(rm)
-    for c in range(C):
-        k[c] = _eval_coeff(rv[c], _view(wa, C, like)[c] if wa != 0 else one, eps, one)
-        if ba != 0:
-            sh[c] = _view(ba, C, like)[c]
+    k, sh = _eval_scale_shift(_view(rva, C, like), wa, ba, C, eps, one)
     R = _rows(N, C, S)
     for t in prange(T):
         r0, r1 = _span(R, T, t)
@@ -315,17 +322,9 @@ def eval_forward16(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T, Q, tab):
     total = N * C * S
     x = _view(xa, total, like)
     y = _view(ya, total, like)
-    f = np.float32(0.0)
     one = np.float32(1.0)
-    e = np.float32(eps)
-    rm = _view(rma, C, f)
-    rv = _view(rva, C, f)
-    k = np.empty(C, np.float32)
-    sh = np.zeros(C, np.float32)
-    for c in range(C):
-        k[c] = _eval_coeff(rv[c], _view(wa, C, f)[c] if wa != 0 else one, e, one)
-        if ba != 0:
-            sh[c] = _view(ba, C, f)[c]
+    rm = _view(rma, C, one)
+    k, sh = _eval_scale_shift(_view(rva, C, one), wa, ba, C, np.float32(eps), one)
     if S == 1:
         nsc_affine(x, x, y, N, C, T, False, k, rm, k, sh)
     else:
@@ -437,7 +436,8 @@ def train_long(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, v
 
 @njit(inline="always", error_model="numpy")
 def _backward_vectors(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba):
-    # views and scratch of a training backward (see backward_rows): the arrays the launcher makes
+    # views and scratch of a training backward (see backward_rows; the eval backward's too): the arrays
+    # the launcher makes
     total = N * C * S
     g = _view(ga, total, like)
     x = _view(xa, total, like)
@@ -485,23 +485,11 @@ def backward_nsc(like, ga, xa, dxa, N, C, S, G, T, TA, Q, tab, ma, va, wa, eps, 
     nsc_backward_train(g, x, dx, N * S, C, T, mean, inv, w, float(N * S), s0, s1, co[0], co[1], co[2])
 
 
-@njit(inline="always", error_model="numpy")
-def _eval_backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba):
-    # views and scratch of an eval backward (see eval_backward_ncs); scale = invstd * w as autograd's
-    # torch ops make it (bnkit.autograd._eval_scale)
-    total = N * C * S
-    g = _view(ga, total, like)
-    x = _view(xa, total, like)
-    dx = _view(dxa, total, like)
-    rm = _view(rma, C, eps)
-    rv = _view(rva, C, eps)
-    one = _as_like(eps, 1.0)
-    inv = np.empty_like(rm)
-    k = np.empty_like(rm)
-    for c in range(C):
-        inv[c] = one / np.sqrt(rv[c] + eps)
-        k[c] = inv[c] * _view(wa, C, eps)[c] if wa != 0 else inv[c]
-    return g, x, dx, rm, inv, k, _view(dba, C, eps), _view(dwa, C, eps)
+@njit(inline="always")
+def _scale_by(v, f):
+    # v *= f per channel, one rounding each (autograd's sum_dy_xmu * invstd)
+    for c in range(v.shape[0]):
+        v[c] = v[c] * f[c]
 
 
 @njit(cache=True, error_model="numpy")
@@ -509,21 +497,22 @@ def eval_backward_ncs(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba
     """Eval-mode backward of any size and dtype: the ``cpu`` backend's ``backward_eval`` (one read of
     ``dy`` and ``x``: ``dx = scale * dy`` and both reductions, :func:`bnkit.kernels.cpu.ncs_reduce` in
     ``T`` row ranges) with autograd's coefficients, in one call; :func:`eval_backward_nsc` for
-    channels-innermost memory. ``scale = invstd * w`` and ``dweight = sum(dy * (x - running_mean)) * invstd``
-    in the statistics dtype, ``eps`` a scalar of it; ``dbias = sum(dy)``."""
-    g, x, dx, rm, inv, k, s0, s1 = _eval_backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
-    ncs_reduce(g, x, N, C, S, T, rm, s0, s1, True, dx, k)
-    for c in range(C):
-        s1[c] = s1[c] * inv[c]
+    channels-innermost memory. The views and ``invstd`` are the training backward's
+    (:func:`_backward_vectors`, with the running statistics for mean and var); ``scale = invstd * w``
+    (``w`` all ones without weight: the same bits as ``invstd``) and ``dweight = sum(dy * (x -
+    running_mean)) * invstd`` in the statistics dtype, as autograd's torch ops make them;
+    ``dbias = sum(dy)``."""
+    g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
+    ncs_reduce(g, x, N, C, S, T, rm, s0, s1, True, dx, inv * w)
+    _scale_by(s1, inv)
 
 
 @njit(cache=True, error_model="numpy")
 def eval_backward_nsc(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba):
     """:func:`eval_backward_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_reduce`)."""
-    g, x, dx, rm, inv, k, s0, s1 = _eval_backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
-    nsc_reduce(g, x, N * S, C, T, rm, s0, s1, True, dx, k)
-    for c in range(C):
-        s1[c] = s1[c] * inv[c]
+    g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
+    nsc_reduce(g, x, N * S, C, T, rm, s0, s1, True, dx, inv * w)
+    _scale_by(s1, inv)
 
 
 # plan path (bnkit.kernels.cpu_launch.PATH_*) -> its driver's name
