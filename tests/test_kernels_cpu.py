@@ -362,6 +362,25 @@ def test_shifted_statistics_stay_accurate(cpu, layout, kind):
     assert ((mean.double() - x64.mean(dims)).abs() / x64.std(dims)).max() <= 1e-4
 
 
+@pytest.mark.parametrize("shape, path", [((256, 4, 7, 7), "rows"), ((48, 64, 12, 12), "groups")])
+def test_short_rows_first_sample_far_from_the_rest(cpu, shape, path):
+    """Short rows are summed around a shift taken from the channel's first row. With a first sample 1e4
+    away from the rest the variance must still be float64's rounded to float32 (at most 2**-24 relative):
+    float32 row sums around that shift, tried on 2026-12-01, cost 1.7e-7 (rows) and 2.7e-7 (groups)."""
+    from bnkit.kernels import cpu_launch
+
+    nt = min(torch.get_num_threads(), 2)
+    want = cpu_launch.PATH_ROWS if path == "rows" else cpu_launch.PATH_GROUPS
+    assert cpu_launch.train_plan(nt, "ncs", shape[0], shape[1], shape[2] * shape[3], torch.float32)[0] == want
+    x = torch.randn(shape)
+    x[0] += 1e4
+    dims = [0, 2, 3]
+    _, mean, var = cpu.forward_train(x, None, None, 1e-5)
+    x64 = x.double()
+    torch.testing.assert_close(var.double(), x64.var(dims, unbiased=False), rtol=1.2e-7, atol=0)
+    assert ((mean.double() - x64.mean(dims)).abs() / x64.std(dims)).max() <= 1e-6
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e6, 1e8], ids=["folded", "unfolded", "unfolded-constant"])
 def test_channels_last_normalize_rounds_once(cpu, offset):
     """float32 channels-innermost training outputs are float64's, rounded once (within an ulp).

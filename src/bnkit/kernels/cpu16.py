@@ -9,10 +9,12 @@ Where the CPU has AVX-512 (``SIMD_BF16``/``SIMD_F16``) the normalize-type loops 
 (:func:`affine`) and the blocks of their sums (:func:`block_sums`,
 :func:`dot_block`, :func:`column_sums`) run 16 values at a time in explicit vector code: LLVM IR
 written here through numba intrinsics, rounding with the CPU's conversion instructions to the scalar
-codec's bits. :func:`block_sums` and :func:`dot_block` serve every dtype (their plain loops are the
-only ones); :mod:`bnkit.kernels.cpu` calls :func:`affine` only where :func:`simd16` holds (a
-compile-time constant) and keeps its own loops for everything else; :func:`column_sums` also takes
-float32 data on these CPUs and says whether it ran (else the caller's loop runs).
+codec's bits. :func:`block_sums` and :func:`dot_block` serve every dtype (plain loops elsewhere), and
+:func:`block_sums` runs float32 data's blocks in the same vector code on these CPUs (since 2026-12-01:
+fused training forward of long rows 0.94-0.97x the kernel time); :mod:`bnkit.kernels.cpu` calls
+:func:`affine` only where :func:`simd16` holds (a compile-time constant) and keeps its own loops for
+everything else; :func:`column_sums` also takes float32 data on these CPUs and says whether it ran
+(else the caller's loop runs).
 """
 
 from __future__ import annotations
@@ -232,6 +234,8 @@ class _BFloat(ir.types._BaseFloatType):
 
 _BFloat._create_instance()
 _W = 16
+# data dtypes the 16-wide loads take: bfloat16 bits, float16 bits, float32
+_LANE_DTYPES = (types.uint16, types.int16, types.float32)
 _I1, _I16, _I32, _F32 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
@@ -242,6 +246,12 @@ def _vt(t):
 def _simd16(a) -> bool:
     """Whether 16-bit data array ``a`` takes the SIMD intrinsics on this CPU."""
     return (a.dtype == types.uint16 and SIMD_BF16) or (a.dtype == types.int16 and SIMD_F16)
+
+
+def _simd_sums(a) -> bool:
+    """Whether the block sums of data array ``a`` take the 16-wide intrinsics: 16-bit data on the SIMD
+    path, and float32 data on the same CPUs (it needs only the features float16's code does)."""
+    return _simd16(a) or (a.dtype == types.float32 and SIMD_F16)
 
 
 def _splat(builder, v):
@@ -469,11 +479,11 @@ def _zero_off(builder, mask, v):
 
 @intrinsic
 def _shifted_sums16(typingctx, xs, n, k):
-    """``(sum(xs[i] - k), sum((xs[i] - k)**2))`` over ``i < n``, 16-bit data, in float32 lanes
+    """``(sum(xs[i] - k), sum((xs[i] - k)**2))`` over ``i < n``, 16-bit or float32 data, in float32 lanes
     (:func:`_paired_sums`: 32 partial sums, so a block of SBLOCK16 values adds SBLOCK16 / 32 in each).
     The vectorizer made 8-wide loops of this with a horizontal sum per block: 0.33 cycles per bf16
     value with blocks of 256, 0.17 here."""
-    if not (isinstance(xs, types.Array) and xs.dtype in (types.uint16, types.int16) and k == types.float32):
+    if not (isinstance(xs, types.Array) and xs.dtype in _LANE_DTYPES and k == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
@@ -518,13 +528,14 @@ def _dot_sums16(typingctx, gs, xs, n, m):
 
 def block_sums(blk, k):
     """``(sum(blk - k), sum((blk - k)**2))`` of one block of values, summed in the compute dtype
-    (float32 for all but float64 data; blocks of ``SBLOCK``, or ``SBLOCK16`` on the SIMD path), as float64."""
+    (float32 for all but float64 data; blocks of ``SBLOCK``, or ``SBLOCK16`` on the SIMD path), as float64;
+    16-bit and float32 data with a float32 ``k`` take :func:`_shifted_sums16` on AVX-512."""
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 
 @overload(block_sums, inline="always", jit_options={"fastmath": _FAST})
 def _block_sums_impl(blk, k):
-    if _simd16(blk):
+    if _simd_sums(blk) and k == types.float32:
         return lambda blk, k: _shifted_sums16(blk, blk.shape[0], k)
 
     def plain(blk, k):
@@ -541,7 +552,8 @@ def _block_sums_impl(blk, k):
 
 def dot_block(gb, xb, m):
     """``(sum(gb), sum(gb * (xb - m)))`` of one block of values in the compute dtype, as float64 (blocks of
-    ``RBLOCK``, or ``SBLOCK16`` on the SIMD path)."""
+    ``RBLOCK``, or ``SBLOCK16`` on the SIMD path). float32 data keeps the plain loop: LLVM's float32 lanes
+    measured 0.93-1.02x the time of :func:`_dot_sums16`'s on 7x7 to 56x56 rows (ncs_reduce, one thread)."""
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 
@@ -610,8 +622,7 @@ def column_sums(x, r0, r1, C, k, ts, tq):
 
 @overload(column_sums, inline="always")
 def _column_sums_impl(x, r0, r1, C, k, ts, tq):
-    # float32 needs only the features float16's vector code does (AVX-512 F/BW/DQ/VL)
-    if _simd16(x) or (x.dtype == types.float32 and SIMD_F16):
+    if _simd_sums(x):
 
         def vector(x, r0, r1, C, k, ts, tq):
             _column_sums16(x, r0, r1, C, k, ts, tq)
