@@ -34,7 +34,9 @@ __all__ = [
     "column_sums",
     "dot_block",
     "load",
+    "has_row_lanes",
     "nsc_tile",
+    "row_lanes",
     "simd16",
     "store",
     "to_acc",
@@ -630,6 +632,80 @@ def _column_sums_impl(x, r0, r1, C, k, ts, tq):
 
         return vector
     return lambda x, r0, r1, C, k, ts, tq: False
+
+
+@intrinsic
+def _row_lanes16(typingctx, gs, xs, n, m, acc0, acc1, off):
+    """``acc0[off:off+16] += gs`` and ``acc1[off:off+16] += gs * (xs - m)`` lane by lane over ``i < n``
+    (16-bit or float32 data, float32 lanes; the last step masked): one short row's contribution to its
+    channel's 16 lanes, with no horizontal sum (see :func:`row_lanes`)."""
+    if not (
+        isinstance(gs, types.Array)
+        and isinstance(xs, types.Array)
+        and gs.dtype == xs.dtype
+        and xs.dtype in _LANE_DTYPES
+        and m == types.float32
+        and all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (acc0, acc1))
+    ):
+        return None
+
+    def codegen(context, builder, signature, args):
+        gty, xty, _, _, a0ty, a1ty, _ = signature.args
+        ga, xa, count, mv, a0, a1, o = args
+        ms = _splat(builder, mv)
+        p0 = _lanes_ptr(context, builder, a0ty, a0, o, _F32)
+        p1 = _lanes_ptr(context, builder, a1ty, a1, o, _F32)
+        s0 = cgutils.alloca_once_value(builder, builder.load(p0, align=4))
+        s1 = cgutils.alloca_once_value(builder, builder.load(p1, align=4))
+
+        def step(j, mask):
+            g = _load16(context, builder, gty, ga, j, mask)  # 0 outside mask
+            d = _zero_off(builder, mask, builder.fsub(_load16(context, builder, xty, xa, j, mask), ms))
+            builder.store(builder.fadd(builder.load(s0), g), s0)
+            builder.store(_fma16(builder, g, d, builder.load(s1)), s1)
+
+        w = ir.Constant(count.type, _W)
+        full = builder.sub(count, builder.srem(count, w))
+        with cgutils.for_range_slice(builder, ir.Constant(count.type, 0), full, w) as (j, _):
+            step(j, None)
+        left = builder.sub(count, full)
+        with builder.if_then(builder.icmp_signed(">", left, ir.Constant(count.type, 0))):
+            step(full, _lane_mask(builder, left))
+        builder.store(builder.load(s0), p0, align=4)
+        builder.store(builder.load(s1), p1, align=4)
+        return context.get_dummy_value()
+
+    return types.void(gs, xs, n, m, acc0, acc1, off), codegen
+
+
+def row_lanes(gs, xs, n, m, acc0, acc1, off):
+    """:func:`_row_lanes16` where it applies (16-bit data on the SIMD path, float32 data on the same CPUs,
+    a float32 ``m``), returning ``True``; elsewhere it does nothing and returns ``False`` (a compile-time
+    constant)."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+def has_row_lanes(gs, m):
+    """Whether :func:`row_lanes` runs for data ``gs`` and mean ``m`` (a compile-time constant)."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(has_row_lanes, inline="always")
+def _has_row_lanes_impl(gs, m):
+    v = _simd_sums(gs) and m == types.float32
+    return lambda gs, m: v
+
+
+@overload(row_lanes, inline="always")
+def _row_lanes_impl(gs, xs, n, m, acc0, acc1, off):
+    if _simd_sums(gs) and m == types.float32:
+
+        def vector(gs, xs, n, m, acc0, acc1, off):
+            _row_lanes16(gs, xs, n, m, acc0, acc1, off)
+            return True
+
+        return vector
+    return lambda gs, xs, n, m, acc0, acc1, off: False
 
 
 def simd16(a):
