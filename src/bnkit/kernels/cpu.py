@@ -512,7 +512,7 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     modulo per row; two ``Tensor.sum`` calls over ``dy`` and ``x`` take 1.1 ms. Rows of at most
     ``ROW_LANES_MAX_S`` values on the SIMD path take :func:`_ncs_reduce_lanes` instead.
     """
-    if not write and S <= ROW_LANES_MAX_S and has_row_lanes(dy, mean[0]):
+    if not write and 0 < S <= ROW_LANES_MAX_S and has_row_lanes(dy, mean):
         _ncs_reduce_lanes(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu)
         return
     R = N * C
@@ -659,21 +659,37 @@ def ncs_backward_train(dy, x, dx, N, C, S, G, mean, invstd, weight, sum_dy, sum_
     coefficients (:func:`backward_coeffs`), then writes ``dx = a*dy + k*(x - mean) + cc`` while
     the channels' ``dy`` and ``x`` are still in cache: memory is read about once. Long rows take
     ``G = 1``; short ones a group whose rows of one sample are adjacent in memory (see
-    :func:`ncs_train_groups`).
+    :func:`ncs_train_groups`). Rows of at most ``ROW_LANES_MAX_S`` values on the SIMD path are reduced
+    in per-channel lanes as in :func:`_ncs_reduce_lanes` (kernel time 0.90x on 64x256x14x14, 0.71x on
+    32x512x7x7, two threads).
     """
     M = float(N * S)
+    lanes = 0 < S <= ROW_LANES_MAX_S and has_row_lanes(dy, mean)
+    flush = max(1, ROW_LANES_VALUES // max(1, (S + 15) // 16))
     for g in prange((C + G - 1) // G):
         c0 = g * G
         gc = min(G, C - c0)
         s0 = np.zeros(gc)
         s1 = np.zeros(gc)
-        for n in range(N):
-            base = (n * C + c0) * S
-            for j in range(gc):
-                lo = base + j * S
-                r0, r1 = _dot_sums(dy[lo : lo + S], x[lo : lo + S], mean[c0 + j], S)
-                s0[j] += r0
-                s1[j] += r1
+        if lanes:  # short rows: each channel's 16 float32 lanes, as in _ncs_reduce_lanes
+            l0 = np.zeros(gc * 16, np.float32)
+            l1 = np.zeros(gc * 16, np.float32)
+            for n in range(N):
+                base = (n * C + c0) * S
+                for j in range(gc):
+                    lo = base + j * S
+                    row_lanes(dy[lo : lo + S], x[lo : lo + S], S, mean[c0 + j], l0, l1, j * 16)
+                if (n + 1) % flush == 0 or n == N - 1:
+                    for j in range(gc):
+                        _flush_lanes(l0, l1, j, s0, s1)
+        else:
+            for n in range(N):
+                base = (n * C + c0) * S
+                for j in range(gc):
+                    lo = base + j * S
+                    r0, r1 = _dot_sums(dy[lo : lo + S], x[lo : lo + S], mean[c0 + j], S)
+                    s0[j] += r0
+                    s1[j] += r1
         for j in range(gc):
             _coeffs_channel(c0 + j, s0[j], s1[j], invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc)
         for n in range(N):

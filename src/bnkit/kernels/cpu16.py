@@ -685,15 +685,16 @@ def row_lanes(gs, xs, n, m, acc0, acc1, off):
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 
-def has_row_lanes(gs, m):
-    """Whether :func:`row_lanes` runs for data ``gs`` and mean ``m`` (a compile-time constant)."""
+def has_row_lanes(gs, means):
+    """Whether :func:`row_lanes` runs for data ``gs`` and per-channel means ``means`` (an array; a
+    compile-time constant)."""
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 
 @overload(has_row_lanes, inline="always")
-def _has_row_lanes_impl(gs, m):
-    v = _simd_sums(gs) and m == types.float32
-    return lambda gs, m: v
+def _has_row_lanes_impl(gs, means):
+    v = _simd_sums(gs) and isinstance(means, types.Array) and means.dtype == types.float32
+    return lambda gs, means: v
 
 
 @overload(row_lanes, inline="always")
