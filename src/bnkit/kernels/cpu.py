@@ -100,10 +100,11 @@ SBLOCK16 = 1024
 # channels), so blocks stay short.
 NSC_SBLOCK = 64
 # Short rows (at most ROW_LANES_MAX_S values) of the training backward's reduction add into 16 float32
-# lanes per channel, flushed to float64 after about ROW_LANES_VALUES values per lane (SBLOCK16 / 32 for
-# 16-bit blocks), see _ncs_reduce_lanes.
+# lanes per channel, flushed to float64 after about ROW_LANES_VALUES values per lane (a 16-bit block of
+# SBLOCK16 values holds 32 per lane), see _ncs_reduce_lanes. LANES is cpu16.row_lanes' vector width.
 ROW_LANES_MAX_S = 256
 ROW_LANES_VALUES = 64
+LANES = 16
 
 _JIT = {"cache": True, "fastmath": _FAST}
 # Largest |mean * scale| of a channel for the folded normalize (see folds_mean).
@@ -512,7 +513,7 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     modulo per row; two ``Tensor.sum`` calls over ``dy`` and ``x`` take 1.1 ms. Rows of at most
     ``ROW_LANES_MAX_S`` values on the SIMD path take :func:`_ncs_reduce_lanes` instead.
     """
-    if not write and 0 < S <= ROW_LANES_MAX_S and has_row_lanes(dy, mean):
+    if not write and _takes_lanes(dy, mean, S):
         _ncs_reduce_lanes(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu)
         return
     R = N * C
@@ -543,10 +544,10 @@ def _ncs_reduce_lanes(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
     """:func:`ncs_reduce` (without ``write``) for short rows on the SIMD path: each row adds into its
     channel's 16 float32 lanes (:func:`row_lanes`), with no horizontal sum per row; a channel's lanes go
     to its float64 total after ``ROW_LANES_VALUES`` values per lane. The per-row sums cost more than the
-    values on 49-value rows: kernel time on 256x512x7x7 about 0.7x, one thread (thread time)."""
+    values on 49-value rows: kernel time on 256x512x7x7 0.77x on one thread (thread time), 0.40x on two."""
     R = N * C
-    W = 16
-    flush = max(1, ROW_LANES_VALUES // ((S + W - 1) // W))
+    W = LANES
+    flush = _lane_flush_rows(S)
     acc0 = np.zeros((T, C))
     acc1 = np.zeros((T, C))
     for t in prange(T):
@@ -572,11 +573,23 @@ def _ncs_reduce_lanes(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
 
 
 @njit(inline="always", **_JIT)
+def _takes_lanes(dy, mean, S):
+    # whether a reduction over rows of S values runs in per-channel lanes (row_lanes; the SIMD path only)
+    return 0 < S <= ROW_LANES_MAX_S and has_row_lanes(dy, mean)
+
+
+@njit(inline="always", **_JIT)
+def _lane_flush_rows(S):
+    # rows of S values per flush of a channel's lanes: about ROW_LANES_VALUES values per lane
+    return max(1, ROW_LANES_VALUES // max(1, (S + LANES - 1) // LANES))
+
+
+@njit(inline="always", **_JIT)
 def _flush_lanes(l0, l1, c, a0, a1):
-    # channel c's 16 lanes added into its float64 totals, and cleared
+    # channel c's LANES lanes added into its float64 totals, and cleared
     s0 = 0.0
     s1 = 0.0
-    for i in range(c * 16, c * 16 + 16):
+    for i in range(c * LANES, c * LANES + LANES):
         s0 += l0[i]
         s1 += l1[i]
         l0[i] = 0.0
@@ -664,21 +677,21 @@ def ncs_backward_train(dy, x, dx, N, C, S, G, mean, invstd, weight, sum_dy, sum_
     32x512x7x7, two threads).
     """
     M = float(N * S)
-    lanes = 0 < S <= ROW_LANES_MAX_S and has_row_lanes(dy, mean)
-    flush = max(1, ROW_LANES_VALUES // max(1, (S + 15) // 16))
+    lanes = _takes_lanes(dy, mean, S)
+    flush = _lane_flush_rows(S)
     for g in prange((C + G - 1) // G):
         c0 = g * G
         gc = min(G, C - c0)
         s0 = np.zeros(gc)
         s1 = np.zeros(gc)
         if lanes:  # short rows: each channel's 16 float32 lanes, as in _ncs_reduce_lanes
-            l0 = np.zeros(gc * 16, np.float32)
-            l1 = np.zeros(gc * 16, np.float32)
+            l0 = np.zeros(gc * LANES, np.float32)
+            l1 = np.zeros(gc * LANES, np.float32)
             for n in range(N):
                 base = (n * C + c0) * S
                 for j in range(gc):
                     lo = base + j * S
-                    row_lanes(dy[lo : lo + S], x[lo : lo + S], S, mean[c0 + j], l0, l1, j * 16)
+                    row_lanes(dy[lo : lo + S], x[lo : lo + S], S, mean[c0 + j], l0, l1, j * LANES)
                 if (n + 1) % flush == 0 or n == N - 1:
                     for j in range(gc):
                         _flush_lanes(l0, l1, j, s0, s1)
