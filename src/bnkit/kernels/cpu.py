@@ -559,7 +559,9 @@ def lane_sums(dy, x, C, S, r0, r1, mean, a0, a1):
     """``a0[c] += sum(dy)``, ``a1[c] += sum(dy * (x - mean[c]))`` over the rows ``[r0, r1)`` of ``S``
     values (row ``r`` is channel ``r % C``) in per-channel float32 lanes (:func:`row_lanes`), flushed to
     the float64 ``a0``/``a1`` every ``ROW_LANES_VALUES`` values per lane; only where
-    :func:`_takes_lanes` holds. Shared by :func:`_ncs_reduce_lanes` and the small kernels' backward."""
+    :func:`_takes_lanes` holds. (The small kernels' backward keeps float64 row sums: with these lanes its
+    kernel took 0.77x the time on 16x16x8x8, 2-3 us of a 170 us forward+backward call, for gradients up
+    to 2.4x further from float64 than before.)"""
     W = LANES
     flush = _lane_flush_rows(S)
     l0 = np.zeros(C * W, np.float32)
