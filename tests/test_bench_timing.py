@@ -61,6 +61,28 @@ def test_fast_calls_are_repeated_within_a_sample(clock):
     assert res.ratio("slow", "fast") == pytest.approx(100.0)
 
 
+def test_same_calls_share_the_largest_count(clock):
+    n = {"a": 0, "b": 0, "copy": 0}
+    cost = {"a": 134e-6, "b": 211e-6, "copy": 5e-6}
+
+    def make(name: str):
+        def fn() -> None:
+            n[name] += 1
+            clock.now += cost[name]
+
+        return fn
+
+    fns = {name: make(name) for name in cost}
+    res = timing.interleaved_times(fns, runs=15, warmup=1, same_calls=("a", "b"))
+    # a alone needs 2 calls per sample to last MIN_SAMPLE_S, b needs 1: both take 2; the copy its own 41
+    assert (n["a"] - 1) // 15 == (n["b"] - 1) // 15 == 2
+    copies = (n["copy"] - 1) // 15
+    assert copies > 2 and copies * 5e-6 >= timing.MIN_SAMPLE_S
+    assert res.ratio("b", "a") == pytest.approx(211 / 134)
+    with pytest.raises(ValueError, match="same_calls"):
+        timing.interleaved_times(fns, runs=15, same_calls=("a", "nope"))
+
+
 def test_runs_are_at_least_fifteen(clock):
     def fn() -> None:
         clock.now += 1e-3

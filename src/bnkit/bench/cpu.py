@@ -161,7 +161,7 @@ def _e2e_row(batch: int, width: int, size: int, runs: int) -> dict:
 
     step_torch, step_bnkit = stepper(model), stepper(twin)
     with bnkit.use_backend("cpu"):
-        t = interleaved_times({"torch": step_torch, "bnkit": step_bnkit}, runs=runs)
+        t = interleaved_times({"torch": step_torch, "bnkit": step_bnkit}, runs=runs, same_calls=("torch", "bnkit"))
         backend = bnkit.last_backend()
     t_torch, t_bnkit = t.median("torch"), t.median("bnkit")
     share = _torch_bn_share(step_torch)
@@ -201,7 +201,7 @@ def run(cases: list[Case], runs: int, e2e: tuple[int, int, int] | None, progress
             fns = {"copy": x_copy.clone, "torch": _bn_fn(case, mode, "torch"), "bnkit": _bn_fn(case, mode, "bnkit")}
             # torch's F.batch_norm does not look at bnkit's backend, so one context serves all three.
             with bnkit.use_backend("cpu"):
-                t = interleaved_times(fns, runs=runs)
+                t = interleaved_times(fns, runs=runs, same_calls=("torch", "bnkit"))
                 backend = bnkit.last_backend()
             rows.append(
                 {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 __all__ = ["Interleaved", "interleaved_times"]
@@ -51,6 +51,7 @@ def interleaved_times(
     *,
     calls: int | None = None,
     clock: Callable[[], float] | None = None,
+    same_calls: Collection[str] = (),
 ) -> Interleaved:
     """Time every callable in ``runs`` rounds; each round takes one sample of each, in rotating order.
 
@@ -59,6 +60,11 @@ def interleaved_times(
     slower ones are timed one by one. ``clock`` is ``time.perf_counter`` by default
     (``time.thread_time`` is steadier on a busy machine where everything runs on the calling
     thread). ``runs`` below 15 is raised to 15.
+
+    ``same_calls`` names contenders that take one common count, the largest any of them needs: two
+    implementations compared by a ratio then get the same mix of a first call (its caches cold from the
+    other contenders') and repeats. Without it, a 134 us call got two calls per sample (the second
+    warm) where a 211 us one got a single cold call.
     """
     clock = clock or time.perf_counter
     runs = max(int(runs), MIN_RUNS)
@@ -74,6 +80,13 @@ def interleaved_times(
             reps[name] = max(1, int(calls))
         else:
             reps[name] = max(1, min(1000, int(MIN_SAMPLE_S / max(t, 1e-9)) + 1)) if t < MIN_SAMPLE_S else 1
+    unknown = [name for name in same_calls if name not in fns]
+    if unknown:
+        raise ValueError(f"same_calls names no contender: {unknown}")
+    if same_calls:
+        shared = max(reps[name] for name in same_calls)
+        for name in same_calls:
+            reps[name] = shared
     times: dict[str, list[float]] = {name: [] for name in names}
     was_enabled = gc.isenabled()
     gc.disable()
