@@ -203,9 +203,9 @@ def test_gradients_match_float64_reference(spy):
 @pytest.mark.parametrize("shape", [(16, 16, 8, 8), (32, 16, 12, 12), (64, 32, 7, 7)])  # serial, parallel twice
 @pytest.mark.parametrize("dy_offset", [0.0, 3.0])
 def test_short_row_gradients_as_accurate_as_torchs(spy, shape, dy_offset):
-    # max error of the small training backward against float64 on the same float32 inputs, short rows
-    # and a gradient with an offset: within 4x torch's (float32 lanes, cpu.lane_sums, measured 0.4-2.4x
-    # here and are not used: see _grad_sums); a wrong channel or a lost partial sum would be far off
+    # max error of the small training backward against float64 on the same float32 inputs, short rows,
+    # with and without an offset in the gradient: within 4x torch's (float32 lanes in the reduction read
+    # 0.4-2.4x, see cpu_small._grad_sums); a wrong channel or a lost partial sum would be far off
     x, w, b, _, _ = _inputs(shape, torch.float32, seed=11, offset=1.0, scale=2.0)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(12)) + dy_offset
     grads = {}

@@ -390,7 +390,7 @@ def _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inpl
         if graph:  # (batch_norm sends graphs above SMALL_GRAD_NUMEL elsewhere)
             y = _train_apply(x, weight, bias, args)
         else:
-            y = _train_forward(x, weight, bias, args, 0)
+            y = _train_forward(x, weight, bias, args)
     except _TakeRegularPath:
         return None
     if inplace and running_mean is not None:
@@ -455,7 +455,7 @@ class _TakeRegularPath(Exception):
     or a one-call driver failed to compile."""
 
 
-def _train_forward(x, weight, bias, args, ma, va=0):
+def _train_forward(x, weight, bias, args, ma=0, va=0):
     # the batch statistics leave the kernel only when a backward needs them (ma, va not 0)
     n, c, s, eps, stats, ratio, keep, take = args
     try:

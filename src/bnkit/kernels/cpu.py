@@ -546,39 +546,30 @@ def _ncs_reduce_lanes(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
     to its float64 total after ``ROW_LANES_VALUES`` values per lane. The per-row sums cost more than the
     values on 49-value rows: kernel time on 256x512x7x7 0.77x on one thread (thread time), 0.40x on two."""
     R = N * C
+    W = LANES
+    flush = _lane_flush_rows(S)
     acc0 = np.zeros((T, C))
     acc1 = np.zeros((T, C))
     for t in prange(T):
         r0, r1 = _part(R, T, t)
-        lane_sums(dy, x, C, S, r0, r1, mean, acc0[t], acc1[t])
+        l0 = np.zeros(C * W, np.float32)
+        l1 = np.zeros(C * W, np.float32)
+        rows = np.zeros(C, np.int64)
+        a0 = acc0[t]
+        a1 = acc1[t]
+        c = r0 % C
+        for r in range(r0, r1):
+            row_lanes(dy[r * S : (r + 1) * S], x[r * S : (r + 1) * S], S, mean[c], l0, l1, c * W)
+            rows[c] += 1
+            if rows[c] == flush:
+                rows[c] = 0
+                _flush_lanes(l0, l1, c, a0, a1)
+            c += 1
+            if c == C:
+                c = 0
+        for ch in range(C):
+            _flush_lanes(l0, l1, ch, a0, a1)
     _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
-
-
-@njit(inline="always", **_JIT)
-def lane_sums(dy, x, C, S, r0, r1, mean, a0, a1):
-    """``a0[c] += sum(dy)``, ``a1[c] += sum(dy * (x - mean[c]))`` over the rows ``[r0, r1)`` of ``S``
-    values (row ``r`` is channel ``r % C``) in per-channel float32 lanes (:func:`row_lanes`), flushed to
-    the float64 ``a0``/``a1`` every ``ROW_LANES_VALUES`` values per lane; only where
-    :func:`_takes_lanes` holds. (The small kernels' backward keeps float64 row sums: with these lanes its
-    kernel took 0.77x the time on 16x16x8x8, 2-3 us of a 170 us forward+backward call, for gradients up
-    to 2.4x further from float64 than before.)"""
-    W = LANES
-    flush = _lane_flush_rows(S)
-    l0 = np.zeros(C * W, np.float32)
-    l1 = np.zeros(C * W, np.float32)
-    rows = np.zeros(C, np.int64)
-    c = r0 % C
-    for r in range(r0, r1):
-        row_lanes(dy[r * S : (r + 1) * S], x[r * S : (r + 1) * S], S, mean[c], l0, l1, c * W)
-        rows[c] += 1
-        if rows[c] == flush:
-            rows[c] = 0
-            _flush_lanes(l0, l1, c, a0, a1)
-        c += 1
-        if c == C:
-            c = 0
-    for ch in range(C):
-        _flush_lanes(l0, l1, ch, a0, a1)
 
 
 @njit(inline="always", **_JIT)

@@ -18,8 +18,8 @@ one call in one launch:
 * :func:`eval_forward16`: the eval output of bfloat16/float16 data (float32 running statistics and
   parameters), with the ``cpu`` backend's own coefficients and normalize kernels;
 * :func:`train_backward` / :func:`eval_backward` (one body, :func:`_backward`): both reductions in
-  float64, then ``dx = a*dy + k*(x - mean) + c`` in training (the symbols of :mod:`bnkit.autograd`) or ``dx = a*dy``
-  in eval, with ``dweight`` and ``dbias``.
+  float64, then ``dx = a*dy + k*(x - mean) + c`` in training (the symbols of :mod:`bnkit.autograd`) or
+  ``dx = a*dy`` in eval, with ``dweight`` and ``dbias``.
 
 Each kernel has a parallel twin (``*_par``, for inputs above ``bnkit.small.SERIAL_NUMEL``) that cuts
 its passes into ranges of rows, each task with its own float64 accumulators (all share one shift per
@@ -525,9 +525,9 @@ EVAL_BACKWARD_DRIVERS = {"ncs": "eval_backward_ncs", "nsc": "eval_backward_nsc"}
 @njit(cache=True, fastmath=_FAST)
 def _grad_sums(g, x, C, S, r0, r1, mean, s0, s1):
     # s0[c] += sum(dy), s1[c] += sum(dy * (x - mean[c])) over rows [r0, r1), in float64. (The regular
-    # path's per-channel float32 lanes, cpu.lane_sums, took this kernel to 0.77x its time on 16x16x8x8,
-    # 3 us; its gradients' errors against float64 grew up to 2.4x, and twenty float32 SGD steps of
-    # test_e2e_resnet drifted from float64 2.1x as far as torch's, against 1.03x with these sums.)
+    # path's per-channel float32 lanes, as in cpu._ncs_reduce_lanes, took this kernel to 0.77x its time on
+    # 16x16x8x8, 3 us; its gradients' errors against float64 grew up to 2.4x, and twenty float32 SGD steps
+    # of test_e2e_resnet drifted from float64 2.1x as far as torch's, against 1.03x with these sums.)
     if S == 1:
         for n in range(r0, r1):
             gs = g[n * C : (n + 1) * C]
