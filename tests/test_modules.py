@@ -222,8 +222,31 @@ def test_errors_match_torch(torch_cls, bnkit_cls):
                 t, b = torch_cls(3, **kwargs), bnkit_cls(3, **kwargs)
             x = torch.randn(shape)
             assert outcome(b, x) == outcome(t, x), (shape, kwargs)
+            # torch counts a batch before F.batch_norm can raise: the same num_batches_tracked after
+            nb, nt = b.num_batches_tracked, t.num_batches_tracked
+            assert (nb is None) == (nt is None) and (nt is None or torch.equal(nb, nt)), (shape, kwargs)
     msg = outcome(bnkit.nn.BatchNorm2d(3), torch.randn(2, 3, 4))
     assert msg == (ValueError, "expected 4D input (got 3D input)")
+
+
+@pytest.mark.parametrize("bad", ["one value per channel", "channel mismatch", "eps 0"])
+def test_a_failed_training_batch_is_counted_as_torch_counts_it(bad):
+    # torch.nn adds the batch to num_batches_tracked before F.batch_norm raises; with momentum=None
+    # (the cumulative average, factor 1 / num_batches_tracked) the next batches then weigh the same
+    eps = 0.0 if bad == "eps 0" else 1e-5
+    t, b = twins(nn.BatchNorm2d, bnkit.nn.BatchNorm2d, 3, momentum=None, eps=eps)
+    skip = bnkit.nn.BatchNorm2d(3, momentum=None, eps=eps, nonfinite="skip", dtype=torch.float64)
+    x_bad = {"one value per channel": torch.randn(1, 3, 1, 1), "channel mismatch": torch.randn(2, 4, 2, 2),
+             "eps 0": torch.randn(2, 3, 2, 2)}[bad].double()  # fmt: skip
+    for m in (t, b, skip):
+        with pytest.raises((ValueError, RuntimeError)):
+            m(x_bad)
+    assert t.num_batches_tracked.item() == 1 and b.num_batches_tracked.item() == 1
+    assert skip.num_batches_tracked.item() == 0  # bnkit's own policy: a batch that failed is not counted
+    if bad == "eps 0":
+        return  # every training batch raises
+    for _ in range(2):
+        run_both(t, b, torch.randn(4, 3, 2, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("torch_cls,bnkit_cls,shape,fmt", [

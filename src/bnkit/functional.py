@@ -311,6 +311,23 @@ def updated_running_stats(
     return (new_mean if running_mean is not None else None), (new_var if running_var is not None else None)
 
 
+# torch's batch norm allocates its output in the input's suggested memory format: channels-last for a 4-d
+# (5-d) channels-last input, contiguous for everything else. bnkit's kernels write the input's own layout,
+# which differs for an (N, C, L) view of (N, L, C) memory, a transposed (N, C) input and other permuted
+# strides, where code written for torch may then `.view()` the output.
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def as_torch_layout(y: Tensor) -> Tensor:
+    """``y`` in the memory format torch's batch norm gives its output (a copy only when ``y``'s differs)."""
+    if y.is_contiguous():
+        return y
+    fmt = _CHANNELS_LAST.get(y.dim())
+    if fmt is not None and y.is_contiguous(memory_format=fmt):
+        return y
+    return y.contiguous()
+
+
 def batch_norm_pure(
     input: Tensor,
     running_mean: Tensor | None,
@@ -335,7 +352,10 @@ def batch_norm_pure(
     if mask is None and channel_dim == 1 and type(channel_dim) is int:
         small = _small.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
         if small is not None:
-            return small
+            return as_torch_layout(small[0]), small[1], small[2]
+        y, new_mean, new_var = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                           None, 1, False)  # fmt: skip
+        return as_torch_layout(y), new_mean, new_var
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, mask, channel_dim,
                        False)
 
@@ -440,16 +460,17 @@ def batch_norm(
             _verify_batch_size(input.size())
         _check_eps(eps, training)
         raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
-    if mask is None and channel_dim == 1 and type(channel_dim) is int:
+    plain = mask is None and channel_dim == 1 and type(channel_dim) is int
+    if plain:
         small = _small.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, True)
         if small is not None:  # running statistics already updated in place
-            return small[0]
+            return as_torch_layout(small[0])
     y, new_mean, new_var = _batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps, mask, channel_dim, True
     )
     if training:
         write_running_stats(running_mean, running_var, new_mean, new_var)
-    return y
+    return as_torch_layout(y) if plain else y
 
 
 def write_running_stats(

@@ -488,9 +488,13 @@ class _SmallTrainFn(torch.autograd.Function):
         x, weight, mv = ctx.saved_tensors
         n, c, s, eps = ctx.spec
         if not _plain_grad(gy, x):
-            from bnkit.autograd import _forward_train_backward
+            g = _relaid_grad(gy, x)
+            if g is None:
+                from bnkit.autograd import _forward_train_backward
 
-            return (*_forward_train_backward(_SavedStats(ctx, x, weight, mv, eps, x.dtype), gy, None, None)[:3], None)
+                saved = _SavedStats(ctx, x, weight, mv, eps, x.dtype)
+                return (*_forward_train_backward(saved, gy, None, None)[:3], None)
+            gy = g
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dt = x.dtype
         dx = torch.empty_like(x) if need_x else None
@@ -532,6 +536,9 @@ class _RegularTrainFn(torch.autograd.Function):
         x, weight, mv = ctx.saved_tensors
         like, order, n, c, s, sd, eps = ctx.spec
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if need_x and not _plain_grad(gy, x):
+            g = _relaid_grad(gy, x)
+            gy = gy if g is None else g
         if need_x and _plain_grad(gy, x):
             dx = torch.empty_like(x)
             dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
@@ -574,7 +581,10 @@ class _SmallEvalFn(torch.autograd.Function):
 
         x, running_mean, running_var, weight = ctx.saved_tensors
         if not _plain_grad(gy, x):
-            return (*_forward_eval_backward(ctx, gy), None)
+            g = _relaid_grad(gy, x)
+            if g is None:
+                return (*_forward_eval_backward(ctx, gy), None)
+            gy = g
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         dims, regular = ctx.spec
         if regular:
@@ -624,6 +634,23 @@ def _plain_grad(gy: Tensor, x: Tensor) -> bool:
         or gy.layout is not torch.strided
         or is_functorch_wrapped_tensor(gy)
     )
+
+
+def _relaid_grad(gy: Tensor, x: Tensor) -> Tensor | None:
+    """A copy of ``gy`` in ``x``'s memory layout when only its strides keep :func:`_plain_grad` from holding
+    (the gradient of an output that :mod:`bnkit.functional` gave torch's contiguous layout, for an
+    ``(N, C, L)`` view of ``(N, L, C)`` memory), else ``None``."""
+    if (
+        type(gy) is Tensor
+        and not torch.is_grad_enabled()
+        and gy.dtype is x.dtype
+        and gy.shape == x.shape
+        and gy.is_cpu
+        and gy.layout is torch.strided
+        and not is_functorch_wrapped_tensor(gy)
+    ):
+        return torch.empty_like(x).copy_(gy)
+    return None
 
 
 # Function.apply minus its Python wrapper, which only handles functorch (ruled out by _layout)

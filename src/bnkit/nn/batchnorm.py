@@ -87,8 +87,21 @@ class _BatchNormForward:
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
-        self._check_channels(input)
         use_batch_stats, update = resolve_mode(self)
+        try:
+            self._check_channels(input)
+            y, new_mean, new_var = self._outputs(input, mask, use_batch_stats, update)
+        except Exception:
+            self._count_failed_batch(update)
+            raise
+        if update:
+            self._commit_running_stats(new_mean, new_var)
+        return y
+
+    def _outputs(
+        self, input: Tensor, mask: Tensor | None, use_batch_stats: bool, update: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(y, new_running_mean, new_running_var)`` of one forward; nothing is written yet."""
         # each buffer read through nn.Module.__getattr__ once
         running_mean, running_var = self.running_mean, self.running_var
         has_running = running_mean is not None and running_var is not None
@@ -101,10 +114,9 @@ class _BatchNormForward:
                 _, new_mean, new_var = batch_norm_pure(
                     input.detach(), running_mean, running_var, None, None, True, self._momentum(),
                     self.eps, mask=mask, channel_dim=self.channel_dim)
-            self._commit_running_stats(new_mean, new_var)
-            return y
+            return y, new_mean, new_var
         keep = has_running and (update or not use_batch_stats)
-        y, new_mean, new_var = self._batch_norm_pure(
+        return self._batch_norm_pure(
             input,
             running_mean if keep else None,
             running_var if keep else None,
@@ -116,9 +128,6 @@ class _BatchNormForward:
             mask=mask,
             channel_dim=self.channel_dim,
         )
-        if update:
-            self._commit_running_stats(new_mean, new_var)
-        return y
 
     def _batch_norm_pure(self, input: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The pure function that makes the output (``batch_norm_pure``'s signature).
@@ -127,6 +136,16 @@ class _BatchNormForward:
         mode logic of :meth:`forward` and the buffer writes of :meth:`_commit_running_stats`.
         """
         return batch_norm_pure(input, *args, **kwargs)
+
+    def _count_failed_batch(self, update: bool) -> None:
+        """torch's module adds the batch to ``num_batches_tracked`` before ``F.batch_norm`` runs, so a
+        training forward that raises there (one value per channel, a non-positive ``eps``, a channel
+        mismatch) still counts it; bnkit's forward, which counts at the end, does the same on the way
+        out (not under a non-finite policy of bnkit's own: those leave the counter to the policy)."""
+        num_batches_tracked = self.num_batches_tracked
+        if update and num_batches_tracked is not None and (self.nonfinite or get_nonfinite_policy()) == "propagate":
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
 
     def _commit_running_stats(self, new_mean: Tensor | None, new_var: Tensor | None) -> None:
         """The one place a module mutates its buffers (after the non-finite policy)."""

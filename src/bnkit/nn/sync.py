@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import reference as ref
 from bnkit.distributed import sync_batch_norm, sync_group
+from bnkit.functional import as_torch_layout
 from bnkit.nn.batchnorm import _TORCH_TAKES_BIAS, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormForward
 from bnkit.nn.modes import resolve_mode
 
@@ -87,12 +88,16 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
             return super().forward(input, mask)
         if mask is not None:
             raise NotImplementedError(f"{self._where()}: mask is not supported while synchronizing statistics")
-        self._check_channels(input)
-        if not input.is_floating_point():
-            raise NotImplementedError(f"SyncBatchNorm expects a floating-point input, got {input.dtype}")
-        moved = self.channel_dim % input.dim() != 1
-        x = input.movedim(self.channel_dim, 1) if moved else input
-        y, mean, var, n = sync_batch_norm(x, self.weight, self.bias, self.eps, group, self._where())
+        try:  # torch's module counts the batch before these can raise (_count_failed_batch)
+            self._check_channels(input)
+            if not input.is_floating_point():
+                raise NotImplementedError(f"SyncBatchNorm expects a floating-point input, got {input.dtype}")
+            moved = self.channel_dim % input.dim() != 1
+            x = input.movedim(self.channel_dim, 1) if moved else input
+            y, mean, var, n = sync_batch_norm(x, self.weight, self.bias, self.eps, group, self._where())
+        except Exception:
+            self._count_failed_batch(update)
+            raise
         if update:
             new_mean, new_var = self.running_mean, self.running_var
             if n > 0:  # an empty global batch leaves them unchanged, as in local batch norm
@@ -100,7 +105,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
                     self.running_mean, self.running_var, mean, var, n, self._momentum()
                 )
             self._commit_running_stats(new_mean, new_var)
-        return y.movedim(1, self.channel_dim) if moved else y
+        return y.movedim(1, self.channel_dim) if moved else as_torch_layout(y)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None) -> nn.Module:
