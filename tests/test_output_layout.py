@@ -133,3 +133,19 @@ def test_ncl_view_gradient_is_read_in_the_inputs_layout(path, monkeypatch):
     # the small path's backwards copy the contiguous gradient themselves; on the regular path
     # bnkit.autograd has laid it out as x before the backend sees it
     assert calls == ([("backend", (240, 1, 6))] if path == "regular" else [("small", (240, 40, 1))])
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7), (16, 32, 300), (2, 70, 129)])  # serial; parallel; C > TILE_L
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ncl_view_eval_kernel_writes_torchs_layout_itself(shape, dtype):
+    # the eval kernel reads the (N, L, C) memory and writes the contiguous (N, C, L) output in one pass
+    # (tiles of rows, the last one short), so no copy follows; its numbers are torch's
+    n, c, length = shape
+    x = (torch.randn(n, length, c, dtype=dtype) * 2 + 3).transpose(1, 2)
+    rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
+    w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    dims = small._layout(x, rm, rv, w, b)
+    assert dims == (n * length, c, 1)
+    y = small._eval_forward(x, dims, rm, rv, w, b, 1e-5)
+    assert y.is_contiguous() and y.shape == x.shape
+    assert_close(y, F.batch_norm(x, rm, rv, w, b, training=False), dtype)

@@ -318,11 +318,17 @@ def _eval_forward(x, dims, running_mean, running_var, weight, bias, eps):
         wa, ba = _addr(weight), _addr(bias)
     except RuntimeError as exc:  # a tensor without storage (a leaked functorch wrapper)
         raise _TakeRegularPath from exc
-    y = torch.empty_like(x)  # x is dense: y gets its strides
     n, c, s = dims
+    length = 0
+    if s == 1 and len(x.shape) == 3 and not x.is_contiguous():
+        # an (N, C, L) view of (N, L, C) memory: written contiguous (torch's layout) in the same pass
+        y = torch.empty(x.shape, dtype=x.dtype)
+        length = x.shape[2]
+    else:
+        y = torch.empty_like(x)  # x is dense: y gets its strides
     k = _kernels()
-    _launch(k.eval_forward, k.eval_forward_par, (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps),
-            n, c, s)  # fmt: skip
+    _launch(k.eval_forward, k.eval_forward_par,
+            (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, length), n, c, s)  # fmt: skip
     return y
 
 

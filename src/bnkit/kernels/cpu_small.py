@@ -14,7 +14,9 @@ one call in one launch:
   new running statistics, with exactly the float operations of
   :func:`bnkit.reference.update_running_stats` in the statistics dtype (no fused multiply-add);
 * :func:`eval_forward`: the eval output from the running statistics, with the arithmetic of the
-  ``cpu`` backend (:func:`bnkit.kernels.cpu.eval_coeffs`, then ``(x - mean) * scale + shift``);
+  ``cpu`` backend (:func:`bnkit.kernels.cpu.eval_coeffs`, then ``(x - mean) * scale + shift``); for an
+  ``(N, C, L)`` view of ``(N, L, C)`` memory it writes the contiguous output torch gives (tiles of rows,
+  :func:`_normalize_transposed`);
 * :func:`eval_forward16`: the eval output of bfloat16/float16 data (float32 running statistics and
   parameters), with the ``cpu`` backend's own coefficients and normalize kernels;
 * :func:`train_backward` / :func:`eval_backward` (one body, :func:`_backward`): both reductions in
@@ -280,8 +282,33 @@ def _eval_scale_shift(rv, wa, ba, C, eps, one):
     return k, sh
 
 
+@njit(cache=True, fastmath=_FAST)
+def _normalize_transposed(x, y, C, L, t0, t1, mu, k, sh):
+    # rows of channels (S == 1) read from (B, L, C) memory, written to (B, C, L) memory: y[b, c, l] =
+    # (x[b, l, c] - mu[c]) * k[c] + sh[c], _normalize's arithmetic, over tiles [t0, t1) of TILE_L rows
+    # (tile t: sample t // tiles, rows from (t % tiles) * TILE_L); one tile's rows stay in cache while
+    # each channel's run of up to TILE_L outputs is written
+    tiles = (L + TILE_L - 1) // TILE_L
+    for t in range(t0, t1):
+        b = t // tiles
+        l0 = (t % tiles) * TILE_L
+        n = min(TILE_L, L - l0)
+        xs = x[(b * L + l0) * C : (b * L + l0 + n) * C].reshape(n, C)
+        for c in range(C):
+            ys = y[(b * C + c) * L + l0 : (b * C + c) * L + l0 + n]
+            mc = mu[c]
+            kc = k[c]
+            shc = sh[c]
+            for i in range(n):
+                ys[i] = (xs[i, c] - mc) * kc + shc
+
+
+# rows per tile of _normalize_transposed (64 rows of 128 float32 channels: 32 KB)
+TILE_L = 64
+
+
 @njit(inline="always")
-def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T):
+def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T):
     eps = _as_like(like, eps)
     one = _as_like(like, 1.0)
     total = N * C * S
@@ -289,6 +316,12 @@ def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T):
     y = _view(ya, total, like)
     rm = _view(rma, C, like)
     k, sh = _eval_scale_shift(_view(rva, C, like), wa, ba, C, eps, one)
+    if L > 0:  # rows of channels of (N // L, L, C) memory, y (N // L, C, L)
+        R = (N // L) * ((L + TILE_L - 1) // TILE_L)
+        for t in prange(T):
+            t0, t1 = _span(R, T, t)
+            _normalize_transposed(x, y, C, L, t0, t1, rm, k, sh)
+        return
     R = _rows(N, C, S)
     for t in prange(T):
         r0, r1 = _span(R, T, t)
@@ -296,16 +329,20 @@ def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T):
 
 
 @njit(cache=True)
-def eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps):
+def eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L):
     """Eval forward from the running statistics: the numbers of the ``cpu`` backend's
-    ``forward_eval_running`` (which gets ``eps`` and 1 in the statistics dtype)."""
-    _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, 1)
+    ``forward_eval_running`` (which gets ``eps`` and 1 in the statistics dtype).
+
+    ``L > 0``: ``x`` is an ``(N // L, C, L)`` view of ``(N // L, L, C)`` memory (``S == 1``: ``N`` rows of
+    channels), and ``y`` is written contiguous ``(N // L, C, L)``, the layout torch gives that output,
+    in the same pass (:func:`_normalize_transposed`)."""
+    _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, 1)
 
 
 @njit(cache=True, parallel=True)
-def eval_forward_par(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T):
-    """:func:`eval_forward` cut into ``T`` parallel ranges of rows."""
-    _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T)
+def eval_forward_par(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T):
+    """:func:`eval_forward` cut into ``T`` parallel ranges of rows (of tiles with ``L > 0``)."""
+    _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T)
 
 
 @njit(cache=True)
@@ -695,6 +732,6 @@ def probe() -> None:
         tail = (t,) if par else ()
         fwd = train_forward_par if par else train_forward
         fwd(like, xa, ya, 2, 1, 2, w, b, 1e-5, m, v, rm, rv, rm, rv, one, one, one, *tail)
-        (eval_forward_par if par else eval_forward)(like, xa, ya, 2, 1, 2, rm, rv, w, b, 1e-5, *tail)
+        (eval_forward_par if par else eval_forward)(like, xa, ya, 2, 1, 2, rm, rv, w, b, 1e-5, 0, *tail)
         (train_backward_par if par else train_backward)(like, ga, xa, dxa, 2, 1, 2, m, v, w, 1e-5, rm, rv, *tail)
         (eval_backward_par if par else eval_backward)(like, ga, xa, dxa, 2, 1, 2, rm, rv, w, 1e-5, m, v, *tail)
