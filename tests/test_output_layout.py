@@ -149,3 +149,28 @@ def test_ncl_view_eval_kernel_writes_torchs_layout_itself(shape, dtype):
     y = small._eval_forward(x, dims, rm, rv, w, b, 1e-5)
     assert y.is_contiguous() and y.shape == x.shape
     assert_close(y, F.batch_norm(x, rm, rv, w, b, training=False), dtype)
+
+
+@pytest.mark.parametrize("path", ["small kernels", "one-call driver", "backend"])
+@pytest.mark.parametrize("shape", [(5, 3, 7), (16, 32, 300), (2, 70, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ncl_view_training_kernels_write_torchs_layout_themselves(path, shape, dtype, monkeypatch):
+    # training forwards of an (N, C, L) view write the contiguous output in their normalize pass: the small
+    # kernels, the one-call driver (cpu_small.train_nsc) and the cpu backend (cpu.nsc_train_to_ncs)
+    from bnkit.kernels import get_backend
+
+    n, c, length = shape
+    x = (torch.randn(n, length, c, dtype=dtype) * 2 + 3).transpose(1, 2)
+    w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
+    if path == "backend":
+        y = get_backend("cpu").forward_train(x, w, b, 1e-5)[0]
+    else:
+        if path == "one-call driver":
+            monkeypatch.setattr(small, "SMALL_NUMEL", 0)
+        contiguous = torch.Tensor.contiguous
+        monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copied after the kernel"))
+        y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
+        monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    assert y.is_contiguous() and y.shape == x.shape
+    assert_close(y, F.batch_norm(x, None, None, w, b, training=True), dtype)

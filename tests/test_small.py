@@ -121,7 +121,7 @@ def test_running_statistics_are_the_reference_update_bit_for_bit(dtype, momentum
     k.train_forward(
         small._ZERO[dtype], x.data_ptr(), y.data_ptr(), n, c, s, w.data_ptr(), b.data_ptr(), 1e-5,
         mean.data_ptr(), var.data_ptr(), rm.data_ptr(), rv.data_ptr(), new_mean.data_ptr(), new_var.data_ptr(),
-        sc(count / (count - 1)), sc(1 - momentum), sc(momentum),
+        sc(count / (count - 1)), sc(1 - momentum), sc(momentum), 0,
     )  # fmt: skip
     exp_mean, exp_var = ref.update_running_stats(rm, rv, mean, var, count, momentum)
     assert torch.equal(new_mean, exp_mean) and torch.equal(new_var, exp_var)

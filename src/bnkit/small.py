@@ -95,13 +95,14 @@ def _kernels():
     A failure is one warning, and every later call takes the regular path (which has its own fallback
     to the reference), as a fast backend that cannot load does.
     """
-    global _K, _threads, _nsc_parts, _ncs_affine_plan, _train_plan, _backward_plan, _layout_of
+    global _K, _threads, _nsc_parts, _ncs_affine_plan, _train_plan, _backward_plan, _layout_of, _to_ncs
     if _K is None:
         try:
             from bnkit.kernels import cpu_small
             from bnkit.kernels.cpu_launch import _ncs_affine_plan, _nsc_parts, _threads
             from bnkit.kernels.cpu_launch import backward_plan as _backward_plan
             from bnkit.kernels.cpu_launch import layout_of as _layout_of
+            from bnkit.kernels.cpu_launch import ncl_view_to_ncs as _to_ncs
             from bnkit.kernels.cpu_launch import train_plan as _train_plan
 
             cpu_small.probe()
@@ -118,9 +119,9 @@ def _kernels():
     return _K
 
 
-# bnkit.kernels.cpu_launch's _threads, _nsc_parts, _ncs_affine_plan, train_plan, backward_plan and layout_of,
-# with the kernels
-_threads = _nsc_parts = _ncs_affine_plan = _train_plan = _backward_plan = _layout_of = None
+# bnkit.kernels.cpu_launch's _threads, _nsc_parts, _ncs_affine_plan, train_plan, backward_plan, layout_of and
+# ncl_view_to_ncs, with the kernels
+_threads = _nsc_parts = _ncs_affine_plan = _train_plan = _backward_plan = _layout_of = _to_ncs = None
 
 
 def _launch(serial, parallel, args: tuple, n: int, c: int, s: int) -> None:
@@ -312,6 +313,14 @@ def batch_norm(
     return None
 
 
+def _ncl_length(x: Tensor, s: int) -> int:
+    """``L`` when ``x`` (rows of channels: ``s == 1``) is an ``(N, C, L)`` view of ``(N, L, C)`` memory, whose
+    output the small kernels write contiguous, torch's layout for it, in their pass; else 0."""
+    if s == 1 and len(x.shape) == 3 and not x.is_contiguous():
+        return x.shape[2]
+    return 0
+
+
 def _eval_forward(x, dims, running_mean, running_var, weight, bias, eps):
     try:
         xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
@@ -319,13 +328,8 @@ def _eval_forward(x, dims, running_mean, running_var, weight, bias, eps):
     except RuntimeError as exc:  # a tensor without storage (a leaked functorch wrapper)
         raise _TakeRegularPath from exc
     n, c, s = dims
-    length = 0
-    if s == 1 and len(x.shape) == 3 and not x.is_contiguous():
-        # an (N, C, L) view of (N, L, C) memory: written contiguous (torch's layout) in the same pass
-        y = torch.empty(x.shape, dtype=x.dtype)
-        length = x.shape[2]
-    else:
-        y = torch.empty_like(x)  # x is dense: y gets its strides
+    length = _ncl_length(x, s)
+    y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)  # else x's strides (x is dense)
     k = _kernels()
     _launch(k.eval_forward, k.eval_forward_par,
             (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, length), n, c, s)  # fmt: skip
@@ -365,6 +369,8 @@ def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, in
         return None
     like = _LIKE[dt]
     plan = _train_plan(_threads(x.numel()), order, n, c, s, dt)
+    if _to_ncs(x, order, s):  # an (N, C, L) view: its output written contiguous (G of train_nsc: L)
+        plan = (plan[0], s, *plan[2:])
     scalars = _blend_scalars(count, momentum, sd)
     if graph:
         try:
@@ -372,13 +378,21 @@ def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, in
         except _TakeRegularPath:
             return None
     else:
-        y = torch.empty_like(x)
+        y = _train_output(x, order, plan)
         args = (like, xa, y.data_ptr(), n, c, s, *plan[1:], wa, ba, eps, 0, 0, *stats, *scalars)
         if not _call_driver(_driver(_kernels().TRAIN_DRIVERS, plan[0]), args):
             return None
     if inplace and running_mean is not None:
         _increment_version((running_mean, running_var))
     return y, new_mean, new_var
+
+
+def _train_output(x: Tensor, order: str, plan: tuple) -> Tensor:
+    # the output buffer of a one-call training forward: in x's layout, or contiguous for an (N, C, L) view,
+    # whose channels-innermost plan carries L where groups would go (cpu_small.train_nsc)
+    if order == "nsc" and plan[1] > 0:
+        return torch.empty(x.shape, dtype=x.dtype)
+    return torch.empty_like(x)
 
 
 def _train(x, dims, running_mean, running_var, weight, bias, momentum, eps, inplace, graph):
@@ -468,9 +482,10 @@ def _train_forward(x, weight, bias, args, ma=0, va=0):
         xa, wa, ba = x.data_ptr(), _addr(weight), _addr(bias)
     except RuntimeError as exc:
         raise _TakeRegularPath from exc
-    y = torch.empty_like(x)
+    length = _ncl_length(x, s)
+    y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
     k = _kernels()
-    args = (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take)
+    args = (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take, length)
     _launch(k.train_forward, k.train_forward_par, args, n, c, s)
     return y
 
@@ -524,7 +539,7 @@ class _RegularTrainFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, spec):
         like, order, n, c, s, sd, plan, stats, scalars = spec
-        y = torch.empty_like(x)
+        y = _train_output(x, order, plan)
         mv, ma, va = _stats_pair(c, sd)
         args = (like, x.data_ptr(), y.data_ptr(), n, c, s, *plan[1:], _addr(weight), _addr(bias), eps,
                 ma, va, *stats, *scalars)  # fmt: skip

@@ -837,6 +837,50 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
             affine(u[i0 : i0 + m], x[i0 : i0 + m], out[i0 : i0 + m], m, has_u, ta[:m], tm[:m], tk[:m], tsh[:m])
 
 
+# rows per tile of nsc_affine_to_ncs (64 rows of 128 float32 channels: 32 KB)
+NSC_TO_NCS_ROWS = 64
+
+
+@njit(parallel=True, **_JIT)
+def nsc_affine_to_ncs(x, out, B, L, C, T, mean, k, shift):
+    """:func:`nsc_affine`'s normalize of float32/float64 data (no ``u`` term, the same arithmetic: folded as
+    there) from ``(B, L, C)`` memory into ``(B, C, L)`` memory: the contiguous output torch gives an
+    ``(N, C, L)`` view of ``(N, L, C)`` memory, written in the pass instead of by a transposing copy after
+    it (torch's took 2.4x a plain copy on 64x128x1000).
+
+    ``T`` tasks over tiles of ``NSC_TO_NCS_ROWS`` rows of one sample: a tile's rows are read once
+    (contiguous) and stay in cache while each channel's run of up to that many outputs is written.
+    """
+    fold = folds_mean(x, k)
+    sh2 = np.empty(C, shift.dtype) if fold else shift
+    if fold:
+        for c in range(C):
+            p = mean[c] * k[c]
+            if not abs(p) <= FOLD_MAX:  # inf and NaN too: they keep the unfolded results
+                fold = False
+            sh2[c] = shift[c] - p
+    tiles = (L + NSC_TO_NCS_ROWS - 1) // NSC_TO_NCS_ROWS
+    for t in prange(T):
+        t0, t1 = _part(B * tiles, T, t)
+        for tt in range(t0, t1):
+            b = tt // tiles
+            l0 = (tt % tiles) * NSC_TO_NCS_ROWS
+            n = min(NSC_TO_NCS_ROWS, L - l0)
+            xs = x[(b * L + l0) * C : (b * L + l0 + n) * C].reshape(n, C)
+            for c in range(C):
+                os = out[(b * C + c) * L + l0 : (b * C + c) * L + l0 + n]
+                kc = k[c]
+                if fold:
+                    s2 = sh2[c]
+                    for i in range(n):
+                        os[i] = xs[i, c] * kc + s2
+                else:
+                    mc = mean[c]
+                    shc = shift[c]
+                    for i in range(n):
+                        os[i] = (xs[i, c] - mc) * kc + shc
+
+
 @njit(parallel=True, **_JIT)
 def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on ``(R, C)`` memory, one pass.
@@ -975,6 +1019,17 @@ def nsc_train(x, y, R, C, T, part_n, part_mu, part_m2, weight, bias, eps, mean_o
     nsc_stats(x, R, C, T, part_n, part_mu, part_m2)
     finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
     nsc_affine(x, x, y, R, C, T, False, scale, nmean, scale, shift)
+    update_running(mean_out, var_out, running)
+
+
+@njit(**_JIT)
+def nsc_train_to_ncs(x, y, B, L, C, T, part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale,
+                     shift, running):
+    """:func:`nsc_train` of an ``(N, C, L)`` view of ``(B, L, C)`` float32/float64 memory, ``y`` written
+    contiguous ``(B, C, L)`` (:func:`nsc_affine_to_ncs`): the same statistics and the same output values."""
+    nsc_stats(x, B * L, C, T, part_n, part_mu, part_m2)
+    finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
+    nsc_affine_to_ncs(x, y, B, L, C, T, nmean, scale, shift)
     update_running(mean_out, var_out, running)
 
 

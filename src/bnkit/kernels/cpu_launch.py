@@ -224,6 +224,14 @@ def _threads(numel: int) -> int:
     return nt
 
 
+def ncl_view_to_ncs(x: Tensor, order: str, s: int) -> bool:
+    """Whether the training forward writes the output of ``x`` (laid out as ``order``, ``s`` values per row)
+    contiguous itself: ``x`` an ``(N, C, L)`` view of ``(N, L, C)`` float32/float64 memory, whose output
+    torch gives contiguous (:func:`bnkit.kernels.cpu.nsc_affine_to_ncs`); other layouts get the output
+    in their own, torch's for them."""
+    return order == "nsc" and s > 1 and len(x.shape) == 3 and x.dtype in _NUMPY_DTYPES
+
+
 def _ncs_parts(nt: int, c: int, m: int) -> int:
     """How many parts to cut each channel into so ``c * parts`` tasks fill ``nt`` threads."""
     if nt == 1 or c >= TASKS_PER_THREAD * nt:
@@ -356,7 +364,8 @@ class CpuBackend:
         w = _vec("weight", weight, c, np_sd, 1.0)
         b = _vec("bias", bias, c, np_sd, 0.0)
         upd = _running_arrays(running, c, n * s, np_sd)
-        y = _empty_like(x)
+        to_ncs = ncl_view_to_ncs(x, order, s)
+        y = torch.empty(x.shape, dtype=x.dtype) if to_ncs else _empty_like(x)
         mean = torch.empty(c, dtype=sd)
         var = torch.empty(c, dtype=sd)
         mean_np, var_np = mean.numpy(), var.numpy()
@@ -366,7 +375,9 @@ class CpuBackend:
         xf, yf = _flat(x), _flat(y)
         path, g, p, fuse, ta, q, tab = train_plan(nt, order, n, c, s, x.dtype)
         parts = np.empty((3, p, c))
-        if path == PATH_GROUPS:
+        if to_ncs:
+            K.nsc_train_to_ncs(xf, yf, n, s, c, p, *parts, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
+        elif path == PATH_GROUPS:
             K.ncs_train_groups_all(xf, yf, n, c, s, g, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
         elif path == PATH_ROWS:
             K.ncs_train_rows(xf, yf, n, c, s, p, *parts, w, b, e, mean_np, var_np, nmean, scale, shift, ta, q, tab, upd)

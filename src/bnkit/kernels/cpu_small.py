@@ -54,6 +54,7 @@ from bnkit.kernels.cpu import (
     nsc_backward_train,
     nsc_reduce,
     nsc_train,
+    nsc_train_to_ncs,
 )
 
 __all__ = [
@@ -187,7 +188,7 @@ def _blend(run, stat, keep, take):
 
 
 @njit(inline="always")
-def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, T):
+def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, L, T):
     total = N * C * S
     x = _view(xa, total, like)
     y = _view(ya, total, like)
@@ -218,9 +219,15 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
         sc[c] = (_view(wa, C, like)[c] if wa != 0 else 1.0) / np.sqrt(v + eps)
         if ba != 0:
             sh[c] = _view(ba, C, like)[c]
-    for t in prange(T):
-        r0, r1 = _span(R, T, t)
-        _normalize(x, y, C, S, r0, r1, mu, sc, sh)
+    if L > 0:  # rows of channels of (N // L, L, C) memory, y (N // L, C, L), as _eval_forward
+        RT = (N // L) * ((L + TILE_L - 1) // TILE_L)
+        for t in prange(T):
+            t0, t1 = _span(RT, T, t)
+            _normalize_transposed(x, y, C, L, t0, t1, mu, sc, sh)
+    else:
+        for t in prange(T):
+            r0, r1 = _span(R, T, t)
+            _normalize(x, y, C, S, r0, r1, mu, sc, sh)
     if rma != 0:
         rm = _view(rma, C, like)
         rv = _view(rva, C, like)
@@ -232,7 +239,7 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
 
 
 @njit(cache=True)
-def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take):
+def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, L):
     """Training forward of ``(N, C, S)`` data at address ``xa`` into ``ya``, on the calling thread.
 
     ``wa``/``ba``: weight and bias addresses, 0 when absent. Writes the mean and biased variance
@@ -240,15 +247,17 @@ def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma
     it writes their update, ``run * keep + stat * take`` with ``stat = var * ratio`` for the
     variance, to ``nma``/``nva`` (which may be ``rma``/``rva`` themselves: an in-place update).
     ``ratio``, ``keep`` and ``take`` come rounded to the statistics dtype, as torch rounds the
-    Python scalars of the reference's expression.
+    Python scalars of the reference's expression. ``L > 0``: an ``(N // L, C, L)`` view of ``(N // L, L, C)``
+    memory, whose ``y`` is written contiguous (as :func:`eval_forward`).
     """
-    _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, 1)
+    _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, L, 1)
 
 
 @njit(cache=True, parallel=True)
-def train_forward_par(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, T):
+def train_forward_par(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, L,
+                      T):
     """:func:`train_forward` with its two passes cut into ``T`` parallel ranges of rows."""
-    _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, T)
+    _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, L, T)
 
 
 @njit(cache=True, error_model="numpy")
@@ -452,10 +461,16 @@ def train_groups(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma,
 @njit(cache=True)
 def train_nsc(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio, keep,
               take):
-    """:func:`train_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_train`)."""
+    """:func:`train_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_train`). ``G`` (no groups
+    here) is ``L`` when ``x`` is an ``(N, C, L)`` view of ``(N, L, C)`` memory (``S == L``) and ``y`` is
+    contiguous: :func:`bnkit.kernels.cpu.nsc_train_to_ncs`, as the cpu backend's ``forward_train``."""
     x, y, w, b, mean, var, norm, running = _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva,
                                                           ratio, keep, take)  # fmt: skip
     parts = np.empty((3, P, C))
+    if G > 0:
+        nsc_train_to_ncs(x, y, N, S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1],
+                         norm[2], running)  # fmt: skip
+        return
     nsc_train(x, y, N * S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1], norm[2],
               running)  # fmt: skip
 
@@ -731,7 +746,7 @@ def probe() -> None:
         par = t is not None
         tail = (t,) if par else ()
         fwd = train_forward_par if par else train_forward
-        fwd(like, xa, ya, 2, 1, 2, w, b, 1e-5, m, v, rm, rv, rm, rv, one, one, one, *tail)
+        fwd(like, xa, ya, 2, 1, 2, w, b, 1e-5, m, v, rm, rv, rm, rv, one, one, one, 0, *tail)
         (eval_forward_par if par else eval_forward)(like, xa, ya, 2, 1, 2, rm, rv, w, b, 1e-5, 0, *tail)
         (train_backward_par if par else train_backward)(like, ga, xa, dxa, 2, 1, 2, m, v, w, 1e-5, rm, rv, *tail)
         (eval_backward_par if par else eval_backward)(like, ga, xa, dxa, 2, 1, 2, rm, rv, w, 1e-5, m, v, *tail)
