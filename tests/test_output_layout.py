@@ -151,26 +151,38 @@ def test_ncl_view_eval_kernel_writes_torchs_layout_itself(shape, dtype):
     assert_close(y, F.batch_norm(x, rm, rv, w, b, training=False), dtype)
 
 
-@pytest.mark.parametrize("path", ["small kernels", "one-call driver", "backend"])
+@pytest.mark.parametrize("path", ["small kernels", "one-call driver", "regular"])
 @pytest.mark.parametrize("shape", [(5, 3, 7), (16, 32, 300), (2, 70, 129)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ncl_view_training_kernels_write_torchs_layout_themselves(path, shape, dtype, monkeypatch):
-    # training forwards of an (N, C, L) view write the contiguous output in their normalize pass: the small
-    # kernels, the one-call driver (cpu_small.train_nsc) and the cpu backend (cpu.nsc_train_to_ncs)
-    from bnkit.kernels import get_backend
-
+    # training forwards of an (N, C, L) view on the small path write the contiguous output in their
+    # normalize pass: the small kernels and the one-call driver (cpu_small.train_nsc with
+    # cpu.nsc_train_to_ncs); the regular path (the backend keeps x's layout) copies it after
     n, c, length = shape
     x = (torch.randn(n, length, c, dtype=dtype) * 2 + 3).transpose(1, 2)
     w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
     rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
-    if path == "backend":
-        y = get_backend("cpu").forward_train(x, w, b, 1e-5)[0]
+    if path == "one-call driver":
+        monkeypatch.setattr(small, "SMALL_NUMEL", 0)
+    if path == "regular":
+        monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)
     else:
-        if path == "one-call driver":
-            monkeypatch.setattr(small, "SMALL_NUMEL", 0)
-        contiguous = torch.Tensor.contiguous
         monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copied after the kernel"))
-        y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
-        monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
+    monkeypatch.undo()
     assert y.is_contiguous() and y.shape == x.shape
     assert_close(y, F.batch_norm(x, None, None, w, b, training=True), dtype)
+
+
+@pytest.mark.parametrize("shape", [(8, 50, 16), (16, 300, 32)])  # small path; regular (mask=None, channel_dim)
+@pytest.mark.parametrize("training", [True, False])
+def test_channel_dim_last_keeps_the_inputs_layout(shape, training):
+    # channel_dim=-1 takes (N, L, C) as it is: the output is (N, L, C) contiguous too (torch has no such
+    # option; its twin, BN of the transposed view transposed back, has the same numbers)
+    c = shape[2]
+    x = torch.randn(shape) * 2 + 3
+    bn = bnkit.nn.BatchNorm1d(c, channel_dim=-1).train(training)
+    twin = torch.nn.BatchNorm1d(c).train(training)
+    y = bn(x)
+    assert y.is_contiguous() and y.shape == x.shape
+    assert_close(y, twin(x.transpose(1, 2)).transpose(1, 2), torch.float32)

@@ -225,10 +225,11 @@ def _threads(numel: int) -> int:
 
 
 def ncl_view_to_ncs(x: Tensor, order: str, s: int) -> bool:
-    """Whether the training forward writes the output of ``x`` (laid out as ``order``, ``s`` values per row)
-    contiguous itself: ``x`` an ``(N, C, L)`` view of ``(N, L, C)`` float32/float64 memory, whose output
-    torch gives contiguous (:func:`bnkit.kernels.cpu.nsc_affine_to_ncs`); other layouts get the output
-    in their own, torch's for them."""
+    """Whether :mod:`bnkit.small`'s one-call training forward writes the output of ``x`` (laid out as
+    ``order``, ``s`` values per row) contiguous itself: ``x`` an ``(N, C, L)`` view of ``(N, L, C)``
+    float32/float64 memory, whose output torch gives contiguous (:func:`bnkit.kernels.cpu.nsc_train_to_ncs`).
+    The backend's own methods keep the input's layout (``channel_dim=-1`` passes such views and wants
+    the ``(N, L, C)`` output back)."""
     return order == "nsc" and s > 1 and len(x.shape) == 3 and x.dtype in _NUMPY_DTYPES
 
 
@@ -364,8 +365,7 @@ class CpuBackend:
         w = _vec("weight", weight, c, np_sd, 1.0)
         b = _vec("bias", bias, c, np_sd, 0.0)
         upd = _running_arrays(running, c, n * s, np_sd)
-        to_ncs = ncl_view_to_ncs(x, order, s)
-        y = torch.empty(x.shape, dtype=x.dtype) if to_ncs else _empty_like(x)
+        y = _empty_like(x)
         mean = torch.empty(c, dtype=sd)
         var = torch.empty(c, dtype=sd)
         mean_np, var_np = mean.numpy(), var.numpy()
@@ -375,9 +375,7 @@ class CpuBackend:
         xf, yf = _flat(x), _flat(y)
         path, g, p, fuse, ta, q, tab = train_plan(nt, order, n, c, s, x.dtype)
         parts = np.empty((3, p, c))
-        if to_ncs:
-            K.nsc_train_to_ncs(xf, yf, n, s, c, p, *parts, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
-        elif path == PATH_GROUPS:
+        if path == PATH_GROUPS:
             K.ncs_train_groups_all(xf, yf, n, c, s, g, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
         elif path == PATH_ROWS:
             K.ncs_train_rows(xf, yf, n, c, s, p, *parts, w, b, e, mean_np, var_np, nmean, scale, shift, ta, q, tab, upd)
