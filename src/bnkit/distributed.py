@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from bnkit import reference as ref
+from bnkit.autograd import _like
 from bnkit.kernels import backend_for
 
 __all__ = [
@@ -145,15 +146,6 @@ def gather_global_stats(
     n_int = int(n.item())
     g_var = g_m2 / max(n_int, 1)
     return g_mean.to(mean.dtype), g_var.to(mean.dtype), n_int
-
-
-def _like(t: Tensor, x: Tensor) -> Tensor:
-    # Kernels index dy and x with one set of strides (as in bnkit.autograd).
-    if t.stride() == x.stride():
-        return t
-    out = torch.empty_like(x, dtype=t.dtype)
-    out.copy_(t)
-    return out
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):

@@ -156,14 +156,6 @@ def _batch_chunks(x: Tensor) -> list[tuple[int, int]]:
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _same_layout(t: Tensor, like: Tensor) -> Tensor:
-    if t.stride() == like.stride():
-        return t
-    out = torch.empty_like(like, dtype=t.dtype)
-    out.copy_(t)
-    return out
-
-
 def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
     """Indices of the channels whose ``xhat`` cannot be divided out of ``y`` (or ``None``)."""
     if weight is None:
@@ -471,7 +463,7 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
     k = _kernels_for(x, act)
     if k is None:
         y = backend_for(x).forward_eval(x, mean, a, b)
-        g = activation_grad(_same_layout(dz, x), y, act, param, from_output=False)
+        g = activation_grad(bn_ops._like(dz, x), y, act, param, from_output=False)
         del y
         if ctx.training:
             return bn_ops.backward_train(g, x, weight, mean, inv, need_x, need_p)
@@ -578,7 +570,7 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
             sum_gy64 += _per_channel(row_gy[:r], c)
         sum_g, sum_g_ymb = sum_g64.to(w.dtype), sum_gy64.to(w.dtype)
     else:
-        dz = _same_layout(dz, z)
+        dz = bn_ops._like(dz, z)
         backend = backend_for(z)
         chunks = _batch_chunks(z)
         sum_g = torch.zeros_like(w)

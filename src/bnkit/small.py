@@ -38,6 +38,7 @@ from torch.autograd import forward_ad as _fwAD
 from torch.nn import Parameter
 
 from bnkit import kernels
+from bnkit.autograd import _like
 
 __all__ = ["ONE_CALL_NUMEL", "SMALL_GRAD_NUMEL", "SMALL_NUMEL", "batch_norm"]
 
@@ -95,14 +96,13 @@ def _kernels():
     A failure is one warning, and every later call takes the regular path (which has its own fallback
     to the reference), as a fast backend that cannot load does.
     """
-    global _K, _threads, _nsc_parts, _ncs_affine_plan, _train_plan, _backward_plan, _layout_of, _to_ncs
+    global _K, _threads, _nsc_parts, _ncs_affine_plan, _train_plan, _backward_plan, _layout_of
     if _K is None:
         try:
             from bnkit.kernels import cpu_small
             from bnkit.kernels.cpu_launch import _ncs_affine_plan, _nsc_parts, _threads
             from bnkit.kernels.cpu_launch import backward_plan as _backward_plan
             from bnkit.kernels.cpu_launch import layout_of as _layout_of
-            from bnkit.kernels.cpu_launch import ncl_view_to_ncs as _to_ncs
             from bnkit.kernels.cpu_launch import train_plan as _train_plan
 
             cpu_small.probe()
@@ -119,9 +119,9 @@ def _kernels():
     return _K
 
 
-# bnkit.kernels.cpu_launch's _threads, _nsc_parts, _ncs_affine_plan, train_plan, backward_plan, layout_of and
-# ncl_view_to_ncs, with the kernels
-_threads = _nsc_parts = _ncs_affine_plan = _train_plan = _backward_plan = _layout_of = _to_ncs = None
+# bnkit.kernels.cpu_launch's _threads, _nsc_parts, _ncs_affine_plan, train_plan, backward_plan and layout_of,
+# with the kernels
+_threads = _nsc_parts = _ncs_affine_plan = _train_plan = _backward_plan = _layout_of = None
 
 
 def _launch(serial, parallel, args: tuple, n: int, c: int, s: int) -> None:
@@ -313,10 +313,12 @@ def batch_norm(
     return None
 
 
-def _ncl_length(x: Tensor, s: int) -> int:
-    """``L`` when ``x`` (rows of channels: ``s == 1``) is an ``(N, C, L)`` view of ``(N, L, C)`` memory, whose
-    output the small kernels write contiguous, torch's layout for it, in their pass; else 0."""
-    if s == 1 and len(x.shape) == 3 and not x.is_contiguous():
+def _ncl_length(x: Tensor) -> int:
+    """``L`` when ``x`` (which passed :func:`_layout`) is a float32/float64 ``(N, C, L)`` view of ``(N, L, C)``
+    memory, whose output the kernels write contiguous, torch's layout for it, in their normalize pass
+    (``cpu.nsc_tile_to_ncs``); else 0. The cpu backend's own methods keep the input's layout
+    (``channel_dim=-1`` hands them such views and wants ``(N, L, C)`` back)."""
+    if len(x.shape) == 3 and not x.is_contiguous() and (x.dtype is _F32 or x.dtype is _F64):
         return x.shape[2]
     return 0
 
@@ -328,7 +330,7 @@ def _eval_forward(x, dims, running_mean, running_var, weight, bias, eps):
     except RuntimeError as exc:  # a tensor without storage (a leaked functorch wrapper)
         raise _TakeRegularPath from exc
     n, c, s = dims
-    length = _ncl_length(x, s)
+    length = _ncl_length(x)
     y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)  # else x's strides (x is dense)
     k = _kernels()
     _launch(k.eval_forward, k.eval_forward_par,
@@ -369,8 +371,9 @@ def _train_regular(x, running_mean, running_var, weight, bias, momentum, eps, in
         return None
     like = _LIKE[dt]
     plan = _train_plan(_threads(x.numel()), order, n, c, s, dt)
-    if _to_ncs(x, order, s):  # an (N, C, L) view: its output written contiguous (G of train_nsc: L)
-        plan = (plan[0], s, *plan[2:])
+    length = _ncl_length(x)
+    if length:  # an (N, C, L) view: its output written contiguous (cpu_small.train_nsc takes L as G)
+        plan = (plan[0], length, *plan[2:])
     scalars = _blend_scalars(count, momentum, sd)
     if graph:
         try:
@@ -482,7 +485,7 @@ def _train_forward(x, weight, bias, args, ma=0, va=0):
         xa, wa, ba = x.data_ptr(), _addr(weight), _addr(bias)
     except RuntimeError as exc:
         raise _TakeRegularPath from exc
-    length = _ncl_length(x, s)
+    length = _ncl_length(x)
     y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
     k = _kernels()
     args = (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep, take, length)
@@ -508,14 +511,12 @@ class _SmallTrainFn(torch.autograd.Function):
             return None, None, None, None
         x, weight, mv = ctx.saved_tensors
         n, c, s, eps = ctx.spec
-        if not _plain_grad(gy, x):
-            g = _relaid_grad(gy, x)
-            if g is None:
-                from bnkit.autograd import _forward_train_backward
+        g = _kernel_grad(gy, x)
+        if g is None:
+            from bnkit.autograd import _forward_train_backward
 
-                saved = _SavedStats(ctx, x, weight, mv, eps, x.dtype)
-                return (*_forward_train_backward(saved, gy, None, None)[:3], None)
-            gy = g
+            return (*_forward_train_backward(_SavedStats(ctx, x, weight, mv, eps, x.dtype), gy, None, None)[:3], None)
+        gy = g
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dt = x.dtype
         dx = torch.empty_like(x) if need_x else None
@@ -557,10 +558,9 @@ class _RegularTrainFn(torch.autograd.Function):
         x, weight, mv = ctx.saved_tensors
         like, order, n, c, s, sd, eps = ctx.spec
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if need_x and not _plain_grad(gy, x):
-            g = _relaid_grad(gy, x)
-            gy = gy if g is None else g
-        if need_x and _plain_grad(gy, x):
+        g = _kernel_grad(gy, x) if need_x else None
+        if g is not None:
+            gy = g
             dx = torch.empty_like(x)
             dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
             plan = _backward_plan(_threads(x.numel()), order, n, c, s, x.dtype)
@@ -601,11 +601,10 @@ class _SmallEvalFn(torch.autograd.Function):
         from bnkit.autograd import _forward_eval_backward
 
         x, running_mean, running_var, weight = ctx.saved_tensors
-        if not _plain_grad(gy, x):
-            g = _relaid_grad(gy, x)
-            if g is None:
-                return (*_forward_eval_backward(ctx, gy), None)
-            gy = g
+        g = _kernel_grad(gy, x)
+        if g is None:
+            return (*_forward_eval_backward(ctx, gy), None)
+        gy = g
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         dims, regular = ctx.spec
         if regular:
@@ -643,35 +642,22 @@ def _eval_backward_regular(gy, x, running_mean, running_var, weight, eps):
     return dx, dw, db
 
 
-def _plain_grad(gy: Tensor, x: Tensor) -> bool:
-    """Whether the small backward kernels may read ``gy`` (else the regular backward runs)."""
-    return not (
+def _kernel_grad(gy: Tensor, x: Tensor) -> Tensor | None:
+    """``gy`` as the small backward kernels read it, in ``x``'s memory order (which ``ctx``'s dims describe):
+    ``gy`` itself, or a copy (:func:`bnkit.autograd._like`) when only its strides differ (the gradient of an
+    output that :mod:`bnkit.functional` gave torch's contiguous layout, for an ``(N, C, L)`` view of
+    ``(N, L, C)`` memory); ``None`` when the regular backward must run."""
+    if (
         torch.is_grad_enabled()  # double backward: the regular formulas in differentiable ops
         or type(gy) is not Tensor
         or gy.dtype is not x.dtype
         or gy.shape != x.shape
-        or gy.stride() != x.stride()  # the same memory order as x (saved), which ctx.dims describes
         or not gy.is_cpu
         or gy.layout is not torch.strided
         or is_functorch_wrapped_tensor(gy)
-    )
-
-
-def _relaid_grad(gy: Tensor, x: Tensor) -> Tensor | None:
-    """A copy of ``gy`` in ``x``'s memory layout when only its strides keep :func:`_plain_grad` from holding
-    (the gradient of an output that :mod:`bnkit.functional` gave torch's contiguous layout, for an
-    ``(N, C, L)`` view of ``(N, L, C)`` memory), else ``None``."""
-    if (
-        type(gy) is Tensor
-        and not torch.is_grad_enabled()
-        and gy.dtype is x.dtype
-        and gy.shape == x.shape
-        and gy.is_cpu
-        and gy.layout is torch.strided
-        and not is_functorch_wrapped_tensor(gy)
     ):
-        return torch.empty_like(x).copy_(gy)
-    return None
+        return None
+    return _like(gy, x)
 
 
 # Function.apply minus its Python wrapper, which only handles functorch (ruled out by _layout)

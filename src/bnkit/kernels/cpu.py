@@ -795,14 +795,7 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
     """
     q = max(1, nsc_tile(x) // C)
     if q == 1:
-        fold = folds_mean(x, k) and not has_u
-        sh2 = np.empty(C, shift.dtype) if fold else shift
-        if fold:
-            for c in range(C):
-                p = mean[c] * k[c]
-                if not abs(p) <= FOLD_MAX:  # inf and NaN too: they keep the unfolded results
-                    fold = False
-                sh2[c] = shift[c] - p
+        fold, sh2 = _folded_shift(folds_mean(x, k) and not has_u, mean, k, shift)
         for t in prange(T):
             r0, r1 = _part(R, T, t)
             for r in range(r0, r1):
@@ -837,48 +830,68 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
             affine(u[i0 : i0 + m], x[i0 : i0 + m], out[i0 : i0 + m], m, has_u, ta[:m], tm[:m], tk[:m], tsh[:m])
 
 
-# rows per tile of nsc_affine_to_ncs (64 rows of 128 float32 channels: 32 KB)
+@njit(inline="always", **_JIT)
+def _folded_shift(fold, mean, k, shift):
+    # (fold, shift - mean * k) of the folded normalize x * k + (shift - mean * k) (see folds_mean): it
+    # folds only when asked and every channel has |mean * k| <= FOLD_MAX (inf and NaN too keep the unfolded
+    # form); unfolded, the shift comes back as it is
+    sh2 = np.empty(shift.shape[0], shift.dtype) if fold else shift
+    if fold:
+        for c in range(shift.shape[0]):
+            p = mean[c] * k[c]
+            if not abs(p) <= FOLD_MAX:
+                fold = False
+            sh2[c] = shift[c] - p
+    return fold, (sh2 if fold else shift)
+
+
+# rows per tile of nsc_tile_to_ncs (64 rows of 128 float32 channels: 32 KB)
 NSC_TO_NCS_ROWS = 64
+
+
+@njit(inline="always", **_JIT)
+def nsc_to_ncs_tiles(B, L):
+    """How many tiles of :func:`nsc_tile_to_ncs` cover ``B`` samples of ``L`` rows."""
+    return B * ((L + NSC_TO_NCS_ROWS - 1) // NSC_TO_NCS_ROWS)
+
+
+@njit(inline="always", **_JIT)
+def nsc_tile_to_ncs(x, out, L, C, tt, fold, mean, k, shift):
+    """Tile ``tt`` of an ``(N, C, L)`` view of ``(B, L, C)`` memory normalized into ``(B, C, L)`` memory, the
+    contiguous output torch gives that view: ``out[b, c, l] = (x[b, l, c] - mean[c]) * k[c] + shift[c]``,
+    or ``x * k[c] + shift[c]`` with ``fold`` (``shift`` then holds :func:`_folded_shift`'s). A tile is
+    ``NSC_TO_NCS_ROWS`` rows of one sample, read once (contiguous) and kept in cache while each
+    channel's run of up to that many outputs is written; torch's transposing ``.contiguous()`` after a
+    normalize pass took 2.4x a plain copy on 64x128x1000."""
+    tiles = (L + NSC_TO_NCS_ROWS - 1) // NSC_TO_NCS_ROWS
+    b = tt // tiles
+    l0 = (tt % tiles) * NSC_TO_NCS_ROWS
+    n = min(NSC_TO_NCS_ROWS, L - l0)
+    xs = x[(b * L + l0) * C : (b * L + l0 + n) * C].reshape(n, C)
+    for c in range(C):
+        os = out[(b * C + c) * L + l0 : (b * C + c) * L + l0 + n]
+        kc = k[c]
+        shc = shift[c]
+        if fold:
+            for i in range(n):
+                os[i] = xs[i, c] * kc + shc
+        else:
+            mc = mean[c]
+            for i in range(n):
+                os[i] = (xs[i, c] - mc) * kc + shc
 
 
 @njit(parallel=True, **_JIT)
 def nsc_affine_to_ncs(x, out, B, L, C, T, mean, k, shift):
     """:func:`nsc_affine`'s normalize of float32/float64 data (no ``u`` term, the same arithmetic: folded as
-    there) from ``(B, L, C)`` memory into ``(B, C, L)`` memory: the contiguous output torch gives an
-    ``(N, C, L)`` view of ``(N, L, C)`` memory, written in the pass instead of by a transposing copy after
-    it (torch's took 2.4x a plain copy on 64x128x1000).
-
-    ``T`` tasks over tiles of ``NSC_TO_NCS_ROWS`` rows of one sample: a tile's rows are read once
-    (contiguous) and stay in cache while each channel's run of up to that many outputs is written.
-    """
-    fold = folds_mean(x, k)
-    sh2 = np.empty(C, shift.dtype) if fold else shift
-    if fold:
-        for c in range(C):
-            p = mean[c] * k[c]
-            if not abs(p) <= FOLD_MAX:  # inf and NaN too: they keep the unfolded results
-                fold = False
-            sh2[c] = shift[c] - p
-    tiles = (L + NSC_TO_NCS_ROWS - 1) // NSC_TO_NCS_ROWS
+    there) of an ``(N, C, L)`` view of ``(B, L, C)`` memory, written contiguous ``(B, C, L)``
+    (:func:`nsc_tile_to_ncs`), ``T`` tasks over the tiles."""
+    fold, sh = _folded_shift(folds_mean(x, k), mean, k, shift)
+    R = nsc_to_ncs_tiles(B, L)
     for t in prange(T):
-        t0, t1 = _part(B * tiles, T, t)
+        t0, t1 = _part(R, T, t)
         for tt in range(t0, t1):
-            b = tt // tiles
-            l0 = (tt % tiles) * NSC_TO_NCS_ROWS
-            n = min(NSC_TO_NCS_ROWS, L - l0)
-            xs = x[(b * L + l0) * C : (b * L + l0 + n) * C].reshape(n, C)
-            for c in range(C):
-                os = out[(b * C + c) * L + l0 : (b * C + c) * L + l0 + n]
-                kc = k[c]
-                if fold:
-                    s2 = sh2[c]
-                    for i in range(n):
-                        os[i] = xs[i, c] * kc + s2
-                else:
-                    mc = mean[c]
-                    shc = shift[c]
-                    for i in range(n):
-                        os[i] = (xs[i, c] - mc) * kc + shc
+            nsc_tile_to_ncs(x, out, L, C, tt, fold, mean, k, sh)
 
 
 @njit(parallel=True, **_JIT)

@@ -224,15 +224,6 @@ def _threads(numel: int) -> int:
     return nt
 
 
-def ncl_view_to_ncs(x: Tensor, order: str, s: int) -> bool:
-    """Whether :mod:`bnkit.small`'s one-call training forward writes the output of ``x`` (laid out as
-    ``order``, ``s`` values per row) contiguous itself: ``x`` an ``(N, C, L)`` view of ``(N, L, C)``
-    float32/float64 memory, whose output torch gives contiguous (:func:`bnkit.kernels.cpu.nsc_train_to_ncs`).
-    The backend's own methods keep the input's layout (``channel_dim=-1`` passes such views and wants
-    the ``(N, L, C)`` output back)."""
-    return order == "nsc" and s > 1 and len(x.shape) == 3 and x.dtype in _NUMPY_DTYPES
-
-
 def _ncs_parts(nt: int, c: int, m: int) -> int:
     """How many parts to cut each channel into so ``c * parts`` tasks fill ``nt`` threads."""
     if nt == 1 or c >= TASKS_PER_THREAD * nt:
@@ -331,22 +322,16 @@ class CpuBackend:
         return lay
 
     @staticmethod
-    def _in_layout_of(dy: Tensor, x: Tensor) -> Tensor | None:
-        """``dy`` laid out as ``x`` (the kernels read both in one memory order): ``dy`` itself, or a copy in
-        ``x``'s layout when only the strides differ (the gradient of an output that bnkit gives torch's
-        contiguous layout, for an ``(N, C, L)`` view of ``(N, L, C)`` memory); ``None`` (the reference's
-        formulas) for another shape, dtype, device or tensor layout."""
-        if not (
+    def _same_layout(dy: Tensor, x: Tensor) -> bool:
+        # the kernels read dy and x in one memory order; bnkit.autograd and bnkit.distributed lay a
+        # gradient out as x (autograd._like) before calling, so another layout takes the reference
+        return (
             isinstance(dy, Tensor)
             and dy.shape == x.shape
             and dy.dtype == x.dtype
             and dy.is_cpu  # x is a CPU tensor (_layout)
-            and dy.layout is torch.strided
-        ):
-            return None
-        if dy.stride() == x.stride() or layout_of(dy) == layout_of(x):
-            return dy
-        return _empty_like(x).copy_(dy)
+            and (dy.stride() == x.stride() or layout_of(dy) == layout_of(x))
+        )
 
     def forward_train(
         self,
@@ -426,10 +411,8 @@ class CpuBackend:
 
     def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
         order, n, c, s = self._layout(x)
-        g = self._in_layout_of(dy, x)
-        if g is None:
+        if not self._same_layout(dy, x):
             return _reference.backward_reduce(dy, x, mean)
-        dy = g
         sd = ref.stats_dtype(x.dtype)
         m = _vec("mean", mean, c, _VIEW[x.dtype][1], 0.0)
         sum_dy = torch.empty(c, dtype=sd)
@@ -448,10 +431,8 @@ class CpuBackend:
         one small compiled loop, and one elementwise pass (no torch ops in between).
         """
         order, n, c, s = self._layout(x)
-        g = self._in_layout_of(dy, x)
-        if g is None:
+        if not self._same_layout(dy, x):
             return _base.backward_train(_reference, dy, x, mean, invstd, weight)
-        dy = g
         np_sd = _VIEW[x.dtype][1]
         sd = ref.stats_dtype(x.dtype)
         m = _vec("mean", mean, c, np_sd, 0.0)
@@ -478,10 +459,8 @@ class CpuBackend:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Eval backward in one read of ``dy`` and ``x``: ``dx = scale*dy`` and both reductions."""
         order, n, c, s = self._layout(x)
-        g = self._in_layout_of(dy, x)
-        if g is None:
+        if not self._same_layout(dy, x):
             return _base.backward_eval(_reference, dy, x, mean, scale, invstd)
-        dy = g
         np_sd = _VIEW[x.dtype][1]
         sd = ref.stats_dtype(x.dtype)
         m = _vec("mean", mean, c, np_sd, 0.0)
@@ -494,10 +473,8 @@ class CpuBackend:
 
     def backward_input(self, dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, k: Tensor, c: Tensor) -> Tensor:
         order, n, ch, s = self._layout(x)
-        g = self._in_layout_of(dy, x)
-        if g is None:
+        if not self._same_layout(dy, x):
             return _reference.backward_input(dy, x, mean, a, k, c)
-        dy = g
         np_sd = _VIEW[x.dtype][1]
         m = _vec("mean", mean, ch, np_sd, 0.0)
         a_ = _vec("a", a, ch, np_sd, 0.0)

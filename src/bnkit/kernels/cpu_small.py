@@ -53,6 +53,8 @@ from bnkit.kernels.cpu import (
     nsc_affine,
     nsc_backward_train,
     nsc_reduce,
+    nsc_tile_to_ncs,
+    nsc_to_ncs_tiles,
     nsc_train,
     nsc_train_to_ncs,
 )
@@ -220,7 +222,7 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
         if ba != 0:
             sh[c] = _view(ba, C, like)[c]
     if L > 0:  # rows of channels of (N // L, L, C) memory, y (N // L, C, L), as _eval_forward
-        RT = (N // L) * ((L + TILE_L - 1) // TILE_L)
+        RT = nsc_to_ncs_tiles(N // L, L)
         for t in prange(T):
             t0, t1 = _span(RT, T, t)
             _normalize_transposed(x, y, C, L, t0, t1, mu, sc, sh)
@@ -293,27 +295,10 @@ def _eval_scale_shift(rv, wa, ba, C, eps, one):
 
 @njit(cache=True, fastmath=_FAST)
 def _normalize_transposed(x, y, C, L, t0, t1, mu, k, sh):
-    # rows of channels (S == 1) read from (B, L, C) memory, written to (B, C, L) memory: y[b, c, l] =
-    # (x[b, l, c] - mu[c]) * k[c] + sh[c], _normalize's arithmetic, over tiles [t0, t1) of TILE_L rows
-    # (tile t: sample t // tiles, rows from (t % tiles) * TILE_L); one tile's rows stay in cache while
-    # each channel's run of up to TILE_L outputs is written
-    tiles = (L + TILE_L - 1) // TILE_L
+    # rows of channels (S == 1) of (B, L, C) memory into (B, C, L) memory, tiles [t0, t1) of
+    # cpu.nsc_tile_to_ncs, with _normalize's arithmetic (unfolded)
     for t in range(t0, t1):
-        b = t // tiles
-        l0 = (t % tiles) * TILE_L
-        n = min(TILE_L, L - l0)
-        xs = x[(b * L + l0) * C : (b * L + l0 + n) * C].reshape(n, C)
-        for c in range(C):
-            ys = y[(b * C + c) * L + l0 : (b * C + c) * L + l0 + n]
-            mc = mu[c]
-            kc = k[c]
-            shc = sh[c]
-            for i in range(n):
-                ys[i] = (xs[i, c] - mc) * kc + shc
-
-
-# rows per tile of _normalize_transposed (64 rows of 128 float32 channels: 32 KB)
-TILE_L = 64
+        nsc_tile_to_ncs(x, y, L, C, t, False, mu, k, sh)
 
 
 @njit(inline="always")
@@ -326,7 +311,7 @@ def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T):
     rm = _view(rma, C, like)
     k, sh = _eval_scale_shift(_view(rva, C, like), wa, ba, C, eps, one)
     if L > 0:  # rows of channels of (N // L, L, C) memory, y (N // L, C, L)
-        R = (N // L) * ((L + TILE_L - 1) // TILE_L)
+        R = nsc_to_ncs_tiles(N // L, L)
         for t in prange(T):
             t0, t1 = _span(R, T, t)
             _normalize_transposed(x, y, C, L, t0, t1, rm, k, sh)
