@@ -1,7 +1,7 @@
 """Batch norm as torch custom ops with a hand-derived backward.
 
-Four ops, registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` and
-``torch.export`` see them as opaque nodes with known output shapes (``register_fake``):
+Four ops, registered with ``torch.library`` so that ``torch.export`` and other dispatch-level
+tracers see them as opaque nodes with known output shapes (``register_fake``):
 
 * ``bnkit::forward_train(x, weight, bias, eps) -> (y, mean, var)``
 * ``bnkit::forward_eval(x, running_mean, running_var, weight, bias, eps) -> y``
@@ -13,6 +13,11 @@ ops. When the backward itself must be differentiable (double backward: grad mode
 while it runs) it is computed instead from :mod:`bnkit.reference` in plain torch ops, so
 autograd can differentiate it again. Every op picks its backend per call through
 :func:`bnkit.kernels.backend_for`.
+
+Which road a call takes is decided here, once: :func:`plain_eager` (nothing records the call: the
+kernels run directly, through ``torch.autograd.Function``), :func:`needs_plain_ops` (``torch.func``,
+``torch.jit.trace``, ONNX export and ``torch.compile`` record :mod:`bnkit.reference`'s formulas;
+``docs/ecosystem.md`` says why), or else the custom ops.
 
 The formulas (symbols of ``docs/math.md``), with ``c1 = sum(dy)/M``, ``c2 = sum(dy*xhat)/M``::
 
@@ -314,8 +319,11 @@ def needs_plain_ops() -> bool:
     """
     if torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None:
         return True
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    compiling = torch.compiler.is_compiling()
+    if compiling and not torch.compiler.is_exporting():
         return True
+    if not compiling and torch._C._len_torch_dispatch_stack() == 0:
+        return False  # nothing exports this call (both ONNX exporters trace or export it)
     return torch.onnx.is_in_onnx_export()
 
 

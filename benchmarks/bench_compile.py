@@ -1,0 +1,72 @@
+"""torch.compile training step: torch's batch norm vs bnkit's two possible lowerings, interleaved in one run.
+
+``bnkit_ref`` is what bnkit gives inductor (bnkit.reference's formulas, fusable with their neighbours);
+``bnkit_ops`` forces bnkit's custom ops instead (opaque calls into the numba kernels) by making
+``bnkit.autograd.needs_plain_ops`` answer False during its steps. The model is the CPU benchmark's
+ResNet-style CNN (batch 32x3x32x32, width 32), one SGD step per call. Usage::
+
+    PYTHONPATH=src python benchmarks/bench_compile.py [--runs 21] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import bnkit
+import bnkit.autograd as bnkit_autograd
+from bnkit.bench.cpu import _resnet
+from bnkit.bench.timing import interleaved_times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = _resnet(32)
+    x, target = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    plain_ops = bnkit_autograd.needs_plain_ops
+
+    def stepper(net: torch.nn.Module, custom_ops: bool = False) -> Callable[[], None]:
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        compiled = torch.compile(net)
+
+        def step() -> None:
+            if custom_ops:
+                bnkit_autograd.needs_plain_ops = lambda: False
+            try:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(compiled(x), target).backward()
+                opt.step()
+            finally:
+                bnkit_autograd.needs_plain_ops = plain_ops
+
+        return step
+
+    steps = {
+        "torch": stepper(model),
+        "bnkit_ref": stepper(bnkit.convert(copy.deepcopy(model))),
+        "bnkit_ops": stepper(bnkit.convert(copy.deepcopy(model)), custom_ops=True),
+    }
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        step()
+        step()
+        print(f"{name}: first two steps (compile) {time.perf_counter() - t0:.1f} s", flush=True)
+    t = interleaved_times(steps, runs=args.runs)
+    print(f"threads {args.threads}, {args.runs} interleaved rounds")
+    for name in steps:
+        print(f"{name:10s} {t.median(name) * 1e3:9.2f} ms   speed vs torch.compile(torch model) "
+              f"{t.ratio('torch', name):.3f}x")
+
+
+if __name__ == "__main__":
+    main()
