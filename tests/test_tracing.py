@@ -61,6 +61,11 @@ def test_every_bnkit_layer_traces_as_one_node():
         torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
 
 
+def test_a_layer_traced_on_its_own_says_why_it_cannot_be():
+    with pytest.raises(TypeError, match="leaves of fx graphs"):
+        fx.symbolic_trace(bnkit.nn.BatchNorm2d(3))
+
+
 def test_a_mask_is_recorded_as_a_keyword():
     class Masked(nn.Module):
         def __init__(self):

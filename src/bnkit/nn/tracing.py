@@ -23,5 +23,9 @@ def fx_leaf(module: nn.Module, input: Any, mask: Any = None) -> fx.Proxy | None:
     if not isinstance(input, fx.Proxy):
         return None
     tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if not path:  # the traced root itself: a call_module node cannot name it
+        raise TypeError(f"torch.fx cannot trace a bnkit {type(module).__name__} on its own: bnkit layers are "
+                        "leaves of fx graphs (one call_module node each); trace a model that contains it")
     kwargs = {} if mask is None else {"mask": mask}
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), kwargs)
+    return tracer.create_proxy("call_module", path, (input,), kwargs)
