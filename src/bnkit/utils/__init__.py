@@ -2,9 +2,10 @@
 
 from bnkit.utils.batch_stats import batch_stats
 from bnkit.utils.convert import convert
+from bnkit.utils.diagnose import diagnose
 from bnkit.utils.fold import fold
 from bnkit.utils.freeze import freeze, unfreeze
 from bnkit.utils.inspect import inspect
 from bnkit.utils.recalibrate import recalibrate
 
-__all__ = ["batch_stats", "convert", "fold", "freeze", "inspect", "recalibrate", "unfreeze"]
+__all__ = ["batch_stats", "convert", "diagnose", "fold", "freeze", "inspect", "recalibrate", "unfreeze"]

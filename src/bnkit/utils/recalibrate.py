@@ -60,6 +60,7 @@ __all__ = [
     "batch_statistics_pass",
     "bn_layers",
     "check_run_args",
+    "default_forward",
     "recalibrate",
     "run_batches",
 ]
@@ -142,8 +143,9 @@ def _move(obj: Any, device: torch.device | str | None) -> Any:
     return obj
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    # An input tensor; a (input, target, ...) sequence; or a dict of keyword arguments.
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(batch)`` for an input tensor, ``model(batch[0])`` for an ``(input, target, ...)``
+    sequence, ``model(**batch)`` for a dict."""
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (list, tuple)):
@@ -217,7 +219,7 @@ def run_batches(
     A batch is passed as :func:`recalibrate` documents (or through ``forward``), after
     moving its tensors to ``device``. ``on_output(batch, output)`` sees each result.
     """
-    run = forward or _default_forward
+    run = forward or default_forward
     total = len(data) if hasattr(data, "__len__") else None
     if num_batches is not None:
         total = num_batches if total is None else min(total, num_batches)
