@@ -371,3 +371,89 @@ def test_bad_arguments():
     with pytest.raises(KeyError, match="no batch-norm layer named"):
         bnkit.diagnose(model, data, progress=False).layer("nope")
     assert copy.deepcopy(model) is not model  # (the model stays usable after the errors)
+
+
+# --- the command line --------------------------------------------------------------------------
+
+ENTRY_MODULE = '''
+import torch
+from torch import nn
+
+
+def broken():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    data = [torch.randn(32, 4, dtype=torch.float64) for _ in range(4)]
+    model.train()
+    with torch.no_grad():
+        for x in data:
+            model(x)
+        model[1].running_mean += 4.0  # far off for every channel
+    return model.eval(), data
+
+
+def not_a_pair():
+    return 3
+
+
+def wrong_model():
+    return "model", []
+
+
+def raises():
+    raise OSError("dataset missing")
+
+
+NOT_CALLABLE = 5
+'''
+
+
+def call(*args: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from bnkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def entry_module(tmp_path, monkeypatch) -> str:
+    (tmp_path / "diagnose_entry.py").write_text(ENTRY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "diagnose_entry"
+
+
+def test_command_table_json_and_plot(entry_module, tmp_path):
+    code, out, err = call("diagnose", f"{entry_module}:broken", "--plot", str(tmp_path / "d.png"))
+    assert code == 0, err
+    assert "stale running statistics" in out and "bnkit.recalibrate(model, data)" in out
+    assert (tmp_path / "d.png").read_bytes().startswith(b"\x89PNG")
+    code, out, err = call("diagnose", f"{entry_module}:broken", "--json", "--num-batches", "2")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["batches"] == 2 and [(x["name"], x["verdict"]) for x in payload["layers"]] == [("1", STALE)]
+    # the mean shift: 4 / sqrt(var + eps) of the data; far more than the 0.45 data stds of the threshold
+    assert payload["layers"][0]["mean_shift"]["median"] > 1
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("nosuch_module_xyz:make", "cannot import"),
+    ("{m}", "package.module:function"),
+    ("{m}:missing", "no attribute"),
+    ("{m}:NOT_CALLABLE", "not a function"),
+    ("{m}:not_a_pair", "must return (model, data)"),
+    ("{m}:wrong_model", "nn.Module"),
+    ("{m}:raises", "OSError: dataset missing"),
+])
+def test_command_bad_entry_is_one_line(entry_module, entry, message):
+    code, _, err = call("diagnose", entry.format(m=entry_module))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in err

@@ -105,6 +105,8 @@ __all__ = [
     "LayerDiagnosis",
     "Spread",
     "diagnose",
+    "format_table",
+    "plot_diagnosis",
 ]
 
 OK = "ok"
@@ -287,9 +289,26 @@ class Diagnosis:
         """A ``rich.table.Table``: one row per layer."""
         return format_table(self)
 
+    def summary_lines(self) -> list[str]:
+        """The lines printed under the table: the effect of recalibrating, and each non-ok layer's advice."""
+        total = _fmt(self.output_effect_all)
+        if self.prediction_change_all is not None:
+            total += f" ({self.prediction_change_all:.1%} of predictions change)"
+        lines = [f"all layers on the data's exact statistics (what bnkit.recalibrate gives): output effect {total}"
+                 + (f"; largest single layer: {self.worst_layer}" if self.worst_layer else "")]
+        for layer in self.layers:
+            if layer.verdict != OK:
+                lines.append(f"{layer.name or '<root>'} ({layer.verdict}): {layer.advice}")
+        if self.healthy:
+            lines.append("every layer is ok")
+        return lines
+
     def __rich_console__(self, console, options):
+        from rich.text import Text
+
         yield self.table()
-        yield from _advice_lines(self, markup=True)
+        for line in self.summary_lines():
+            yield Text(line)
 
     def __str__(self) -> str:
         from rich.console import Console
@@ -685,21 +704,6 @@ def format_table(diagnosis: Diagnosis) -> Table:
             effect, "\n".join(layer.flags) or "-",
         )
     return table
-
-
-def _advice_lines(diagnosis: Diagnosis, markup: bool) -> Iterator[str]:
-    total = _fmt(diagnosis.output_effect_all)
-    if diagnosis.prediction_change_all is not None:
-        total += f" ({diagnosis.prediction_change_all:.1%} of predictions change)"
-    yield (f"all layers on the data's exact statistics (what bnkit.recalibrate gives): output effect {total}"
-           + (f"; largest single layer: {diagnosis.worst_layer}" if diagnosis.worst_layer else ""))
-    for layer in diagnosis.layers:
-        if layer.verdict != OK:
-            name = layer.name or "<root>"
-            yield f"{name} ({layer.verdict}): {layer.advice}" if not markup else (
-                f"[bold]{name}[/bold] ({layer.verdict}): {layer.advice}")
-    if diagnosis.healthy:
-        yield "every layer is ok"
 
 
 def plot_diagnosis(diagnosis: Diagnosis, path: str | os.PathLike) -> Path:
