@@ -372,10 +372,47 @@ def _render_demo(console, s, notes: list[str]) -> None:
         "call model.eval() before evaluating.",
         markup=False,
     )
+    if s.diagnosis:
+        _render_diagnosis_story(console, s.diagnosis)
     console.print(f"plots in {s.out}: " + ", ".join(Path(p).name for p in s.plots) + " (and summary.json)",
                   markup=False)
     for note in notes:
         console.print(f"note: {note}", markup=False)
+
+
+def _render_diagnosis_story(console, story: dict) -> None:
+    """The demo's bnkit.diagnose story (bnkit.demo.diagnosis): healthy, broken, repaired."""
+    from bnkit.utils.diagnose import Diagnosis, format_table
+
+    def show(payload: dict) -> None:
+        diagnosis = Diagnosis.from_dict(payload)
+        table = format_table(diagnosis)
+        if not console.is_terminal:
+            from rich import box
+
+            table.box = box.ASCII
+        console.print(table)
+        for line in diagnosis.summary_lines():
+            console.print(line, markup=False)
+
+    pct = "{:.1%}".format
+    console.print()
+    console.print(f"bnkit.diagnose(model, held-out digits) after training (held-out accuracy "
+                  f"{pct(story['accuracy_trained'])}):", markup=False)
+    show(story["trained"])
+    console.print()
+    console.print(f"now break a copy: {story['break_steps']} more training steps (lr {story['break_lr']:g}) on a "
+                  f"stream sorted by label (the last batches are all 8s and 9s) with "
+                  f"momentum={story['break_momentum']:g} (the Keras/d2l convention typed into torch: 90% weight on "
+                  f"the new batch); held-out accuracy {pct(story['accuracy_broken'])}. bnkit.diagnose names the "
+                  "layers:", markup=False)
+    show(story["broken"])
+    repaired = Diagnosis.from_dict(story["repaired"])
+    verdicts = ", ".join(f"{layer.name} {layer.verdict}" for layer in repaired.layers)
+    console.print()
+    console.print(f"after bnkit.recalibrate(model, training digits): {verdicts}; held-out accuracy "
+                  f"{pct(story['accuracy_broken'])} -> {pct(story['accuracy_repaired'])} "
+                  f"(diagnosis story: {story['seconds']:.1f} s)", markup=False)
 
 
 # --- inspect -----------------------------------------------------------------------------

@@ -119,7 +119,7 @@ VERDICTS = (OK, STALE, NOISY, DEAD, NONFINITE)
 # KL of 0.1 nats: a mean off by 0.45 data standard deviations, or a running variance
 # about 2 (or 0.57) times the data's. Held-out data of a few hundred samples and a well-trained
 # model's running statistics stay well below it; a layer that needs recalibrating is above.
-STALE_DIVERGENCE = 0.1
+STALE_DIVERGENCE = 0.25
 # i.i.d. batches of about 10 values per channel wobble this much (1/sqrt(M), sqrt(2/M)).
 NOISY_MEAN_WOBBLE = 0.3
 NOISY_VAR_WOBBLE = 0.45
@@ -727,11 +727,10 @@ def plot_diagnosis(diagnosis: Diagnosis, path: str | os.PathLike) -> Path:
     left.set_yticks(list(ys), names, fontsize=8)
     left.invert_yaxis()
     left.set_xlabel("divergence, worst channel (KL, nats)")
-    left.legend(loc="lower right", fontsize=7)
     for verdict, color in colors.items():
         if any(layer.verdict == verdict for layer in diagnosis.layers):
             left.plot([], [], "s", color=color, label=verdict)
-    left.legend(loc="lower right", fontsize=7)
+    left.legend(loc="best", fontsize=7)
     effects = [layer.output_effect if layer.output_effect is not None and math.isfinite(layer.output_effect) else 0.0
                for layer in diagnosis.layers]
     right.barh(ys, effects, color="tab:blue")
