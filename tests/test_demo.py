@@ -151,18 +151,18 @@ def test_diagnosis_story_healthy_broken_repaired(tmp_path):
     from bnkit.utils.diagnose import OK, STALE
 
     d = load_digits(seed=0)
-    data = Digits(d.x_train[:640], d.y_train[:640], d.x_test[:200], d.y_test[:200])
+    data = Digits(d.x_train[:480], d.y_train[:480], d.x_test[:96], d.y_test[:96])
     torch.manual_seed(0)
     model = bnkit.convert(bn_lenet())
-    bnkit.recalibrate(model, [data.x_train[i:i + 64] for i in range(0, 640, 64)], progress=False)
+    bnkit.recalibrate(model, [data.x_train[i:i + 32] for i in range(0, 480, 32)], progress=False)
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    broken = break_model(model, data, batch_size=64, lr=0.0)
+    broken = break_model(model, data, batch_size=32, lr=0.0)
     assert broken.bn3.momentum == 0.9 and not broken.training
-    # the sorted stream: the last five batches of these 640 digits in label order are 5s to 9s
-    assert min(torch.sort(data.y_train).values[-5 * 64:].tolist()) >= 5
+    # the sorted stream: the last five batches of these 480 digits in label order are 6s to 9s
+    assert min(torch.sort(data.y_train).values[-5 * 32:].tolist()) >= 6
 
-    story = diagnosis_story(model, data, batch_size=64, lr=0.0, plot=tmp_path / "diagnosis.png")
+    story = diagnosis_story(model, data, batch_size=32, lr=0.0, plot=tmp_path / "diagnosis.png")
     for key, value in model.state_dict().items():  # the trained model itself is left alone
         assert torch.equal(value, before[key]), key
     assert [x["verdict"] for x in story.trained["layers"]] == [OK] * 4

@@ -219,7 +219,8 @@ def test_dead_channels(kind):
 
 
 def test_never_updated_and_high_momentum_advice():
-    model, data = make_model("torch"), make_data()
+    model = make_model("torch")
+    data = [(x * 4 + 3, y) for x, y in make_data()]
     d = bnkit.diagnose(model.eval(), data, progress=False)  # fresh layers: 0 and 1
     assert d.layer("1").verdict == STALE and "never updated" in d.layer("1").advice
     set_exact(model, data)
