@@ -602,6 +602,10 @@ def diagnose(
     layers = bn_layers(model)
     if not layers:
         raise ValueError("diagnose: the model has no batch-norm layer with running statistics")
+    for name, m in layers:
+        # the first batch would materialize it: that is a change to the model, not a diagnosis
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(f"diagnose: lazy layer {name!r} is not initialized yet (run one batch through it)")
     if isinstance(data, Iterator):
         data = list(data if num_batches is None else itertools.islice(data, num_batches))
 
