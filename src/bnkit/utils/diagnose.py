@@ -94,6 +94,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEAD",
+    "NEGLIGIBLE_EFFECT",
     "NOISY",
     "NOISY_MEAN_WOBBLE",
     "NOISY_VAR_WOBBLE",
@@ -101,6 +102,7 @@ __all__ = [
     "OK",
     "STALE",
     "STALE_DIVERGENCE",
+    "VERDICTS",
     "Diagnosis",
     "LayerDiagnosis",
     "Spread",
@@ -527,7 +529,7 @@ def _output_effects(
 # --- the verdict -----------------------------------------------------------------------------
 
 
-def _verdict(name: str, module: nn.Module, report: LayerReport | None, e: _Exact | None,
+def _verdict(module: nn.Module, report: LayerReport | None, e: _Exact | None,
              divergence: Spread, mean_wobble: Spread, var_wobble: Spread,
              constant: list[int]) -> tuple[str, str]:
     """``(verdict, advice)`` for one layer: the first cause that applies, and what to do about it."""
@@ -642,7 +644,7 @@ def diagnose(
             mean_wobble = Spread.of(e.mean_wobble)
             var_wobble = Spread.of(e.var_wobble)
             constant = (e.var < eps).nonzero().flatten().tolist()
-        verdict, advice = _verdict(name, module, report, e, kl, mean_wobble, var_wobble, constant)
+        verdict, advice = _verdict(module, report, e, kl, mean_wobble, var_wobble, constant)
         flags = list(report.flags) if report is not None else []
         if constant:
             flags.append(f"constant in the data: {len(constant)} channel{'s' if len(constant) != 1 else ''}")
