@@ -333,6 +333,20 @@ def test_variants_and_a_dict_batch():
     assert [layer.name for layer in d.layers] == ["net.1", "net.3"]
     assert [layer.kind for layer in d.layers] == ["BatchRenorm1d", "GhostBatchNorm1d"]
     assert d.layer("net.1").divergence.worst < 1e-12
+    # GhostBatchNorm normalizes virtual batches of 4 in train mode: its wobble is theirs
+    ghost = d.layer("net.3")
+    assert ghost.samples_per_batch == 4 and ghost.batches == 12 and d.layer("net.1").samples_per_batch == 16
+    seen = []
+    handle = model[3].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad(), bnkit.batch_stats(net, normalize_with="batch", update_running_stats=False):
+        for batch in data:
+            net(**batch)
+    handle.remove()
+    pieces = [p for x in seen for p in x.split(4)]
+    allx = torch.cat(seen)
+    mu, pop = allx.mean(0), allx.var(0, correction=0)
+    wobble = torch.stack([p.mean(0) - mu for p in pieces]).square().mean(0).sqrt() / (pop + model[3].eps).sqrt()
+    assert ghost.mean_wobble.median == pytest.approx(float(wobble.median()), rel=1e-9)
 
 
 # --- showing it --------------------------------------------------------------------------------

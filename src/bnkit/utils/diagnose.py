@@ -23,7 +23,8 @@ adds it (so a constant channel compares as finite numbers):
   shift. A layer whose worst channel exceeds :data:`STALE_DIVERGENCE` has stale running
   statistics;
 * ``mean_wobble`` and ``var_wobble``: the root mean square, over the batches of ``data``
-  (weighted by their sizes), of :math:`(\bar x_b - \mu)/\sqrt{\sigma_p^2 + \epsilon}` and
+  (weighted by their sizes; a ``GhostBatchNorm`` layer's virtual batches), of
+  :math:`(\bar x_b - \mu)/\sqrt{\sigma_p^2 + \epsilon}` and
   :math:`(s_b^2 - \sigma_p^2)/(\sigma_p^2 + \epsilon)`, with :math:`\bar x_b, s_b^2` the
   batch's mean and biased variance (what a layer in train mode normalizes with) and
   :math:`\sigma_p^2` the data's population variance. For i.i.d. batches of :math:`M`
@@ -340,6 +341,18 @@ class _LayerAccumulator(StatisticsAccumulator):
         self.samples = 0
         self.batch_means: tuple[int, Tensor, Tensor] | None = None
         self.batch_vars: tuple[int, Tensor, Tensor] | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # GhostBatchNorm normalizes each virtual batch (torch.split along dim 0) with its own
+        # statistics in train mode: those are the batches whose wobble matters. The exact
+        # statistics do not change (Chan's merge of the pieces is the whole).
+        virtual = getattr(module, "virtual_batch_size", None)
+        x = args[0]
+        if isinstance(virtual, int) and x.dim() >= 2 and x.shape[0] > virtual:
+            for piece in x.split(virtual):
+                super().__call__(module, (piece, *args[1:]), kwargs)
+            return
+        super().__call__(module, args, kwargs)
 
     def add(self, n: int, mean: Tensor, m2: Tensor, samples: int) -> None:
         super().add(n, mean, m2, samples)
