@@ -168,6 +168,25 @@ def test_batches_of_two_wobble_and_are_noisy(kind):
     assert layer.samples_per_batch == 2 and layer.values_per_batch == 2
 
 
+def test_sorted_batches_wobble_and_the_advice_is_to_shuffle():
+    # Batches of 32 samples, each drawn from one of four clusters 3 standard deviations apart
+    # (data that arrives sorted by class): the batch means wobble far more than 1/sqrt(32).
+    bn = nn.BatchNorm1d(4).double()
+    g = torch.Generator().manual_seed(6)
+    data = [torch.randn(32, 4, generator=g, dtype=DT) + 3.0 * (k % 4) for k in range(8)]
+    allx = torch.cat(data)
+    with torch.no_grad():
+        bn.running_mean.copy_(allx.mean(0))
+        bn.running_var.copy_(allx.var(0))
+    layer = bnkit.diagnose(bn.eval(), data, progress=False).layer("")
+    assert layer.verdict == NOISY and "not i.i.d." in layer.advice and "shuffle" in layer.advice
+    expect = torch.stack([x.mean(0) - allx.mean(0) for x in data]).square().mean(0).sqrt()
+    expect = expect / (allx.var(0, correction=0) + bn.eps).sqrt()
+    assert layer.mean_wobble.median == pytest.approx(float(expect.median()), rel=1e-9)
+    shuffled = list(allx[torch.randperm(len(allx), generator=g)].split(32))
+    assert bnkit.diagnose(bn, shuffled, progress=False).layer("").verdict == OK
+
+
 def test_large_batches_do_not_wobble():
     model, data = make_model("bnkit"), make_data(sizes=(256, 256), seed=4)
     set_exact(model, data)
