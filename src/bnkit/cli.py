@@ -402,7 +402,7 @@ def _render_diagnosis_story(console, story: dict) -> None:
     show(story["trained"])
     console.print()
     console.print(f"now break a copy: {story['break_steps']} more training steps (lr {story['break_lr']:g}) on a "
-                  f"stream sorted by label (the last batches are all 8s and 9s) with "
+                  f"stream sorted by label (its last batches: 7s, 8s and 9s only) with "
                   f"momentum={story['break_momentum']:g} (the Keras/d2l convention typed into torch: 90% weight on "
                   f"the new batch); held-out accuracy {pct(story['accuracy_broken'])}. bnkit.diagnose names the "
                   "layers:", markup=False)

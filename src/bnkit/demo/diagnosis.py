@@ -2,9 +2,9 @@
 
 1. :func:`bnkit.diagnose` on the trained bnkit twin and the held-out digits: every layer ok.
 2. Break a copy the way it happens in practice: a few more training steps on a stream that
-   arrives sorted by label (the last batches are all 8s and 9s) with ``momentum=0.9``, the
+   arrives sorted by label (its last batches hold only 7s, 8s and 9s) with ``momentum=0.9``, the
    Keras/d2l convention typed into torch, where it means 90% weight on the *new* batch. The
-   running statistics now describe 8s and 9s; held-out accuracy drops.
+   running statistics now describe those three digits; held-out accuracy drops.
 3. :func:`bnkit.diagnose` names the layers whose running statistics went stale, with the
    advice; :func:`bnkit.recalibrate` on the training digits repairs them; a last diagnosis
    and the held-out accuracy show the repair.

@@ -429,9 +429,9 @@ class _EffectMeter:
         if self.elements == 0:
             return None
         rms = math.sqrt(self.sq_diff / self.elements)
-        if rms == 0:
-            return 0.0
-        return rms / scale if scale > 0 else math.inf
+        if rms == 0 or math.isnan(rms) or math.isnan(scale):
+            return rms if not math.isnan(scale) else math.nan
+        return rms / scale if scale > 0 else math.inf  # the exact-statistics output is constant
 
     def prediction_change(self) -> float | None:
         return self.flips / self.rows if self.rows else None
