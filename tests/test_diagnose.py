@@ -248,6 +248,36 @@ def test_never_updated_and_high_momentum_advice():
     assert "momentum 0.9" in bnkit.diagnose(model, data, progress=False).layer("6").advice
 
 
+def test_frozen_layers_are_diagnosed_too():
+    model, data = make_model("bnkit"), make_data()
+    set_exact(model, data)
+    bnkit.freeze(model)
+    assert isinstance(model[6], bnn.FrozenBatchNorm1d)
+    # a frozen layer normalizes with its running statistics in every mode: the oracle for the
+    # last layer is its input in a plain forward, where the first layer is frozen too
+    seen = []
+    handle = model[6].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        for x, _ in data:
+            model(x)
+    handle.remove()
+    var, mean = torch.var_mean(torch.cat(seen), dim=0, correction=1)
+    with torch.no_grad():
+        model[6].running_mean.copy_(mean)
+        model[6].running_var.copy_(var)
+        model[6].running_mean[[0, 5]] += 3 * var[[0, 5]].sqrt()
+    before = snapshot(model)
+    d = bnkit.diagnose(model, data, progress=False)
+    assert snapshot(model) == before
+    assert [(x.name, x.kind) for x in d.layers] == [("1", "FrozenBatchNorm2d"), ("6", "FrozenBatchNorm1d")]
+    layer = d.layer("6")
+    assert layer.verdict == STALE and "bnkit.unfreeze(model)" in layer.advice
+    assert layer.mean_shift.channel in (0, 5) and layer.mean_shift.worst == pytest.approx(3.0, rel=1e-4)
+    assert layer.mean_wobble.worst is None and layer.var_wobble.worst is None  # no batch statistics
+    assert d.layer("1").verdict == OK and d.layer("1").divergence.worst < 1e-12
+    assert d.worst_layer == "6" and d.layer("1").output_effect < 1e-9 and layer.output_effect > 0.1
+
+
 # --- the model is left alone -------------------------------------------------------------------
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

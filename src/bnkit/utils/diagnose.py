@@ -56,10 +56,11 @@ left exactly as it was (parameters, buffers, modes, hooks, classes), also when `
 or the model raises. ``data`` is iterated twice; a one-shot iterator is first read into
 a list (at most ``num_batches`` batches).
 
-Only subclasses of torch's ``_BatchNorm`` with running statistics are diagnosed (torch's,
-bnkit's and its variants, ``SyncBatchNorm``); frozen batch norm and instance norm are
-left out. A subclass with its own forward and no bnkit twin stops the output-effect pass
-with :func:`bnkit.batch_stats`'s ``TypeError``.
+The layers diagnosed: subclasses of torch's ``_BatchNorm`` with running statistics
+(torch's, bnkit's and its variants, ``SyncBatchNorm``) and bnkit's frozen batch norm (its
+input is recorded as it is, it has no batch statistics to wobble; its output effect uses
+:func:`bnkit.functional.frozen_batch_norm`). Instance norm is left out. A subclass with
+its own forward and no bnkit twin stops the output-effect pass with :func:`bnkit.batch_stats`'s ``TypeError``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ import torch
 from torch import Tensor, nn
 
 from bnkit import reference as ref
+from bnkit.functional import frozen_batch_norm
+from bnkit.nn import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from bnkit.utils.batch_stats import batch_stats
 from bnkit.utils.inspect import LayerReport, _json_float
 from bnkit.utils.inspect import inspect as inspect_model
@@ -479,6 +482,28 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+_FROZEN = (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)
+
+
+def _frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """bnkit's frozen batch-norm layers: running statistics that they always normalize with."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _FROZEN)]
+
+
+@contextlib.contextmanager
+def _recording(layers: list[tuple[str, nn.Module]]) -> Iterator[list[StatisticsAccumulator]]:
+    """Accumulators on the inputs of layers whose mode is left as it is (frozen ones); hooks removed on exit."""
+    accumulators = [_LayerAccumulator(m) for _, m in layers]
+    handles = []
+    try:
+        for (_, m), acc in zip(layers, accumulators, strict=True):
+            handles.append(m.register_forward_pre_hook(acc, with_kwargs=True))
+        yield accumulators
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _switch_hook(exact: tuple[Tensor, Tensor], active: Callable[[], bool]):
     """Forward hook: when ``active()``, the layer's output is its own pure function with ``exact`` statistics."""
     mean, var = exact
@@ -486,6 +511,11 @@ def _switch_hook(exact: tuple[Tensor, Tensor], active: Callable[[], bool]):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not active():
             return None
+        if isinstance(module, _FROZEN):
+            return frozen_batch_norm(args[0], mean, var, module.weight, module.bias, module.eps,
+                                     activation=getattr(module, "activation", "identity"),
+                                     activation_param=getattr(module, "activation_param", 0.01),
+                                     channel_dim=getattr(module, "channel_dim", 1))
         mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
         y, _, _ = module._batch_norm_pure(args[0], mean, var, module.weight, module.bias, False, 0.0, module.eps,
                                           mask=mask, channel_dim=module.channel_dim)
@@ -561,7 +591,11 @@ def _verdict(module: nn.Module, report: LayerReport | None, e: _Exact | None,
     if e is None:
         return OK, "the layer saw no data (not on the path of this data): nothing measured"
     if divergence.worst is not None and divergence.worst > STALE_DIVERGENCE:
-        momentum = module.momentum
+        momentum = getattr(module, "momentum", None)
+        if isinstance(module, _FROZEN):
+            return STALE, ("a frozen layer's statistics come from other data (pretraining, another domain): "
+                           "bnkit.unfreeze(model), bnkit.recalibrate(model, data), then bnkit.freeze(model) again "
+                           "(a layer frozen elsewhere: recalibrate the unfrozen model)")
         if report is not None and report.never_updated:
             return STALE, ("the running statistics were never updated (still 0 and 1: trained in eval() or saved "
                            "before training): bnkit.recalibrate(model, data)")
@@ -615,7 +649,8 @@ def diagnose(
     """
     check_run_args("diagnose", model, num_batches, forward)
     layers = bn_layers(model)
-    if not layers:
+    frozen = _frozen_layers(model)
+    if not layers and not frozen:
         raise ValueError("diagnose: the model has no batch-norm layer with running statistics")
     for name, m in layers:
         # the first batch would materialize it: that is a change to the model, not a diagnosis
@@ -624,18 +659,22 @@ def diagnose(
     if isinstance(data, Iterator):
         data = list(data if num_batches is None else itertools.islice(data, num_batches))
 
-    with batch_statistics_pass(layers, _LayerAccumulator) as accumulators:
+    with batch_statistics_pass(layers, _LayerAccumulator) as accumulators, _recording(frozen) as frozen_accs:
         seen = run_batches(model, data, num_batches, progress, forward, device, "diagnose: statistics")
     if seen == 0:
         raise ValueError("diagnose: data yielded no batches")
 
-    exact = {name: _exact(acc, float(m.eps)) for (name, m), acc in zip(layers, accumulators, strict=True)}
+    recorded = {name: acc for (name, _), acc in zip(layers + frozen, accumulators + frozen_accs, strict=True)}
+    chosen = {id(m) for _, m in layers + frozen}
+    everything = [(name, m) for name, m in model.named_modules() if id(m) in chosen]  # the model's order
+    exact = {name: _exact(recorded[name], float(m.eps)) for name, m in everything}
     switch = {name: (e.mean, e.var) for name, e in exact.items() if e is not None}
-    meters, every, scale = _output_effects(model, data, layers, switch, num_batches, progress, forward, device)
+    meters, every, scale = _output_effects(model, data, everything, switch, num_batches, progress, forward,
+                                           device)
 
     reports = {r.name: r for r in inspect_model(model)}
     results = []
-    for name, module in layers:
+    for name, module in everything:
         e = exact[name]
         report = reports.get(name)
         eps = float(module.eps)
@@ -654,8 +693,11 @@ def diagnose(
             shift = Spread.of(shift_t, badness=shift_t.abs(), median_of=shift_t.abs())
             ratio = Spread.of(ratio_t, badness=ratio_t.log().abs())
             kl = Spread.of(kl_t)
-            mean_wobble = Spread.of(e.mean_wobble)
-            var_wobble = Spread.of(e.var_wobble)
+            if isinstance(module, _FROZEN):  # never normalizes with batch statistics: no wobble to pay
+                mean_wobble = var_wobble = Spread(None, None, None)
+            else:
+                mean_wobble = Spread.of(e.mean_wobble)
+                var_wobble = Spread.of(e.var_wobble)
             constant = (e.var < eps).nonzero().flatten().tolist()
         verdict, advice = _verdict(module, report, e, kl, mean_wobble, var_wobble, constant)
         flags = list(report.flags) if report is not None else []
