@@ -194,7 +194,7 @@ def test_large_batches_do_not_wobble():
     assert layer.mean_wobble.median < 0.15 and layer.verdict == OK
 
 
-def test_non_finite_running_statistics_weight_and_input():
+def test_non_finite_running_statistics_weight_and_input(tmp_path):
     model, data = make_model("bnkit"), make_data()
     set_exact(model, data)
     with torch.no_grad():
@@ -207,6 +207,8 @@ def test_non_finite_running_statistics_weight_and_input():
     # strict JSON even with NaN in the numbers
     text = json.dumps(d.to_dict(), allow_nan=False)
     assert Diagnosis.from_dict(json.loads(text)).to_dict() == d.to_dict()
+    assert "non-finite" in str(d)
+    assert d.plot(tmp_path / "nan.png").read_bytes().startswith(b"\x89PNG")  # NaN effects drawn as 0
 
     # a non-finite input: the layer's data statistics are NaN
     model2 = make_model("torch")
