@@ -1,6 +1,7 @@
 """bnkit.convert: torch -> bnkit -> torch, with state, flags, device and dtype preserved."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -97,3 +98,46 @@ def test_subclasses_are_left_alone_and_bad_arguments_raise():
         bnkit.convert(m, to="jax")
     with pytest.raises(TypeError, match="nn.Module"):
         bnkit.convert(3)
+
+
+def test_convert_reports_what_it_left_alone():
+    from models import TimmStyleBatchNormAct2d, mobilenet_style, timm_norm_act
+
+    torch.manual_seed(0)
+    net = mobilenet_style(timm_norm_act)
+    timm_layers = sorted(n for n, m in net.named_modules() if isinstance(m, TimmStyleBatchNormAct2d))
+    with pytest.warns(UserWarning, match=r"swapped 0 batch-norm layer\(s\) and left 10 as they were: 1: .*forward"):
+        out, report = bnkit.convert(net, return_report=True)
+    assert out is net and list(report) == [] and sorted(s.name for s in report.skipped) == timm_layers
+    assert all(type(m) is TimmStyleBatchNormAct2d for n, m in net.named_modules() if n in timm_layers)
+
+    mixed = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), TimmStyleBatchNormAct2d(4))
+    with pytest.warns(UserWarning, match="swapped 1 batch-norm layer"):
+        _, report = bnkit.convert(mixed, return_report=True)
+    assert list(report) == ["1"] and [s.name for s in report.skipped] == ["2"]
+    assert type(mixed[1]) is bnkit.nn.BatchNorm2d
+
+    # nothing to report: no warning
+    plain = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm1d(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = bnkit.convert(plain, return_report=True)
+    assert list(report) == ["0", "1"] and report.skipped == []
+
+
+def test_convert_back_to_torch_names_layers_without_a_twin():
+    model = nn.Sequential(bnkit.nn.BatchNorm2d(3), bnkit.nn.BatchNormAct2d(3), bnkit.nn.FrozenBatchNorm2d(3))
+    with pytest.warns(UserWarning, match="left 2"):
+        _, report = bnkit.convert(model, to="torch", return_report=True)
+    assert list(report) == ["0"] and [s.name for s in report.skipped] == ["1", "2"]
+    assert "no torch twin" in report.skipped[0].reason
+
+
+def test_convert_sync_reports_subclasses():
+    from models import TimmStyleBatchNormAct2d
+
+    model = nn.Sequential(nn.BatchNorm2d(3), TimmStyleBatchNormAct2d(3))
+    with pytest.warns(UserWarning, match="SyncBatchNorm"):
+        out, report = bnkit.convert(model, sync=True, return_report=True)
+    assert list(report) == ["0"] and [s.name for s in report.skipped] == ["1"]
+    assert type(out[0]) is bnkit.nn.SyncBatchNorm and type(out[1]) is TimmStyleBatchNormAct2d

@@ -147,11 +147,22 @@ class FrozenBN(nn.Module):
         return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
 
 
-def test_duck_typed_frozen_bn_folds_even_in_training_mode():
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), FrozenBN(3)).double()
+def test_torchvisions_frozen_bn_folds_even_in_training_mode_and_unknown_ones_are_skipped():
+    class FrozenBatchNorm2d(FrozenBN):  # as torchvision.ops.misc names its frozen batch norm
+        __module__, __qualname__ = "torchvision.ops.misc", "FrozenBatchNorm2d"
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), FrozenBatchNorm2d(3)).double()
     model.train()
     folded, report = bnkit.fold(model)
     assert report == [FoldedPair("0", "1")]
+    assert_same_function(model, folded, torch.randn(2, 2, 5, 5, dtype=torch.double), 0.0, 1e-10)
+
+    # the same layer under a name bnkit does not know: its forward could do anything (timm's frozen
+    # BatchNormAct2d applies an activation), so it is left in place with the reason
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), FrozenBN(3)).double()
+    folded, report = bnkit.fold(model)
+    assert report == [] and [s.name for s in report.skipped] == ["1"]
+    assert "forward of its own" in report.skipped[0].reason
     assert_same_function(model, folded, torch.randn(2, 2, 5, 5, dtype=torch.double), 0.0, 1e-10)
 
 
@@ -255,3 +266,75 @@ def test_untraceable_model_is_folded_inside_its_children():
 def test_fold_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         bnkit.fold({"weight": torch.ones(1)})
+
+
+# --- layers that do more than batch norm ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("activation", "torch_act"), [
+    ("relu", nn.ReLU), ("leaky_relu", nn.LeakyReLU), ("elu", nn.ELU), ("silu", nn.SiLU), ("gelu", nn.GELU),
+])
+@pytest.mark.parametrize("frozen", [False, True], ids=["bn_act", "frozen_bn_act"])
+def test_bn_act_layers_fold_and_keep_their_activation(activation, torch_act, frozen):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bnn.BatchNormAct2d(8, activation=activation, activation_param=0.2),
+                          nn.Conv2d(8, 4, 1)).double()
+    randomize_bn(model)
+    model.eval()
+    if frozen:
+        bnkit.freeze(model)
+    folded, report = bnkit.fold(model)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    assert_same_function(model, folded, x, 0.0, 1e-10)
+    assert report == [FoldedPair("0", "1", torch_act.__name__)] and not report.skipped
+    kept = folded.get_submodule("1")
+    assert type(kept) is torch_act
+    if activation in ("leaky_relu", "elu"):
+        assert (kept.negative_slope if activation == "leaky_relu" else kept.alpha) == pytest.approx(0.2)
+    # the activation is still called: negative inputs of the ReLU family come out changed
+    assert sum(n.op == "call_module" and n.target == "1" for n in folded.graph.nodes) == 1
+
+
+def test_the_issue_example_keeps_relu():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3), bnn.BatchNormAct2d(8, activation="relu")).eval()
+    randomize_bn(model)
+    folded, _ = bnkit.fold(model)
+    x = torch.randn(2, 8, 7, 7)
+    assert_same_function(model, folded, x, 1e-5, 1e-5)
+    assert folded(x).min() >= 0
+
+
+def test_a_layer_with_its_own_forward_is_skipped_with_the_reason():
+    from models import TimmStyleBatchNormAct2d, mobilenet_style, timm_norm_act
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), TimmStyleBatchNormAct2d(8, act_layer=nn.ReLU), nn.Conv2d(8, 4, 1),
+                          nn.BatchNorm2d(4)).double()
+    randomize_bn(model)
+    model.eval()
+    folded, report = bnkit.fold(model)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    assert_same_function(model, folded, x, 0.0, 1e-10)
+    assert report == [FoldedPair("2", "3")]
+    assert [s.name for s in report.skipped] == ["1"]
+    assert "forward of its own" in report.skipped[0].reason and "TimmStyleBatchNormAct2d" in report.skipped[0].reason
+
+    # a whole EfficientNet-like model of such layers: nothing folded, nothing changed, every layer named
+    torch.manual_seed(0)
+    net = mobilenet_style(timm_norm_act).eval()
+    randomize_bn(net)
+    folded, report = bnkit.fold(net)
+    x = torch.randn(2, 3, 16, 16)
+    assert_same_function(net, folded, x, 1e-5, 1e-5)
+    layers = [n for n, m in net.named_modules() if isinstance(m, TimmStyleBatchNormAct2d)]
+    assert not report and sorted(s.name for s in report.skipped) == sorted(layers)
+
+
+def test_torchs_bn_then_module_activation_folds_into_the_conv():
+    from models import mobilenet_style
+
+    torch.manual_seed(0)
+    net = mobilenet_style().eval()
+    randomize_bn(net)
+    folded, report = bnkit.fold(bnkit.convert(copy.deepcopy(net)))
+    x = torch.randn(2, 3, 16, 16)
+    assert_same_function(net, folded, x, 1e-5, 1e-5)
+    assert len(report) == 10 and not report.skipped

@@ -154,3 +154,28 @@ def test_affine_false_and_errors():
         bnkit.freeze(nn.LazyBatchNorm2d())
     with pytest.raises(TypeError):
         bnkit.freeze("model")
+
+
+def test_freeze_refuses_a_layer_with_its_own_forward_before_changing_anything():
+    from models import TimmStyleBatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), TimmStyleBatchNormAct2d(4), nn.Identity())
+    classes = [type(m) for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"cannot freeze 2: .*TimmStyleBatchNormAct2d has a forward of its own"):
+        bnkit.freeze(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_frozen_bn_act_keeps_its_activation():
+    bn = bnkit.nn.BatchNormAct2d(4, activation="relu").eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 4, 3, 3)
+    expected = bn(x)
+    model = bnkit.freeze(nn.Sequential(bn)).train()
+    torch.testing.assert_close(model(x), expected)
+    assert model(x).min() >= 0

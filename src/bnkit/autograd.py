@@ -279,15 +279,44 @@ def _(dy, x, running_mean, running_var, weight, eps, need_input_grad, need_param
 # AD level is open, there is no graph to record: the backend runs directly.
 
 
-def _eager(x: Tensor) -> bool:
-    """Whether a call on ``x`` is plain eager execution that may skip the custom-op dispatcher."""
+def plain_eager() -> bool:
+    """Whether nothing records, compiles or transforms the current call: no ``torch.compile``/``torch.export``
+    tracing, no dispatch or function mode, no ``torch.func`` transform, no ``torch.jit.trace``.
+
+    Only then may bnkit run its kernels directly (raw memory, numba): every tracer needs to see
+    ops it can record. The one place this question is asked.
+    """
     return (
-        type(x) is Tensor
-        and not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._functorch.peek_interpreter_stack() is None
+        and torch._C._get_tracing_state() is None
     )
+
+
+def _eager(x: Tensor) -> bool:
+    """Whether a call on ``x`` is plain eager execution that may skip the custom-op dispatcher."""
+    return type(x) is Tensor and plain_eager()
+
+
+def needs_plain_ops() -> bool:
+    """Whether the current call must be recorded as plain torch ops (:mod:`bnkit.reference`'s formulas)
+    instead of bnkit's custom ops.
+
+    * ``torch.func`` transforms: functorch runs no ``register_autograd`` formula of a custom op under
+      ``grad``/``jacrev``/``jvp``;
+    * ``torch.jit.trace``: the traced module must run where bnkit's Python kernels cannot (TorchScript);
+    * ONNX export: the graph may hold standard ONNX ops only;
+    * ``torch.compile``: inductor fuses the formulas with their neighbours (see ``docs/design.md``).
+
+    ``torch.export`` outside ONNX keeps the custom ops (opaque nodes with the hand-derived backward).
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None:
+        return True
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return True
+    return torch.onnx.is_in_onnx_export()
 
 
 class _TrainFn(torch.autograd.Function):

@@ -7,10 +7,10 @@
   ``(output, new_running_mean, new_running_var)`` without mutating anything, so it can
   run under ``torch.func`` transforms (``functional_call``, ``vmap``, ``jacrev``).
 
-Under an active ``torch.func`` transform, :func:`batch_norm_pure` computes with
-:func:`bnkit.reference.batch_norm` (plain differentiable torch ops) instead of the custom
-ops: torch does not run a custom op's registered autograd formula under
-``grad``/``jacrev``/``jvp``. Results are the same; see ``docs/semantics.md``.
+Where a tracer or transform records the call (``torch.func``, ``torch.jit.trace``, ONNX export,
+``torch.compile``; :func:`bnkit.autograd.needs_plain_ops`), both compute with
+:func:`bnkit.reference.batch_norm` (plain differentiable torch ops) instead of the custom ops or
+kernels. Results are the same to rounding; see ``docs/semantics.md``.
 
 Both accept two keyword-only extensions that default to torch's behaviour:
 ``channel_dim`` (where the channels are, default 1) and ``mask`` (elements that count
@@ -189,16 +189,6 @@ def _check_same_dtypes(input: Tensor, mixed: bool, *params: Tensor | None) -> No
     for t in defined:
         if t.dtype != input.dtype:
             raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(t.dtype)}")
-
-
-def _functorch_active() -> bool:
-    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jvp, ...) is running.
-
-    The custom ops have no functorch rules for ``grad``/``jvp`` (torch does not support
-    ``register_autograd`` under functorch transforms), so :func:`batch_norm_pure` routes
-    such calls to :func:`bnkit.reference.batch_norm`, which is plain differentiable torch.
-    """
-    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _empty_batch(
@@ -387,7 +377,7 @@ def _batch_norm(
         y, new_mean, new_var = masked_batch_norm_pure(
             x, running_mean, running_var, weight, bias, training, momentum, eps, mask
         )
-    elif _functorch_active():
+    elif autograd.needs_plain_ops():
         y, new_mean, new_var = ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     elif not training:
         y = autograd.evaluate(x, running_mean, running_var, weight, bias, eps)

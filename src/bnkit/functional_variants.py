@@ -79,7 +79,8 @@ def batch_norm_act_pure(
     check_activation(activation, activation_param, memory_saving)
     x, channel_dim = to_channels_first(input, channel_dim)
     check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if x.numel() == 0:
+    if x.numel() == 0 or autograd.needs_plain_ops():
+        # an empty batch, or a call that a tracer records: the composed formulas (never in place)
         y, new_mean, new_var = ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return from_channels_first(apply_activation(y, activation, activation_param, False), channel_dim), \
             new_mean, new_var

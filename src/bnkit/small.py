@@ -33,12 +33,12 @@ import warnings
 import numpy as np
 import torch
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.autograd import forward_ad as _fwAD
 from torch.nn import Parameter
 
 from bnkit import kernels
-from bnkit.autograd import _like
+from bnkit.autograd import _like, plain_eager
 
 __all__ = ["ONE_CALL_NUMEL", "SMALL_GRAD_NUMEL", "SMALL_NUMEL", "batch_norm"]
 
@@ -76,9 +76,6 @@ _BF16, _F16 = torch.bfloat16, torch.float16
 _RAW16 = {torch.bfloat16: np.uint16(0), torch.float16: np.int16(0)}
 # dtype -> the first argument of its kernels (a zero of the type they read the data as)
 _NO_TABLE = np.empty((4, 0), np.float32)
-_is_compiling = torch.compiler.is_compiling
-_dispatch_stack_len = torch._C._len_torch_dispatch_stack
-_torch_function_mode = torch._C._is_torch_function_mode_enabled
 _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
 _LIKE = {**_ZERO, **_RAW16}
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8}
@@ -251,13 +248,7 @@ def _layout(x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, in
             return None
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
         return None
-    if (
-        _is_compiling()
-        or _dispatch_stack_len() != 0
-        or _torch_function_mode()
-        or peek_interpreter_stack() is not None
-        or _fwAD._current_level >= 0
-    ):
+    if _fwAD._current_level >= 0 or not plain_eager():
         return None
     return (n, c, s) if kernels.runs_cpu_backend() and _kernels() else None
 

@@ -14,6 +14,7 @@ from bnkit.functional_variants import batch_norm_act_pure
 from bnkit.fused import check_activation
 from bnkit.nn.batchnorm import _BatchNormForward
 from bnkit.nn.modes import resolve_mode
+from bnkit.nn.tracing import fx_leaf
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
@@ -26,6 +27,8 @@ class _BatchNormActForward(_BatchNormForward):
     _inplace_now: bool = False
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if (node := fx_leaf(self, input, mask)) is not None:
+            return node
         use_batch_stats, update = resolve_mode(self)
         # "eval but keep updating" reads the input twice: never overwrite it there.
         self._inplace_now = self.inplace and not (update and not use_batch_stats)

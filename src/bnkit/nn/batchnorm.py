@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from bnkit.autograd import _eager
 from bnkit.functional import batch_norm_pure, write_running_stats
 from bnkit.nn.modes import resolve_mode
+from bnkit.nn.tracing import fx_leaf
 from bnkit.nonfinite import check_policy, get_nonfinite_policy, layer_label
 
 __all__ = [
@@ -86,6 +87,8 @@ class _BatchNormForward:
         return 0.0
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if (node := fx_leaf(self, input, mask)) is not None:
+            return node
         self._check_input_dim(input)
         use_batch_stats, update = resolve_mode(self)
         try:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit.functional_variants import frozen_batch_norm
+from bnkit.nn.tracing import fx_leaf
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -44,6 +45,8 @@ class _FrozenBatchNorm(nn.Module):
                                       error_msgs)
 
     def forward(self, input: Tensor) -> Tensor:
+        if (node := fx_leaf(self, input)) is not None:
+            return node
         self._check_input_dim(input)
         return frozen_batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias, self.eps,

@@ -35,6 +35,7 @@ from bnkit.distributed import sync_batch_norm, sync_group
 from bnkit.functional import as_torch_layout
 from bnkit.nn.batchnorm import _TORCH_TAKES_BIAS, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormForward
 from bnkit.nn.modes import resolve_mode
+from bnkit.nn.tracing import fx_leaf
 
 __all__ = ["SyncBatchNorm"]
 
@@ -79,6 +80,8 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
         return f"{layer} {name!r}" if name else layer
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if (node := fx_leaf(self, input, mask)) is not None:
+            return node
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         use_batch_stats, update = resolve_mode(self)
@@ -126,7 +129,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     @classmethod
     def _convert(cls, module: nn.Module, process_group: Any | None, name: str) -> nn.Module:
         out = module
-        if type(module) in _CONVERTIBLE or type(module) is cls:
+        if type(module) in CONVERTIBLE_TO_SYNC or type(module) is cls:
             out = cls(
                 module.num_features,
                 module.eps,
@@ -156,7 +159,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
 
 
 # Layers whose forward is plain batch norm: replacing them loses nothing.
-_CONVERTIBLE: tuple[type, ...] = (
+CONVERTIBLE_TO_SYNC: tuple[type, ...] = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.BatchNorm3d,

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit.nn.batchnorm import _BatchNormForward
-from bnkit.utils.convert import convert
+from bnkit.utils.convert import swap_to_bnkit, swap_to_torch
 
 __all__ = ["batch_stats"]
 
@@ -60,7 +60,7 @@ def _take_control(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
         if isinstance(module, _BatchNormForward):
             layers.append(module)
         elif isinstance(module, _BatchNorm):
-            convert(module, to="bnkit")  # exact torch classes only; anything else stays as it is
+            swap_to_bnkit(module)  # exact torch classes only; anything else stays as it is
             if isinstance(module, _BatchNormForward):
                 swapped.append(module)
                 layers.append(module)
@@ -77,7 +77,7 @@ def _take_control(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
 
 def _give_back(swapped: list[nn.Module]) -> None:
     for module in swapped:
-        convert(module, to="torch")
+        swap_to_torch(module)
 
 
 @contextlib.contextmanager

@@ -30,13 +30,18 @@ Pairs are found by tracing the model with ``torch.fx`` (any module structure, no
   *output* (a ``BatchNorm1d`` after a ``Linear`` on ``(N, L, C)`` input normalizes over
   ``L``; fold cannot see shapes, so do not fold such a model).
 
-Batch-norm layers are duck-typed: anything with ``running_mean``, ``running_var`` and
-``eps`` (and ``weight``/``bias``, possibly ``None``) except instance norm, so torch's and
-bnkit's layers and frozen-BN layers (always running statistics) are all folded.
+Batch-norm layers are found by duck typing: anything with ``running_mean``, ``running_var``
+and ``eps`` (and ``weight``/``bias``, possibly ``None``) except instance norm. Only those whose
+forward bnkit knows are folded (:func:`bnkit.nn.kinds.unknown_forward`): torch's and bnkit's
+layers, bnkit's BN+activation and frozen layers, torchvision's frozen batch norm. A layer with
+a forward of its own (timm's ``BatchNormAct2d``, which also applies ``drop`` and ``act``) is
+skipped with that reason: folding it as batch norm would drop the rest.
 
 The input model is never modified: ``fold`` works on a deep copy and returns a new
 ``torch.fx.GraphModule`` in which each folded BN is an ``nn.Identity`` submodule (so
-``print(model)`` shows where it was) and is no longer called. When the whole model cannot
+``print(model)`` shows where it was) and is no longer called. A folded BN+activation layer
+(bnkit's ``BatchNormAct*``, or a frozen one) leaves its activation in its place, as a torch
+module (``nn.ReLU``, ``nn.SiLU``, ...), still called on the folded layer's output. When the whole model cannot
 be traced, its children are traced and folded one by one (recursively), and the result
 is a copy of the model with the traced children replaced.
 """
@@ -50,7 +55,9 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from bnkit.nn.kinds import activation_module, unknown_forward
 from bnkit.nn.modes import resolve_mode
+from bnkit.utils.report import Skipped, ToolReport
 
 __all__ = ["FoldReport", "FoldedPair", "Skipped", "fold"]
 
@@ -61,33 +68,20 @@ _FOLDABLE_TYPES = (*_CONV_TYPES, *_CONV_TRANSPOSE_TYPES, nn.Linear)
 
 @dataclass(frozen=True)
 class FoldedPair:
-    """A folded pair: the layer that now carries the BN, and the BN (now ``nn.Identity``)."""
+    """A folded pair: the layer that now carries the BN, and the BN.
+
+    The BN's place holds ``nn.Identity``, or, for a BN+activation layer, the activation it
+    applied (``activation``: its class name, e.g. ``"ReLU"``), which stays in the model.
+    """
 
     layer: str
     bn: str
+    activation: str | None = None
 
 
-@dataclass(frozen=True)
-class Skipped:
-    """A batch-norm layer (or a part of the model) that was left as it was, and why."""
-
-    name: str
-    reason: str
-
-
-class FoldReport(list):
-    """The list of :class:`FoldedPair` returned by :func:`fold`, plus ``.skipped``.
-
-    ``skipped`` lists every batch-norm layer that was not folded (and untraceable parts
-    of the model), each with the reason, so nothing is dropped silently.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.skipped: list[Skipped] = []
-
-    def __repr__(self) -> str:
-        return f"FoldReport(folded={list(self)!r}, skipped={self.skipped!r})"
+class FoldReport(ToolReport):
+    """The list of :class:`FoldedPair` returned by :func:`fold`, plus ``skipped``: every batch-norm
+    layer that was not folded (and untraceable parts of the model), each with the reason."""
 
 
 def _is_bn_like(module: nn.Module) -> bool:
@@ -105,7 +99,10 @@ class _Tracer(fx.Tracer):
 
 
 def _bn_problem(bn: nn.Module) -> str | None:
-    """Why ``bn`` does not act as a fixed affine map right now, or ``None`` if it does."""
+    """Why ``bn`` does not act as a fixed affine map right now (and an activation), or ``None`` if it does."""
+    unknown = unknown_forward(bn)
+    if unknown is not None:
+        return f"{unknown}: folding it as batch norm would drop that"
     if bn.running_mean is None or bn.running_var is None:
         return "no running statistics (track_running_stats=False): it always normalizes with batch statistics"
     if not hasattr(bn, "track_running_stats"):
@@ -214,10 +211,14 @@ def _fold_graph(gm: fx.GraphModule, prefix: str, report: FoldReport) -> None:
             report.skipped.append(Skipped(name, problem))
             continue
         _fold_into(layer, bn)
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        _set_submodule(gm, node.target, nn.Identity())
-        report.append(FoldedPair(prefix + src.target, name))
+        activation = activation_module(bn)
+        if activation is None:
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            _set_submodule(gm, node.target, nn.Identity())
+        else:  # the node now calls the activation alone, on the folded layer's output
+            _set_submodule(gm, node.target, activation)
+        report.append(FoldedPair(prefix + src.target, name, None if activation is None else type(activation).__name__))
     gm.graph.lint()
     gm.recompile()
 

@@ -3,7 +3,8 @@
 :func:`freeze` changes every batch-norm layer of a model (any ``torch.nn.modules.batchnorm
 ._BatchNorm``: torch's, ``SyncBatchNorm``, bnkit's and its variants) *in place* into
 :class:`bnkit.nn.FrozenBatchNorm1d/2d/3d` by swapping its class, so hooks, the parent's
-reference and the tensors themselves stay; a frozen ``BatchNormAct`` keeps its activation.
+reference and the tensors themselves stay; a frozen ``BatchNormAct`` keeps its activation. A
+layer whose forward bnkit does not know (:func:`bnkit.nn.kinds.unknown_forward`) is refused.
 It records what it changed on the layer, and :func:`unfreeze` restores exactly that: the
 original class, the very same ``weight``/``bias`` Parameter objects (so an optimizer built
 before freezing still holds them, with any values loaded while frozen) and
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from bnkit.nn.kinds import unknown_forward
 
 __all__ = ["freeze", "unfreeze"]
 
@@ -38,6 +40,13 @@ def _frozen_class(module: nn.Module) -> type:
 
 def _check_freezable(name: str, module: nn.Module) -> None:
     where = name or type(module).__name__
+    unknown = unknown_forward(module)
+    if unknown is not None:
+        raise TypeError(
+            f"cannot freeze {where}: {unknown}, and a frozen batch norm would run batch norm alone. "
+            "Freeze it with its own library's tool (timm: freeze_batch_norm_2d), or replace it with "
+            "bnkit.nn.BatchNormAct* first"
+        )
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(f"cannot freeze {where}: it is an uninitialized lazy layer (run a batch through it first)")
     if module.running_mean is None or module.running_var is None:
@@ -65,8 +74,10 @@ def _freeze_one(module: nn.Module, affine_trainable: bool) -> None:
 def freeze(model: nn.Module, affine_trainable: bool = False) -> nn.Module:
     """Turn every batch-norm layer of ``model`` into frozen batch norm, in place; returns ``model``.
 
-    Raises ``ValueError`` (before changing anything) when a layer cannot be frozen: no
-    running statistics, or an uninitialized lazy layer.
+    Raises (before changing anything) when a layer cannot be frozen: ``TypeError`` for a layer
+    whose forward does more than batch norm as far as bnkit knows (a subclass with a forward of
+    its own, such as timm's ``BatchNormAct2d``: freezing it would drop its activation),
+    ``ValueError`` for one without running statistics or an uninitialized lazy layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze expects an nn.Module, got {type(model).__name__}")
