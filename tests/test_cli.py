@@ -69,7 +69,7 @@ def test_console_script_points_at_main():
 def test_python_m_bnkit_help_lists_the_sub_commands():
     res = run_cli("--help")
     assert res.returncode == 0, res.stderr
-    for command in ("explain", "inspect", "demo", "bench"):
+    for command in ("explain", "inspect", "diagnose", "demo", "bench"):
         assert command in res.stdout
 
 

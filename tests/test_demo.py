@@ -105,7 +105,7 @@ def test_demo_command_writes_plots_and_summary(tmp_path):
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["steps"] == len(load_digits().y_train) // 256
-    for name in ("loss.png", "running_stats.png", "activations.png"):
+    for name in ("loss.png", "running_stats.png", "activations.png", "diagnosis.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -114,6 +114,9 @@ def test_demo_command_writes_plots_and_summary(tmp_path):
     for key in ("train_accuracy", "test_accuracy_eval", "test_accuracy_train_mode", "torch_test_accuracy_eval"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["ms_per_step_torch"] > 0 and summary["ms_per_step_bnkit"] > 0
+    story = summary["diagnosis"]
+    assert [x["name"] for x in story["broken"]["layers"]] == ["bn1", "bn2", "bn3", "bn4"]
+    assert story["break_momentum"] == 0.9 and 0.0 <= story["accuracy_repaired"] <= 1.0
 
     # the text report of the same run (rendered in-process, no second training run)
     from rich.console import Console
@@ -126,6 +129,7 @@ def test_demo_command_writes_plots_and_summary(tmp_path):
     text = buffer.getvalue()
     assert "held-out accuracy, eval mode" in text and "train mode (wrong)" in text
     assert "largest difference bnkit vs torch.nn" in text and "loss.png" in text
+    assert "bnkit.diagnose names the layers" in text and "after bnkit.recalibrate" in text
 
 
 def test_demo_bad_out_is_one_line(tmp_path):
@@ -136,3 +140,34 @@ def test_demo_bad_out_is_one_line(tmp_path):
         code = main(["demo", "--epochs", "1", "--out", str(blocker)])
     assert code == 2
     assert len(err.getvalue().strip().splitlines()) == 1 and "not a directory" in err.getvalue()
+
+
+def test_diagnosis_story_healthy_broken_repaired(tmp_path):
+    # A model whose running statistics are the exact ones of the training digits (recalibrated):
+    # on held-out digits of the same distribution every layer is ok. Five steps on the end of a
+    # label-sorted stream (high digits only) with momentum 0.9 and no weight change (lr 0) leave the
+    # classifier's layer with statistics of two digits only; recalibrate repairs it.
+    from bnkit.demo.diagnosis import break_model, diagnosis_story
+    from bnkit.utils.diagnose import OK, STALE
+
+    d = load_digits(seed=0)
+    data = Digits(d.x_train[:480], d.y_train[:480], d.x_test[:96], d.y_test[:96])
+    torch.manual_seed(0)
+    model = bnkit.convert(bn_lenet())
+    bnkit.recalibrate(model, [data.x_train[i:i + 32] for i in range(0, 480, 32)], progress=False)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    broken = break_model(model, data, batch_size=32, lr=0.0)
+    assert broken.bn3.momentum == 0.9 and not broken.training
+    # the sorted stream: the last five batches of these 480 digits in label order are 6s to 9s
+    assert min(torch.sort(data.y_train).values[-5 * 32:].tolist()) >= 6
+
+    story = diagnosis_story(model, data, batch_size=32, lr=0.0, plot=tmp_path / "diagnosis.png")
+    for key, value in model.state_dict().items():  # the trained model itself is left alone
+        assert torch.equal(value, before[key]), key
+    assert [x["verdict"] for x in story.trained["layers"]] == [OK] * 4
+    broken_verdicts = {x["name"]: x["verdict"] for x in story.broken["layers"]}
+    assert broken_verdicts["bn3"] == STALE and "bn3" in story.broken_layers
+    assert "momentum 0.9" in next(x["advice"] for x in story.broken["layers"] if x["name"] == "bn3")
+    assert [x["verdict"] for x in story.repaired["layers"]] == [OK] * 4
+    assert (tmp_path / "diagnosis.png").read_bytes().startswith(PNG_MAGIC)

@@ -7,7 +7,7 @@ and the backend switches of :mod:`bnkit.kernels`.
 from bnkit import functional, nn
 from bnkit.kernels import available_backends, last_backend, set_backend, use_backend
 from bnkit.nonfinite import get_nonfinite_policy, name_layers, nonfinite_policy, set_nonfinite_policy
-from bnkit.utils import batch_stats, convert, fold, freeze, inspect, recalibrate, unfreeze
+from bnkit.utils import batch_stats, convert, diagnose, fold, freeze, inspect, recalibrate, unfreeze
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "available_backends",
     "batch_stats",
     "convert",
+    "diagnose",
     "fold",
     "freeze",
     "functional",

@@ -1,9 +1,10 @@
-"""The ``bnkit`` command: ``explain``, ``inspect``, ``demo`` and ``bench``.
+"""The ``bnkit`` command: ``explain``, ``inspect``, ``diagnose``, ``demo`` and ``bench``.
 
 A thin layer over the public API: each sub-command parses its options, calls one library
 function (:func:`bnkit.explain.explain`, :func:`bnkit.utils.inspect.inspect`,
-:func:`bnkit.demo.run_demo`, :func:`bnkit.bench.cpu.main`) and renders what it returns -
-rich tables and a progress bar on a terminal, plain text when piped, JSON with ``--json``.
+:func:`bnkit.utils.diagnose.diagnose`, :func:`bnkit.demo.run_demo`,
+:func:`bnkit.bench.cpu.main`) and renders what it returns - rich tables and a progress bar
+on a terminal, plain text when piped, JSON with ``--json``.
 
 A user's mistake (missing file, bad JSON, a shape that does not fit, a bad option value)
 ends with one line on stderr and exit status 2, never a traceback. Set ``BNKIT_DEBUG=1``
@@ -371,10 +372,47 @@ def _render_demo(console, s, notes: list[str]) -> None:
         "call model.eval() before evaluating.",
         markup=False,
     )
+    if s.diagnosis:
+        _render_diagnosis_story(console, s.diagnosis)
     console.print(f"plots in {s.out}: " + ", ".join(Path(p).name for p in s.plots) + " (and summary.json)",
                   markup=False)
     for note in notes:
         console.print(f"note: {note}", markup=False)
+
+
+def _render_diagnosis_story(console, story: dict) -> None:
+    """The demo's bnkit.diagnose story (bnkit.demo.diagnosis): healthy, broken, repaired."""
+    from bnkit.utils.diagnose import Diagnosis, format_table
+
+    def show(payload: dict) -> None:
+        diagnosis = Diagnosis.from_dict(payload)
+        table = format_table(diagnosis)
+        if not console.is_terminal:
+            from rich import box
+
+            table.box = box.ASCII
+        console.print(table)
+        for line in diagnosis.summary_lines():
+            console.print(line, markup=False)
+
+    pct = "{:.1%}".format
+    console.print()
+    console.print(f"bnkit.diagnose(model, held-out digits) after training (held-out accuracy "
+                  f"{pct(story['accuracy_trained'])}):", markup=False)
+    show(story["trained"])
+    console.print()
+    console.print(f"now break a copy: {story['break_steps']} more training steps (lr {story['break_lr']:g}) on a "
+                  f"stream sorted by label (its last batches: 7s, 8s and 9s only) with "
+                  f"momentum={story['break_momentum']:g} (the Keras/d2l convention typed into torch: 90% weight on "
+                  f"the new batch); held-out accuracy {pct(story['accuracy_broken'])}. bnkit.diagnose names the "
+                  "layers:", markup=False)
+    show(story["broken"])
+    repaired = Diagnosis.from_dict(story["repaired"])
+    verdicts = ", ".join(f"{layer.name} {layer.verdict}" for layer in repaired.layers)
+    console.print()
+    console.print(f"after bnkit.recalibrate(model, training digits): {verdicts}; held-out accuracy "
+                  f"{pct(story['accuracy_broken'])} -> {pct(story['accuracy_repaired'])} "
+                  f"(diagnosis story: {story['seconds']:.1f} s)", markup=False)
 
 
 # --- inspect -----------------------------------------------------------------------------
@@ -426,6 +464,71 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- diagnose ----------------------------------------------------------------------------
+
+
+def _load_entry(entry: str) -> tuple[Any, Any]:
+    """``package.module:function`` -> the ``(model, data)`` that calling it returns."""
+    module_name, sep, function_name = entry.partition(":")
+    if not sep or not module_name or not function_name:
+        raise UserError(f"ENTRY must look like package.module:function, got {entry!r}")
+    # `python -m bnkit` imports from the current directory; the `bnkit` script should too.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module's own code raised while importing
+        raise UserError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise UserError(f"module {module_name!r} has no attribute {function_name!r}")
+    if not callable(function):
+        raise UserError(f"{entry} is a {type(function).__name__}, not a function returning (model, data)")
+    try:
+        result = function()
+    except Exception as exc:
+        raise UserError(f"{entry}() raised {type(exc).__name__}: {exc}") from None
+    from torch import nn
+
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise UserError(f"{entry}() must return (model, data), got {type(result).__name__}")
+    model, data = result
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{entry}() must return (model, data) with model an nn.Module, got {type(model).__name__}")
+    if not hasattr(data, "__iter__"):
+        raise UserError(f"{entry}() must return (model, data) with data an iterable of batches, "
+                        f"got {type(data).__name__}")
+    return model, data
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    tools = _optional_module("bnkit.utils.diagnose", "diagnose")
+    model, data = _load_entry(args.entry)
+    try:
+        diagnosis = tools.diagnose(model, data, num_batches=args.num_batches, progress=sys.stderr.isatty())
+    except TypeError as exc:  # a model or batch bnkit cannot run (the message names it)
+        raise UserError(str(exc)) from None
+    if args.plot:
+        diagnosis.plot(args.plot)
+    if args.json:
+        _print_json(diagnosis.to_dict())
+        return 0
+    console = _console()
+    table = tools.format_table(diagnosis)
+    if not console.is_terminal:
+        from rich import box
+
+        table.box = box.ASCII
+    console.print(table)
+    for line in diagnosis.summary_lines():
+        console.print(line, markup=False)
+    if args.plot:
+        console.print(f"plot written to {args.plot}", markup=False)
+    return 0
+
+
 # --- bench -------------------------------------------------------------------------------
 
 
@@ -443,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bnkit import __version__
 
     parser.add_argument("--version", action="version", version=f"bnkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,inspect,demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,inspect,diagnose,demo,bench}")
 
     ex = sub.add_parser(
         "explain", help="batch norm step by step, checked against torch.nn",
@@ -487,6 +590,21 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--plot", metavar="FILE", help="also save a PNG of the per-channel running statistics")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
     ins.set_defaults(func=_cmd_inspect)
+
+    diag = sub.add_parser(
+        "diagnose", help="why a model behaves differently in eval(): the layer, the cause, the fix",
+        description="Per batch-norm layer of the model that ENTRY returns: the data's exact statistics against the "
+                    "running ones, how much batch statistics wobble, the effect on the output of each layer's "
+                    "running statistics, inspect's flags, and a verdict (ok, stale running statistics, noisy batch "
+                    "statistics, dead channels, non-finite) with advice. The model is left unchanged.",
+    )
+    diag.add_argument("entry", metavar="ENTRY",
+                      help="package.module:function returning (model, data); data yields batches as "
+                           "bnkit.recalibrate takes them (the current directory is importable)")
+    diag.add_argument("--num-batches", type=_positive_int, help="use at most this many batches of data")
+    diag.add_argument("--plot", metavar="FILE", help="also save a PNG: divergence and output effect per layer")
+    diag.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    diag.set_defaults(func=_cmd_diagnose)
 
     demo = sub.add_parser(
         "demo", help="train BN-LeNet on digits with bnkit next to torch.nn (the main job)",

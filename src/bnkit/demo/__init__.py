@@ -1,7 +1,9 @@
 """``bnkit demo``: BN-LeNet on scikit-learn's digits, bnkit next to torch.nn, with plots.
 
-:func:`run_demo` trains the two twins of :mod:`bnkit.demo.train`, evaluates them, writes
-the figures of :mod:`bnkit.demo.plots` and returns a JSON-ready :class:`DemoSummary`.
+:func:`run_demo` trains the two twins of :mod:`bnkit.demo.train`, evaluates them, tells
+the diagnosis story of :mod:`bnkit.demo.diagnosis` (healthy, broken, repaired), writes the
+figures of :mod:`bnkit.demo.plots` and ``diagnosis.png``, and returns a JSON-ready
+:class:`DemoSummary`.
 The command line only renders it.
 """
 
@@ -11,12 +13,13 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from bnkit.demo.data import Digits, load_digits
+from bnkit.demo.diagnosis import diagnosis_story
 from bnkit.demo.model import bn_layers, bn_lenet
 from bnkit.demo.plots import capture_activations, plot_activations, plot_loss, plot_running_stats
 from bnkit.demo.train import DemoConfig, TwinResult, accuracy, train_twins, warm_up
@@ -49,6 +52,9 @@ class DemoSummary:
     seconds: float
     out: str
     plots: list[str]
+    # bnkit.diagnose on the trained twin, on a copy broken by a sorted stream with momentum 0.9,
+    # and on that copy after bnkit.recalibrate (see bnkit.demo.diagnosis.DiagnosisStory)
+    diagnosis: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +138,10 @@ def run_demo(
             plot_running_stats(result.history, out / "running_stats.png"),
             plot_activations(captured, out / "activations.png"),
         ]
+        story = diagnosis_story(model, result.data, config.batch_size, config.lr, plot=out / "diagnosis.png")
+        plots.append(out / "diagnosis.png")
         summary = summarize(result, out, plots, 0.0, torch.get_num_threads(), first_call)
+        summary.diagnosis = story.to_dict()
         summary.seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(previous)

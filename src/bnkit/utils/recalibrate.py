@@ -43,9 +43,10 @@ Use cases:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -54,14 +55,28 @@ from torch import Tensor, nn
 from bnkit import reference as ref
 from bnkit.masked import check_mask, masked_count
 
-__all__ = ["recalibrate"]
+__all__ = [
+    "StatisticsAccumulator",
+    "batch_statistics_pass",
+    "bn_layers",
+    "check_run_args",
+    "default_forward",
+    "recalibrate",
+    "run_batches",
+]
 
 # Attributes a bnkit layer may carry to override torch's mode rule (see bnkit.nn.modes).
 _MODE_OVERRIDES = ("_bnkit_normalize_with", "_bnkit_update_running_stats")
 
 
-class _Accumulator:
-    """Per-channel (count, mean, M2) of every element a layer sees, in float64."""
+class StatisticsAccumulator:
+    """Per-channel (count, mean, M2) of every element a layer sees, in float64.
+
+    A forward pre-hook (``register_forward_pre_hook(acc, with_kwargs=True)``): each call
+    takes the statistics of one batch (two-pass) and merges them into the running total
+    with Chan's formula. Subclasses that want each batch's statistics too override
+    :meth:`add`.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -95,6 +110,10 @@ class _Accumulator:
             zero = x64.new_zeros(())
             mean = torch.where(m, x64, zero).sum(dims) / n
             m2 = torch.where(m, x64 - mean.view(ref.channel_shape(x)), zero).square().sum(dims)
+        self.add(n, mean, m2, x.shape[0])
+
+    def add(self, n: int, mean: Tensor, m2: Tensor, samples: int) -> None:
+        """Merge one batch: ``n`` elements per channel (from ``samples`` samples), its mean and M2."""
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
         else:
@@ -102,7 +121,7 @@ class _Accumulator:
         self.batches += 1
 
 
-def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Batch-norm layers (torch's, bnkit's, SyncBatchNorm) that have running statistics."""
     return [
         (name, m)
@@ -124,15 +143,97 @@ def _move(obj: Any, device: torch.device | str | None) -> Any:
     return obj
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    # An input tensor; a (input, target, ...) sequence; or a dict of keyword arguments.
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(batch)`` for an input tensor, ``model(batch[0])`` for an ``(input, target, ...)``
+    sequence, ``model(**batch)`` for a dict."""
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (list, tuple)):
         if not batch:
-            raise ValueError("recalibrate got an empty batch (an empty list/tuple)")
+            raise ValueError("got an empty batch (an empty list/tuple): nothing to pass to the model")
         return model(batch[0])
     return model(batch)
+
+
+def check_run_args(tool: str, model: Any, num_batches: Any, forward: Any) -> None:
+    """The argument checks shared by the tools that run a model over ``data``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{tool} expects an nn.Module, got {type(model).__name__}")
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable, got {type(forward).__name__}")
+
+
+@contextlib.contextmanager
+def batch_statistics_pass(
+    layers: list[tuple[str, nn.Module]],
+    accumulator: Callable[[nn.Module], StatisticsAccumulator] = StatisticsAccumulator,
+) -> Iterator[list[StatisticsAccumulator]]:
+    """While inside, each layer normalizes with the current batch's statistics and writes nothing.
+
+    Yields one accumulator per layer (hooked on its input). On exit, also by an exception,
+    every layer's ``training``, ``track_running_stats`` and bnkit's mode overrides are
+    restored and the hooks removed.
+    """
+    saved = []
+    handles = []
+    accumulators = []
+    try:
+        for _, m in layers:
+            overrides = {a: m.__dict__[a] for a in _MODE_OVERRIDES if a in m.__dict__}
+            saved.append((m, m.training, m.track_running_stats, overrides))
+            # training + track_running_stats=False: normalize with batch statistics, write nothing
+            # (torch's rule, and bnkit's resolve_mode); bnkit's overrides are lifted for the run.
+            m.training = True
+            m.track_running_stats = False
+            for a in overrides:
+                setattr(m, a, None)
+            acc = accumulator(m)
+            accumulators.append(acc)
+            handles.append(m.register_forward_pre_hook(acc, with_kwargs=True))
+        yield accumulators
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training, track, overrides in saved:
+            m.training = training
+            m.track_running_stats = track
+            for a, v in overrides.items():
+                setattr(m, a, v)
+
+
+def run_batches(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int | None,
+    progress: bool,
+    forward: Callable[[nn.Module, Any], Any] | None,
+    device: torch.device | str | None,
+    desc: str,
+    on_output: Callable[[Any, Any], None] | None = None,
+) -> int:
+    """Run ``model`` over (at most ``num_batches`` of) ``data``; returns the number of batches.
+
+    A batch is passed as :func:`recalibrate` documents (or through ``forward``), after
+    moving its tensors to ``device``. ``on_output(batch, output)`` sees each result.
+    """
+    run = forward or default_forward
+    total = len(data) if hasattr(data, "__len__") else None
+    if num_batches is not None:
+        total = num_batches if total is None else min(total, num_batches)
+    batches = data if num_batches is None else itertools.islice(data, num_batches)
+    seen = 0
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(batches, total=total, disable=not progress, desc=desc, unit="batch"):
+        moved = _move(batch, device)
+        output = run(model, moved)
+        if on_output is not None:
+            on_output(moved, output)
+        seen += 1
+    return seen
 
 
 @torch.no_grad()
@@ -157,53 +258,12 @@ def recalibrate(
     ``num_batches_tracked``; nothing else). See the module docstring for the exact
     definition and the use cases.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"recalibrate expects an nn.Module, got {type(model).__name__}")
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
-        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
-    if forward is not None and not callable(forward):
-        raise TypeError(f"forward must be callable, got {type(forward).__name__}")
-    layers = _bn_layers(model)
+    check_run_args("recalibrate", model, num_batches, forward)
+    layers = bn_layers(model)
     if not layers:
         raise ValueError("recalibrate: the model has no batch-norm layer with running statistics")
-    run = forward or _default_forward
-
-    saved = []
-    handles = []
-    accumulators = []
-    try:
-        for _, m in layers:
-            overrides = {a: m.__dict__[a] for a in _MODE_OVERRIDES if a in m.__dict__}
-            saved.append((m, m.training, m.track_running_stats, overrides))
-            # training + track_running_stats=False: normalize with batch statistics, write nothing
-            # (torch's rule, and bnkit's resolve_mode); bnkit's overrides are lifted for the run.
-            m.training = True
-            m.track_running_stats = False
-            for a in overrides:
-                setattr(m, a, None)
-            acc = _Accumulator(m)
-            accumulators.append(acc)
-            handles.append(m.register_forward_pre_hook(acc, with_kwargs=True))
-
-        total = len(data) if hasattr(data, "__len__") else None
-        if num_batches is not None:
-            total = num_batches if total is None else min(total, num_batches)
-        batches = data if num_batches is None else itertools.islice(data, num_batches)
-        seen = 0
-        from tqdm.auto import tqdm
-
-        for batch in tqdm(batches, total=total, disable=not progress, desc="recalibrate", unit="batch"):
-            run(model, _move(batch, device))
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training, track, overrides in saved:
-            m.training = training
-            m.track_running_stats = track
-            for a, v in overrides.items():
-                setattr(m, a, v)
+    with batch_statistics_pass(layers) as accumulators:
+        seen = run_batches(model, data, num_batches, progress, forward, device, "recalibrate")
 
     if seen == 0:
         raise ValueError("recalibrate: data yielded no batches; running statistics were left unchanged")
