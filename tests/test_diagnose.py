@@ -525,3 +525,19 @@ def test_command_bad_entry_is_one_line(entry_module, entry, message):
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert message in err
+
+
+def test_a_layer_bnkit_cannot_steer_is_refused_before_any_batch_runs():
+    from models import TimmStyleBatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), TimmStyleBatchNormAct2d(4), nn.BatchNorm2d(4))
+    seen = []
+
+    def data():
+        for _ in range(3):
+            seen.append(1)
+            yield torch.randn(4, 3, 5, 5)
+
+    with pytest.raises(TypeError, match=r"diagnose cannot control .*1 \(TimmStyleBatchNormAct2d\)"):
+        bnkit.diagnose(model, data(), progress=False)
+    assert seen == [] and type(model[2]) is nn.BatchNorm2d

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit.nn.batchnorm import _BatchNormForward
-from bnkit.utils.convert import swap_to_bnkit, swap_to_torch
+from bnkit.utils.convert import has_bnkit_twin, swap_to_bnkit, swap_to_torch
 
 __all__ = ["batch_stats"]
 
@@ -47,31 +47,38 @@ def _check_args(model: nn.Module, normalize_with: str | None, update_running_sta
         )
 
 
+def uncontrollable_layers(model: nn.Module) -> list[str]:
+    """The batch-norm layers of ``model`` that bnkit cannot steer, as ``"name (Class)"``: subclasses of
+    torch's ``_BatchNorm`` that are neither bnkit's nor an exact torch class with a bnkit twin."""
+    return [f"{name or '<model>'} ({type(module).__name__})" for name, module in model.named_modules()
+            if isinstance(module, _BatchNorm) and not isinstance(module, _BatchNormForward)
+            and not has_bnkit_twin(module)]
+
+
+def check_controllable(model: nn.Module, tool: str) -> None:
+    """Raise ``TypeError`` naming every layer of :func:`uncontrollable_layers`, before anything changes."""
+    foreign = uncontrollable_layers(model)
+    if foreign:
+        raise TypeError(
+            f"{tool} cannot control these batch-norm layers (no bnkit twin; register one with "
+            f"bnkit.utils.convert.register_twin): {', '.join(foreign)}"
+        )
+
+
 def _take_control(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """Every batch-norm layer of ``model``, and the torch layers swapped to bnkit to get there.
 
-    Raises ``TypeError`` (after undoing any swap) for a batch-norm layer bnkit cannot
-    steer: a subclass of torch's ``_BatchNorm`` with its own forward and no bnkit twin.
+    Raises ``TypeError`` (before swapping anything) for a batch-norm layer bnkit cannot steer: a
+    subclass of torch's ``_BatchNorm`` with no bnkit twin.
     """
+    check_controllable(model, "batch_stats")
     layers: list[nn.Module] = []
     swapped: list[nn.Module] = []
-    foreign: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNormForward):
-            layers.append(module)
-        elif isinstance(module, _BatchNorm):
-            swap_to_bnkit(module)  # exact torch classes only; anything else stays as it is
-            if isinstance(module, _BatchNormForward):
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            if swap_to_bnkit(module):
                 swapped.append(module)
-                layers.append(module)
-            else:
-                foreign.append(f"{name or '<model>'} ({type(module).__name__})")
-    if foreign:
-        _give_back(swapped)
-        raise TypeError(
-            "batch_stats cannot control these batch-norm layers (no bnkit twin; register one with "
-            f"bnkit.utils.convert.register_twin): {', '.join(foreign)}"
-        )
+            layers.append(module)
     return layers, swapped
 
 

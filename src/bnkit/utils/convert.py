@@ -57,6 +57,11 @@ def swap_to_bnkit(module: nn.Module) -> bool:
     return True
 
 
+def has_bnkit_twin(module: nn.Module) -> bool:
+    """Whether :func:`swap_to_bnkit` would swap ``module``."""
+    return type(module) in _TO_BNKIT
+
+
 def swap_to_torch(module: nn.Module) -> bool:
     """Swap a bnkit layer's class back to its torch twin in place if it has one."""
     back = {v: k for k, v in _TO_BNKIT.items()}

@@ -59,8 +59,9 @@ a list (at most ``num_batches`` batches).
 The layers diagnosed: subclasses of torch's ``_BatchNorm`` with running statistics
 (torch's, bnkit's and its variants, ``SyncBatchNorm``) and bnkit's frozen batch norm (its
 input is recorded as it is, it has no batch statistics to wobble; its output effect uses
-:func:`bnkit.functional.frozen_batch_norm`). Instance norm is left out. A subclass with
-its own forward and no bnkit twin stops the output-effect pass with :func:`bnkit.batch_stats`'s ``TypeError``.
+:func:`bnkit.functional.frozen_batch_norm`). Instance norm is left out. A model with a subclass
+of torch's batch norm that bnkit cannot steer (no bnkit twin, e.g. timm's ``BatchNormAct2d``) is
+refused with a ``TypeError`` naming it, before any batch runs.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ from torch import Tensor, nn
 from bnkit import reference as ref
 from bnkit.functional import frozen_batch_norm
 from bnkit.nn import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from bnkit.utils.batch_stats import batch_stats
-from bnkit.utils.inspect import LayerReport, _json_float
+from bnkit.utils.batch_stats import batch_stats, check_controllable
+from bnkit.utils.inspect import LayerReport, json_float
 from bnkit.utils.inspect import inspect as inspect_model
 from bnkit.utils.recalibrate import (
     StatisticsAccumulator,
@@ -176,7 +177,7 @@ class Spread:
         return cls(median, float(values[channel]), channel)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"median": _json_float(self.median), "worst": _json_float(self.worst), "channel": self.channel}
+        return {"median": json_float(self.median), "worst": json_float(self.worst), "channel": self.channel}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Spread:
@@ -212,13 +213,13 @@ class LayerDiagnosis:
         """Strict JSON: plain types; non-finite floats as ``"nan"``/``"inf"``/``"-inf"``."""
         out: dict[str, Any] = {
             "name": self.name, "kind": self.kind, "channels": self.channels, "batches": self.batches,
-            "samples_per_batch": _json_float(self.samples_per_batch),
-            "values_per_batch": _json_float(self.values_per_batch),
+            "samples_per_batch": json_float(self.samples_per_batch),
+            "values_per_batch": json_float(self.values_per_batch),
         }
         for key in _SPREADS:
             out[key] = getattr(self, key).to_dict()
-        out.update(output_effect=_json_float(self.output_effect),
-                   prediction_change=_json_float(self.prediction_change), verdict=self.verdict,
+        out.update(output_effect=json_float(self.output_effect),
+                   prediction_change=json_float(self.prediction_change), verdict=self.verdict,
                    advice=self.advice, flags=list(self.flags), dead_channels=list(self.dead_channels))
         return out
 
@@ -278,8 +279,8 @@ class Diagnosis:
         """Strict JSON (``json.dumps(..., allow_nan=False)`` accepts it)."""
         return {
             "batches": self.batches,
-            "output_effect_all": _json_float(self.output_effect_all),
-            "prediction_change_all": _json_float(self.prediction_change_all),
+            "output_effect_all": json_float(self.output_effect_all),
+            "prediction_change_all": json_float(self.prediction_change_all),
             "worst_layer": self.worst_layer,
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -656,6 +657,7 @@ def diagnose(
         # the first batch would materialize it: that is a change to the model, not a diagnosis
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             raise ValueError(f"diagnose: lazy layer {name!r} is not initialized yet (run one batch through it)")
+    check_controllable(model, "diagnose")  # its output-effect pass steers every layer (bnkit.batch_stats)
     if isinstance(data, Iterator):
         data = list(data if num_batches is None else itertools.islice(data, num_batches))
 

@@ -44,7 +44,7 @@ from bnkit.utils.checkpoint import extract_state_dict, load_checkpoint
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["DEFAULT_EPS", "ZERO_WEIGHT_ATOL", "LayerReport", "Summary", "format_table", "inspect",
+__all__ = ["DEFAULT_EPS", "ZERO_WEIGHT_ATOL", "LayerReport", "Summary", "format_table", "inspect", "json_float",
            "plot_running_stats"]
 
 DEFAULT_EPS = 1e-5
@@ -52,7 +52,7 @@ ZERO_WEIGHT_ATOL = 1e-8
 _TENSORS = ("running_mean", "running_var", "weight", "bias")
 
 
-def _json_float(x: float | None) -> float | str | None:
+def json_float(x: float | None) -> float | str | None:
     """Plain float, or ``"nan"``/``"inf"``/``"-inf"`` (strict JSON has no non-finite numbers)."""
     if x is None or math.isfinite(x):
         return x
@@ -84,8 +84,8 @@ class Summary:
         return cls(v.mean().item(), v.std(correction=0).item(), v.min().item(), v.max().item(), bad)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": _json_float(self.mean), "std": _json_float(self.std), "min": _json_float(self.min),
-                "max": _json_float(self.max), "nonfinite": self.nonfinite}
+        return {"mean": json_float(self.mean), "std": json_float(self.std), "min": json_float(self.min),
+                "max": json_float(self.max), "nonfinite": self.nonfinite}
 
 
 @dataclass
@@ -119,8 +119,8 @@ class LayerReport:
         """JSON-serializable: plain str/int/float/bool/list/dict/None; non-finite floats as strings."""
         out: dict[str, Any] = {
             "name": self.name, "kind": self.kind, "channels": self.channels,
-            "momentum": _json_float(self.momentum) if isinstance(self.momentum, float) else self.momentum,
-            "eps": _json_float(self.eps), "num_batches_tracked": self.num_batches_tracked,
+            "momentum": json_float(self.momentum) if isinstance(self.momentum, float) else self.momentum,
+            "eps": json_float(self.eps), "num_batches_tracked": self.num_batches_tracked,
         }
         for key in _TENSORS:
             s = getattr(self, key)
