@@ -121,6 +121,30 @@ def test_bench_not_available_is_one_line(monkeypatch):
     assert code == 3 and one_line(err) and "not available yet" in err
 
 
+def test_demo_and_plots_without_the_demo_extra_name_the_install_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("sklearn", "matplotlib") else real(name, *a))
+    code, out, err = call("demo", "--epochs", "1", "--out", str(tmp_path))
+    assert code == 2 and one_line(err), err
+    assert "scikit-learn" in err and "matplotlib" in err and "pip install 'bnkit[demo]'" in err
+    assert not list(tmp_path.iterdir())  # nothing ran
+    checkpoint = tmp_path / "m.pt"
+    torch.save(torch.nn.Sequential(torch.nn.BatchNorm2d(2)).state_dict(), checkpoint)
+    code, _, err = call("inspect", str(checkpoint), "--plot", str(tmp_path / "p.png"))
+    assert code == 2 and one_line(err) and "pip install 'bnkit[demo]'" in err, err
+
+
+def test_the_core_install_leaves_the_demo_libraries_to_their_extra():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"])
+    assert "matplotlib" not in core and "scikit-learn" not in core
+    demo = {d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["demo"]}
+    assert {"matplotlib", "scikit-learn"} <= demo
+
+
 # --- inspect: renders bnkit.utils.inspect's reports -------------------------------------------
 
 

@@ -228,3 +228,26 @@ def test_cli_user_error_subprocess_has_no_traceback():
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "more than 1 value per channel" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("values", [
+    [1.0, 2.0, -3.0], [0.5, -1.25, 2.0412414], [1e-5, 1.0], [1e9, 2.0], [0.0, 1.5], [1.0143, 1.0714],
+    [float("nan"), 1.5], [float("inf"), 2.0, -0.25], [3.0, 3000.5], [0.0, 0.0], [123456.0, 0.001],
+])
+def test_numbers_are_written_as_torch_prints_them(values):
+    from bnkit.cli import torch_style
+
+    printed = str(torch.tensor(values, dtype=torch.float64)).removeprefix("tensor([").split("]")[0]
+    expected = [v.strip() for v in printed.split(",")]
+    assert torch_style(values) == expected
+
+
+def test_the_classic_example_reads_as_the_seed_text():
+    # ../shared/seeds: running_var 1.0143, 1.0714 and outputs -1.2247, 2.0412 after one step of the example
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["explain", "--no-affine"])
+    assert code == 0
+    out = out.getvalue()
+    for number in ("1.0143", "1.0714", "-1.2247", "2.0412", "0.0500"):
+        assert number in out

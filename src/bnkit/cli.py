@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -142,8 +143,38 @@ def _fmt(value: float | None, precision: int) -> str:
     return f"{value:.{precision}g}"
 
 
+def torch_style(values: list[float], precision: int = 4) -> list[str]:
+    """``values`` written as ``print(torch.tensor(values))`` writes them (torch's default print options).
+
+    torch picks one format per tensor from its finite non-zero magnitudes: whole numbers as ``2.``;
+    scientific notation when the largest exceeds 1e8, the smallest is below 1e-4 or they span more
+    than 1000x (for whole numbers: the first two); otherwise ``precision`` decimal places.
+    """
+    finite = [abs(v) for v in values if math.isfinite(v) and v != 0]
+    whole = all(v == math.ceil(v) for v in values if math.isfinite(v))
+    sci = bool(finite) and (max(finite) / min(finite) > 1000 or max(finite) > 1e8
+                            or (not whole and min(finite) < 1e-4))
+    out = []
+    for v in values:
+        if not math.isfinite(v):
+            out.append("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+        elif sci:
+            out.append(f"{v:.{precision}e}")
+        elif whole:
+            out.append(f"{v:.0f}.")
+        else:
+            out.append(f"{v:.{precision}f}")
+    return out
+
+
+def _tf(value: float | None, precision: int) -> str:
+    """One number as torch prints a 0-d tensor."""
+    return "-" if value is None else torch_style([value], precision)[0]
+
+
 def _fmt_values(values: list[float], precision: int, limit: int = 16) -> str:
-    shown = ", ".join(_fmt(v, precision) for v in values[:limit])
+    """A channel's values as torch prints them (one format for the whole list), at most ``limit`` shown."""
+    shown = ", ".join(torch_style(values, precision)[:limit])
     more = len(values) - limit
     return f"[{shown}{f', ... +{more} more' if more > 0 else ''}]"
 
@@ -240,7 +271,7 @@ def _render_step(console, e, step, p: int) -> None:
     what = "normalize with the batch statistics" if step.normalize_with == "batch" else (
         "normalize with the running statistics")
     if step.updates_running_stats:
-        what += f", then update the running statistics with factor {_fmt(step.momentum, p)}"
+        what += f", then update the running statistics with factor {_tf(step.momentum, p)}"
     elif e.track_running_stats:
         what += ", running statistics unchanged"
     else:
@@ -261,13 +292,13 @@ def _render_step(console, e, step, p: int) -> None:
         stats.add_column("running_var\nbefore -> after", justify="right")
     for ch in step.channels:
         row = [
-            str(ch.channel), _fmt_values(ch.values, p), _fmt(ch.mean, p), _fmt(ch.var_biased, p),
-            _fmt(ch.var_unbiased, p), _fmt(ch.invstd, p),
+            str(ch.channel), _fmt_values(ch.values, p), _tf(ch.mean, p), _tf(ch.var_biased, p),
+            _tf(ch.var_unbiased, p), _tf(ch.invstd, p),
         ]
         if running:
             row += [
-                f"{_fmt(ch.running_mean_before, p)} -> {_fmt(ch.running_mean_after, p)}",
-                f"{_fmt(ch.running_var_before, p)} -> {_fmt(ch.running_var_after, p)}",
+                f"{_tf(ch.running_mean_before, p)} -> {_tf(ch.running_mean_after, p)}",
+                f"{_tf(ch.running_var_before, p)} -> {_tf(ch.running_var_after, p)}",
             ]
         stats.add_row(*row)
     console.print(stats)
@@ -284,7 +315,7 @@ def _render_step(console, e, step, p: int) -> None:
     for ch in step.channels:
         row = [str(ch.channel), _fmt_values(ch.normalized, p)]
         if e.affine:
-            row += [f"{_fmt(ch.weight, p)}, {_fmt(ch.bias, p)}", _fmt_values(ch.output, p)]
+            row += [f"{_tf(ch.weight, p)}, {_tf(ch.bias, p)}", _fmt_values(ch.output, p)]
         outputs.add_row(*row)
     console.print(outputs)
     if step.torch is not None:
@@ -296,6 +327,7 @@ def _render_step(console, e, step, p: int) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    require_extra("demo", "matplotlib", "sklearn")
     from bnkit.demo import DemoConfig, run_demo
 
     config = DemoConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -418,6 +450,19 @@ def _render_diagnosis_story(console, story: dict) -> None:
 # --- inspect -----------------------------------------------------------------------------
 
 
+# import name -> the name pip installs it by
+_DISTRIBUTIONS = {"sklearn": "scikit-learn"}
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise :class:`UserError` (one line, exit 2) naming the install command when a module of ``extra`` is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        names = ", ".join(_DISTRIBUTIONS.get(m, m) for m in missing)
+        raise UserError(f"this needs {names}, which bnkit installs only with its {extra!r} extra: "
+                        f"pip install 'bnkit[{extra}]'")
+
+
 def _optional_module(name: str, command: str) -> Any:
     """Import ``name``, or report that this build does not have ``command`` yet.
 
@@ -448,6 +493,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as exc:
         raise UserError(f"{path} is not a checkpoint bnkit can read ({type(exc).__name__}: {exc})") from None
     if args.plot:
+        require_extra("demo", "matplotlib")
         tools.plot_running_stats(reports, args.plot)
     if args.json:
         _print_json([r.to_dict() for r in reports])
@@ -511,6 +557,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     except TypeError as exc:  # a model or batch bnkit cannot run (the message names it)
         raise UserError(str(exc)) from None
     if args.plot:
+        require_extra("demo", "matplotlib")
         diagnosis.plot(args.plot)
     if args.json:
         _print_json(diagnosis.to_dict())
@@ -576,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="default float32")
     ex.add_argument("--backend", choices=("reference", "auto", "cpu", "triton"), default="reference",
                     help="bnkit backend the module runs on (default reference: the spec, no kernel compilation)")
-    ex.add_argument("--precision", type=_positive_int, default=4, help="significant digits shown (default 4)")
+    ex.add_argument("--precision", type=_positive_int, default=4,
+                    help="decimal places, as torch prints tensors (default 4, torch's default)")
     ex.add_argument("--json", action="store_true", help="print the full data as JSON")
     ex.set_defaults(func=_cmd_explain)
 
