@@ -23,6 +23,7 @@ from bnkit.nn.batchnorm import _BatchNormForward
 from bnkit.nn.frozen import _FrozenBatchNorm
 from bnkit.nn.kinds import unknown_forward
 from bnkit.nn.sync import CONVERTIBLE_TO_SYNC
+from bnkit.utils.fuse_activations import fuse_activations as fuse_batch_norm_activations
 from bnkit.utils.report import Skipped, ToolReport
 
 __all__ = ["ConvertReport", "Skipped", "convert", "register_twin"]
@@ -30,7 +31,13 @@ __all__ = ["ConvertReport", "Skipped", "convert", "register_twin"]
 
 class ConvertReport(ToolReport):
     """The qualified names of the layers :func:`convert` swapped, plus ``skipped``: every batch-norm
-    layer it left as it was, with the reason."""
+    layer it left as it was, with the reason. With ``fuse_activations=True``, ``fused`` lists the
+    :class:`bnkit.utils.fuse_activations.FusedPair` made, and ``skipped`` also holds the batch norms
+    followed by an activation that were not fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused: list = []
 
 # torch class -> bnkit class. Exact types only: a user's subclass of a torch layer has
 # its own forward that a swap would silently drop.
@@ -102,6 +109,7 @@ def convert(
     sync: bool = False,
     process_group: Any | None = None,
     *,
+    fuse_activations: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, ConvertReport]:
     """Replace every torch batch-norm layer in ``model`` with bnkit's twin (or back).
@@ -120,6 +128,11 @@ def convert(
     of their own, bnkit variants without a torch twin) stay as they are, named in one
     ``UserWarning``. With ``return_report=True`` the call returns ``(model, report)``, a
     :class:`ConvertReport` of the swapped layers' names and ``report.skipped``.
+
+    ``fuse_activations=True`` (with ``to="bnkit"``) then turns each batch norm and the activation after
+    it into one ``BatchNormAct*`` layer (:mod:`bnkit.utils.fuse_activations`): the returned model is
+    then a ``torch.fx.GraphModule`` sharing every parameter and buffer with ``model``, and
+    ``report.fused`` lists the pairs (and, in ``report.fused.skipped``, those it left and why).
     """
     if to not in ("bnkit", "torch"):
         raise ValueError(f"to must be 'bnkit' or 'torch', got {to!r}")
@@ -129,6 +142,9 @@ def convert(
         raise ValueError(f"sync=True converts to bnkit.nn.SyncBatchNorm; it cannot be combined with to={to!r}")
     if process_group is not None and not sync:
         raise ValueError("process_group is only used with sync=True")
+    if fuse_activations and (to != "bnkit" or sync):
+        raise ValueError("fuse_activations=True fuses into bnkit's BatchNormAct layers: it needs to='bnkit' "
+                         "and sync=False")
     report = ConvertReport()
     for name, module in model.named_modules():
         reason = _left_alone(module, to, sync)
@@ -149,4 +165,6 @@ def convert(
             UserWarning,
             stacklevel=2,
         )
+    if fuse_activations:
+        model, report.fused = fuse_batch_norm_activations(model)
     return (model, report) if return_report else model
