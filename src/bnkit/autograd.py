@@ -292,12 +292,20 @@ def plain_eager() -> bool:
     ops it can record. The one place this question is asked.
     """
     return (
-        not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-        and torch._C._functorch.peek_interpreter_stack() is None
-        and torch._C._get_tracing_state() is None
+        not _is_compiling()
+        and _dispatch_stack_len() == 0
+        and not _function_mode_enabled()
+        and _peek_interpreter_stack() is None
+        and _tracing_state() is None
     )
+
+
+# bound once: plain_eager runs on every small call, where each attribute lookup costs
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_tracing_state = torch._C._get_tracing_state
 
 
 def _eager(x: Tensor) -> bool:
@@ -313,7 +321,7 @@ def needs_plain_ops() -> bool:
       ``grad``/``jacrev``/``jvp``;
     * ``torch.jit.trace``: the traced module must run where bnkit's Python kernels cannot (TorchScript);
     * ONNX export: the graph may hold standard ONNX ops only;
-    * ``torch.compile``: inductor fuses the formulas with their neighbours (see ``docs/design.md``).
+    * ``torch.compile``: inductor fuses the formulas with their neighbours (see ``docs/ecosystem.md``).
 
     ``torch.export`` outside ONNX keeps the custom ops (opaque nodes with the hand-derived backward).
     """
