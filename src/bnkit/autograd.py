@@ -27,7 +27,7 @@ cancelling ``b*x + const`` form.
 
 import torch
 from torch import Tensor
-from torch._C._functorch import unwrap_if_dead
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor, unwrap_if_dead
 from torch.autograd import forward_ad as _fwAD
 
 from bnkit import reference as ref
@@ -77,6 +77,16 @@ def _param_dtype(weight: Tensor | None, bias: Tensor | None) -> torch.dtype | No
     return None
 
 
+def _wrapped(*tensors: Tensor | None) -> bool:
+    """Whether a tensor is a functorch wrapper (vmap's batched tensors) or a batched gradient of
+    ``autograd.grad(..., is_grads_batched=True)`` (torch's legacy vmap): it has no storage, so the gradient
+    formulas run in plain torch ops."""
+    for t in tensors:
+        if t is not None and (is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t)):
+            return True
+    return False
+
+
 def _empty_channels(x: Tensor) -> tuple[Tensor, Tensor]:
     sd = ref.stats_dtype(x.dtype)
     c = x.shape[1]
@@ -119,6 +129,9 @@ def _forward_train_backward(ctx, gy: Tensor | None, _gmean: Tensor | None, _gvar
         # sees how they depend on x.
         m, v = ref.batch_stats(x)
         dx, dw, db = ref.backward_train(gy, x, m, ref.invstd(v, ctx.eps), weight)
+    elif _wrapped(gy, x, weight):
+        # vmap over the backward (batched gradients): no storage for the kernels, plain ops
+        dx, dw, db = ref.backward_train(gy, x, mean, ref.invstd(var, ctx.eps), weight)
     elif _eager(gy):
         if var.is_cpu:  # ref.invstd with eps as a cached 0-d tensor: the same float ops, no scalar wrap
             inv = torch.rsqrt(var + cached_scalar(ctx.eps, var.dtype))
@@ -213,7 +226,8 @@ def _forward_eval_setup(ctx, inputs, output) -> None:
 def _forward_eval_backward(ctx, gy: Tensor):
     x, running_mean, running_var, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or _wrapped(gy, x, weight):
+        # double backward (differentiable ops), or vmap over the backward (tensors without storage)
         sd = ref.stats_dtype(x.dtype)
         inv = ref.invstd(running_var.to(sd), ctx.eps)
         dx, dw, db = ref.backward_eval(gy, x, running_mean.to(sd), inv, weight)
@@ -269,6 +283,51 @@ def _(dy, x, running_mean, running_var, weight, eps, need_input_grad, need_param
     return (torch.empty_like(x) if need_input_grad else x.new_empty((0,))), dw, db
 
 
+# --- forward-mode AD ---------------------------------------------------------------------
+#
+# Tangents (docs/math.md, "Forward mode") in plain torch ops (bnkit.reference.jvp_train/jvp_eval): they
+# are per-channel reductions and elementwise terms of the same size as the forward, and plain ops take
+# functorch-batched tangents (check_batched_forward_grad, vmap over jvp) that have no storage for a kernel.
+# The forward itself still runs on the backend's kernels.
+
+# torch's wording (its batch_norm_jvp): the running statistics are constants of the eval forward
+RUNNING_TANGENT_ERROR = (
+    "batch_norm is not differentiable wrt running_mean and running_var, they cannot have forward grad defined"
+)
+
+
+def constant_running_stats(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The running statistics of an eval forward, without forward-mode tangents (a forward AD level is open).
+
+    torch's rule: tangents on ``running_mean``/``running_var`` raise its error when the input, weight or
+    bias carries one too, and are ignored otherwise (the output then has no tangent). Ignoring them here,
+    before the Function runs, is also what lets its jvp see no tangent at all in that case (a jvp that
+    returns no tangent for its only output trips an internal assert of torch 2.13).
+    """
+    rm, rv = _fwAD.unpack_dual(running_mean), _fwAD.unpack_dual(running_var)
+    if rm.tangent is None and rv.tangent is None:
+        return running_mean, running_var
+    for t in (x, weight, bias):
+        if t is not None and _fwAD.unpack_dual(t).tangent is not None:
+            raise RuntimeError(RUNNING_TANGENT_ERROR)
+    return rm.primal, rv.primal
+
+
+def _forward_train_jvp(ctx, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None) -> Tensor | None:
+    x, weight, mean, var = ctx.saved_tensors
+    return ref.jvp_train(tx, tw, tb, x, mean, ref.invstd(var, ctx.eps), weight)
+
+
+def _forward_eval_jvp(ctx, tx, trm, trv, tw, tb) -> Tensor | None:
+    if (trm is not None or trv is not None) and (tx is not None or tw is not None or tb is not None):
+        raise RuntimeError(RUNNING_TANGENT_ERROR)
+    x, running_mean, running_var, weight = ctx.saved_tensors
+    sd = ref.stats_dtype(x.dtype)
+    return ref.jvp_eval(tx, tw, tb, x, running_mean.to(sd), ref.invstd(running_var.to(sd), ctx.eps), weight)
+
+
 # --- eager fast path --------------------------------------------------------------------
 #
 # A torch custom op costs tens of microseconds of dispatch per call in eager mode, which
@@ -304,11 +363,18 @@ class _TrainFn(torch.autograd.Function):
         # the backward ignores the (always zero) gradients of mean and var: do not build them
         ctx.set_materialize_grads(False)
         _forward_train_setup(ctx, (x, weight, bias, eps), (y, mean, var))
+        if _fwAD._current_level >= 0:  # a forward-mode AD level is open: jvp may follow
+            ctx.save_for_forward(x, weight, mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, gy, gmean, gvar):
         return (*_forward_train_backward(ctx, gy, gmean, gvar), None)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_ignored):
+        # (tangents of eps and of the running-statistics update: not differentiable, as in torch)
+        return _forward_train_jvp(ctx, tx, tw, tb), None, None
 
 
 class _EvalFn(torch.autograd.Function):
@@ -316,11 +382,20 @@ class _EvalFn(torch.autograd.Function):
     def forward(ctx, x, running_mean, running_var, weight, bias, eps):
         y = _forward_eval_impl(x, running_mean, running_var, weight, bias, eps)
         _forward_eval_setup(ctx, (x, running_mean, running_var, weight, bias, eps), y)
+        if _fwAD._current_level >= 0:
+            ctx.save_for_forward(x, running_mean, running_var, weight)
+            ctx.set_materialize_grads(False)  # jvp tells absent tangents (None) from zero ones
         return y
 
     @staticmethod
     def backward(ctx, gy):
+        if gy is None:  # (grads not materialized) no gradient reached the output
+            return None, None, None, None, None, None
         return _forward_eval_backward(ctx, gy)
+
+    @staticmethod
+    def jvp(ctx, tx, trm, trv, tw, tb, _teps):
+        return _forward_eval_jvp(ctx, tx, trm, trv, tw, tb)
 
 
 # ``Function.apply`` minus its Python wrapper: with no functorch transform active (``_eager``) the
@@ -385,6 +460,8 @@ def evaluate(
         x, running_mean, running_var = unwrap_if_dead(x), _live(running_mean), _live(running_var)
         weight, bias = _live(weight), _live(bias)
         if _records_graph(x, running_mean, running_var, weight, bias):
+            if _fwAD._current_level >= 0:
+                running_mean, running_var = constant_running_stats(x, running_mean, running_var, weight, bias)
             return _eval_apply(x, running_mean, running_var, weight, bias, eps)
         return _forward_eval_impl(x, running_mean, running_var, weight, bias, eps)
     return forward_eval(x, running_mean, running_var, weight, bias, eps)

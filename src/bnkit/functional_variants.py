@@ -24,6 +24,7 @@ from torch import Tensor
 from bnkit import autograd
 from bnkit import reference as ref
 from bnkit.functional import (
+    _functorch_active,
     _verify_batch_size,
     batch_norm_pure,
     check_pure_args,
@@ -50,6 +51,15 @@ Stats = tuple[Tensor, Tensor | None, Tensor | None]
 
 
 # --- fused batch norm + activation ------------------------------------------------------
+
+
+def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)`` of a training batch norm: the eager fast path (backward and jvp of the kernels'
+    formulas), or under a ``torch.func`` transform the reference's plain ops, as :func:`batch_norm_pure` routes."""
+    if _functorch_active():
+        mean, var = ref.batch_stats(x)
+        return ref.normalize(x, mean, ref.invstd(var, eps), weight, bias), mean, var
+    return autograd.train(x, weight, bias, eps)
 
 
 def batch_norm_act_pure(
@@ -83,6 +93,11 @@ def batch_norm_act_pure(
         y, new_mean, new_var = ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return from_channels_first(apply_activation(y, activation, activation_param, False), channel_dim), \
             new_mean, new_var
+    if _functorch_active() and not inplace:
+        # torch.func transforms: the reference's plain ops, as batch_norm_pure routes them (docs/semantics.md)
+        y, new_mean, new_var = ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        z = apply_activation(y, activation, activation_param, False)
+        return from_channels_first(z, channel_dim), new_mean, new_var
     z, mean, var = batch_norm_act_forward(
         x, weight, bias, running_mean, running_var, training, eps, activation, activation_param, memory_saving,
         inplace,
@@ -196,7 +211,7 @@ def batch_renorm_pure(
         y, new_mean, new_var = batch_norm_pure(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return from_channels_first(y, channel_dim), new_mean, new_var
     check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    y, mean, var = autograd.forward_train(x, weight, bias, eps)
+    y, mean, var = _train_forward(x, weight, bias, eps)
     sd = mean.dtype
     with torch.no_grad():
         sigma = (running_var.to(sd) + eps).sqrt()
@@ -290,7 +305,7 @@ def ghost_batch_norm_pure(
     outputs, stats = [], []
     for chunk in torch.split(x, virtual_batch_size, dim=0):
         _verify_batch_size(chunk.size())
-        y, mean, var = autograd.forward_train(chunk, weight, bias, eps)
+        y, mean, var = _train_forward(chunk, weight, bias, eps)
         outputs.append(y)
         stats.append((mean.detach(), var.detach(), ref.count_per_channel(chunk)))
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
