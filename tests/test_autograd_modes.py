@@ -498,3 +498,22 @@ def test_offset_data_gradients_reference(training):
         with use_backend("reference"):
             fn = _bound(BF.batch_norm, rm, rv, training)
             _assert_no_less_accurate(_errors(fn, x, w, b, dy, training, rm, rv))
+
+
+def test_renorm_stop_gradient_in_every_mode():
+    """Batch renorm's r and d are constants for every derivative: eager forward AD, torch.func's jvp and
+    jacfwd, and reverse mode give one Jacobian (no_grad alone does not stop forward-mode tangents)."""
+    x = _x((4, 2, 3)).detach() * 2
+    w, b = (t.detach() for t in _params(2))
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.2
+
+    def f(xx):
+        return BF.batch_renorm_pure(xx, rm, rv, w, b, True, 0.1, 1e-3, r_max=3.0, d_max=2.0)[0]
+
+    reverse = jacrev(f)(x)
+    assert_close(jacfwd(f)(x), reverse)
+    tx = torch.randn_like(x)
+    expected = (reverse.reshape(x.numel(), x.numel()) @ tx.reshape(-1)).reshape(x.shape)
+    assert_close(jvp(f, (x,), (tx,))[1], expected)
+    assert_close(_dual_output(f, (x,), (tx,))[1], expected)
+    assert_close(torch.autograd.functional.jacobian(f, x), reverse)

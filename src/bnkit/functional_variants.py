@@ -213,10 +213,11 @@ def batch_renorm_pure(
     check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _train_forward(x, weight, bias, eps)
     sd = mean.dtype
+    # r and d are stop-gradient constants: detached, since no_grad does not stop forward-mode tangents
     with torch.no_grad():
-        sigma = (running_var.to(sd) + eps).sqrt()
-        r = ((var + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean - running_mean.to(sd)) / sigma).clamp(-d_max, d_max)
+        sigma = (running_var.detach().to(sd) + eps).sqrt()
+        r = ((var.detach() + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)
+        d = ((mean.detach() - running_mean.detach().to(sd)) / sigma).clamp(-d_max, d_max)
     # w * (xhat * r + d) + b  ==  r * y + ((1 - r) * b + w * d),  y = w * xhat + b
     shape = ref.channel_shape(x)
     shift = d if weight is None else weight.to(sd) * d
