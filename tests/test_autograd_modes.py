@@ -391,12 +391,31 @@ def test_running_stats_with_forward_grad(training, dual_indices):
             assert_close(a.tangent, e.tangent)
 
 
-def test_running_stats_forward_grad_error_in_batch_norm_act():
-    args = (torch.randn(3, 2, 5), torch.randn(2), torch.rand(2) + 0.5)
-    kind, msg = _outcome(lambda x, rm, rv: BF.batch_norm_act(x, rm, rv, training=False), args, (0, 1))
-    assert kind == "raised" and msg == bn_autograd.RUNNING_TANGENT_ERROR
-    kind, _ = _outcome(lambda x, rm, rv: BF.batch_norm_act(x, rm, rv, training=False), args, (1,))
-    assert kind == "ok"
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dual_indices", [(1,), (1, 2), (0, 1), (0, 2), (3, 1)])
+def test_running_stats_with_forward_grad_batch_norm_act(training, dual_indices):
+    args = (torch.randn(3, 2, 5), torch.randn(2), torch.rand(2) + 0.5, torch.randn(2), torch.randn(2))
+
+    def theirs(x, rm, rv, w, b):
+        return F.silu(F.batch_norm(x, rm, rv, w, b, training=training, momentum=0.3))
+
+    def ours(x, rm, rv, w, b):
+        return BF.batch_norm_act(x, rm, rv, w, b, training=training, momentum=0.3, activation="silu")
+
+    outcomes = []
+    for fn in (ours, theirs):
+        torch.manual_seed(1)
+        outcomes.append(_outcome(fn, args, dual_indices))
+    (kind, got), (expected_kind, expected) = outcomes
+    assert kind == expected_kind
+    if kind == "raised":
+        assert got == expected == bn_autograd.RUNNING_TANGENT_ERROR
+        return
+    for a, e in zip(got, expected, strict=True):
+        assert_close(a.primal, e.primal)
+        assert (a.tangent is None) == (e.tangent is None)
+        if e.tangent is not None:
+            assert_close(a.tangent, e.tangent)
 
 
 # --- the fast kernels stay on the plain eager path ------------------------------------------------

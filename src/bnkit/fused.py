@@ -707,8 +707,11 @@ def batch_norm_act_forward(
     # Whether autograd records this call: without a backward the memory-saving mode needs no
     # lost-channel side tensor (inference skips that check)
     for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if not training and _fwAD._current_level >= 0:
-        running_mean, running_var = bn_ops.constant_running_stats(x, running_mean, running_var, weight, bias)
+    if _fwAD._current_level >= 0 and running_mean is not None and running_var is not None:
+        if training:  # they only receive the update: their tangents play no part (torch's rule)
+            running_mean, running_var = _fwAD.unpack_dual(running_mean).primal, _fwAD.unpack_dual(running_var).primal
+        else:
+            running_mean, running_var = bn_ops.constant_running_stats(x, running_mean, running_var, weight, bias)
     z, mean, var = _BatchNormAct.apply(
         x, weight, bias, running_mean, running_var, training, eps, activation, float(activation_param),
         memory_saving, inplace, for_backward,
