@@ -22,6 +22,11 @@ The formulas (symbols of ``docs/math.md``), with ``c1 = sum(dy)/M``, ``c2 = sum(
 Backends compute ``dx`` as ``a*dy + k*(x - mean) + c`` with ``a = w*invstd``,
 ``k = -a*invstd*c2`` and ``c = -a*c1``: one elementwise pass that never forms the
 cancelling ``b*x + const`` form.
+
+The eager Functions also carry forward-mode AD (``jvp``: the tangents of ``docs/math.md``,
+"Forward mode", in plain ops, :func:`bnkit.reference.jvp_train`/``jvp_eval``), and a backward
+that receives a batched gradient (no storage: ``vmap`` over the backward) computes it with the
+reference's formulas instead of the kernels.
 """
 
 

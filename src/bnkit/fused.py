@@ -49,7 +49,10 @@ kernels, or eight torch ops per chunk in the composed path, made this backward s
 With ``inplace=True`` the forward writes ``z`` over ``x`` (also chunk by chunk; the
 statistics come from two ``backward_reduce`` passes first). Double backward (``create_graph=True``)
 recomputes the forward from the saved input in differentiable reference ops; memory-saving mode
-has none (it keeps only the output) and raises a clear error.
+has none (it keeps only the output) and raises a clear error. Forward-mode AD (``jvp``) gives
+``tz = act'(y) * ty`` with the batch norm's tangent ``ty`` (``docs/math.md``) in plain ops from the
+input, which ``inplace=True`` overwrites (it raises there); batched gradients (``vmap`` over the
+backward) take plain-op twins of both backwards.
 """
 
 from __future__ import annotations
