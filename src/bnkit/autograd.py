@@ -82,14 +82,12 @@ def _param_dtype(weight: Tensor | None, bias: Tensor | None) -> torch.dtype | No
     return None
 
 
-def _wrapped(*tensors: Tensor | None) -> bool:
-    """Whether a tensor is a functorch wrapper (vmap's batched tensors) or a batched gradient of
+def _wrapped(gy: Tensor) -> bool:
+    """Whether a gradient is a functorch wrapper (vmap's batched tensors) or a batched gradient of
     ``autograd.grad(..., is_grads_batched=True)`` (torch's legacy vmap): it has no storage, so the gradient
-    formulas run in plain torch ops."""
-    for t in tensors:
-        if t is not None and (is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t)):
-            return True
-    return False
+    formulas run in plain torch ops. (Only the incoming gradient can be one: a forward under a transform
+    takes the reference and never reaches the kernels' Functions.)"""
+    return is_functorch_wrapped_tensor(gy) or is_legacy_batchedtensor(gy)
 
 
 def _empty_channels(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,7 +132,7 @@ def _forward_train_backward(ctx, gy: Tensor | None, _gmean: Tensor | None, _gvar
         # sees how they depend on x.
         m, v = ref.batch_stats(x)
         dx, dw, db = ref.backward_train(gy, x, m, ref.invstd(v, ctx.eps), weight)
-    elif _wrapped(gy, x, weight):
+    elif _wrapped(gy):
         # vmap over the backward (batched gradients): no storage for the kernels, plain ops
         dx, dw, db = ref.backward_train(gy, x, mean, ref.invstd(var, ctx.eps), weight)
     elif _eager(gy):
@@ -231,7 +229,7 @@ def _forward_eval_setup(ctx, inputs, output) -> None:
 def _forward_eval_backward(ctx, gy: Tensor):
     x, running_mean, running_var, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    if torch.is_grad_enabled() or _wrapped(gy, x, weight):
+    if torch.is_grad_enabled() or _wrapped(gy):
         # double backward (differentiable ops), or vmap over the backward (tensors without storage)
         sd = ref.stats_dtype(x.dtype)
         inv = ref.invstd(running_var.to(sd), ctx.eps)
