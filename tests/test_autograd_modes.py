@@ -299,6 +299,20 @@ def test_batch_norm_act_memory_saving_batched_grads(training):
         torch.testing.assert_close(a, e, atol=1e-9, rtol=1e-9)  # xhat rebuilt from the output
 
 
+@pytest.mark.parametrize("dual", ["input", "weight"])
+def test_batch_norm_act_inplace_forward_ad_raises(dual):
+    """inplace=True overwrites the input that the tangent needs: a clear error, whichever input has a tangent."""
+    x, w, b = torch.randn(3, 2, 4), torch.rand(2) + 0.5, torch.randn(2)
+    with fwAD.dual_level():
+        if dual == "input":
+            x = fwAD.make_dual(x, torch.randn_like(x))
+        else:
+            w = fwAD.make_dual(w, torch.randn_like(w))
+        with pytest.raises(RuntimeError, match="inplace=True has no forward-mode AD"):
+            BF.batch_norm_act(x.clone(), None, None, w, b, True, activation="leaky_relu", memory_saving=True,
+                              inplace=True)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_module_variants_forward_ad_and_batched_grads(training):
     """BatchNormAct (standard), renorm at r_max=1/d_max=0, ghost with one virtual batch, frozen: torch's

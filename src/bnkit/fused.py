@@ -440,18 +440,15 @@ class _BatchNormAct(torch.autograd.Function):
         return (dx if need_x else None), dw, db, None, None, None, None, None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, tx, tw, tb, trm, trv, *_constants):
-        return _act_jvp(ctx, tx, tw, tb, trm, trv), None, None
+    def jvp(ctx, tx, tw, tb, *_constants):
+        # (running statistics reach the Function without tangents: batch_norm_act_forward applies torch's rule)
+        return _act_jvp(ctx, tx, tw, tb), None, None
 
 
-def _act_jvp(ctx, tx, tw, tb, trm, trv) -> Tensor | None:
+def _act_jvp(ctx, tx, tw, tb) -> Tensor | None:
     """Tangent of ``z = act(y)``: ``act'(y) * dy``, ``dy`` the batch norm's tangent (``bnkit.reference.jvp_train``
     or ``jvp_eval``), ``y`` rebuilt from the saved input in plain ops (tangents may be functorch-batched)."""
-    if not ctx.training and (trm is not None or trv is not None) and (
-        tx is not None or tw is not None or tb is not None
-    ):
-        raise RuntimeError(bn_ops.RUNNING_TANGENT_ERROR)
-    if ctx.inplace and tx is not None:
+    if ctx.inplace:
         raise RuntimeError(
             "BatchNormAct with inplace=True has no forward-mode AD (its input is overwritten); use inplace=False"
         )
