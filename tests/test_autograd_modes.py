@@ -144,6 +144,33 @@ def test_module_forward_ad_matches_torch(shape, training, track):
         assert_close(ours.running_var, theirs.running_var)
 
 
+@pytest.mark.parametrize("ours_cls,theirs_cls", [(bnn.LazyBatchNorm2d, torch.nn.LazyBatchNorm2d),
+                                                  (bnn.SyncBatchNorm, torch.nn.BatchNorm2d)])
+@pytest.mark.parametrize("training,track", MODES)
+def test_lazy_and_sync_forward_ad_and_batched_grads_match_torch(ours_cls, theirs_cls, training, track):
+    """The lazy modules and SyncBatchNorm on one process (no process group: local statistics), momentum=None."""
+    shape = (2, 3, 2, 2)
+    x = _x(shape).detach()
+    mods = []
+    for cls in (ours_cls, theirs_cls):
+        m = cls(momentum=None, track_running_stats=track) if "Lazy" in cls.__name__ else cls(
+            3, momentum=None, track_running_stats=track)
+        m = m.double()
+        m(x * 0.5 + 1)  # one batch: materializes the lazy modules, moves the running statistics
+        mods.append(m.train(training))
+    tx = torch.randn_like(x)
+    for a, e in zip(_dual_output(mods[0], (x,), (tx,)), _dual_output(mods[1], (x,), (tx,)), strict=True):
+        assert_close(a, e)
+    gys = torch.randn(3, *shape, dtype=torch.float64)
+    grads = [torch.autograd.grad(m(xx), (xx, m.weight), gys, is_grads_batched=True)
+             for m, xx in ((mods[0], x.clone().requires_grad_()), (mods[1], x.clone().requires_grad_()))]
+    for a, e in zip(*grads, strict=True):
+        assert_close(a, e)
+    if track:
+        assert_close(mods[0].running_mean, mods[1].running_mean)
+        assert_close(mods[0].running_var, mods[1].running_var)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
