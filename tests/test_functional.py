@@ -35,8 +35,14 @@ def test_signature_matches_torch():
     for name, p in theirs.items():
         assert ours[name].default == p.default
         assert ours[name].kind == p.kind
-    # bnkit's extensions are keyword-only, so positional calls stay torch's
-    assert all(ours[n].kind is inspect.Parameter.KEYWORD_ONLY for n in list(ours)[len(theirs):])
+    # bnkit's extensions (mask=, channel_dim=) come after torch's parameters, keyword-only and with a
+    # default, so every call written for torch means the same; nothing else is added
+    extra = list(ours)[len(theirs):]
+    assert extra == ["mask", "channel_dim"]
+    for name in extra:
+        assert ours[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert ours[name].default is not inspect.Parameter.empty, name
+    assert ours["mask"].default is None and ours["channel_dim"].default == 1
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 7), (2, 3, 4, 5), (2, 3, 2, 3, 4)])

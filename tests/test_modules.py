@@ -81,8 +81,11 @@ def test_constructor_signature_matches_torch(torch_cls, bnkit_cls):
         assert name in ours, name
         assert ours[name].default == p.default, name
         assert ours[name].kind == p.kind, name
+    # torch's parameters first, in torch's order; bnkit's additions keyword-only with defaults
+    assert list(ours)[: len(theirs)] == list(theirs)
     extra = [n for n in ours if n not in theirs]
     assert all(ours[n].kind is inspect.Parameter.KEYWORD_ONLY for n in extra)
+    assert all(ours[n].default is not inspect.Parameter.empty for n in extra)
     assert issubclass(bnkit_cls, torch_cls) and issubclass(bnkit_cls, _BatchNorm)
 
 

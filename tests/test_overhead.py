@@ -99,12 +99,17 @@ def test_no_graph_when_nothing_needs_a_gradient(bn_path, training):
 
 
 def test_forward_ad_still_reaches_the_function():
-    # a dual input under a forward-AD level goes through autograd.Function, which has no jvp
-    x = torch.randn(4, 3, 5)
-    with torch.autograd.forward_ad.dual_level():
-        xd = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
-        with pytest.raises(NotImplementedError, match="jvp"):
-            F.batch_norm(xd, torch.zeros(3), torch.ones(3), training=True)
+    # a dual input under a forward-AD level goes through the autograd.Function (not the graph-free fast
+    # call), whose jvp gives torch's tangent
+    x, tx = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    fwad = torch.autograd.forward_ad
+    tangents = []
+    for bn in (F.batch_norm, torch.nn.functional.batch_norm):
+        with fwad.dual_level():
+            y = bn(fwad.make_dual(x, tx), torch.zeros(3), torch.ones(3), training=True)
+            tangents.append(fwad.unpack_dual(y).tangent)
+    assert tangents[0] is not None
+    torch.testing.assert_close(tangents[0], tangents[1])
 
 
 @pytest.mark.parametrize(

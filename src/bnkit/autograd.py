@@ -27,12 +27,17 @@ The formulas (symbols of ``docs/math.md``), with ``c1 = sum(dy)/M``, ``c2 = sum(
 Backends compute ``dx`` as ``a*dy + k*(x - mean) + c`` with ``a = w*invstd``,
 ``k = -a*invstd*c2`` and ``c = -a*c1``: one elementwise pass that never forms the
 cancelling ``b*x + const`` form.
+
+The eager Functions also carry forward-mode AD (``jvp``: the tangents of ``docs/math.md``,
+"Forward mode", in plain ops, :func:`bnkit.reference.jvp_train`/``jvp_eval``), and a backward
+that receives a batched gradient (no storage: ``vmap`` over the backward) computes it with the
+reference's formulas instead of the kernels.
 """
 
 
 import torch
 from torch import Tensor
-from torch._C._functorch import unwrap_if_dead
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor, unwrap_if_dead
 from torch.autograd import forward_ad as _fwAD
 
 from bnkit import reference as ref
@@ -82,6 +87,14 @@ def _param_dtype(weight: Tensor | None, bias: Tensor | None) -> torch.dtype | No
     return None
 
 
+def _wrapped(gy: Tensor) -> bool:
+    """Whether a gradient is a functorch wrapper (vmap's batched tensors) or a batched gradient of
+    ``autograd.grad(..., is_grads_batched=True)`` (torch's legacy vmap): it has no storage, so the gradient
+    formulas run in plain torch ops. (Only the incoming gradient can be one: a forward under a transform
+    takes the reference and never reaches the kernels' Functions.)"""
+    return is_functorch_wrapped_tensor(gy) or is_legacy_batchedtensor(gy)
+
+
 def _empty_channels(x: Tensor) -> tuple[Tensor, Tensor]:
     sd = ref.stats_dtype(x.dtype)
     c = x.shape[1]
@@ -124,6 +137,9 @@ def _forward_train_backward(ctx, gy: Tensor | None, _gmean: Tensor | None, _gvar
         # sees how they depend on x.
         m, v = ref.batch_stats(x)
         dx, dw, db = ref.backward_train(gy, x, m, ref.invstd(v, ctx.eps), weight)
+    elif _wrapped(gy):
+        # vmap over the backward (batched gradients): no storage for the kernels, plain ops
+        dx, dw, db = ref.backward_train(gy, x, mean, ref.invstd(var, ctx.eps), weight)
     elif _eager(gy):
         if var.is_cpu:  # ref.invstd with eps as a cached 0-d tensor: the same float ops, no scalar wrap
             inv = torch.rsqrt(var + cached_scalar(ctx.eps, var.dtype))
@@ -218,7 +234,8 @@ def _forward_eval_setup(ctx, inputs, output) -> None:
 def _forward_eval_backward(ctx, gy: Tensor):
     x, running_mean, running_var, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or _wrapped(gy):
+        # double backward (differentiable ops), or vmap over the backward (tensors without storage)
         sd = ref.stats_dtype(x.dtype)
         inv = ref.invstd(running_var.to(sd), ctx.eps)
         dx, dw, db = ref.backward_eval(gy, x, running_mean.to(sd), inv, weight)
@@ -272,6 +289,49 @@ def _backward_eval_impl(dy, x, running_mean, running_var, weight, eps, need_inpu
 def _(dy, x, running_mean, running_var, weight, eps, need_input_grad, need_param_grad):
     dw, db = _empty_channels(x)
     return (torch.empty_like(x) if need_input_grad else x.new_empty((0,))), dw, db
+
+
+# --- forward-mode AD ---------------------------------------------------------------------
+#
+# Tangents (docs/math.md, "Forward mode") in plain torch ops (bnkit.reference.jvp_train/jvp_eval): they
+# are per-channel reductions and elementwise terms of the same size as the forward, and plain ops take
+# functorch-batched tangents (check_batched_forward_grad, vmap over jvp) that have no storage for a kernel.
+# The forward itself still runs on the backend's kernels.
+
+# torch's wording (its batch_norm_jvp): the running statistics are constants of the eval forward
+RUNNING_TANGENT_ERROR = (
+    "batch_norm is not differentiable wrt running_mean and running_var, they cannot have forward grad defined"
+)
+
+
+def constant_running_stats(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The running statistics of an eval forward, without forward-mode tangents (a forward AD level is open).
+
+    torch's rule: tangents on ``running_mean``/``running_var`` raise its error when the input, weight or
+    bias carries one too, and are ignored otherwise (the output then has no tangent). Ignoring them here,
+    before the Function runs, is also what lets its jvp see no tangent at all in that case (a jvp that
+    returns no tangent for its only output trips an internal assert of torch 2.13).
+    """
+    rm, rv = _fwAD.unpack_dual(running_mean), _fwAD.unpack_dual(running_var)
+    if rm.tangent is None and rv.tangent is None:
+        return running_mean, running_var
+    for t in (x, weight, bias):
+        if t is not None and _fwAD.unpack_dual(t).tangent is not None:
+            raise RuntimeError(RUNNING_TANGENT_ERROR)
+    return rm.primal, rv.primal
+
+
+def _forward_train_jvp(ctx, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None) -> Tensor | None:
+    x, weight, mean, var = ctx.saved_tensors
+    return ref.jvp_train(tx, tw, tb, x, mean, ref.invstd(var, ctx.eps), weight)
+
+
+def _forward_eval_jvp(ctx, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None) -> Tensor | None:
+    x, running_mean, running_var, weight = ctx.saved_tensors
+    sd = ref.stats_dtype(x.dtype)
+    return ref.jvp_eval(tx, tw, tb, x, running_mean.to(sd), ref.invstd(running_var.to(sd), ctx.eps), weight)
 
 
 # --- eager fast path --------------------------------------------------------------------
@@ -349,11 +409,18 @@ class _TrainFn(torch.autograd.Function):
         # the backward ignores the (always zero) gradients of mean and var: do not build them
         ctx.set_materialize_grads(False)
         _forward_train_setup(ctx, (x, weight, bias, eps), (y, mean, var))
+        if _fwAD._current_level >= 0:  # a forward-mode AD level is open: jvp may follow
+            ctx.save_for_forward(x, weight, mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, gy, gmean, gvar):
         return (*_forward_train_backward(ctx, gy, gmean, gvar), None)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_ignored):
+        # (tangents of eps and of the running-statistics update: not differentiable, as in torch)
+        return _forward_train_jvp(ctx, tx, tw, tb), None, None
 
 
 class _EvalFn(torch.autograd.Function):
@@ -361,11 +428,21 @@ class _EvalFn(torch.autograd.Function):
     def forward(ctx, x, running_mean, running_var, weight, bias, eps):
         y = _forward_eval_impl(x, running_mean, running_var, weight, bias, eps)
         _forward_eval_setup(ctx, (x, running_mean, running_var, weight, bias, eps), y)
+        if _fwAD._current_level >= 0:
+            ctx.save_for_forward(x, running_mean, running_var, weight)
+            ctx.set_materialize_grads(False)  # jvp tells absent tangents (None) from zero ones
         return y
 
     @staticmethod
     def backward(ctx, gy):
+        if gy is None:  # (grads not materialized) no gradient reached the output
+            return None, None, None, None, None, None
         return _forward_eval_backward(ctx, gy)
+
+    @staticmethod
+    def jvp(ctx, tx, _trm, _trv, tw, tb, _teps):
+        # (running statistics reach the Function without tangents: evaluate() applies torch's rule first)
+        return _forward_eval_jvp(ctx, tx, tw, tb)
 
 
 # ``Function.apply`` minus its Python wrapper: with no functorch transform active (``_eager``) the
@@ -430,6 +507,8 @@ def evaluate(
         x, running_mean, running_var = unwrap_if_dead(x), _live(running_mean), _live(running_var)
         weight, bias = _live(weight), _live(bias)
         if _records_graph(x, running_mean, running_var, weight, bias):
+            if _fwAD._current_level >= 0:
+                running_mean, running_var = constant_running_stats(x, running_mean, running_var, weight, bias)
             return _eval_apply(x, running_mean, running_var, weight, bias, eps)
         return _forward_eval_impl(x, running_mean, running_var, weight, bias, eps)
     return forward_eval(x, running_mean, running_var, weight, bias, eps)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _fwAD
 from torch.autograd.graph import increment_version
 
 from bnkit import autograd
@@ -275,6 +276,9 @@ def updated_running_stats(
     """
     if running_mean is None and running_var is None:
         return None, None
+    if _fwAD._current_level >= 0:
+        # buffers: their forward-mode tangents play no part in the update (torch's rule)
+        running_mean, running_var = _primal(running_mean), _primal(running_var)
     if (
         type(momentum) is float
         and running_mean is not None
@@ -463,10 +467,21 @@ def batch_norm(
     return as_torch_layout(y) if plain else y
 
 
+def _primal(t: Tensor | None) -> Tensor | None:
+    # t without its forward-mode tangent (a view of the same memory); t itself when it has none
+    if t is None:
+        return None
+    unpacked = _fwAD.unpack_dual(t)
+    return t if unpacked.tangent is None else unpacked.primal
+
+
 def write_running_stats(
     running_mean: Tensor | None, running_var: Tensor | None, new_mean: Tensor | None, new_var: Tensor | None
 ) -> None:
     """Copy new running statistics into their buffers: the one place bnkit mutates them."""
+    if _fwAD._current_level >= 0 and not (new_mean is running_mean and new_var is running_var):
+        # write the values only: a buffer's tangent stays as it was, as in torch
+        running_mean, running_var = _primal(running_mean), _primal(running_var)
     if (
         running_mean is not None and running_var is not None and new_mean is not None and new_var is not None
         and not (running_mean.requires_grad or running_var.requires_grad

@@ -52,6 +52,16 @@ Stats = tuple[Tensor, Tensor | None, Tensor | None]
 # --- fused batch norm + activation ------------------------------------------------------
 
 
+def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)`` of a training batch norm: the eager fast path (backward and jvp of the kernels'
+    formulas), or where a tracer or transform records the call the reference's plain ops, as
+    :func:`batch_norm_pure` routes (:func:`bnkit.autograd.needs_plain_ops`)."""
+    if autograd.needs_plain_ops():
+        mean, var = ref.batch_stats(x)
+        return ref.normalize(x, mean, ref.invstd(var, eps), weight, bias), mean, var
+    return autograd.train(x, weight, bias, eps)
+
+
 def batch_norm_act_pure(
     input: Tensor,
     running_mean: Tensor | None,
@@ -197,12 +207,13 @@ def batch_renorm_pure(
         y, new_mean, new_var = batch_norm_pure(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return from_channels_first(y, channel_dim), new_mean, new_var
     check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    y, mean, var = autograd.forward_train(x, weight, bias, eps)
+    y, mean, var = _train_forward(x, weight, bias, eps)
     sd = mean.dtype
+    # r and d are stop-gradient constants: detached, since no_grad does not stop forward-mode tangents
     with torch.no_grad():
-        sigma = (running_var.to(sd) + eps).sqrt()
-        r = ((var + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean - running_mean.to(sd)) / sigma).clamp(-d_max, d_max)
+        sigma = (running_var.detach().to(sd) + eps).sqrt()
+        r = ((var.detach() + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)
+        d = ((mean.detach() - running_mean.detach().to(sd)) / sigma).clamp(-d_max, d_max)
     # w * (xhat * r + d) + b  ==  r * y + ((1 - r) * b + w * d),  y = w * xhat + b
     shape = ref.channel_shape(x)
     shift = d if weight is None else weight.to(sd) * d
@@ -291,7 +302,7 @@ def ghost_batch_norm_pure(
     outputs, stats = [], []
     for chunk in torch.split(x, virtual_batch_size, dim=0):
         _verify_batch_size(chunk.size())
-        y, mean, var = autograd.forward_train(chunk, weight, bias, eps)
+        y, mean, var = _train_forward(chunk, weight, bias, eps)
         outputs.append(y)
         stats.append((mean.detach(), var.detach(), ref.count_per_channel(chunk)))
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

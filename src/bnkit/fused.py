@@ -49,7 +49,10 @@ kernels, or eight torch ops per chunk in the composed path, made this backward s
 With ``inplace=True`` the forward writes ``z`` over ``x`` (also chunk by chunk; the
 statistics come from two ``backward_reduce`` passes first). Double backward (``create_graph=True``)
 recomputes the forward from the saved input in differentiable reference ops; memory-saving mode
-has none (it keeps only the output) and raises a clear error.
+has none (it keeps only the output) and raises a clear error. Forward-mode AD (``jvp``) gives
+``tz = act'(y) * ty`` with the batch norm's tangent ``ty`` (``docs/math.md``) in plain ops from the
+input, which ``inplace=True`` overwrites (it raises there); batched gradients (``vmap`` over the
+backward) take plain-op twins of both backwards.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad as _fwAD
 
 from bnkit import autograd as bn_ops
 from bnkit import reference as ref
@@ -395,6 +399,10 @@ class _BatchNormAct(torch.autograd.Function):
             z = apply_activation(y, activation, param, True)
         if inplace:
             ctx.mark_dirty(x)
+        ctx.inplace = inplace
+        if _fwAD._current_level >= 0:  # a forward-mode AD level is open: jvp may follow (x intact unless inplace)
+            ctx.save_for_forward(x, weight, bias, mean, inv)
+            ctx.set_materialize_grads(False)  # jvp tells absent tangents (None) from zero ones
 
         ctx.training, ctx.eps, ctx.activation, ctx.param = training, eps, activation, param
         ctx.memory_saving = memory_saving
@@ -417,8 +425,12 @@ class _BatchNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz, _dmean, _dvar):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if dz is None:  # (grads not materialized under forward AD) no gradient reached the output
+            return (None,) * 12
         if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
             dx, dw, db = _differentiable_backward(ctx, dz)
+        elif bn_ops._wrapped(dz):  # vmap over the backward: no storage, plain ops
+            dx, dw, db = _plain_memory_saving_backward(ctx, dz) if ctx.memory_saving else _plain_backward(ctx, dz)
         elif ctx.memory_saving:
             dx, dw, db = _memory_saving_backward(ctx, dz, need_x)
         else:
@@ -426,6 +438,27 @@ class _BatchNormAct(torch.autograd.Function):
         dw = dw.to(ctx.param_dtype) if need_w else None
         db = db.to(ctx.param_dtype) if need_b else None
         return (dx if need_x else None), dw, db, None, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_constants):
+        # (running statistics reach the Function without tangents: batch_norm_act_forward applies torch's rule)
+        return _act_jvp(ctx, tx, tw, tb), None, None
+
+
+def _act_jvp(ctx, tx, tw, tb) -> Tensor | None:
+    """Tangent of ``z = act(y)``: ``act'(y) * dy``, ``dy`` the batch norm's tangent (``bnkit.reference.jvp_train``
+    or ``jvp_eval``), ``y`` rebuilt from the saved input in plain ops (tangents may be functorch-batched)."""
+    if ctx.inplace:
+        raise RuntimeError(
+            "BatchNormAct with inplace=True has no forward-mode AD (its input is overwritten); use inplace=False"
+        )
+    x, weight, bias, mean, inv = ctx.saved_tensors
+    jvp = ref.jvp_train if ctx.training else ref.jvp_eval
+    dy = jvp(tx, tw, tb, x, mean, inv, weight)
+    if dy is None:
+        return None
+    y = ref.normalize(x, mean, inv, weight, bias)
+    return activation_grad(dy, y, ctx.activation, ctx.param, from_output=False)
 
 
 def _differentiable_backward(ctx, dz: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -453,6 +486,37 @@ def _differentiable_backward(ctx, dz: Tensor) -> tuple[Tensor | None, Tensor | N
         grads = iter(torch.autograd.grad(z, inputs, dz, create_graph=True))
     dx, dw, db = (next(grads) if t is not None and t.requires_grad else None for t in (x, weight, bias))
     return dx, dw, db
+
+
+def _plain_backward(ctx, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The standard backward in plain torch ops (``dz`` may be functorch-batched): ``g = dz * act'(y)``, ``y``
+    rebuilt from the saved input, then :func:`bnkit.reference.backward_train` / ``backward_eval`` of ``g``."""
+    x, weight, _w, _b, mean, _var, inv, bias = ctx.saved_tensors
+    g = activation_grad(dz, ref.normalize(x, mean, inv, weight, bias), ctx.activation, ctx.param, from_output=False)
+    bwd = ref.backward_train if ctx.training else ref.backward_eval
+    return bwd(g, x, mean, inv, weight)
+
+
+def _plain_memory_saving_backward(ctx, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The memory-saving backward in plain torch ops (``dz`` may be functorch-batched): ``xhat = (y - b) / w``
+    with ``y = act^{-1}(z)``, the saved ``xhat`` of the lost channels in their place, then batch norm's
+    backward of ``g = dz * act'(y)`` with ``dx = w * invstd * (g - mean(g) - xhat * mean(g * xhat))``
+    (training) or ``w * invstd * g`` (eval)."""
+    saved = ctx.saved_tensors
+    z, w, b, inv = saved[:4]
+    shape, dims = ref.channel_shape(z), ref.reduction_dims(z)
+    sd = w.dtype
+    y = activation_inverse(z.to(sd), ctx.activation, ctx.param)
+    xhat = (y - b.view(shape)) / w.view(shape)
+    if ctx.has_lost:
+        xhat = xhat.index_copy(1, saved[4], saved[5].to(sd))
+    g = activation_grad(dz.to(sd), z.to(sd), ctx.activation, ctx.param)
+    a = (w * inv).view(shape)
+    if ctx.training:
+        dx = a * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+    else:
+        dx = a * g
+    return dx.to(z.dtype), (g * xhat).sum(dims), g.sum(dims)
 
 
 def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
@@ -643,6 +707,11 @@ def batch_norm_act_forward(
     # Whether autograd records this call: without a backward the memory-saving mode needs no
     # lost-channel side tensor (inference skips that check)
     for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if _fwAD._current_level >= 0 and running_mean is not None and running_var is not None:
+        if training:  # they only receive the update: their tangents play no part (torch's rule)
+            running_mean, running_var = _fwAD.unpack_dual(running_mean).primal, _fwAD.unpack_dual(running_var).primal
+        else:
+            running_mean, running_var = bn_ops.constant_running_stats(x, running_mean, running_var, weight, bias)
     z, mean, var = _BatchNormAct.apply(
         x, weight, bias, running_mean, running_var, training, eps, activation, float(activation_param),
         memory_saving, inplace, for_backward,

@@ -119,7 +119,7 @@ def masked_batch_norm_pure(
     if not training:
         if x.numel() == 0:
             return ref.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
-        return autograd.forward_eval(x, running_mean, running_var, weight, bias, eps), running_mean, running_var
+        return autograd.evaluate(x, running_mean, running_var, weight, bias, eps), running_mean, running_var
     if x.shape[1] == 0:
         return ref.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     n = masked_count(x, m)

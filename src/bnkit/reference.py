@@ -45,7 +45,11 @@ catastrophically when |mean| >> std. Accumulation happens in float64 on devices 
 support it (float32 elsewhere); the statistics returned have the *statistics dtype*:
 float64 for float64 inputs, float32 for float32, float16 and bfloat16 inputs (torch's
 mixed-precision convention). Outputs are computed in the statistics dtype and rounded
-once to the input dtype.
+once to the input dtype. Gradients and tangents take the same care as the statistics:
+``x`` is centered with the mean in the accumulation dtype *before* any product
+(``xhat = (x - mean) * invstd``, never ``x * invstd - mean * invstd``), and ``sum(dy)``,
+``sum(dy * xhat)`` accumulate there too, so ``dw`` on offset data (``x ~ 1000 + N(0, 1)``)
+is as accurate as the forward; per-channel results are rounded once to the statistics dtype.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ __all__ = [
     "batch_stats",
     "channel_shape",
     "invstd",
+    "jvp_eval",
+    "jvp_train",
     "merge_stats",
     "normalize",
     "reduction_dims",
@@ -200,16 +206,17 @@ def backward_train(
     shape = channel_shape(x)
     m = count_per_channel(x)
     dt = inv.dtype
-    dy_ = dy.to(dt)
-    xhat = (x.to(dt) - mean.view(shape)) * inv.view(shape)
+    acc = _accumulation_dtype(x)  # numerics policy: centered and reduced in the accumulation dtype
+    inv_ = inv.to(acc)
+    dy_ = dy.to(acc)
+    xhat = (x.to(acc) - mean.to(acc).view(shape)) * inv_.view(shape)
     sum_dy = dy_.sum(dims)
     sum_dy_xhat = (dy_ * xhat).sum(dims)
-    w = inv.new_ones(()) if weight is None else weight.to(dt)
     c1 = sum_dy / m
     c2 = sum_dy_xhat / m
-    scale = (w * inv).view(shape) if weight is not None else inv.view(shape)
+    scale = (weight.to(acc) * inv_).view(shape) if weight is not None else inv_.view(shape)
     dx = scale * (dy_ - c1.view(shape) - xhat * c2.view(shape))
-    return dx.to(x.dtype), sum_dy_xhat, sum_dy
+    return dx.to(x.dtype), sum_dy_xhat.to(dt), sum_dy.to(dt)
 
 
 def backward_eval(
@@ -222,11 +229,86 @@ def backward_eval(
     dims = reduction_dims(x)
     shape = channel_shape(x)
     dt = inv.dtype
-    dy_ = dy.to(dt)
     scale = inv if weight is None else inv * weight.to(dt)
-    dx = dy_ * scale.view(shape)
-    xhat = (x.to(dt) - mean.to(dt).view(shape)) * inv.view(shape)
-    return dx.to(x.dtype), (dy_ * xhat).sum(dims), dy_.sum(dims)
+    dx = dy.to(dt) * scale.view(shape)
+    acc = _accumulation_dtype(x)  # numerics policy: centered and reduced in the accumulation dtype
+    dy_ = dy.to(acc)
+    xhat = (x.to(acc) - mean.to(acc).view(shape)) * inv.to(acc).view(shape)
+    return dx.to(x.dtype), (dy_ * xhat).sum(dims).to(dt), dy_.sum(dims).to(dt)
+
+
+def _tangent(t: Tensor | None, shape: list[int], dt: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dt).view(shape)
+
+
+def jvp_train(
+    tx: Tensor | None,
+    tw: Tensor | None,
+    tb: Tensor | None,
+    x: Tensor,
+    mean: Tensor,
+    inv: Tensor,
+    weight: Tensor | None,
+) -> Tensor | None:
+    r"""Tangent of the training-mode output (forward-mode AD) for tangents ``tx``, ``tw``, ``tb``.
+
+    Mean and invstd depend on x, so (``docs/math.md``, "Forward mode")::
+
+        d(xhat) = invstd * (tx - mean(tx) - xhat * mean(tx * xhat))
+        dy      = w * d(xhat) + tw * xhat + tb
+
+    Any tangent may be ``None`` (zero); ``None`` when all are. Plain torch ops only, so the
+    tangents may be functorch-batched. The result has ``x``'s dtype.
+    """
+    if tx is None and tw is None and tb is None:
+        return None
+    dims = reduction_dims(x)
+    shape = channel_shape(x)
+    dt = _accumulation_dtype(x)  # as the backward: centered and reduced in the accumulation dtype
+    inv_ = inv.to(dt).view(shape)
+    xhat = (x.to(dt) - mean.to(dt).view(shape)) * inv_
+    dy = None
+    if tx is not None:
+        t = tx.to(dt)
+        dxhat = inv_ * (t - t.mean(dims, keepdim=True) - xhat * (t * xhat).mean(dims, keepdim=True))
+        dy = dxhat if weight is None else dxhat * weight.to(dt).view(shape)
+    return _affine_tangent(dy, tw, tb, xhat, shape, dt).to(x.dtype)
+
+
+def jvp_eval(
+    tx: Tensor | None,
+    tw: Tensor | None,
+    tb: Tensor | None,
+    x: Tensor,
+    mean: Tensor,
+    inv: Tensor,
+    weight: Tensor | None,
+) -> Tensor | None:
+    """Tangent of the eval-mode output: the running statistics are constants, so
+    ``dy = w * invstd * tx + tw * xhat + tb`` (``None`` when every tangent is)."""
+    if tx is None and tw is None and tb is None:
+        return None
+    shape = channel_shape(x)
+    dt = _accumulation_dtype(x)
+    xhat = (x.to(dt) - mean.to(dt).view(shape)) * inv.to(dt).view(shape)
+    dy = None
+    if tx is not None:
+        scale = inv if weight is None else inv * weight.to(inv.dtype)  # the forward's scale, then widened
+        dy = tx.to(dt) * scale.to(dt).view(shape)
+    return _affine_tangent(dy, tw, tb, xhat, shape, dt).to(x.dtype)
+
+
+def _affine_tangent(
+    dy: Tensor | None, tw: Tensor | None, tb: Tensor | None, xhat: Tensor, shape: list[int], dt: torch.dtype
+) -> Tensor:
+    # dy + tw * xhat + tb, each term present only when its tangent is (the sum has xhat's shape)
+    if tw is not None:
+        term = xhat * _tangent(tw, shape, dt)
+        dy = term if dy is None else dy + term
+    if tb is not None:
+        term = _tangent(tb, shape, dt)
+        dy = torch.zeros_like(xhat) + term if dy is None else dy + term
+    return dy
 
 
 def batch_norm(

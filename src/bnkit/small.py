@@ -33,12 +33,11 @@ import warnings
 import numpy as np
 import torch
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.autograd import forward_ad as _fwAD
 from torch.nn import Parameter
 
 from bnkit import kernels
-from bnkit.autograd import _like, plain_eager
+from bnkit.autograd import _like, _wrapped, plain_eager
 
 __all__ = ["ONE_CALL_NUMEL", "SMALL_GRAD_NUMEL", "SMALL_NUMEL", "batch_norm"]
 
@@ -645,7 +644,7 @@ def _kernel_grad(gy: Tensor, x: Tensor) -> Tensor | None:
         or gy.shape != x.shape
         or not gy.is_cpu
         or gy.layout is not torch.strided
-        or is_functorch_wrapped_tensor(gy)
+        or _wrapped(gy)  # no storage (batched gradients): the regular backward's plain ops
     ):
         return None
     return _like(gy, x)
