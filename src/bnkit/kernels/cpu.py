@@ -43,8 +43,6 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-# numba's cache checks only a kernel's own file: after an edit of cpu16.py delete this module's
-# __pycache__/cpu.*.nbi/.nbc (./dev does it), or cached kernels keep the old helpers.
 from bnkit.kernels.cpu16 import (
     _FAST,
     affine,

@@ -25,6 +25,12 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from bnkit.kernels.cache import ensure_fresh
+
+# Every kernel module imports this one first: drop cached kernels whose sources changed before any
+# dispatcher of the package can load them (numba's cache watches only a kernel's own file).
+ensure_fresh()
+
 __all__ = [
     "NSC_TILE",
     "SIMD_BF16",

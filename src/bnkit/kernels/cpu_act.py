@@ -13,10 +13,8 @@ write each channel right after reducing it, while it is in cache (the structure 
 every thread busy. Every inner loop runs over a row slice (``xs = x[base : base + S]``,
 ``xs[i]``): indexing the flat array as ``x[base + i]`` makes numba handle negative
 indices on each element, and the same forward loop measured about 2x slower that way.
-numba's cache checks only this file's timestamp, but these kernels inline helpers of
-:mod:`bnkit.kernels.cpu` (:func:`~bnkit.kernels.cpu._seg_stats`): after an edit there, delete
-this module's ``__pycache__/cpu_act.*.nbi``/``.nbc`` (``./dev`` does it), or the cache keeps
-the old helpers.
+These kernels inline helpers of :mod:`bnkit.kernels.cpu` (:func:`~bnkit.kernels.cpu._seg_stats`);
+:mod:`bnkit.kernels.cache` drops their cached code when those change.
 
 Activation ids (``kind``): 0 identity, 1 relu, 2 leaky_relu (``p`` = slope), 3 elu
 (``p`` = alpha), 4 silu, 5 gelu (erf form). Symbols as in :mod:`bnkit.fused`:
