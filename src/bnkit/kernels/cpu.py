@@ -1054,23 +1054,32 @@ def nsc_backward_train(dy, x, dx, R, C, T, mean, invstd, weight, M, sum_dy, sum_
     nsc_affine(dy, x, dx, R, C, T, True, a, mean, k, cc)
 
 
+@njit(parallel=True, cache=True)
+def probe(a):
+    """``a += 1`` in a parallel loop: the least kernel that needs a working numba and its threading layer."""
+    for i in prange(a.shape[0]):
+        a[i] += 1.0
+
+
 def load_backend():
     """The ``cpu`` backend (called by :func:`bnkit.kernels.get_backend`).
 
-    Compiles (or loads from numba's cache) one small kernel so that a broken numba
-    install fails here, where the dispatcher turns it into one warning and the reference.
+    Compiles (or loads from numba's cache) one tiny parallel kernel (:func:`probe`) so that a broken
+    numba install fails here, where the dispatcher turns it into one warning and the reference. The
+    real kernels compile on their first call: a first call compiles only what it runs.
     """
     import numba
     import torch
 
+    from bnkit.kernels.compiling import quiet
     from bnkit.kernels.cpu_launch import CpuBackend, _numba_state
 
     # Starting numba's OpenMP threading layer resets the process's OpenMP thread count,
     # which torch reads: start it here, once, and give torch its setting back.
     torch_threads = torch.get_num_threads()
     numba.set_num_threads(1)
-    probe = np.zeros(2, np.float32)
-    nsc_affine(probe, probe, probe.copy(), 1, 2, 1, False, probe, probe, probe, probe)
+    with quiet():
+        probe(np.zeros(2, np.float32))
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     # The launchers remember the count they last set: tell them it is 1 now, or a launcher that

@@ -26,10 +26,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from bnkit.kernels.cache import ensure_fresh
+from bnkit.kernels.compiling import announce_compiles
 
 # Every kernel module imports this one first: drop cached kernels whose sources changed before any
-# dispatcher of the package can load them (numba's cache watches only a kernel's own file).
+# dispatcher of the package can load them (numba's cache watches only a kernel's own file), and say
+# when a call has to compile.
 ensure_fresh()
+announce_compiles()
 
 __all__ = [
     "NSC_TILE",

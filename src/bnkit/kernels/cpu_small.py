@@ -711,27 +711,20 @@ def eval_backward_par(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T
 
 
 def probe() -> None:
-    """Compile (or load from numba's cache) every kernel but the two one-call drivers once, for float32,
-    on a 2x1x2 problem.
+    """Compile (or load from numba's cache) the raw-address view every kernel here reads its data through,
+    and check that it sees the data.
 
-    :mod:`bnkit.small` calls it before its first use, so that a broken numba install fails there,
-    where it becomes one warning and the regular path, and never in the middle of a call. The
-    one-call drivers (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`, :data:`EVAL_BACKWARD_DRIVERS`,
-    :func:`eval_forward16`) compile
-    on their first call instead, once per dtype (a failure there is one warning too): on a cold cache
-    on 2 cores 6-19 s each, where this probe takes 22-28 s; with ``eval_forward16`` in it, 41 s.
+    :mod:`bnkit.small` calls it before its first use, so that a numba install that cannot build these
+    kernels fails there, where it becomes one warning and the regular path (the ``cpu`` backend's
+    own probe has already started numba's threading layer). The kernels themselves compile on their
+    first call, once per dtype, so a first call compiles only what it runs; the one-call drivers
+    (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`, :data:`EVAL_BACKWARD_DRIVERS`,
+    :func:`eval_forward16`) turn a failure there into one warning too.
     """
-    like = np.float32(0.0)
-    x, y, g, dx = (np.arange(4, dtype=np.float32) for _ in range(4))
-    vec = [np.ones(1, np.float32) for _ in range(6)]
-    xa, ya, ga, dxa = (a.ctypes.data for a in (x, y, g, dx))
-    m, v, rm, rv, w, b = (a.ctypes.data for a in vec)
-    one = np.float32(1.0)
-    for t in (None, 1):
-        par = t is not None
-        tail = (t,) if par else ()
-        fwd = train_forward_par if par else train_forward
-        fwd(like, xa, ya, 2, 1, 2, w, b, 1e-5, m, v, rm, rv, rm, rv, one, one, one, 0, *tail)
-        (eval_forward_par if par else eval_forward)(like, xa, ya, 2, 1, 2, rm, rv, w, b, 1e-5, 0, *tail)
-        (train_backward_par if par else train_backward)(like, ga, xa, dxa, 2, 1, 2, m, v, w, 1e-5, rm, rv, *tail)
-        (eval_backward_par if par else eval_backward)(like, ga, xa, dxa, 2, 1, 2, rm, rv, w, 1e-5, m, v, *tail)
+    from bnkit.kernels.compiling import quiet
+
+    x = np.arange(4, dtype=np.float32)
+    with quiet():
+        seen = _view(x.ctypes.data, 4, np.float32(0.0))
+    if not np.array_equal(seen, x):
+        raise RuntimeError("raw-address views read other data")
