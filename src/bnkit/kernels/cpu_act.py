@@ -12,7 +12,7 @@ write each channel right after reducing it, while it is in cache (the structure 
 :mod:`bnkit.kernels.cpu`); the ``row_*`` kernels serve inputs with too few channels to keep
 every thread busy. Every inner loop runs over a row slice (``xs = x[base : base + S]``,
 ``xs[i]``): indexing the flat array as ``x[base + i]`` makes numba handle negative
-indices on each element, and the same forward loop measured about 2x slower that way.
+indices on each element, which makes the loop compute-bound.
 These kernels inline helpers of :mod:`bnkit.kernels.cpu` (:func:`~bnkit.kernels.cpu._seg_stats`);
 :mod:`bnkit.kernels.cache` drops their cached code when those change.
 
@@ -314,7 +314,7 @@ def row_input_ms(dz, z, R, C, S, b, kind, p, floor, A, K, Cc, dx):
 
 # --- memory-saving ELU backward with the logarithm computed outside -------------------------
 # ELU's inverse needs ``log1p`` per element, which numba calls as scalar libm here (no SVML):
-# about 20x slower than torch's vectorized ``log1p``. :mod:`bnkit.fused` therefore has torch
+# an order of magnitude slower than torch's vectorized ``log1p``. :mod:`bnkit.fused` therefore has torch
 # write ``L = log1p(z / alpha)`` into a buffer (``dx`` itself when it is wanted; NaN or -inf
 # where the output saturated); :func:`row_reduce_ms_elu` turns ``L`` into ``y`` in place
 # (``y = z if z > 0 else L``, ``log1p(floor)`` where ``z / alpha <= floor``, as

@@ -3,9 +3,9 @@ r"""numba kernels for small and mid-size inputs: a whole batch-norm call in one 
 On small inputs (up to ``bnkit.small.SMALL_NUMEL`` elements; eval calls without a graph at every size,
 where one pass beats the regular launcher too) a batch norm costs microseconds
 of arithmetic and tens of microseconds around it on the regular path: argument checks, numpy views of
-every tensor (about 0.8 us each), allocations, one launch per pass (and a second thread to wake) and
+every tensor, allocations, one launch per pass (and a second thread to wake) and
 the torch ops of the running-statistics update. These kernels take the data as raw
-addresses (``Tensor.data_ptr()``: 0.1 us, where ``Tensor.numpy()`` costs 0.8) and do everything of
+addresses (``Tensor.data_ptr()``, far cheaper than ``Tensor.numpy()``) and do everything of
 one call in one launch:
 
 * :func:`train_forward`: per-channel mean and biased variance in one read (float64 sums of ``x - K``
@@ -376,7 +376,7 @@ def _norm_zero_impl(like):
 
 
 # The one-call drivers of the cpu backend's kernels: one per path of its plan, so that a first call
-# compiles only its own kernel (a single driver over all paths took 35 s cold for float32 on 2 cores).
+# compiles only its own kernel (a single driver over all paths made the first call compile every path).
 # All take the arguments of the launcher's plan in the same order; a path ignores what it does not use.
 
 
@@ -561,10 +561,9 @@ EVAL_BACKWARD_DRIVERS = {"ncs": "eval_backward_ncs", "nsc": "eval_backward_nsc"}
 
 @njit(cache=True, fastmath=_FAST)
 def _grad_sums(g, x, C, S, r0, r1, mean, s0, s1):
-    # s0[c] += sum(dy), s1[c] += sum(dy * (x - mean[c])) over rows [r0, r1), in float64. (The regular
-    # path's per-channel float32 lanes, as in cpu._ncs_reduce_lanes, took this kernel to 0.77x its time on
-    # 16x16x8x8, 3 us; its gradients' errors against float64 grew up to 2.4x, and twenty float32 SGD steps
-    # of test_e2e_resnet drifted from float64 2.1x as far as torch's, against 1.03x with these sums.)
+    # s0[c] += sum(dy), s1[c] += sum(dy * (x - mean[c])) over rows [r0, r1), in float64. (Not the regular
+    # path's per-channel float32 lanes, as in cpu._ncs_reduce_lanes: faster here, but the gradients' errors
+    # grew, and float32 SGD steps of test_e2e_resnet drifted from float64 much further than torch's.)
     if S == 1:
         for n in range(r0, r1):
             gs = g[n * C : (n + 1) * C]
