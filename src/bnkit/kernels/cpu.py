@@ -933,6 +933,14 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
 
 
+@njit(cache=True)
+def run_time(flag):
+    """``flag`` as a run-time bool. A kernel called from compiled code with a literal ``True``/``False`` compiles
+    a specialization for that literal beside the one Python's calls get (``bool``); the drivers pass their
+    flags through this so that every caller shares one compiled kernel per dtype."""
+    return bool(flag)  # bool() of a literal is typed as a plain bool; `return flag` would keep the literal
+
+
 # --- whole passes in one compiled call ---------------------------------------------------------------
 # The launcher's Python between two kernels runs with cold caches after a pass over megabytes (each small
 # step costs several times its warm time there): calling the passes from one jitted function keeps that
@@ -977,7 +985,7 @@ def ncs_train_rows(x, y, N, C, S, T, part_n, part_mu, part_m2, weight, bias, eps
     :func:`update_running`."""
     ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2)
     finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
-    ncs_affine_any(x, x, y, N, C, S, TA, Q, False, scale, nmean, scale, shift, tab)
+    ncs_affine_any(x, x, y, N, C, S, TA, Q, run_time(False), scale, nmean, scale, shift, tab)
     update_running(mean_out, var_out, running)
 
 
@@ -991,7 +999,7 @@ def ncs_train_all(x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, 
               part_m2)
     if not fuse:
         finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
-        ncs_affine_any(x, x, y, N, C, S, TA, Q, False, scale, nmean, scale, shift, tab)
+        ncs_affine_any(x, x, y, N, C, S, TA, Q, run_time(False), scale, nmean, scale, shift, tab)
     update_running(mean_out, var_out, running)
 
 
@@ -1006,9 +1014,9 @@ def ncs_train_groups_all(x, y, N, C, S, G, weight, bias, eps, mean_out, var_out,
 def ncs_backward_rows(dy, x, dx, N, C, S, T, mean, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc, TA, Q, tab):
     """Training backward on ``(N, C, S)`` memory in two streaming passes: :func:`ncs_reduce`,
     :func:`backward_coeffs`, then ``dx`` (:func:`ncs_affine_any`)."""
-    ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xhat, False, dy, mean)
+    ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xhat, run_time(False), dy, mean)
     backward_coeffs(sum_dy, sum_dy_xhat, invstd, weight, M, sum_dy_xhat, a, k, cc)
-    ncs_affine_any(dy, x, dx, N, C, S, TA, Q, True, a, mean, k, cc, tab)
+    ncs_affine_any(dy, x, dx, N, C, S, TA, Q, run_time(True), a, mean, k, cc, tab)
 
 
 @njit(**_JIT)
@@ -1018,7 +1026,7 @@ def nsc_train(x, y, R, C, T, part_n, part_mu, part_m2, weight, bias, eps, mean_o
     :func:`update_running`."""
     nsc_stats(x, R, C, T, part_n, part_mu, part_m2)
     finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
-    nsc_affine(x, x, y, R, C, T, False, scale, nmean, scale, shift)
+    nsc_affine(x, x, y, R, C, T, run_time(False), scale, nmean, scale, shift)
     update_running(mean_out, var_out, running)
 
 
@@ -1038,9 +1046,9 @@ def nsc_backward_train(dy, x, dx, R, C, T, mean, invstd, weight, M, sum_dy, sum_
     """Training backward on ``(R, C)`` memory: :func:`nsc_reduce`, :func:`backward_coeffs`, then
     ``dx = a*dy + k*(x - mean) + cc`` (:func:`nsc_affine`)."""
     # sum(dy * (x - mean)) goes to sum_dy_xhat, which backward_coeffs scales in place by invstd
-    nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xhat, False, dy, mean)
+    nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xhat, run_time(False), dy, mean)
     backward_coeffs(sum_dy, sum_dy_xhat, invstd, weight, M, sum_dy_xhat, a, k, cc)
-    nsc_affine(dy, x, dx, R, C, T, True, a, mean, k, cc)
+    nsc_affine(dy, x, dx, R, C, T, run_time(True), a, mean, k, cc)
 
 
 @njit(parallel=True, cache=True)

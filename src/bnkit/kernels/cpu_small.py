@@ -57,6 +57,7 @@ from bnkit.kernels.cpu import (
     nsc_to_ncs_tiles,
     nsc_train,
     nsc_train_to_ncs,
+    run_time,
 )
 
 __all__ = [
@@ -357,9 +358,9 @@ def eval_forward16(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T, Q, tab):
     rm = _view(rma, C, one)
     k, sh = _eval_scale_shift(_view(rva, C, one), wa, ba, C, np.float32(eps), one)
     if S == 1:
-        nsc_affine(x, x, y, N, C, T, False, k, rm, k, sh)
+        nsc_affine(x, x, y, N, C, T, run_time(False), k, rm, k, sh)
     else:
-        ncs_affine_any(x, x, y, N, C, S, T, Q, False, k, rm, k, sh, tab)
+        ncs_affine_any(x, x, y, N, C, S, T, Q, run_time(False), k, rm, k, sh, tab)
 
 
 def _norm_zero(like):
@@ -540,7 +541,7 @@ def eval_backward_ncs(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba
     running_mean)) * invstd`` in the statistics dtype, as autograd's torch ops make them;
     ``dbias = sum(dy)``."""
     g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
-    ncs_reduce(g, x, N, C, S, T, rm, s0, s1, True, dx, inv * w)
+    ncs_reduce(g, x, N, C, S, T, rm, s0, s1, run_time(True), dx, inv * w)
     _scale_by(s1, inv)
 
 
@@ -548,7 +549,7 @@ def eval_backward_ncs(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba
 def eval_backward_nsc(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba):
     """:func:`eval_backward_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_reduce`)."""
     g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
-    nsc_reduce(g, x, N * S, C, T, rm, s0, s1, True, dx, inv * w)
+    nsc_reduce(g, x, N * S, C, T, rm, s0, s1, run_time(True), dx, inv * w)
     _scale_by(s1, inv)
 
 
