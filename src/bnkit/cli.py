@@ -1,10 +1,10 @@
-"""The ``bnkit`` command: ``explain``, ``inspect``, ``diagnose``, ``demo`` and ``bench``.
+"""The ``bnkit`` command: ``explain``, ``inspect``, ``diagnose``, ``demo``, ``bench`` and ``warmup``.
 
 A thin layer over the public API: each sub-command parses its options, calls one library
 function (:func:`bnkit.explain.explain`, :func:`bnkit.utils.inspect.inspect`,
 :func:`bnkit.utils.diagnose.diagnose`, :func:`bnkit.demo.run_demo`,
-:func:`bnkit.bench.cpu.main`) and renders what it returns - rich tables and a progress bar
-on a terminal, plain text when piped, JSON with ``--json``.
+:func:`bnkit.bench.cpu.main`, :func:`bnkit.utils.warmup.warmup`) and renders what it returns - rich
+tables and a progress bar on a terminal, plain text when piped, JSON with ``--json``.
 
 A user's mistake (missing file, bad JSON, a shape that does not fit, a bad option value)
 ends with one line on stderr and exit status 2, never a traceback. Set ``BNKIT_DEBUG=1``
@@ -364,6 +364,49 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    from bnkit.kernels.cache import cache_dir
+    from bnkit.utils.warmup import warmup
+
+    console = _console()
+    if console.is_terminal and not args.json:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("compiling CPU kernels", total=None)
+
+            def on_step(done: int, total: int, label: str) -> None:
+                progress.update(task, completed=done, total=total, description=f"compiling CPU kernels: {label}")
+
+            report = warmup(args.dtypes, on_step=on_step)
+    else:
+        def on_step(done: int, total: int, label: str) -> None:
+            if not args.json and done < total:
+                sys.stdout.write(f"  [{done + 1}/{total}] {label}\n")
+                sys.stdout.flush()
+
+        report = warmup(args.dtypes, on_step=on_step)
+    where = cache_dir()
+    if args.json:
+        _print_json({"dtypes": list(report.dtypes), "steps": report.steps, "seconds": round(report.seconds, 3),
+                     "compiled": list(report.compiled), "cache_dir": None if where is None else str(where)})
+        return 0
+    what = "compiled" if report.compiled else "loaded from numba's cache (nothing to compile)"
+    console.print(f"bnkit warmup: CPU kernels for {', '.join(report.dtypes)} {what} in {report.seconds:.1f} s "
+                  f"({report.steps} steps); cache: {where}", markup=False)
+    return 0
+
+
+def _dtype_list(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    allowed = ("float32", "float64", "bfloat16", "float16")
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(allowed)}, got {text!r}")
+    return names
+
+
 def _plain_progress() -> Callable[[int, int], None]:
     """Piped output: one line at every tenth of the run instead of a live bar."""
     marks: set[int] = set()
@@ -593,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     from bnkit import __version__
 
     parser.add_argument("--version", action="version", version=f"bnkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,inspect,diagnose,demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{explain,inspect,diagnose,demo,bench,warmup}")
 
     ex = sub.add_parser(
         "explain", help="batch norm step by step, checked against torch.nn",
@@ -678,6 +722,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.set_defaults(func=_cmd_bench)
+
+    warm = sub.add_parser(
+        "warmup", help="compile the CPU kernels ahead of time (Docker images, CI)",
+        description="Compile every CPU kernel bnkit may run on this machine into numba's on-disk cache, so that the "
+                    "first batch norm of a later process starts at once. Shows a progress bar and the time taken.",
+    )
+    warm.add_argument("--dtypes", type=_dtype_list, default=("float32", "float64", "bfloat16"), metavar="LIST",
+                      help="comma-separated dtypes (default float32,float64,bfloat16; float16 also accepted)")
+    warm.add_argument("--json", action="store_true", help="print the report as JSON")
+    warm.set_defaults(func=_cmd_warmup)
     return parser
 
 

@@ -1,13 +1,13 @@
 """The small-input path: a whole batch-norm call in one compiled call (:mod:`bnkit.kernels.cpu_small`).
 
-On a (16, 16, 8, 8) input the arithmetic of a batch norm takes about 2 us; the regular path spent
-60-70 us around it (argument checks, backend dispatch, numpy views, one kernel per pass, six torch
-ops for the running statistics), and the training forward+backward 190 us, against torch's 42 and
-68. Here every check that guards a raw-address kernel is made on the tensors directly, and
-anything unusual (another dtype or layout, subclasses, tracing, transforms, forward AD, gradients
-of the running statistics, double backward) returns ``None`` and takes the regular path, which
-raises torch's errors for bad arguments. A call that passes every check has valid arguments: the
-checks imply everything :func:`bnkit.functional.check_batch_norm_args` asks.
+On a small input the arithmetic of a batch norm takes microseconds, and the regular path spends many
+times that around it (argument checks, backend dispatch, numpy views, one kernel per pass, six torch ops
+for the running statistics), more than torch's whole batch norm. Here every check that guards a raw-
+address kernel is made on the tensors directly, and anything unusual (another dtype or layout,
+subclasses, tracing, transforms, forward AD, gradients of the running statistics, double backward)
+returns ``None`` and takes the regular path, which raises torch's errors for bad arguments. A call that
+passes every check has valid arguments: the checks imply everything
+:func:`bnkit.functional.check_batch_norm_args` asks.
 
 The numbers are the regular path's up to rounding: the statistics as its short rows make them
 (float64 sums of ``x - K`` and ``(x - K)**2`` around the channel's first value), the output rounded
@@ -20,10 +20,9 @@ and bfloat16/float16 data with float32 vectors, up to ``ONE_CALL_NUMEL``: every 
 still one compiled call, of the cpu backend's own plan and kernels on raw addresses
 (:mod:`bnkit.kernels.cpu_small`'s drivers, :class:`_RegularTrainFn` with a graph), so the bits are the
 regular path's; eval forwards stay on the small kernel at every size (16-bit:
-:func:`bnkit.kernels.cpu_small.eval_forward16`, the backend's coefficients and normalize kernels).
-Measured on the 2-core Xeon VM (interleaved functional calls, one call / regular time): bf16 eval
-32x64x56x56 0.87, 64x256x14x14 channels_last 0.84, 4096x1024 0.84, float16 64x256x14x14 0.81, bf16
-16x16x8x8 0.26; training: see ``ONE_CALL_NUMEL``.
+:func:`bnkit.kernels.cpu_small.eval_forward16`, the backend's coefficients and normalize kernels):
+one compiled call per pass is faster than the regular launcher's sequence at every size measured
+(``benchmarks/results/decisions.md``).
 """
 
 from __future__ import annotations
@@ -48,24 +47,15 @@ SERIAL_NUMEL = 1 << 15
 TASKS_PER_THREAD = 4
 
 # Inputs of at most SMALL_NUMEL elements take the small path; calls that record a graph (a backward
-# follows) only up to SMALL_GRAD_NUMEL: above it the cpu backend's in-cache fused backward wins.
-# Measured on the 2-core Xeon VM (interleaved functional calls, time of the small path / the regular
-# cpu path; forward, eval, forward+backward): 32x64x8x8 0.40 / 0.52 / 0.64; 32x128x8x8 0.47 / 0.57 /
-# 0.71; 32x64x16x16 (2**19) 0.58 / 0.68 / 0.73; 64x64x128 0.61 / 0.67 / 0.59; 32x32x32x32 (2**20)
-# 0.71 / 0.81 / 1.28; 1024x1024 0.77 / 0.78 / 0.96; 32x64x32x32 (2**21) 0.82 / 0.88 / 1.01.
+# follows) only up to SMALL_GRAD_NUMEL: above it the cpu backend's in-cache fused backward wins
+# (the small path's forward+backward falls behind it between 2**19 and 2**20 elements).
 SMALL_NUMEL = 1 << 20
 SMALL_GRAD_NUMEL = 1 << 19
 # Up to ONE_CALL_NUMEL elements (every size) the calls the small kernels do not take, for their size
 # or a 16-bit dtype, still take one compiled call per pass: eval without a graph on the small kernel
 # (16-bit: eval_forward16), training on the cpu backend's own plan and kernels (train_rows and the
-# other per-path drivers, backward_rows and its kind after them). Measured on the 2-core Xeon VM
-# (interleaved functional calls, one call / regular time): eval float32 64x256x14x14 0.92,
-# 8x32x128x128 0.90, 64x128x1000 0.94 and its (N, C, L) view 0.92, 32x64x56x56 channels_last 0.93,
-# 64x256x14x14 channels_last 0.89, 4096x1024 0.92 (256x512x7x7 1.00-1.04, float64 32x64x56x56 0.99);
-# training forward 64x256x14x14 channels_last 0.83, 4096x1024 0.80, bf16 32x64x56x56 0.83 and
-# 64x256x14x14 channels_last 0.79 (large contiguous float32 0.96-1.03); forward+backward 32x32x32x32
-# 0.90, bf16 64x256x14x14 channels_last 0.90, 64x256x14x14 channels_last 0.95 (large contiguous
-# float32 0.98-1.03).
+# other per-path drivers, backward_rows and its kind after them): one call per pass is faster than the
+# regular launcher's sequence of kernel calls, or as fast on large contiguous inputs.
 ONE_CALL_NUMEL = 1 << 62
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
@@ -136,7 +126,7 @@ def _launch(serial, parallel, args: tuple, n: int, c: int, s: int) -> None:
 # (kernel, type of its first argument) -> the compiled specialization's entry point. The first
 # argument (a zero of the data's dtype) fixes every argument's numba type: the others are Python
 # ints (int64), eps (a float) and numpy scalars of that dtype. Calling the entry point skips the
-# dispatcher's typing of every argument: 1.17 -> 0.68 us for an 11-argument kernel (timeit minimum).
+# dispatcher's typing of every argument, nearly half the cost of calling an 11-argument kernel.
 _ENTRY: dict = {}
 
 
@@ -209,7 +199,7 @@ def _layout(x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, in
     Contiguous ``(N, C, *)`` memory is ``(N, C, S)`` as it is; channels-innermost memory (channels_last,
     an ``(N, C, L)`` view of ``(N, L, C)``) is ``N*S`` rows of ``C`` channels, ``(N*S, C, 1)``: the same
     statistics over the same values. (Every check here runs on every small call: module-level names
-    and one loop over the vectors, 0.4 us less than a helper per vector.)
+    and one loop over the vectors: cheaper than a helper per vector.)
     """
     if type(x) is not Tensor:
         return None
@@ -430,8 +420,8 @@ def _blend_scalars(count: int, momentum: float, dtype: torch.dtype) -> tuple:
 
 def _stats_pair(c: int, dtype: torch.dtype) -> tuple[Tensor, int, int]:
     """One new ``(2*c,)`` vector for a batch's mean (first half) and biased variance (second), and the
-    addresses of the halves. (Iterating a ``(2, c)`` tensor into two rows took 4.4 us against 1.1 for
-    the allocation alone on the Xeon VM.)"""
+    addresses of the halves. (Iterating a ``(2, c)`` tensor into two rows costs several times the
+    allocation.)"""
     mv = torch.empty(2 * c, dtype=dtype)
     ma = mv.data_ptr()
     return mv, ma, ma + c * _ITEMSIZE[dtype]

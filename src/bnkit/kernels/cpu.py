@@ -34,7 +34,7 @@ formula (:func:`chan_merge`). The normalization uses the float64 mean and
 (float32 channels-innermost memory as ``x * scale + (shift - mean * scale)``, see :func:`folds_mean`).
 For bfloat16/float16 data the launcher hands the normalization float32 arrays instead (the
 *normalization dtype*): the output's own rounding (2**-9 or 2**-12 relative) dwarfs float32's, and
-float64 lanes made that pass compute-bound (1.7x slower).
+float64 lanes made that pass compute-bound.
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-# numba's cache checks only a kernel's own file: after an edit of cpu16.py delete this module's
-# __pycache__/cpu.*.nbi/.nbc (./dev does it), or cached kernels keep the old helpers.
 from bnkit.kernels.cpu16 import (
     _FAST,
     affine,
@@ -92,8 +90,8 @@ RBLOCK = 256
 # keeps 32 partial sums, so each adds up SBLOCK / 32 values before the block goes to float64.
 SBLOCK = 256
 # The same for 16-bit data on the SIMD path (statistics and backward reductions; its 8-bit or 11-bit
-# mantissas leave the float32 sums plenty of room): per-block horizontal sums cost more than the adds
-# at 256 (bf16, scalar loops: 0.33 against 0.24 cycles per value at 1024).
+# mantissas leave the float32 sums plenty of room): at 256 the per-block horizontal sums cost more than
+# the adds.
 SBLOCK16 = 1024
 # Rows per block of the float32 sums in channels-innermost memory (statistics and backward
 # reductions): there each channel's sums are one sequential chain (the lanes run across
@@ -150,7 +148,7 @@ def _seg_stats(xs, n, cnt, mu, m2):
     s2 = 0.0
     for b0 in range(0, n, sb):
         # a sub-slice indexed from 0: numba can then prove the index is non-negative and drops the
-        # per-element wraparound check; `for i in range(b0, b1)` ran 2.2x slower (not memory-bound)
+        # per-element wraparound check (`for i in range(b0, b1)` kept it and ran compute-bound)
         ts, tq = block_sums(xs[b0 : min(b0 + sb, n)], k)
         s1 += ts
         s2 += tq
@@ -200,10 +198,9 @@ def folds_mean(x, k):
     ``x * k + (shift - mean * k)`` (a compile-time constant in jitted code): for float32 data with
     float64 coefficients (the training forward).
 
-    That saves a subtraction per value (float32 32x64x56x56 channels_last: 0.87x the time, 4096x1024
-    0.91-0.95x, in the same output buffer and bit for bit the same outputs on normal data; the
-    channel-major loops, with scalar coefficients per row, measured alike with and without), and
-    float64 keeps it exact enough: its absolute error is at most about
+    That saves a subtraction per value, a gain on channels-innermost memory only (the channel-major
+    loops, with scalar coefficients per row, run alike with and without), and float64 keeps it exact
+    enough: its absolute error is at most about
     ``2**-52 * (|x * k| + |shift - mean * k|)``, and a call folds only when every channel has
     ``|mean * k| <= FOLD_MAX`` (``2**24``: a mean up to 2**24 of its standard deviations away from 0, e.g.
     1e4 with std 1e-2 is 2**20), so the error stays below about ``2**-27``, a sixteenth of float32's
@@ -226,8 +223,7 @@ def _folds_mean_impl(x, k):
 def _var_scale(cnt, m2, w, eps):
     # biased variance and scale = w / sqrt(var + eps) of a channel, in float64. A scalar helper: the
     # stores stay in the caller's loop over c, where numba knows c >= 0. A helper that took c and
-    # the arrays (the form this had) kept a negative-index check on each store, and
-    # finish_stats ran 5x slower (about 100 ns per channel: 14 us on 128 channels, now 2-3).
+    # the arrays kept a negative-index check on each store, which dominated finish_stats.
     v = m2 / cnt
     return v, w / np.sqrt(v + eps)
 
@@ -426,8 +422,7 @@ def ncs_affine(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift):
     with ``u = dy``. Tasks walk memory in order: with ``Q == 1`` each of the ``T`` tasks streams
     a range of rows ``r = n*C + c`` (the channel counted along, not divided out per row); with
     ``Q > 1`` (too few rows to fill the threads) each task is one of the ``Q`` segments of a row.
-    One task per row, as this kernel had, cost 2.6 ms against 1.05 ms (a copy: 1.04 ms) on
-    256x512x7x7: per-task scheduling and divisions on rows of 49 values.
+    Not one task per row: on short rows the per-task scheduling and divisions cost more than the values.
     """
     if Q > 1:
         for t in prange(N * C * Q):
@@ -508,9 +503,8 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     ``T`` tasks each stream a range of rows ``r = n*C + c`` in memory order (prefetch-friendly
     even when ``S`` is small), the channel counted along (no division per row), each row summed
     like every reduction here (:func:`_dot_sums`: float32 lanes in blocks of ``RBLOCK`` values,
-    float64 across blocks) into the task's per-channel float64 accumulators, summed at the end.
-    Measured on 256x512x7x7 (interleaved): 1.54 ms against 2.37 ms with float64 row sums and a
-    modulo per row; two ``Tensor.sum`` calls over ``dy`` and ``x`` take 1.1 ms. Rows of at most
+    float64 across blocks) into the task's per-channel float64 accumulators, summed at the end
+    (float64 row sums and a modulo per row made short rows compute-bound). Rows of at most
     ``ROW_LANES_MAX_S`` values on the SIMD path take :func:`_ncs_reduce_lanes` instead.
     """
     if not write and _takes_lanes(dy, mean, S):
@@ -543,8 +537,8 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
 def _ncs_reduce_lanes(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
     """:func:`ncs_reduce` (without ``write``) for short rows on the SIMD path: each row adds into its
     channel's 16 float32 lanes (:func:`row_lanes`), with no horizontal sum per row; a channel's lanes go
-    to its float64 total after ``ROW_LANES_VALUES`` values per lane. The per-row sums cost more than the
-    values on 49-value rows: kernel time on 256x512x7x7 0.77x on one thread (thread time), 0.40x on two."""
+    to its float64 total after ``ROW_LANES_VALUES`` values per lane: on short rows a horizontal sum per row
+    costs more than the row's values."""
     R = N * C
     W = LANES
     flush = _lane_flush_rows(S)
@@ -673,8 +667,7 @@ def ncs_backward_train(dy, x, dx, N, C, S, G, mean, invstd, weight, sum_dy, sum_
     the channels' ``dy`` and ``x`` are still in cache: memory is read about once. Long rows take
     ``G = 1``; short ones a group whose rows of one sample are adjacent in memory (see
     :func:`ncs_train_groups`). Rows of at most ``ROW_LANES_MAX_S`` values on the SIMD path are reduced
-    in per-channel lanes as in :func:`_ncs_reduce_lanes` (kernel time 0.90x on 64x256x14x14, 0.71x on
-    32x512x7x7, two threads).
+    in per-channel lanes as in :func:`_ncs_reduce_lanes` (for the same reason).
     """
     M = float(N * S)
     lanes = _takes_lanes(dy, mean, S)
@@ -788,10 +781,9 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
     """``out = a[c]*u + k[c]*(x - mean[c]) + shift[c]`` on ``(R, C)`` memory, one pass.
 
     16-bit data on the SIMD path: the coefficients are first repeated over ``q`` rows (``q*C`` about
-    ``NSC_TILE`` values), so each task runs one long loop per ``q`` rows. One loop per row cost about
-    10 ns per row beyond its values there: bf16 32x64x56x56 channels_last (100352 rows of 64) took
-    1.7x as long. float32/float64 data (float64 coefficients, twice the bytes, compute-heavier lanes)
-    ran 3-10% slower with tables, and keeps one loop per row.
+    ``NSC_TILE`` values), so each task runs one long loop per ``q`` rows: one loop per row costs a fixed
+    time per row beyond its values, which short 16-bit rows feel. float32/float64 data (float64
+    coefficients, twice the bytes, compute-heavier lanes) ran slower with tables, and keeps one loop per row.
     """
     q = max(1, nsc_tile(x) // C)
     if q == 1:
@@ -861,8 +853,8 @@ def nsc_tile_to_ncs(x, out, L, C, tt, fold, mean, k, shift):
     contiguous output torch gives that view: ``out[b, c, l] = (x[b, l, c] - mean[c]) * k[c] + shift[c]``,
     or ``x * k[c] + shift[c]`` with ``fold`` (``shift`` then holds :func:`_folded_shift`'s). A tile is
     ``NSC_TO_NCS_ROWS`` rows of one sample, read once (contiguous) and kept in cache while each
-    channel's run of up to that many outputs is written; torch's transposing ``.contiguous()`` after a
-    normalize pass took 2.4x a plain copy on 64x128x1000."""
+    channel's run of up to that many outputs is written (a normalize pass then torch's transposing
+    ``.contiguous()`` reads and writes everything twice)."""
     tiles = (L + NSC_TO_NCS_ROWS - 1) // NSC_TO_NCS_ROWS
     b = tt // tiles
     l0 = (tt % tiles) * NSC_TO_NCS_ROWS
@@ -901,8 +893,7 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     With ``write`` it also stores ``dx = scale[c] * dy`` in the same read (eval-mode backward).
     Each task sums blocks of ``NSC_SBLOCK`` rows in the data's compute dtype, vectorized across
     channels, and adds the block sums into float64 (the numerics of every reduction here):
-    float64 accumulators across all rows ran at 1.2-2.2x the time of two ``Tensor.sum`` calls
-    (32x64x56x56 channels_last 2.23 ms, now 1.29 ms; two sums 1.16 ms).
+    float64 accumulators across all rows were compute-bound, well behind two ``Tensor.sum`` calls.
     """
     acc0 = np.zeros((T, C))
     acc1 = np.zeros((T, C))
@@ -942,13 +933,18 @@ def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
 
 
+@njit(cache=True)
+def run_time(flag):
+    """``flag`` as a run-time bool. A kernel called from compiled code with a literal ``True``/``False`` compiles
+    a specialization for that literal beside the one Python's calls get (``bool``); the drivers pass their
+    flags through this so that every caller shares one compiled kernel per dtype."""
+    return bool(flag)  # bool() of a literal is typed as a plain bool; `return flag` would keep the literal
+
+
 # --- whole passes in one compiled call ---------------------------------------------------------------
 # The launcher's Python between two kernels runs with cold caches after a pass over megabytes (each small
-# step costs 5-30 us there instead of 1): calling the passes from one jitted function keeps that out.
-# Measured on the 2-core Xeon VM (interleaved against the launcher's old sequence of kernel calls, the same
-# numbers bit for bit): channels innermost, forward 64x256x14x14 channels_last 0.95-0.97x the time (bf16
-# 0.97x), 4096x1024 0.96-0.97x, backward 0.95x and 0.97x; channel-major short rows, forward 256x512x7x7
-# 0.99x and 256x64x4x4 0.96x, backward 0.98x and 0.97x.
+# step costs several times its warm time there): calling the passes from one jitted function keeps that
+# out, with the same numbers bit for bit.
 
 
 @njit(**_JIT)
@@ -970,11 +966,10 @@ def update_running(mean, var, running):
     The float operations of :func:`bnkit.functional.updated_running_stats`' torch ops, each rounded
     to the statistics dtype (no fastmath: ``contract`` would fuse a product and the sum into one FMA).
     Run at the end of the training forward's drivers, the one-call path's (``bnkit.small``) included.
-    In the regular path's calls that replaced the five torch ops with no measurable change in time
-    (0.96-1.03x interleaved on 64x256x14x14 and seven other cases): they took 60-70 us right after a
-    pass over megabytes and 19 us otherwise, but the first Python after such a pass pays for the cold
-    caches whatever it runs. In place, each channel's mean is written before its variance is read,
-    as torch's kernel does (one buffer passed as both gets torch's numbers).
+    In the regular path's calls it replaced five torch ops with no measurable change in time: the
+    first Python after a pass over megabytes pays for the cold caches whatever it runs. In place, each
+    channel's mean is written before its variance is read, as torch's kernel does (one buffer passed as
+    both gets torch's numbers).
     """
     rm, rv, nm, nv, ratio, keep, take = running
     for c in range(rm.shape[0]):
@@ -990,7 +985,7 @@ def ncs_train_rows(x, y, N, C, S, T, part_n, part_mu, part_m2, weight, bias, eps
     :func:`update_running`."""
     ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2)
     finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
-    ncs_affine_any(x, x, y, N, C, S, TA, Q, False, scale, nmean, scale, shift, tab)
+    ncs_affine_any(x, x, y, N, C, S, TA, Q, run_time(False), scale, nmean, scale, shift, tab)
     update_running(mean_out, var_out, running)
 
 
@@ -1004,7 +999,7 @@ def ncs_train_all(x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, 
               part_m2)
     if not fuse:
         finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
-        ncs_affine_any(x, x, y, N, C, S, TA, Q, False, scale, nmean, scale, shift, tab)
+        ncs_affine_any(x, x, y, N, C, S, TA, Q, run_time(False), scale, nmean, scale, shift, tab)
     update_running(mean_out, var_out, running)
 
 
@@ -1019,9 +1014,9 @@ def ncs_train_groups_all(x, y, N, C, S, G, weight, bias, eps, mean_out, var_out,
 def ncs_backward_rows(dy, x, dx, N, C, S, T, mean, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc, TA, Q, tab):
     """Training backward on ``(N, C, S)`` memory in two streaming passes: :func:`ncs_reduce`,
     :func:`backward_coeffs`, then ``dx`` (:func:`ncs_affine_any`)."""
-    ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xhat, False, dy, mean)
+    ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xhat, run_time(False), dy, mean)
     backward_coeffs(sum_dy, sum_dy_xhat, invstd, weight, M, sum_dy_xhat, a, k, cc)
-    ncs_affine_any(dy, x, dx, N, C, S, TA, Q, True, a, mean, k, cc, tab)
+    ncs_affine_any(dy, x, dx, N, C, S, TA, Q, run_time(True), a, mean, k, cc, tab)
 
 
 @njit(**_JIT)
@@ -1031,7 +1026,7 @@ def nsc_train(x, y, R, C, T, part_n, part_mu, part_m2, weight, bias, eps, mean_o
     :func:`update_running`."""
     nsc_stats(x, R, C, T, part_n, part_mu, part_m2)
     finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
-    nsc_affine(x, x, y, R, C, T, False, scale, nmean, scale, shift)
+    nsc_affine(x, x, y, R, C, T, run_time(False), scale, nmean, scale, shift)
     update_running(mean_out, var_out, running)
 
 
@@ -1051,28 +1046,37 @@ def nsc_backward_train(dy, x, dx, R, C, T, mean, invstd, weight, M, sum_dy, sum_
     """Training backward on ``(R, C)`` memory: :func:`nsc_reduce`, :func:`backward_coeffs`, then
     ``dx = a*dy + k*(x - mean) + cc`` (:func:`nsc_affine`)."""
     # sum(dy * (x - mean)) goes to sum_dy_xhat, which backward_coeffs scales in place by invstd
-    nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xhat, False, dy, mean)
+    nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xhat, run_time(False), dy, mean)
     backward_coeffs(sum_dy, sum_dy_xhat, invstd, weight, M, sum_dy_xhat, a, k, cc)
-    nsc_affine(dy, x, dx, R, C, T, True, a, mean, k, cc)
+    nsc_affine(dy, x, dx, R, C, T, run_time(True), a, mean, k, cc)
+
+
+@njit(parallel=True, cache=True)
+def probe(a):
+    """``a += 1`` in a parallel loop: the least kernel that needs a working numba and its threading layer."""
+    for i in prange(a.shape[0]):
+        a[i] += 1.0
 
 
 def load_backend():
     """The ``cpu`` backend (called by :func:`bnkit.kernels.get_backend`).
 
-    Compiles (or loads from numba's cache) one small kernel so that a broken numba
-    install fails here, where the dispatcher turns it into one warning and the reference.
+    Compiles (or loads from numba's cache) one tiny parallel kernel (:func:`probe`) so that a broken
+    numba install fails here, where the dispatcher turns it into one warning and the reference. The
+    real kernels compile on their first call: a first call compiles only what it runs.
     """
     import numba
     import torch
 
+    from bnkit.kernels.compiling import quiet
     from bnkit.kernels.cpu_launch import CpuBackend, _numba_state
 
     # Starting numba's OpenMP threading layer resets the process's OpenMP thread count,
     # which torch reads: start it here, once, and give torch its setting back.
     torch_threads = torch.get_num_threads()
     numba.set_num_threads(1)
-    probe = np.zeros(2, np.float32)
-    nsc_affine(probe, probe, probe.copy(), 1, 2, 1, False, probe, probe, probe, probe)
+    with quiet():
+        probe(np.zeros(2, np.float32))
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     # The launchers remember the count they last set: tell them it is 1 now, or a launcher that

@@ -10,8 +10,8 @@ Where the CPU has AVX-512 (``SIMD_BF16``/``SIMD_F16``) the normalize-type loops 
 :func:`dot_block`, :func:`column_sums`) run 16 values at a time in explicit vector code: LLVM IR
 written here through numba intrinsics, rounding with the CPU's conversion instructions to the scalar
 codec's bits. :func:`block_sums` and :func:`dot_block` serve every dtype (plain loops elsewhere), and
-:func:`block_sums` runs float32 data's blocks in the same vector code on these CPUs (since 2026-12-01:
-fused training forward of long rows 0.94-0.97x the kernel time); :mod:`bnkit.kernels.cpu` calls
+:func:`block_sums` runs float32 data's blocks in the same vector code on these CPUs (faster than LLVM's
+own float32 lanes there); :mod:`bnkit.kernels.cpu` calls
 :func:`affine` only where :func:`simd16` holds (a compile-time constant) and keeps its own loops for
 everything else; :func:`column_sums` also takes float32 data on these CPUs and says whether it ran
 (else the caller's loop runs).
@@ -24,6 +24,15 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
+
+from bnkit.kernels.cache import ensure_fresh
+from bnkit.kernels.compiling import announce_compiles
+
+# Every kernel module imports this one first: drop cached kernels whose sources changed before any
+# dispatcher of the package can load them (numba's cache watches only a kernel's own file), and say
+# when a call has to compile.
+ensure_fresh()
+announce_compiles()
 
 __all__ = [
     "NSC_TILE",
@@ -46,7 +55,7 @@ __all__ = [
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _JIT = {"cache": True, "fastmath": _FAST}
 # Values per tile of the channels-innermost normalize of 16-bit data on the SIMD path (rows of C values
-# repeated up to this many; 512 and 1024 measured alike, 256 slower).
+# repeated up to this many; shorter tiles cost more per value, longer ones gain nothing).
 NSC_TILE = 512
 
 
@@ -196,12 +205,12 @@ def _to_acc_impl(a, v):
 # --- 16-bit data, 16 values at a time: the CPU's own conversions (AVX-512) ------------------------------
 #
 # The scalar codecs above vectorize, but rounding float32 to bfloat16 in integer ops costs about 10
-# vector instructions per 16 values, and the normalize pass of bf16 data ran compute-bound at 0.39-0.46
-# cycles per value where a copy takes 0.12-0.17. The intrinsics below write whole vectors in LLVM IR:
+# vector instructions per 16 values, and the normalize pass of bf16 data ran compute-bound, at several
+# times a copy's time. The intrinsics below write whole vectors in LLVM IR:
 # bf16 is rounded by VCVTNEPS2BF16 and float16 by VCVTPS2PH (both round to nearest even, as torch
 # does). VCVTNEPS2BF16 flushes subnormals, and both give NaNs other bits than torch's codec, so a
 # vector holding a NaN or a float32 subnormal (one VFPCLASSPS test) is rounded again by the integer
-# codec: every value gets the bits of the scalar codec (0.24 cycles per value on bf16). The SIMD_*
+# codec: every value gets the bits of the scalar codec. The SIMD_*
 # flags hold only when numba compiles for this very CPU; its cache is keyed by the CPU's name and
 # features, so cached code and flag agree.
 
@@ -402,7 +411,7 @@ def affine(us, xs, os, n, has_u, a, m, k, sh):
     The coefficients are float32 scalars, or float32 arrays of one value per element (channels
     innermost, per-position tables: ``a[i]``, ...). 16-bit data on the SIMD path runs
     :func:`_affine16`; the plain loop below serves any other dtype, but :mod:`bnkit.kernels.cpu`
-    keeps its own loops there (through this helper, its float32 7x7 rows ran 1.7x slower).
+    keeps its own loops there (through this helper its float32 short rows ran slower).
     """
     raise NotImplementedError  # replaced by the overload inside jitted code
 
@@ -469,7 +478,7 @@ def _paired_sums(builder, count, terms):
     out = []
     for s in (0, 1):
         both = builder.fadd(builder.fpext(builder.load(accs[s]), vd), builder.fpext(builder.load(accs[s + 2]), vd))
-        # reassoc: a tree of adds, not 16 in a row (0.21 -> 0.17 cycles per bf16 value, stats in cache)
+        # reassoc: a tree of adds, not 16 in a row (a shorter dependency chain)
         out.append(builder.call(red, [ir.Constant(ir.DoubleType(), 0.0), both], fastmath=("reassoc",)))
     return out
 
@@ -483,8 +492,7 @@ def _zero_off(builder, mask, v):
 def _shifted_sums16(typingctx, xs, n, k):
     """``(sum(xs[i] - k), sum((xs[i] - k)**2))`` over ``i < n``, 16-bit or float32 data, in float32 lanes
     (:func:`_paired_sums`: 32 partial sums, so a block of SBLOCK16 values adds SBLOCK16 / 32 in each).
-    The vectorizer made 8-wide loops of this with a horizontal sum per block: 0.33 cycles per bf16
-    value with blocks of 256, 0.17 here."""
+    The vectorizer made 8-wide loops of this with a horizontal sum per block, about twice the time."""
     if not (isinstance(xs, types.Array) and xs.dtype in _LANE_DTYPES and k == types.float32):
         return None
 
@@ -555,7 +563,7 @@ def _block_sums_impl(blk, k):
 def dot_block(gb, xb, m):
     """``(sum(gb), sum(gb * (xb - m)))`` of one block of values in the compute dtype, as float64 (blocks of
     ``RBLOCK``, or ``SBLOCK16`` on the SIMD path). float32 data keeps the plain loop: LLVM's float32 lanes
-    measured 0.93-1.02x the time of :func:`_dot_sums16`'s on 7x7 to 56x56 rows (ncs_reduce, one thread)."""
+    are as fast as :func:`_dot_sums16`'s there."""
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 
@@ -582,10 +590,8 @@ def _column_sums16(typingctx, x, r0, r1, C, k, ts, tq):
     k[c])`` and ``tq[c] = sum_r((x[r, c] - k[c])**2)`` in float32, 16 channels at a time down the rows.
 
     The accumulators stay in registers over the rows; the scalar loops (lanes across channels, one
-    row after the other) loaded and stored ``ts`` and ``tq`` for every value and ran compute-bound
-    (bf16 64x256x14x14 channels_last: 1.5x a copy, about torch's own ``sum``). float32 statistics
-    (interleaved against the scalar loops): 32x64x56x56 channels_last 0.75-0.77x the time,
-    64x256x14x14 0.86-0.94x, 4096x1024 0.98-1.03x.
+    row after the other) loaded and stored ``ts`` and ``tq`` for every value and ran compute-bound.
+    float32 statistics take it too: faster than the scalar loops on channels_last inputs, never slower.
     """
     if not (isinstance(x, types.Array) and x.dtype in (types.uint16, types.int16, types.float32)):
         return None

@@ -12,11 +12,9 @@ write each channel right after reducing it, while it is in cache (the structure 
 :mod:`bnkit.kernels.cpu`); the ``row_*`` kernels serve inputs with too few channels to keep
 every thread busy. Every inner loop runs over a row slice (``xs = x[base : base + S]``,
 ``xs[i]``): indexing the flat array as ``x[base + i]`` makes numba handle negative
-indices on each element, and the same forward loop measured about 2x slower that way.
-numba's cache checks only this file's timestamp, but these kernels inline helpers of
-:mod:`bnkit.kernels.cpu` (:func:`~bnkit.kernels.cpu._seg_stats`): after an edit there, delete
-this module's ``__pycache__/cpu_act.*.nbi``/``.nbc`` (``./dev`` does it), or the cache keeps
-the old helpers.
+indices on each element, which makes the loop compute-bound.
+These kernels inline helpers of :mod:`bnkit.kernels.cpu` (:func:`~bnkit.kernels.cpu._seg_stats`);
+:mod:`bnkit.kernels.cache` drops their cached code when those change.
 
 Activation ids (``kind``): 0 identity, 1 relu, 2 leaky_relu (``p`` = slope), 3 elu
 (``p`` = alpha), 4 silu, 5 gelu (erf form). Symbols as in :mod:`bnkit.fused`:
@@ -316,7 +314,7 @@ def row_input_ms(dz, z, R, C, S, b, kind, p, floor, A, K, Cc, dx):
 
 # --- memory-saving ELU backward with the logarithm computed outside -------------------------
 # ELU's inverse needs ``log1p`` per element, which numba calls as scalar libm here (no SVML):
-# about 20x slower than torch's vectorized ``log1p``. :mod:`bnkit.fused` therefore has torch
+# an order of magnitude slower than torch's vectorized ``log1p``. :mod:`bnkit.fused` therefore has torch
 # write ``L = log1p(z / alpha)`` into a buffer (``dx`` itself when it is wanted; NaN or -inf
 # where the output saturated); :func:`row_reduce_ms_elu` turns ``L`` into ``y`` in place
 # (``y = z if z > 0 else L``, ``log1p(floor)`` where ``z / alpha <= floor``, as

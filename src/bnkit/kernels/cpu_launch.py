@@ -56,30 +56,24 @@ MIN_TASK = 4096
 FUSE_NCS = True
 # Channel-major rows shorter than this are read in memory order for the statistics (short
 # scattered rows defeat the prefetcher), then normalized in a second streaming pass; the training
-# backward reduces and writes each channel from cache from BACKWARD_FUSED_MIN_S values per row on.
-# Measured on the 2-core Xeon VM (interleaved, forward / backward ms, rows vs per channel):
-# 14x14 1.46 vs 1.84 / 1.97 vs 1.90; 16x16 0.28 vs 0.26 / 0.37 vs 0.29; 28x28 1.23 vs 1.14 / 1.74 vs 1.29.
+# backward reduces and writes each channel from cache from BACKWARD_FUSED_MIN_S values per row on
+# (the crossovers measured between 14x14 and 28x28 rows; benchmarks/results/decisions.md).
 ROW_STATS_MAX_S = 256
 BACKWARD_FUSED_MIN_S = 128
 
 # float32/float64 channel-major rows of SHORT_ROW_S < S < GROUP_MAX_S values: the training forward
 # takes groups of channels (ncs_train_groups) when a group's values fit in GROUP_BYTES (a fifth of
 # the 2 MB L2, which also takes the output) and its rows of one sample make runs of at least
-# GROUP_RUN_BYTES (shorter runs defeat the prefetcher as single rows do). Measured on the 2-core Xeon
-# VM (interleaved, kernel time against the path it replaces, in the same output buffer): float32
-# 64x256x14x14 0.82-0.93, 16x256x14x14 0.82, 32x512x7x7 0.83, 64x128x16x16 0.93 (against the
-# fused per-channel kernel), float64 64x256x14x14 and 64x128x16x16 0.83; 128x256x14x14 (runs of 3 KB)
-# 0.95-1.0 and 256x512x7x7 (1.5 KB) 1.2-1.3 keep the old paths, and so does 16-bit data (its old
-# paths sum in 16-wide vector code: float16 64x128x16x16 took 2.5x as long in groups).
+# GROUP_RUN_BYTES (shorter runs defeat the prefetcher as single rows do). Shorter runs keep the old
+# paths, and so does 16-bit data (its old paths sum in 16-wide vector code, which groups would lose).
 GROUP_MAX_S = 512
 GROUP_BYTES = 400 * 1024
 GROUP_RUN_BYTES = 4096
 
 # Channel-major rows of at most this many values are normalized by ncs_affine_short (one loop per
 # sample over constants repeated per position) when a sample's C*S values are at most
-# SHORT_ROW_TABLE (the four repeated tables stay in cache). Measured (interleaved, ms, tables
-# against ncs_affine's row ranges; a copy): 256x64x4x4 0.036 vs 0.078 (0.019); 64x128x8x8 0.111 vs
-# 0.067 (0.063); 256x512x7x7 1.26 vs 1.05 (1.04).
+# SHORT_ROW_TABLE (the four repeated tables stay in cache): faster than ncs_affine's row ranges on rows
+# of 16 values, slower from 49 on.
 SHORT_ROW_S = 16
 SHORT_ROW_TABLE = 1 << 15
 

@@ -3,9 +3,9 @@ r"""numba kernels for small and mid-size inputs: a whole batch-norm call in one 
 On small inputs (up to ``bnkit.small.SMALL_NUMEL`` elements; eval calls without a graph at every size,
 where one pass beats the regular launcher too) a batch norm costs microseconds
 of arithmetic and tens of microseconds around it on the regular path: argument checks, numpy views of
-every tensor (about 0.8 us each), allocations, one launch per pass (and a second thread to wake) and
+every tensor, allocations, one launch per pass (and a second thread to wake) and
 the torch ops of the running-statistics update. These kernels take the data as raw
-addresses (``Tensor.data_ptr()``: 0.1 us, where ``Tensor.numpy()`` costs 0.8) and do everything of
+addresses (``Tensor.data_ptr()``, far cheaper than ``Tensor.numpy()``) and do everything of
 one call in one launch:
 
 * :func:`train_forward`: per-channel mean and biased variance in one read (float64 sums of ``x - K``
@@ -57,6 +57,7 @@ from bnkit.kernels.cpu import (
     nsc_to_ncs_tiles,
     nsc_train,
     nsc_train_to_ncs,
+    run_time,
 )
 
 __all__ = [
@@ -357,9 +358,9 @@ def eval_forward16(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T, Q, tab):
     rm = _view(rma, C, one)
     k, sh = _eval_scale_shift(_view(rva, C, one), wa, ba, C, np.float32(eps), one)
     if S == 1:
-        nsc_affine(x, x, y, N, C, T, False, k, rm, k, sh)
+        nsc_affine(x, x, y, N, C, T, run_time(False), k, rm, k, sh)
     else:
-        ncs_affine_any(x, x, y, N, C, S, T, Q, False, k, rm, k, sh, tab)
+        ncs_affine_any(x, x, y, N, C, S, T, Q, run_time(False), k, rm, k, sh, tab)
 
 
 def _norm_zero(like):
@@ -376,7 +377,7 @@ def _norm_zero_impl(like):
 
 
 # The one-call drivers of the cpu backend's kernels: one per path of its plan, so that a first call
-# compiles only its own kernel (a single driver over all paths took 35 s cold for float32 on 2 cores).
+# compiles only its own kernel (a single driver over all paths made the first call compile every path).
 # All take the arguments of the launcher's plan in the same order; a path ignores what it does not use.
 
 
@@ -540,7 +541,7 @@ def eval_backward_ncs(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba
     running_mean)) * invstd`` in the statistics dtype, as autograd's torch ops make them;
     ``dbias = sum(dy)``."""
     g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
-    ncs_reduce(g, x, N, C, S, T, rm, s0, s1, True, dx, inv * w)
+    ncs_reduce(g, x, N, C, S, T, rm, s0, s1, run_time(True), dx, inv * w)
     _scale_by(s1, inv)
 
 
@@ -548,7 +549,7 @@ def eval_backward_ncs(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba
 def eval_backward_nsc(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba):
     """:func:`eval_backward_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_reduce`)."""
     g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
-    nsc_reduce(g, x, N * S, C, T, rm, s0, s1, True, dx, inv * w)
+    nsc_reduce(g, x, N * S, C, T, rm, s0, s1, run_time(True), dx, inv * w)
     _scale_by(s1, inv)
 
 
@@ -561,10 +562,9 @@ EVAL_BACKWARD_DRIVERS = {"ncs": "eval_backward_ncs", "nsc": "eval_backward_nsc"}
 
 @njit(cache=True, fastmath=_FAST)
 def _grad_sums(g, x, C, S, r0, r1, mean, s0, s1):
-    # s0[c] += sum(dy), s1[c] += sum(dy * (x - mean[c])) over rows [r0, r1), in float64. (The regular
-    # path's per-channel float32 lanes, as in cpu._ncs_reduce_lanes, took this kernel to 0.77x its time on
-    # 16x16x8x8, 3 us; its gradients' errors against float64 grew up to 2.4x, and twenty float32 SGD steps
-    # of test_e2e_resnet drifted from float64 2.1x as far as torch's, against 1.03x with these sums.)
+    # s0[c] += sum(dy), s1[c] += sum(dy * (x - mean[c])) over rows [r0, r1), in float64. (Not the regular
+    # path's per-channel float32 lanes, as in cpu._ncs_reduce_lanes: faster here, but the gradients' errors
+    # grew, and float32 SGD steps of test_e2e_resnet drifted from float64 much further than torch's.)
     if S == 1:
         for n in range(r0, r1):
             gs = g[n * C : (n + 1) * C]
@@ -711,27 +711,20 @@ def eval_backward_par(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T
 
 
 def probe() -> None:
-    """Compile (or load from numba's cache) every kernel but the two one-call drivers once, for float32,
-    on a 2x1x2 problem.
+    """Compile (or load from numba's cache) the raw-address view every kernel here reads its data through,
+    and check that it sees the data.
 
-    :mod:`bnkit.small` calls it before its first use, so that a broken numba install fails there,
-    where it becomes one warning and the regular path, and never in the middle of a call. The
-    one-call drivers (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`, :data:`EVAL_BACKWARD_DRIVERS`,
-    :func:`eval_forward16`) compile
-    on their first call instead, once per dtype (a failure there is one warning too): on a cold cache
-    on 2 cores 6-19 s each, where this probe takes 22-28 s; with ``eval_forward16`` in it, 41 s.
+    :mod:`bnkit.small` calls it before its first use, so that a numba install that cannot build these
+    kernels fails there, where it becomes one warning and the regular path (the ``cpu`` backend's
+    own probe has already started numba's threading layer). The kernels themselves compile on their
+    first call, once per dtype, so a first call compiles only what it runs; the one-call drivers
+    (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`, :data:`EVAL_BACKWARD_DRIVERS`,
+    :func:`eval_forward16`) turn a failure there into one warning too.
     """
-    like = np.float32(0.0)
-    x, y, g, dx = (np.arange(4, dtype=np.float32) for _ in range(4))
-    vec = [np.ones(1, np.float32) for _ in range(6)]
-    xa, ya, ga, dxa = (a.ctypes.data for a in (x, y, g, dx))
-    m, v, rm, rv, w, b = (a.ctypes.data for a in vec)
-    one = np.float32(1.0)
-    for t in (None, 1):
-        par = t is not None
-        tail = (t,) if par else ()
-        fwd = train_forward_par if par else train_forward
-        fwd(like, xa, ya, 2, 1, 2, w, b, 1e-5, m, v, rm, rv, rm, rv, one, one, one, 0, *tail)
-        (eval_forward_par if par else eval_forward)(like, xa, ya, 2, 1, 2, rm, rv, w, b, 1e-5, 0, *tail)
-        (train_backward_par if par else train_backward)(like, ga, xa, dxa, 2, 1, 2, m, v, w, 1e-5, rm, rv, *tail)
-        (eval_backward_par if par else eval_backward)(like, ga, xa, dxa, 2, 1, 2, rm, rv, w, 1e-5, m, v, *tail)
+    from bnkit.kernels.compiling import quiet
+
+    x = np.arange(4, dtype=np.float32)
+    with quiet():
+        seen = _view(x.ctypes.data, 4, np.float32(0.0))
+    if not np.array_equal(seen, x):
+        raise RuntimeError("raw-address views read other data")

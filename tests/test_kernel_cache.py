@@ -1,0 +1,117 @@
+"""The kernel cache keeps itself fresh (bnkit.kernels.cache).
+
+A copy of the bnkit package in a temporary directory runs a kernel of ``cpu_act`` in a subprocess;
+then a helper of ``cpu16.py`` that the kernel compiles in (through ``cpu.py``) is edited, and a new
+subprocess must run the new code, wherever numba keeps its cache: the package's ``__pycache__``,
+``NUMBA_CACHE_DIR``, or the per-user directory numba falls back to when the package is not writable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bnkit
+from bnkit.kernels import cache
+
+# row_reduce_std sums g = dz * relu'(y) per row in blocks of RBLOCK values, each block's sum starting
+# from to_acc(x, 0.0); the edit below makes that start 1000 for float64 data, so each row's sum grows by
+# 1000 per block: 600 values are 3 blocks of at most 256.
+SCRIPT = """
+import json, sys
+import numpy as np
+{prelude}
+from bnkit.kernels import cache, cpu_act
+R, C, S = 2, 1, 600
+x = np.linspace(-1.0, 1.0, R * S)
+g, gx = np.zeros(R), np.zeros(R)
+zero, one = np.zeros(1), np.ones(1)
+cpu_act.row_reduce_std(np.ones(R * S), x, R, C, S, zero, one, zero, 1, 0.0, g, gx)
+print(json.dumps({{"file": cpu_act.__file__, "g": g.tolist(), "dir": str(cache.cache_dir())}}))
+"""
+# numba takes the per-user directory when the package's __pycache__ cannot be written; tests run as root
+# here (chmod would not stop root), so the in-tree locator is refused as an unwritable directory makes it.
+NO_IN_TREE = """
+from numba.core import caching
+caching.InTreeCacheLocator.from_function = classmethod(lambda cls, py_func, py_file: None)
+"""
+OLD = "return lambda a, v: np.float64(v)\n"
+NEW = "return lambda a, v: np.float64(v) + 1000.0\n"
+
+
+def _run(pkg: Path, env: dict[str, str], prelude: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(prelude=prelude)], capture_output=True, text=True,
+                          env=env, cwd=pkg, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(out["file"]).resolve() == (pkg / "bnkit" / "kernels" / "cpu_act.py").resolve()
+    return out
+
+
+@pytest.mark.parametrize("where", ["in-tree", "NUMBA_CACHE_DIR", "per-user"])
+def test_edited_helper_reaches_cached_kernel(tmp_path: Path, where: str) -> None:
+    pkg = tmp_path / "pkg"
+    shutil.copytree(Path(bnkit.__file__).parent, pkg / "bnkit", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "PYTHON", "XDG_"))}
+    env["PYTHONPATH"] = str(pkg)
+    env["XDG_CACHE_HOME"] = str(tmp_path / "user-cache")
+    prelude = ""
+    if where == "NUMBA_CACHE_DIR":
+        env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba-cache")
+        root = tmp_path / "numba-cache"
+    elif where == "per-user":
+        prelude = NO_IN_TREE
+        root = tmp_path / "user-cache"
+    else:
+        root = pkg / "bnkit" / "kernels" / "__pycache__"
+
+    first = _run(pkg, env, prelude)
+    assert first["g"] == [0.0, 600.0]
+    where_cached = Path(first["dir"])
+    assert where_cached.is_relative_to(root)
+    cached = sorted(p.name for p in where_cached.glob("cpu_act.row_reduce_std-*.nb[ic]"))
+    assert len(cached) == 2  # numba put the kernel where the check looks
+    assert json.loads((where_cached / cache.STAMP_NAME).read_text())["cpu_act"]
+
+    if where == "in-tree":  # nothing changed: the cached kernel stays
+        stamp = {p.name: p.stat().st_mtime_ns for p in where_cached.glob("cpu_act.*.nbc")}
+        assert _run(pkg, env, prelude)["g"] == [0.0, 600.0]
+        assert {p.name: p.stat().st_mtime_ns for p in where_cached.glob("cpu_act.*.nbc")} == stamp
+
+    cpu16 = pkg / "bnkit" / "kernels" / "cpu16.py"
+    text = cpu16.read_text()
+    assert text.count(OLD) == 1
+    cpu16.write_text(text.replace(OLD, NEW))
+    assert _run(pkg, env, prelude)["g"] == [3000.0, 3600.0]
+
+
+def test_hash_covers_imported_kernel_modules(tmp_path: Path) -> None:
+    kernels = tmp_path / "kernels"
+    shutil.copytree(cache.KERNEL_DIR, kernels, ignore=shutil.ignore_patterns("__pycache__"))
+    before = cache.source_hashes(kernels)
+    assert before == cache.source_hashes(cache.KERNEL_DIR)
+
+    cpu16 = kernels / "cpu16.py"
+    cpu16.write_text(cpu16.read_text() + "\n# edited\n")
+    after = cache.source_hashes(kernels)
+    changed = {stem for stem in before if before[stem] != after[stem]}
+    # every module that imports cpu16 directly or through cpu; nothing else
+    assert {"cpu16", "cpu", "cpu_act", "cpu_small", "cpu_launch"} <= changed
+    assert not changed & {"triton", "triton_kernels", "reference", "base", "cache"}
+
+    act = kernels / "cpu_act.py"
+    act.write_text(act.read_text() + "\n# edited\n")
+    again = cache.source_hashes(kernels)
+    assert {stem for stem in after if after[stem] != again[stem]} == {"cpu_act"}
+
+
+def test_cache_dir_is_numbas() -> None:
+    from bnkit.kernels import cpu_act
+
+    assert cache.cache_dir() == Path(cpu_act.row_reduce_std._cache.cache_path)
