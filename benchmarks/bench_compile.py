@@ -3,9 +3,10 @@
 ``bnkit_ref`` is what bnkit gives inductor (bnkit.reference's formulas, fusable with their neighbours);
 ``bnkit_ops`` forces bnkit's custom ops instead (opaque calls into the numba kernels) by making
 ``bnkit.autograd.needs_plain_ops`` answer False during its steps. The model is the CPU benchmark's
-ResNet-style CNN (batch 32x3x32x32, width 32), one SGD step per call. Usage::
+ResNet-style CNN or ``bench_e2e``'s MobileNet-style CNN (batch 32x3x32x32, width 32), one SGD step per
+call. Usage::
 
-    PYTHONPATH=src python benchmarks/bench_compile.py [--runs 21] [--threads 1]
+    PYTHONPATH=src python benchmarks/bench_compile.py [--runs 21] [--threads 1] [--network resnet|mobilenet]
 """
 
 from __future__ import annotations
@@ -28,10 +29,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=21)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--network", choices=("resnet", "mobilenet"), default="resnet")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = _resnet(32)
+    if args.network == "resnet":
+        model = _resnet(32)
+    else:
+        from bench_e2e import mobilenet
+
+        model = mobilenet()
     x, target = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     plain_ops = bnkit_autograd.needs_plain_ops
 
@@ -62,7 +69,7 @@ def main() -> None:
         step()
         print(f"{name}: first two steps (compile) {time.perf_counter() - t0:.1f} s", flush=True)
     t = interleaved_times(steps, runs=args.runs)
-    print(f"threads {args.threads}, {args.runs} interleaved rounds")
+    print(f"{args.network}, threads {args.threads}, {args.runs} interleaved rounds")
     for name in steps:
         print(f"{name:10s} {t.median(name) * 1e3:9.2f} ms   speed vs torch.compile(torch model) "
               f"{t.ratio('torch', name):.3f}x")
