@@ -410,6 +410,21 @@ def _outcome(fn, args, dual_indices):
         return "ok", [fwAD.unpack_dual(t) for t in (y, duals[1], duals[2])]
 
 
+def _assert_same_outcome(ours, theirs) -> None:
+    """bnkit's and torch's outcome of one call with running-statistics tangents: the same error, or the
+    same primals and tangents."""
+    (kind, got), (expected_kind, expected) = ours, theirs
+    assert kind == expected_kind
+    if kind == "raised":
+        assert got == expected == bn_autograd.RUNNING_TANGENT_ERROR
+        return
+    for a, e in zip(got, expected, strict=True):
+        assert_close(a.primal, e.primal)
+        assert (a.tangent is None) == (e.tangent is None)
+        if e.tangent is not None:
+            assert_close(a.tangent, e.tangent)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dual_indices", [(0,), (1,), (2,), (1, 2), (0, 1), (0, 2), (0, 1, 2), (3, 1), (4, 2), (3,)])
 def test_running_stats_with_forward_grad(training, dual_indices):
@@ -420,16 +435,7 @@ def test_running_stats_with_forward_grad(training, dual_indices):
     for fn in (BF.batch_norm, F.batch_norm):
         torch.manual_seed(1)
         outcomes.append(_outcome(lambda *a, fn=fn: fn(*a, training=training, momentum=0.3), args, dual_indices))
-    (kind, got), (expected_kind, expected) = outcomes
-    assert kind == expected_kind
-    if kind == "raised":
-        assert got == expected == bn_autograd.RUNNING_TANGENT_ERROR
-        return
-    for a, e in zip(got, expected, strict=True):
-        assert_close(a.primal, e.primal)
-        assert (a.tangent is None) == (e.tangent is None)
-        if e.tangent is not None:
-            assert_close(a.tangent, e.tangent)
+    _assert_same_outcome(*outcomes)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -447,16 +453,7 @@ def test_running_stats_with_forward_grad_batch_norm_act(training, dual_indices):
     for fn in (ours, theirs):
         torch.manual_seed(1)
         outcomes.append(_outcome(fn, args, dual_indices))
-    (kind, got), (expected_kind, expected) = outcomes
-    assert kind == expected_kind
-    if kind == "raised":
-        assert got == expected == bn_autograd.RUNNING_TANGENT_ERROR
-        return
-    for a, e in zip(got, expected, strict=True):
-        assert_close(a.primal, e.primal)
-        assert (a.tangent is None) == (e.tangent is None)
-        if e.tangent is not None:
-            assert_close(a.tangent, e.tangent)
+    _assert_same_outcome(*outcomes)
 
 
 # --- the fast kernels stay on the plain eager path ------------------------------------------------

@@ -7,9 +7,7 @@ exercise the command line alone; the end-to-end ``inspect`` tests run the real m
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_calls import call, one_line
 
 from bnkit.cli import main
 
@@ -32,21 +31,6 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env.pop("BNKIT_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "bnkit", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
-
-
-def call(*args: str) -> tuple[int, str, str]:
-    """Run the console script's entry point in-process; (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_line(text: str) -> bool:
-    return len(text.strip().splitlines()) == 1 and "Traceback" not in text
 
 
 def _have(module: str) -> bool:

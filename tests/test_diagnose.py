@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_calls import call
 from torch import nn
 
 import bnkit
@@ -474,21 +475,6 @@ def raises():
 
 NOT_CALLABLE = 5
 '''
-
-
-def call(*args: str) -> tuple[int, str, str]:
-    import contextlib
-    import io
-
-    from bnkit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_calls import call
 from torch import nn
 
 from bnkit.cli import main
@@ -244,10 +245,7 @@ def test_numbers_are_written_as_torch_prints_them(values):
 
 def test_the_classic_example_reads_as_the_seed_text():
     # ../shared/seeds: running_var 1.0143, 1.0714 and outputs -1.2247, 2.0412 after one step of the example
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["explain", "--no-affine"])
-    assert code == 0
-    out = out.getvalue()
+    code, out, err = call("explain", "--no-affine")
+    assert code == 0, err
     for number in ("1.0143", "1.0714", "-1.2247", "2.0412", "0.0500"):
         assert number in out

@@ -385,12 +385,12 @@ def needs_plain_ops() -> bool:
 
     ``torch.export`` outside ONNX keeps the custom ops (opaque nodes with the hand-derived backward).
     """
-    if torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None:
+    if _peek_interpreter_stack() is not None or _tracing_state() is not None:
         return True
-    compiling = torch.compiler.is_compiling()
+    compiling = _is_compiling()
     if compiling and not torch.compiler.is_exporting():
         return True
-    if not compiling and torch._C._len_torch_dispatch_stack() == 0:
+    if not compiling and _dispatch_stack_len() == 0:
         return False  # nothing exports this call (both ONNX exporters trace or export it)
     return torch.onnx.is_in_onnx_export()
 
