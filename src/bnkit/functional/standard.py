@@ -14,7 +14,7 @@ kernels. Results are the same to rounding; see ``docs/semantics.md``.
 
 Both accept two keyword-only extensions that default to torch's behaviour:
 ``channel_dim`` (where the channels are, default 1) and ``mask`` (elements that count
-towards the statistics; see :mod:`bnkit.masked`).
+towards the statistics; see :mod:`bnkit.functional.masked`).
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ def _batch_norm(
         y, new_mean, new_var = _empty_batch(x, running_mean, running_var, weight, bias)
         return from_channels_first(y, channel_dim), new_mean, new_var
     if mask is not None:
-        from bnkit.masked import masked_batch_norm_pure
+        from bnkit.functional.masked import masked_batch_norm_pure
 
         y, new_mean, new_var = masked_batch_norm_pure(
             x, running_mean, running_var, weight, bias, training, momentum, eps, mask
@@ -499,24 +499,3 @@ def write_running_stats(
             running_mean.copy_(new_mean)
         if running_var is not None and new_var is not None and new_var is not running_var:
             running_var.copy_(new_var)
-
-# Variants (bnkit.functional_variants), re-exported here; imported last because they build on the above.
-from bnkit.functional_variants import (  # noqa: E402
-    batch_norm_act,
-    batch_norm_act_pure,
-    batch_renorm,
-    batch_renorm_pure,
-    frozen_batch_norm,
-    ghost_batch_norm,
-    ghost_batch_norm_pure,
-)
-
-__all__ += [
-    "batch_norm_act",
-    "batch_norm_act_pure",
-    "batch_renorm",
-    "batch_renorm_pure",
-    "frozen_batch_norm",
-    "ghost_batch_norm",
-    "ghost_batch_norm_pure",
-]
