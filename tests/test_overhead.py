@@ -12,7 +12,7 @@ import bnkit.functional as F
 from bnkit import autograd
 from bnkit import reference as ref
 from bnkit.functional import standard
-from bnkit.functional.standard import _plain_args
+from bnkit.functional.args import _plain_args
 from bnkit.kernels import get_backend, use_backend
 
 cpu = get_backend("cpu")

@@ -23,15 +23,10 @@ from torch import Tensor
 
 from bnkit import autograd
 from bnkit import reference as ref
-from bnkit.functional.standard import (
-    _verify_batch_size,
-    batch_norm_pure,
-    check_pure_args,
-    from_channels_first,
-    to_channels_first,
-    updated_running_stats,
-    write_running_stats,
-)
+from bnkit.functional.args import _verify_batch_size, check_pure_args
+from bnkit.functional.layout import from_channels_first, to_channels_first
+from bnkit.functional.running import updated_running_stats, write_running_stats
+from bnkit.functional.standard import batch_norm_pure
 from bnkit.fused import apply_activation, batch_norm_act_forward, check_activation
 
 __all__ = [
