@@ -11,6 +11,8 @@ import torch
 import bnkit.functional as F
 from bnkit import autograd
 from bnkit import reference as ref
+from bnkit.functional import standard
+from bnkit.functional.args import _plain_args
 from bnkit.kernels import get_backend, use_backend
 
 cpu = get_backend("cpu")
@@ -122,7 +124,7 @@ def test_forward_ad_still_reaches_the_function():
 )
 def test_plain_args_accepts_only_what_the_full_checks_accept(args, training):
     x = torch.randn(4, 3, 2)
-    assert F._plain_args(x, *args, training)
+    assert _plain_args(x, *args, training)
     F.check_batch_norm_args(x, *args, training)
 
 
@@ -143,7 +145,7 @@ def test_plain_args_accepts_only_what_the_full_checks_accept(args, training):
     ],
 )
 def test_plain_args_leaves_everything_else_to_the_full_checks(x, args, training):
-    assert not F._plain_args(x, *args, training)
+    assert not _plain_args(x, *args, training)
 
 
 @needs_cpu
@@ -197,7 +199,7 @@ def test_module_steps_match_functional(bn_path):
 
 def _torch_ops_update(monkeypatch):
     """Make every call update the running statistics with torch ops (the path before the compiled update)."""
-    monkeypatch.setattr(F, "_compiled_update", lambda *args: None)
+    monkeypatch.setattr(standard, "_compiled_update", lambda *args: None)
 
 
 @needs_cpu
@@ -276,7 +278,7 @@ def test_compiled_running_update_leaves_odd_statistics_to_torch_ops(monkeypatch,
     # a tensor momentum and 16-bit running statistics: the torch ops update them
     calls = []
     real = F.updated_running_stats
-    monkeypatch.setattr(F, "updated_running_stats", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(standard, "updated_running_stats", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(6, 5, 9, 8) + 2
     with use_backend("cpu"):
         rm, rv = torch.zeros(5), torch.ones(5)

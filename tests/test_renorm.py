@@ -7,7 +7,7 @@ from torch import nn
 
 import bnkit
 import bnkit.functional as bf
-from bnkit.functional_variants import renorm_limits
+from bnkit.functional import renorm_limits
 
 EPS = 1e-5
 

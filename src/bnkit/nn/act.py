@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from bnkit.functional_variants import batch_norm_act_pure
+from bnkit.functional import batch_norm_act_pure
 from bnkit.fused import check_activation
 from bnkit.nn.batchnorm import _BatchNormForward
 from bnkit.nn.modes import resolve_mode

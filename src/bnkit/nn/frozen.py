@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bnkit.functional_variants import frozen_batch_norm
+from bnkit.functional import frozen_batch_norm
 from bnkit.nn.tracing import fx_leaf
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]

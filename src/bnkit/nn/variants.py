@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from bnkit.functional_variants import (
+from bnkit.functional import (
     GHOST_RUNNING_STATS_UPDATES,
-    _check_renorm_limits,
     batch_renorm_pure,
+    check_renorm_limits,
     ghost_batch_norm_pure,
     renorm_limits,
 )
@@ -93,7 +93,7 @@ def _make_renorm_init(torch_cls: type):
         channel_dim: int = 1,
         nonfinite: str | None = None,
     ) -> None:
-        _check_renorm_limits(r_max, d_max)
+        check_renorm_limits(r_max, d_max)
         torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_bnkit(channel_dim, nonfinite)
         self.r_max, self.d_max = float(r_max), float(d_max)

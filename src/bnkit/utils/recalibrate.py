@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from bnkit import reference as ref
-from bnkit.masked import check_mask, masked_count
+from bnkit.functional.masked import check_mask, masked_count
 
 __all__ = [
     "StatisticsAccumulator",
@@ -102,7 +102,7 @@ class StatisticsAccumulator:
             mean = x64.mean(dims)
             m2 = (x64 - mean.view(ref.channel_shape(x))).square().sum(dims)
         else:
-            # bnkit's masked layers: only the unmasked elements count (see bnkit.masked).
+            # bnkit's masked layers: only the unmasked elements count (see bnkit.functional.masked).
             m = check_mask(x, mask)
             n = masked_count(x, m)
             if n == 0:

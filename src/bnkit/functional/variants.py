@@ -1,4 +1,4 @@
-r"""Functional forms of the batch-norm variants (re-exported from :mod:`bnkit.functional`).
+r"""Functional forms of the batch-norm variants (re-exported by :mod:`bnkit.functional`).
 
 Every variant comes as a pure function that *returns* ``(output, new_running_mean,
 new_running_var)`` (``*_pure``, what the modules call) and as a torch-style function that
@@ -23,15 +23,10 @@ from torch import Tensor
 
 from bnkit import autograd
 from bnkit import reference as ref
-from bnkit.functional import (
-    _verify_batch_size,
-    batch_norm_pure,
-    check_pure_args,
-    from_channels_first,
-    to_channels_first,
-    updated_running_stats,
-    write_running_stats,
-)
+from bnkit.functional.args import _verify_batch_size, check_pure_args
+from bnkit.functional.layout import from_channels_first, to_channels_first
+from bnkit.functional.running import updated_running_stats, write_running_stats
+from bnkit.functional.standard import batch_norm_pure
 from bnkit.fused import apply_activation, batch_norm_act_forward, check_activation
 
 __all__ = [
@@ -40,6 +35,7 @@ __all__ = [
     "batch_norm_act_pure",
     "batch_renorm",
     "batch_renorm_pure",
+    "check_renorm_limits",
     "frozen_batch_norm",
     "ghost_batch_norm",
     "ghost_batch_norm_pure",
@@ -165,7 +161,8 @@ def renorm_limits(
     return ramp(1.0, r_max, r_max_warmup), ramp(0.0, d_max, d_max_warmup)
 
 
-def _check_renorm_limits(r_max: float, d_max: float) -> None:
+def check_renorm_limits(r_max: float, d_max: float) -> None:
+    """Raise ``ValueError`` unless ``r_max >= 1`` and ``d_max >= 0`` (plain batch norm is 1 and 0)."""
     if not r_max >= 1:
         raise ValueError(f"r_max must be >= 1, got {r_max!r}")
     if not d_max >= 0:
@@ -201,7 +198,7 @@ def batch_renorm_pure(
     is batch norm in training too. Without running statistics there is nothing to
     renormalize against and the result is plain batch norm.
     """
-    _check_renorm_limits(r_max, d_max)
+    check_renorm_limits(r_max, d_max)
     x, channel_dim = to_channels_first(input, channel_dim)
     if not training or running_mean is None or running_var is None or x.numel() == 0:
         y, new_mean, new_var = batch_norm_pure(x, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from bnkit import autograd
 from bnkit import reference as ref
-from bnkit.functional import updated_running_stats
+from bnkit.functional.running import updated_running_stats
 
 __all__ = ["check_mask", "masked_batch_norm_pure", "masked_batch_stats"]
 
