@@ -1,12 +1,12 @@
 """The Triton kernels run by the Triton interpreter on CPU tensors (no GPU needed).
 
 Not collected on its own (the name does not start with ``test_``):
-``tests/test_kernels_triton.py`` runs this file in a fresh pytest process with
+``tests/kernels/test_triton.py`` runs this file in a fresh pytest process with
 ``TRITON_INTERPRET=1`` and ``BNKIT_BACKEND=triton``, because the interpreter is chosen when
 the kernels are decorated, i.e. at their first import, which another test module of the
 same process may already have done. To run it by hand::
 
-    TRITON_INTERPRET=1 BNKIT_BACKEND=triton PYTHONPATH=src python -m pytest -q tests/triton_interpret_cases.py
+    TRITON_INTERPRET=1 BNKIT_BACKEND=triton PYTHONPATH=src python -m pytest -q tests/kernels/triton_interpret_cases.py
 
 Checks, against the reference backend (the spec) and torch (the oracle): the four
 primitives in every layout the kernels take, through both launch plans (the fused
@@ -32,7 +32,7 @@ from bnkit.kernels.reference import ReferenceBackend  # noqa: E402
 from bnkit.kernels.triton import load_backend  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("BNKIT_BACKEND") != "triton":
-    raise RuntimeError("run with TRITON_INTERPRET=1 BNKIT_BACKEND=triton (tests/test_kernels_triton.py does)")
+    raise RuntimeError("run with TRITON_INTERPRET=1 BNKIT_BACKEND=triton (tests/kernels/test_triton.py does)")
 
 REF = ReferenceBackend()
 

@@ -21,7 +21,7 @@ from bnkit.demo.data import Digits
 from bnkit.demo.model import bn_layers
 from bnkit.demo.train import accuracy
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -31,7 +31,7 @@ import bnkit
 from bnkit.distributed import SyncBatchNormError, merge_stats_many
 from bnkit.reference import merge_stats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (dtype, rtol, atol): tolerances as data.
 TOL = {torch.float64: (1e-9, 1e-12), torch.float32: (1e-5, 1e-6)}

@@ -252,7 +252,7 @@ def test_docs_examples_run():
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parents[1] / "docs" / "beyond.md").read_text()
+    text = (pathlib.Path(__file__).parents[2] / "docs" / "beyond.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) == 3
     for block in blocks:
