@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from bn_tolerances import CUDA
 
 from bnkit.kernels.triton import Layout, _split_eps, layout_of
 
@@ -128,12 +129,7 @@ def test_cpu_tensors_need_the_interpreter():
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-GPU_TOL = {  # (atol, rtol) against torch's CUDA batch norm
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-}
+GPU_TOL = CUDA  # against torch's CUDA batch norm
 
 GPU_SHAPES = [
     ((16, 32, 24, 24), False),
