@@ -1,7 +1,13 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# tests/ mirrors src/bnkit/ in packages (tests.kernels.test_cpu, ...); the shared helpers beside this file
+# (bn_tolerances, models, cli_calls) are imported by their bare names from every folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Tests run with the backend the environment asks for (default auto); helpers below
 # compare bnkit against torch.nn, the oracle.

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bn_tolerances import ELEMENTWISE, FLOAT64_REFERENCE, SHORT, assert_close, tolerance
 from cli_calls import call
 from torch import nn
 
@@ -23,9 +24,6 @@ from bnkit.cli import main
 from bnkit.explain import CLASSIC_INPUT, compare_with_torch, explain
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-# (dtype, atol, rtol): the explained numbers against torch.nn
-TOL = {torch.float32: (1e-6, 1e-5), torch.float64: (1e-12, 1e-10)}
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -86,17 +84,15 @@ def test_four_modes_match_torch(mode, track, momentum):
     e = explain(xs, steps=3, mode=mode, momentum=momentum, track_running_stats=track, weight=w, bias=b,
                 running_mean=rm, running_var=rv)
     expected = torch_steps(xs, mode, momentum, 1e-5, True, track, torch.float32, w, b, rm, rv)
-    atol, rtol = TOL[torch.float32]
+    tol = tolerance(torch.float32, FLOAT64_REFERENCE)  # explain's textbook computes in float64
     for step, (y, rmean, rvar) in zip(e.steps, expected, strict=True):
         got_y = torch.tensor([ch.output for ch in step.channels])
-        torch.testing.assert_close(got_y, channel_rows(y), atol=atol, rtol=rtol)
-        torch.testing.assert_close(torch.tensor(step.output), y, atol=atol, rtol=rtol)
+        torch.testing.assert_close(got_y, channel_rows(y), **tol)
+        torch.testing.assert_close(torch.tensor(step.output), y, **tol)
         assert step.normalize_with == ("batch" if mode == "train" or not track else "running")
         if track:
-            torch.testing.assert_close(torch.tensor([ch.running_mean_after for ch in step.channels]), rmean,
-                                       atol=atol, rtol=rtol)
-            torch.testing.assert_close(torch.tensor([ch.running_var_after for ch in step.channels]), rvar,
-                                       atol=atol, rtol=rtol)
+            torch.testing.assert_close(torch.tensor([ch.running_mean_after for ch in step.channels]), rmean, **tol)
+            torch.testing.assert_close(torch.tensor([ch.running_var_after for ch in step.channels]), rvar, **tol)
         else:
             assert all(ch.running_mean_after is None for ch in step.channels)
     assert compare_with_torch(e) < 1e-5
@@ -125,7 +121,7 @@ def test_fast_backend_module_matches_torch(mode):
                 running_var=[1.0, 2.0, 0.5, 0.25])
     _, (y2, _, rv) = torch_steps([x, x], mode, 0.1, 1e-5, True, True, torch.float32,
                                           rm=[0.1, 0.2, 0.3, 0.4], rv=[1.0, 2.0, 0.5, 0.25])
-    torch.testing.assert_close(torch.tensor(e.steps[1].output), y2, atol=1e-5, rtol=1e-5)
+    assert_close(torch.tensor(e.steps[1].output), y2, table=SHORT)
     torch.testing.assert_close(torch.tensor([c.running_var_after for c in e.steps[1].channels]), rv)
     assert compare_with_torch(e) < 1e-4
 
@@ -166,7 +162,7 @@ def test_cli_default_json_matches_torch():
     x = torch.tensor(CLASSIC_INPUT, dtype=torch.float32)
     expected = torch_steps([x, x], "train", 0.1, 1e-5, True, True, torch.float32)
     for step, (y, rmean, rvar) in zip(data["steps"], expected, strict=True):
-        torch.testing.assert_close(torch.tensor(step["output"]), y, atol=1e-6, rtol=1e-5)
+        assert_close(torch.tensor(step["output"]), y, table=FLOAT64_REFERENCE)
         torch.testing.assert_close(torch.tensor([c["running_mean_after"] for c in step["channels"]]), rmean)
         torch.testing.assert_close(torch.tensor([c["running_var_after"] for c in step["channels"]]), rvar)
         assert step["torch"]["output"] < 1e-6
@@ -183,8 +179,7 @@ def test_cli_input_file_eval_float64(tmp_path):
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     (y, rm, rv), = torch_steps([x], "eval", 0.1, 1e-3, False, True, torch.float64, rm=[0.5, -2.0], rv=[3.0, 0.25])
-    torch.testing.assert_close(torch.tensor(data["steps"][0]["output"], dtype=torch.float64), y, atol=1e-12,
-                               rtol=1e-12)
+    assert_close(torch.tensor(data["steps"][0]["output"], dtype=torch.float64), y, table=ELEMENTWISE)
     assert data["layer"] == "BatchNorm1d" and data["mode"] == "eval" and not data["affine"]
 
 

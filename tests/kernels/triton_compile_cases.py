@@ -1,7 +1,7 @@
 """The Triton kernels compile for a real GPU (sm_90) on a machine without one.
 
 The interpreter accepts code the compiler rejects (and says nothing about memory access), so
-``tests/test_kernels_triton.py`` also runs this file in a fresh process with
+``tests/kernels/test_triton.py`` also runs this file in a fresh process with
 ``TRITON_INTERPRET=0``: every kernel is compiled ahead of time, through ptxas (bundled with
 triton), with the arguments the launcher would pass for real shapes and the specialization
 triton applies at launch (16-byte aligned pointers, integers equal to 1 made constant,

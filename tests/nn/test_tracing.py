@@ -7,14 +7,12 @@ import warnings
 
 import pytest
 import torch
+from bn_tolerances import NETWORK, assert_close
 from models import mobilenet_style, randomize_bn, resnet_style
 from torch import fx, nn
 
 import bnkit
 from bnkit.autograd import needs_plain_ops, plain_eager
-
-# Model outputs after several layers: float32 rounding of two different but exact computations.
-ATOL, RTOL = 1e-4, 1e-4
 
 
 def _twins(make, training: bool):
@@ -42,9 +40,9 @@ def test_symbolic_trace_keeps_each_layer_one_node(make, training):
     assert [n.op for n in traced_bnkit.graph.nodes] == [n.op for n in traced_torch.graph.nodes]
     assert all(type(traced_bnkit.get_submodule(t)).__module__.startswith("bnkit.") for t in _bn_targets(traced_bnkit))
     x = torch.randn(4, 3, 16, 16)
-    torch.testing.assert_close(traced_bnkit(x), traced_torch(x), atol=ATOL, rtol=RTOL)
+    assert_close(traced_bnkit(x), traced_torch(x), table=NETWORK)
     for (name, a), b in zip(_buffers(traced_bnkit).items(), _buffers(traced_torch).values(), strict=True):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=name)  # training updated both alike
+        assert_close(a, b, table=NETWORK, msg=name)  # training updated both alike
 
 
 def test_every_bnkit_layer_traces_as_one_node():
@@ -90,8 +88,7 @@ def test_fx_fuse_matches_torch():
 
     torch_model, bnkit_model = _twins(resnet_style, False)
     x = torch.randn(4, 3, 16, 16)
-    torch.testing.assert_close(fuse(copy.deepcopy(bnkit_model))(x), fuse(copy.deepcopy(torch_model))(x),
-                               atol=ATOL, rtol=RTOL)
+    assert_close(fuse(copy.deepcopy(bnkit_model))(x), fuse(copy.deepcopy(torch_model))(x), table=NETWORK)
 
 
 def test_feature_extraction_by_node_name():
@@ -111,7 +108,7 @@ def test_feature_extraction_by_node_name():
     got, expected = extractor(bnkit_model)(x), extractor(torch_model)(x)
     assert list(got) == list(expected) and len(got) == 2
     for k in got:
-        torch.testing.assert_close(got[k], expected[k], atol=ATOL, rtol=RTOL)
+        assert_close(got[k], expected[k], table=NETWORK)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -123,9 +120,9 @@ def test_jit_trace_matches_torch(training):
         traced_torch = torch.jit.trace(copy.deepcopy(torch_model), x, check_trace=False)
         traced = torch.jit.trace(copy.deepcopy(bnkit_model), x, check_trace=False)
     x2 = torch.randn(4, 3, 16, 16)  # a new batch: the traced graph computes, it did not record constants
-    torch.testing.assert_close(traced(x2), traced_torch(x2), atol=ATOL, rtol=RTOL)
+    assert_close(traced(x2), traced_torch(x2), table=NETWORK)
     for (name, a), b in zip(_buffers(traced).items(), _buffers(traced_torch).values(), strict=True):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=name)
+        assert_close(a, b, table=NETWORK, msg=name)
     # a TorchScript graph of standard ops: no bnkit op, so it runs where bnkit's Python cannot
     assert "bnkit::" not in str(traced.inlined_graph)
 
@@ -156,7 +153,7 @@ def test_onnx_export_gives_standard_ops_and_torchs_numbers(training, dynamo):
     assert not any("bnkit" in node.op_type for node in proto.graph.node)
     with torch.no_grad():
         expected = copy.deepcopy(torch_model)(x)  # train mode: normalized with this batch's statistics
-    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    assert_close(out, expected, table=NETWORK)
 
 
 def test_plain_calls_keep_the_kernels_and_tracers_get_plain_ops():

@@ -10,7 +10,9 @@ import bnkit
 import bnkit.nn as bnn
 from bnkit.utils.fold import FoldedPair
 
-# (dtype, rtol, atol relative to the largest output magnitude)
+# (dtype, rtol, atol relative to the largest output magnitude): derived, not table entries. A folded
+# network rounds its folded weights once and sums in another order, so the absolute error scales with
+# the outputs' size rather than with each value.
 TOLERANCES = [(torch.float64, 0.0, 1e-10), (torch.float32, 1e-5, 1e-5)]
 
 

@@ -1,10 +1,10 @@
 """The Triton backend: interpreter checks (any machine) and CUDA checks (GPU machines only).
 
-The interpreter checks live in ``tests/triton_interpret_cases.py`` and run here in a fresh
+The interpreter checks live in ``tests/kernels/triton_interpret_cases.py`` and run here in a fresh
 pytest process with ``TRITON_INTERPRET=1 BNKIT_BACKEND=triton``: Triton decides between
 compiling and interpreting when a kernel is decorated (at the first import of
 ``bnkit.kernels.triton_kernels``), so they cannot share a process with tests that may have
-imported the kernels first. ``tests/triton_compile_cases.py`` likewise compiles every kernel
+imported the kernels first. ``tests/kernels/triton_compile_cases.py`` likewise compiles every kernel
 for sm_90 (no GPU needed) in a process of its own with ``TRITON_INTERPRET=0``. The tests
 below that need a GPU compare against torch's own CUDA batch norm (the oracle) and skip when
 CUDA is absent.
@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from bn_tolerances import CUDA
 
 from bnkit.kernels.triton import Layout, _split_eps, layout_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
@@ -128,12 +129,7 @@ def test_cpu_tensors_need_the_interpreter():
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-GPU_TOL = {  # (atol, rtol) against torch's CUDA batch norm
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-}
+GPU_TOL = CUDA  # against torch's CUDA batch norm
 
 GPU_SHAPES = [
     ((16, 32, 24, 24), False),

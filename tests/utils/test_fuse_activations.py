@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from bn_tolerances import NETWORK, assert_close
 from models import mobilenet_style, randomize_bn, resnet_style
 from torch import nn
 
@@ -77,11 +78,11 @@ def test_fused_model_is_the_unfused_model(training):
     x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
     got, expected = _grads_and_stats(fused, x), _grads_and_stats(reference, x)
     for a, b in zip(got[:2], expected[:2], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+        assert_close(a, b, table=NETWORK)
     for mapping_a, mapping_b in zip(got[2:], expected[2:], strict=True):
         assert set(mapping_a) == set(mapping_b)
         for k in mapping_a:
-            torch.testing.assert_close(mapping_a[k], mapping_b[k], atol=1e-10, rtol=1e-10, msg=k)
+            assert_close(mapping_a[k], mapping_b[k], table=NETWORK, msg=k)
 
 
 def test_real_networks_fuse_their_pairs_and_keep_their_numbers():
@@ -93,8 +94,8 @@ def test_real_networks_fuse_their_pairs_and_keep_their_numbers():
     assert [p.bn for p in report.fused] == ["1", "3.bn1", "4.bn1"]
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
     got, expected = _grads_and_stats(fused, x), _grads_and_stats(reference, x)
-    torch.testing.assert_close(got[0], expected[0], atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(got[1], expected[1], atol=1e-10, rtol=1e-10)
+    assert_close(got[0], expected[0], table=NETWORK)
+    assert_close(got[1], expected[1], table=NETWORK)
 
     mobile = mobilenet_style()
     _, report = bnkit.convert(mobile, fuse_activations=True, return_report=True)

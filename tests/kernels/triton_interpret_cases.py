@@ -1,12 +1,12 @@
 """The Triton kernels run by the Triton interpreter on CPU tensors (no GPU needed).
 
 Not collected on its own (the name does not start with ``test_``):
-``tests/test_kernels_triton.py`` runs this file in a fresh pytest process with
+``tests/kernels/test_triton.py`` runs this file in a fresh pytest process with
 ``TRITON_INTERPRET=1`` and ``BNKIT_BACKEND=triton``, because the interpreter is chosen when
 the kernels are decorated, i.e. at their first import, which another test module of the
 same process may already have done. To run it by hand::
 
-    TRITON_INTERPRET=1 BNKIT_BACKEND=triton PYTHONPATH=src python -m pytest -q tests/triton_interpret_cases.py
+    TRITON_INTERPRET=1 BNKIT_BACKEND=triton PYTHONPATH=src python -m pytest -q tests/kernels/triton_interpret_cases.py
 
 Checks, against the reference backend (the spec) and torch (the oracle): the four
 primitives in every layout the kernels take, through both launch plans (the fused
@@ -26,24 +26,18 @@ _TRITON_AFTER_BNKIT = "triton" in sys.modules
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bn_tolerances import ELEMENTWISE, KERNEL, assert_close  # noqa: E402
 
 from bnkit.kernels import get_backend, last_backend  # noqa: E402
 from bnkit.kernels.reference import ReferenceBackend  # noqa: E402
 from bnkit.kernels.triton import load_backend  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("BNKIT_BACKEND") != "triton":
-    raise RuntimeError("run with TRITON_INTERPRET=1 BNKIT_BACKEND=triton (tests/test_kernels_triton.py does)")
+    raise RuntimeError("run with TRITON_INTERPRET=1 BNKIT_BACKEND=triton (tests/kernels/test_triton.py does)")
 
 REF = ReferenceBackend()
 
-# (dtype, atol, rtol) of kernel vs reference; float16/bfloat16 outputs may differ by one ulp of
-# the output because both round a float32 value that differs in the last bits.
-TOL = {
-    torch.float64: (1e-11, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (2e-2, 1.6e-2),
-}
+TOL = KERNEL  # float16/bfloat16 outputs may differ by one ulp: both round a float32 that differs in the last bits
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -175,6 +169,7 @@ def test_statistics_stay_accurate_when_mean_dominates(backend):
     x = torch.randn(6, 3, 40) + 1e4
     y, mean, var = backend.forward_train(x, None, None, 1e-5)  # also: no affine parameters
     xd = x.double()
+    # relative only, at float32's resolution: a float32 statistic of values near 1e4 against float64
     torch.testing.assert_close(mean.double(), xd.mean((0, 2)), atol=0, rtol=1e-7)
     torch.testing.assert_close(var.double(), xd.var((0, 2), unbiased=False), atol=0, rtol=1e-5)
     _close(y, REF.forward_train(x, None, None, 1e-5)[0], torch.float32, scale=100)  # |x - mean| ~ 1e-3 ulp
@@ -240,16 +235,16 @@ def test_batchnorm2d_module_matches_torch():
         dy = torch.randn_like(ya)
         (ya * dy).sum().backward()
         (yb * dy).sum().backward()
-        torch.testing.assert_close(ya, yb, atol=1e-10, rtol=1e-10)
-        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, atol=1e-10, rtol=1e-10)
+        assert_close(ya, yb)
+        assert_close(xa.grad, xb.grad)
+    assert_close(ours.weight.grad, theirs.weight.grad)
+    assert_close(ours.bias.grad, theirs.bias.grad)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-12, rtol=1e-12)
+        assert_close(getattr(ours, name), getattr(theirs, name), table=ELEMENTWISE)
     ours.eval()
     theirs.eval()
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
-    torch.testing.assert_close(ours(x), theirs(x), atol=1e-10, rtol=1e-10)
+    assert_close(ours(x), theirs(x))
     assert last_backend() == "triton"
 
 
@@ -264,6 +259,6 @@ def test_other_modules_match_torch_in_float32(module, shape):
     x = torch.randn(shape) * 3 - 1
     y = ours(x)
     assert last_backend() == "triton"
-    torch.testing.assert_close(y, theirs(x), atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(ours.running_mean, theirs.running_mean, atol=1e-6, rtol=1e-6)
+    assert_close(y, theirs(x))
+    assert_close(ours.running_var, theirs.running_var, table=ELEMENTWISE)
+    assert_close(ours.running_mean, theirs.running_mean, table=ELEMENTWISE)

@@ -8,6 +8,7 @@ the formula ``w * (x - mean) * invstd + b`` with those statistics.
 import pytest
 import torch
 import torch.nn.functional as F
+from bn_tolerances import ELEMENTWISE, FLOAT64_REFERENCE, GRAD, assert_close
 from torch import nn
 
 import bnkit
@@ -55,13 +56,13 @@ def test_training_matches_bn_on_unmasked_elements(shape, mshape):
     xs = gather(x, mask)
     trm, trv = rm.clone(), rv.clone()
     ys = F.batch_norm(xs, trm, trv, w, b, True, 0.3, 1e-5)  # oracle on the data alone
-    torch.testing.assert_close(gather(y, mask), ys, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(nm, trm, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(nv, trv, rtol=1e-10, atol=1e-12)  # unbiased with n = count of unmasked
+    assert_close(gather(y, mask), ys)
+    assert_close(nm, trm)
+    assert_close(nv, trv)  # unbiased with n = count of unmasked
     # masked positions: normalized with the same statistics
     mean, var, _ = hand_stats(x, mask)
     expect = (x - channel(mean, x)) / channel((var + 1e-5).sqrt(), x) * channel(w, x) + channel(b, x)
-    torch.testing.assert_close(y, expect, rtol=1e-10, atol=1e-12)
+    assert_close(y, expect)
 
 
 def test_unbiased_running_var_uses_unmasked_count():
@@ -92,7 +93,7 @@ def test_all_true_mask_equals_plain_batch_norm(shape, mshape):
     (gx_b, gw_b, gb_b) = torch.autograd.grad(y_b, (x, b.weight, b.bias), dy)
     for got, want in ((y_b, y_t), (gx_b, gx_t), (gw_b, gw_t), (gb_b, gb_t), (b.running_mean, t.running_mean),
                       (b.running_var, t.running_var), (b.num_batches_tracked, t.num_batches_tracked)):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+        assert_close(got, want, table=GRAD)
 
 
 def test_gradients_equal_bn_on_unmasked_elements_when_loss_ignores_padding():
@@ -108,9 +109,9 @@ def test_gradients_equal_bn_on_unmasked_elements_when_loss_ignores_padding():
     xs = gather(x.detach(), mask).requires_grad_()
     ys = F.batch_norm(xs, None, None, w, b, True)
     gxs, gws, gbs = torch.autograd.grad(ys, (xs, w, b), gather(dy, mask))
-    torch.testing.assert_close(gather(gx, mask), gxs, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(gw, gws, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(gb, gbs, rtol=1e-10, atol=1e-12)
+    assert_close(gather(gx, mask), gxs)
+    assert_close(gw, gws)
+    assert_close(gb, gbs)
     assert torch.equal(gather(gx, ~mask), torch.zeros_like(gather(gx, ~mask)))
 
 
@@ -132,7 +133,7 @@ def test_gradients_match_hand_derived_formula_for_any_dy():
     c2 = channel((dy * xhat).sum((0, 2, 3)) / n, x)
     m = mask.unsqueeze(1)
     expect = torch.where(m, channel(w, x) * inv * (dy - c1 - xhat * c2), channel(w, x) * inv * dy)
-    torch.testing.assert_close(gx, expect, rtol=1e-10, atol=1e-12)
+    assert_close(gx, expect)
 
 
 def test_gradcheck_float64():
@@ -165,7 +166,7 @@ def test_eval_mode_ignores_mask_but_validates_it():
     rm, rv = torch.randn(3, dtype=D), torch.rand(3, dtype=D) + 0.5
     mask = torch.zeros(4, 6, dtype=torch.bool)  # nothing unmasked: fine in eval
     y = batch_norm(x, rm, rv, training=False, mask=mask)
-    torch.testing.assert_close(y, F.batch_norm(x, rm, rv, training=False), rtol=1e-12, atol=1e-12)
+    assert_close(y, F.batch_norm(x, rm, rv, training=False), table=ELEMENTWISE)
     with pytest.raises(ValueError, match="does not match"):
         batch_norm(x, rm, rv, training=False, mask=torch.ones(4, 3, dtype=torch.bool))
 
@@ -176,7 +177,7 @@ def test_float32_input_against_float64_reference():
     y, nm, nv = batch_norm_pure(x, torch.zeros(4), torch.ones(4), training=True, mask=mask)
     assert y.dtype == nm.dtype == torch.float32
     ys = F.batch_norm(gather(x, mask).double(), None, None, training=True)
-    torch.testing.assert_close(gather(y, mask).double(), ys, rtol=1e-5, atol=1e-5)
+    assert_close(gather(y, mask).double(), ys, torch.float32, table=FLOAT64_REFERENCE)
 
 
 def test_module_forward_with_mask_and_channel_dim():
@@ -187,9 +188,9 @@ def test_module_forward_with_mask_and_channel_dim():
     bn = bnkit.nn.BatchNorm1d(3, channel_dim=-1, momentum=None).double()
     y = bn(x, mask=mask)
     xs = x[mask]  # (n, C)
-    torch.testing.assert_close(y[mask], F.batch_norm(xs, None, None, training=True), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(bn.running_mean, xs.mean(0), rtol=1e-10, atol=1e-12)  # momentum=None, 1st batch
-    torch.testing.assert_close(bn.running_var, xs.var(0), rtol=1e-10, atol=1e-12)
+    assert_close(y[mask], F.batch_norm(xs, None, None, training=True))
+    assert_close(bn.running_mean, xs.mean(0))  # momentum=None, 1st batch
+    assert_close(bn.running_var, xs.var(0))
     assert bn.num_batches_tracked.item() == 1
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from bn_tolerances import GRAD, assert_close
 from torch import nn
 
 import bnkit
@@ -44,15 +45,15 @@ def test_module_equals_transpose_torch_transpose_back(bcls, tcls, shape, cd):
         g_t = torch.autograd.grad(y_t, (x, t.weight, t.bias), dy)
         y_b = b(x)
         g_b = torch.autograd.grad(y_b, (x, b.weight, b.bias), dy)
-        torch.testing.assert_close(y_b, y_t, rtol=1e-10, atol=1e-12)
+        assert_close(y_b, y_t)
         for got, want in zip(g_b, g_t, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+            assert_close(got, want, table=GRAD)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(b, name), getattr(t, name), rtol=1e-10, atol=1e-12)
+        assert_close(getattr(b, name), getattr(t, name))
     b.eval()
     t.eval()
     x = torch.randn(shape, dtype=D)
-    torch.testing.assert_close(b(x), t(x.movedim(cd, 1)).movedim(1, cd), rtol=1e-10, atol=1e-12)
+    assert_close(b(x), t(x.movedim(cd, 1)).movedim(1, cd))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -63,8 +64,8 @@ def test_functional_channels_last(training):
     rm2, rv2 = rm.clone(), rv.clone()
     y = batch_norm(x, rm, rv, w, b, training, 0.2, 1e-4, channel_dim=-1)
     y_t = F.batch_norm(x.permute(0, 3, 1, 2), rm2, rv2, w, b, training, 0.2, 1e-4).permute(0, 2, 3, 1)
-    torch.testing.assert_close(y, y_t, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close((rm, rv), (rm2, rv2), rtol=1e-10, atol=1e-12)
+    assert_close(y, y_t)
+    assert_close((rm, rv), (rm2, rv2))
     assert y.shape == x.shape
 
 
@@ -91,8 +92,8 @@ def test_lazy_modules_read_channels_from_channel_dim(lcls, tcls, shape, cd):
     assert lazy.num_features == shape[cd]
     assert type(lazy) is lcls.cls_to_become and lazy.channel_dim == cd
     t = tcls(shape[cd]).double()
-    torch.testing.assert_close(y, t(x.movedim(cd, 1)).movedim(1, cd), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(lazy.running_var, t.running_var, rtol=1e-10, atol=1e-12)
+    assert_close(y, t(x.movedim(cd, 1)).movedim(1, cd))
+    assert_close(lazy.running_var, t.running_var)
 
 
 def test_repr_names_channel_dim():
