@@ -212,7 +212,7 @@ def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
 # None: use bnkit.kernels.cpu_act when the dispatcher picks the "cpu" backend for a tensor;
 # True/False force it on/off (tests compare both paths).
 FORCE_KERNELS: bool | None = None
-# (cpu_act module, cpu_launch._threads) once imported; False when numba is unusable
+# (cpu_act module, cpu_launch.threads) once imported; False when numba is unusable
 _CPU_ACT = None
 
 
@@ -244,17 +244,17 @@ def _cpu_act_for(numel: int):
 
 
 def _cpu_act():
-    """``(bnkit.kernels.cpu_act, cpu_launch._threads)``, imported once; None when numba is unusable
+    """``(bnkit.kernels.cpu_act, cpu_launch.threads)``, imported once; None when numba is unusable
     (every caller then has an exact composed or numpy path, only slower)."""
     global _CPU_ACT
     if _CPU_ACT is None:
         try:
             from bnkit.kernels import cpu_act
-            from bnkit.kernels.cpu_launch import _threads
+            from bnkit.kernels.cpu_launch import threads
         except Exception:
             _CPU_ACT = False
         else:
-            _CPU_ACT = (cpu_act, _threads)
+            _CPU_ACT = (cpu_act, threads)
     return _CPU_ACT or None
 
 
@@ -287,19 +287,19 @@ def _elu_log(zc: Tensor, alpha: float, buf: Tensor) -> Tensor:
 
 def _channel_group(x: Tensor, tensors: int) -> int:
     """Channels per task of the channel kernels: a group of short rows where the ``cpu`` backend takes
-    one for ``tensors`` tensors of ``x``'s size (:func:`bnkit.kernels.cpu_launch._ncs_group`), else 1."""
-    from bnkit.kernels.cpu_launch import _ncs_group, _threads
+    one for ``tensors`` tensors of ``x``'s size (:func:`bnkit.kernels.cpu_launch.channel_group`), else 1."""
+    from bnkit.kernels.cpu_launch import channel_group, threads
 
     n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
-    return max(1, _ncs_group(_threads(x.numel()), n, c, s, tensors * x.element_size()))
+    return max(1, channel_group(threads(x.numel()), n, c, s, tensors * x.element_size()))
 
 
 def _channel_tasks(x: Tensor) -> bool:
     """One task per channel (reduce, then write while the channel is in cache) when the channels
     alone keep every thread busy, as :mod:`bnkit.kernels.cpu_launch` decides; else row-parallel passes."""
-    from bnkit.kernels.cpu_launch import TASKS_PER_THREAD, _threads
+    from bnkit.kernels.cpu_launch import TASKS_PER_THREAD, threads
 
-    nt = _threads(x.numel())
+    nt = threads(x.numel())
     return nt == 1 or x.shape[1] >= TASKS_PER_THREAD * nt
 
 

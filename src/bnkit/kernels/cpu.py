@@ -963,13 +963,12 @@ def update_running(mean, var, running):
     ``new_var = rv*keep + (var*ratio)*take``, for ``running = (rm, rv, new_mean, new_var, ratio, keep,
     take)`` (``new_*`` may be ``rm``/``rv`` themselves; empty vectors: no update).
 
-    The float operations of :func:`bnkit.functional.updated_running_stats`' torch ops, each rounded
-    to the statistics dtype (no fastmath: ``contract`` would fuse a product and the sum into one FMA).
-    Run at the end of the training forward's drivers, the one-call path's (``bnkit.small``) included.
-    In the regular path's calls it replaced five torch ops with no measurable change in time: the
-    first Python after a pass over megabytes pays for the cold caches whatever it runs. In place, each
-    channel's mean is written before its variance is read, as torch's kernel does (one buffer passed as
-    both gets torch's numbers).
+    The one compiled running-statistics update: every training driver ends with it (the small
+    kernels' and each planned path's). The float operations of
+    :func:`bnkit.reference.update_running_stats`, each rounded to the statistics dtype (no fastmath:
+    ``contract`` would fuse a product and the sum into one FMA); ``tests/test_kernels_cpu.py`` holds
+    it to the reference bit for bit. In place, each channel's mean is written before its variance is
+    read, as torch's kernel does (one buffer passed as both gets torch's numbers).
     """
     rm, rv, nm, nv, ratio, keep, take = running
     for c in range(rm.shape[0]):

@@ -14,18 +14,34 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 
 import numba
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 
 from bnkit import reference as ref
 from bnkit.kernels import base as _base
 from bnkit.kernels import cpu as K
+from bnkit.kernels import ran_plan
+from bnkit.kernels import runs_cpu_backend as _runs_cpu_backend
 from bnkit.kernels.reference import ReferenceBackend
 
-__all__ = ["CpuBackend", "layout_of"]
+__all__ = [
+    "ONE_CALL_NUMEL",
+    "SMALL_GRAD_NUMEL",
+    "SMALL_NUMEL",
+    "SMALL_SERIAL_NUMEL",
+    "CpuBackend",
+    "backward_plan",
+    "channel_group",
+    "layout_of",
+    "one_call_path",
+    "threads",
+    "train_plan",
+]
 
 # dtype -> (dtype of the raw view handed to numba, statistics dtype as numpy)
 _VIEW: dict[torch.dtype, tuple[torch.dtype, type]] = {
@@ -207,7 +223,7 @@ def _running_arrays(running, c: int, count: int, np_sd: type) -> tuple:
     return (*arrays, np_sd(count / (count - 1)), np_sd(1.0 - momentum), np_sd(momentum))
 
 
-def _threads(numel: int) -> int:
+def threads(numel: int) -> int:
     """Set numba's thread count for this launch: torch's count, or one for small inputs."""
     nt = 1 if numel < SERIAL_NUMEL else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     # numba.get_num_threads() costs several microseconds; remember what this thread last set
@@ -225,7 +241,7 @@ def _ncs_parts(nt: int, c: int, m: int) -> int:
     return max(1, min(-(-TASKS_PER_THREAD * nt // c), m // MIN_TASK))
 
 
-def _ncs_group(nt: int, n: int, c: int, s: int, itemsize: int) -> int:
+def channel_group(nt: int, n: int, c: int, s: int, itemsize: int) -> int:
     """Channels per task of :func:`bnkit.kernels.cpu.ncs_train_groups`, or 0 to keep the other paths."""
     if s >= GROUP_MAX_S or s <= SHORT_ROW_S:
         return 0
@@ -234,8 +250,9 @@ def _ncs_group(nt: int, n: int, c: int, s: int, itemsize: int) -> int:
 
 
 # The training forward's paths (train_plan): groups of channels, short rows streamed twice, channels
-# innermost, long rows (fused per channel, or channels cut in parts)
-PATH_GROUPS, PATH_ROWS, PATH_NSC, PATH_LONG = 0, 1, 2, 3
+# innermost, long rows (fused per channel, or channels cut in parts). The names are those that
+# bnkit.kernels.last_plan() reports after "train/".
+PATH_GROUPS, PATH_ROWS, PATH_NSC, PATH_LONG = "groups", "rows", "nsc", "long"
 
 
 def train_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) -> tuple:
@@ -246,7 +263,7 @@ def train_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) 
     norm = _NORM[dtype]
     none = (0, 1, np.empty((4, 0), norm))
     if order == "ncs":
-        g = _ncs_group(nt, n, c, s, dtype.itemsize) if dtype in _NUMPY_DTYPES else 0
+        g = channel_group(nt, n, c, s, dtype.itemsize) if dtype in _NUMPY_DTYPES else 0
         if g:
             return (PATH_GROUPS, g, 1, False, *none)
         if s < ROW_STATS_MAX_S:  # short rows: stream them in memory order, twice
@@ -259,7 +276,7 @@ def train_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) 
 
 # The training backward's paths other than PATH_NSC (backward_plan): each channel (or group of channels)
 # reduced and written from cache, or short rows in two streaming passes
-PATH_FUSED = PATH_GROUPS
+PATH_FUSED = "fused"
 
 
 def backward_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) -> tuple:
@@ -272,10 +289,15 @@ def backward_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtyp
     if order == "nsc":
         return (PATH_NSC, 1, _nsc_parts(nt, n * s, c), *none)
     # groups of short rows as in the forward, sized for two tensors (dy and x)
-    g = _ncs_group(nt, n, c, s, 2 * dtype.itemsize) if dtype in _NUMPY_DTYPES else 0
+    g = channel_group(nt, n, c, s, 2 * dtype.itemsize) if dtype in _NUMPY_DTYPES else 0
     if g or (s >= BACKWARD_FUSED_MIN_S and _ncs_parts(nt, c, n * s) == 1):
         return (PATH_FUSED, max(g, 1), 1, *none)
     return (PATH_ROWS, 1, _nsc_parts(nt, n * c, s), *_ncs_affine_plan(nt, n, c, s, sd))
+
+
+# path -> the plan name bnkit.kernels.last_plan() reports for it
+_TRAIN_NAMES = {p: "train/" + p for p in (PATH_GROUPS, PATH_ROWS, PATH_NSC, PATH_LONG)}
+_BACKWARD_NAMES = {p: "backward/" + p for p in (PATH_FUSED, PATH_ROWS, PATH_NSC)}
 
 
 def _ncs_affine_plan(nt: int, n: int, c: int, s: int, dtype) -> tuple[int, int, np.ndarray]:
@@ -349,10 +371,11 @@ class CpuBackend:
         var = torch.empty(c, dtype=sd)
         mean_np, var_np = mean.numpy(), var.numpy()
         nmean, scale, shift = np.empty((3, c), _NORM[x.dtype])
-        nt = _threads(x.numel())
+        nt = threads(x.numel())
         e = float(eps)
         xf, yf = _flat(x), _flat(y)
         path, g, p, fuse, ta, q, tab = train_plan(nt, order, n, c, s, x.dtype)
+        ran_plan(_TRAIN_NAMES[path])
         parts = np.empty((3, p, c))
         if path == PATH_GROUPS:
             K.ncs_train_groups_all(xf, yf, n, c, s, g, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
@@ -400,7 +423,7 @@ class CpuBackend:
         sh = np.empty(c, np_sd)
         K.eval_coeffs(v, w, b, np_sd(eps), np_sd(1.0), k, sh)
         y = _empty_like(x)
-        self._affine(order, n, c, s, x, x, y, False, k, m, k, sh)
+        self._affine(order, n, c, s, x, x, y, False, k, m, k, sh, "eval/")
         return y
 
     def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
@@ -438,8 +461,9 @@ class CpuBackend:
         a, k, cc = np.empty((3, c), np_sd)
         dx = _empty_like(x)
         gf, xf, df = _flat(dy), _flat(x), _flat(dx)
-        nt = _threads(x.numel())
+        nt = threads(x.numel())
         path, g, t, ta, q, tab = backward_plan(nt, order, n, c, s, x.dtype)
+        ran_plan(_BACKWARD_NAMES[path])
         if path == PATH_FUSED:
             K.ncs_backward_train(gf, xf, df, n, c, s, g, m, inv, w, s0, s1, a, k, cc)
         elif path == PATH_NSC:
@@ -462,7 +486,8 @@ class CpuBackend:
         sum_dy = torch.empty(c, dtype=sd)
         sum_dy_xmu = torch.empty(c, dtype=sd)
         dx = _empty_like(x)
-        self._reduce(order, n, c, s, _flat(dy), _flat(x), m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k)
+        self._reduce(order, n, c, s, _flat(dy), _flat(x), m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k,
+                     "eval_backward/")  # fmt: skip
         return dx, sum_dy, sum_dy_xmu
 
     def backward_input(self, dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, k: Tensor, c: Tensor) -> Tensor:
@@ -479,19 +504,21 @@ class CpuBackend:
         return dx
 
     @staticmethod
-    def _reduce(order, n, c, s, gf, xf, m, sum_dy, sum_dy_xmu, write, df, k) -> None:
+    def _reduce(order, n, c, s, gf, xf, m, sum_dy, sum_dy_xmu, write, df, k, pass_="reduce/") -> None:
         # sum(dy), sum(dy * (x - m)) into sum_dy, sum_dy_xmu (flat numpy buffers); with `write`
         # also df = k * dy in the same read (eval backward). Tasks stream row ranges in memory order.
-        nt = _threads(n * c * s)
+        nt = threads(n * c * s)
+        ran_plan(pass_ + order)
         if order == "ncs":
             K.ncs_reduce(gf, xf, n, c, s, _nsc_parts(nt, n * c, s), m, sum_dy, sum_dy_xmu, write, df, k)
         else:
             K.nsc_reduce(gf, xf, n * s, c, _nsc_parts(nt, n * s, c), m, sum_dy, sum_dy_xmu, write, df, k)
 
     @staticmethod
-    def _affine(order, n, c, s, u, x, out, has_u, a, m, k, sh) -> None:
+    def _affine(order, n, c, s, u, x, out, has_u, a, m, k, sh, pass_="affine/") -> None:
         # u, x, out: tensors or their flat buffers (already made by the caller: saves a conversion)
-        nt = _threads(n * c * s)
+        nt = threads(n * c * s)
+        ran_plan(pass_ + order)
         uf, xf, of = (t if isinstance(t, np.ndarray) else _flat(t) for t in (u, x, out))
         if order == "ncs":
             t, q, tab = _ncs_affine_plan(nt, n, c, s, a.dtype)
@@ -499,3 +526,421 @@ class CpuBackend:
         else:
             t = _nsc_parts(nt, n * s, c)
             K.nsc_affine(uf, xf, of, n * s, c, t, has_u, a, m, k, sh)
+
+    # --- the one-call road ----------------------------------------------------------------
+    #
+    # A plain eager call (bnkit.autograd.one_call asks plain_eager) on tensors that pass check() runs
+    # each pass as one compiled call on raw addresses (Tensor.data_ptr(), far cheaper than numpy views):
+    # the small kernels (bnkit.kernels.cpu_small: the "small" path, serial or parallel) or the driver of
+    # the planned path (train_plan / backward_plan, the same kernels and numbers as the methods above).
+    # Each method returns None when nothing was written: the caller then takes the checked road above.
+
+    def check(self, x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, int, int] | None:
+        """``(N, C, S)`` of ``x``'s memory for the one-call kernels when they may run on these tensors (at
+        most ``ONE_CALL_NUMEL`` elements) and the cpu backend is the one selected, else ``None``.
+        float32/float64 data takes vectors of its dtype, bfloat16/float16 data float32 vectors.
+
+        Contiguous ``(N, C, *)`` memory is ``(N, C, S)`` as it is; channels-innermost memory (channels_last,
+        an ``(N, C, L)`` view of ``(N, L, C)``) is ``N*S`` rows of ``C`` channels, ``(N*S, C, 1)``: the same
+        statistics over the same values. A call that passes has valid arguments: these checks imply
+        everything :func:`bnkit.functional.check_batch_norm_args` asks. (They run on every small call:
+        module-level names and one loop over the vectors, cheaper than a helper per vector.)
+        """
+        if type(x) is not Tensor:
+            return None
+        dt = vdt = x.dtype
+        if dt is not _F32 and dt is not _F64:
+            if dt is not _BF16 and dt is not _F16:
+                return None
+            vdt = _F32
+        if not x.is_cpu or x.layout is not _STRIDED:
+            return None
+        shape = x.shape
+        if len(shape) < 2 or (running_mean is None) != (running_var is None):
+            return None
+        numel = x.numel()
+        if numel == 0 or numel > ONE_CALL_NUMEL:
+            return None
+        n, c = shape[0], shape[1]
+        s = numel // (n * c)
+        if not x.is_contiguous():
+            if len(shape) == 2 or not x.movedim(1, -1).is_contiguous():
+                return None
+            n, s = n * s, 1
+        vshape = (c,)
+        for t in (running_mean, running_var, weight, bias):
+            # Parameter has no __torch_function__ of its own; a leaked functorch wrapper passes these
+            # checks, its data_ptr() raises, and the caller then takes the checked road
+            if t is not None and not (
+                (type(t) is Tensor or type(t) is Parameter)
+                and t.dtype is vdt
+                and t.shape == vshape
+                and t.is_cpu
+                and t.layout is _STRIDED
+                and t.is_contiguous()
+            ):
+                return None
+        if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
+            return None
+        return (n, c, s) if _runs_cpu_backend() and _small_kernels() else None
+
+    def one_call_train_plan(
+        self, x: Tensor, dims: tuple[int, int, int], running_mean, running_var, momentum: float, inplace: bool,
+        graph: bool,
+    ) -> tuple | None:
+        """The plan of a one-call training forward on ``x`` (which passed :meth:`check`), with the outputs of
+        its running-statistics update: ``(plan, new_mean, new_var)``; ``None``: the checked road (fewer than 2
+        values per channel, whose error it raises, or a tensor without storage).
+
+        With ``inplace`` the update goes to the buffers themselves, else to new vectors. ``plan`` is what
+        :meth:`one_call_train` and :meth:`one_call_train_backward` take."""
+        path = one_call_path(x.dtype, x.numel(), graph)
+        dt = x.dtype
+        if path == "small":
+            n, c, s = dims
+            order, like, sd, params, length = "", _ZERO[dt], dt, (), _ncl_length(x)
+        else:
+            order, n, c, s = layout_of(x)
+            like, sd = _LIKE[dt], (_F32 if dt in _RAW16 else dt)
+            params = train_plan(threads(x.numel()), order, n, c, s, dt)
+            path = params[0]
+            length = _ncl_length(x)
+            if length:  # an (N, C, L) view: its output written contiguous (cpu_small.train_nsc takes L as G)
+                params = (path, length, *params[2:])
+        count = n * s
+        if count < 2:
+            return None  # the checked road raises torch's "Expected more than 1 value per channel"
+        try:
+            new_mean, new_var, stats = _running_outputs(running_mean, running_var, inplace, c, sd)
+        except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
+            return None
+        plan = (path, order, n, c, s, like, sd, params, length, stats, _blend_scalars(count, momentum, sd))
+        return plan, new_mean, new_var
+
+    def one_call_train(
+        self, plan: tuple, x: Tensor, weight, bias, eps: float, keep: bool
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """``(y, mv)`` of the one-call training forward of :meth:`one_call_train_plan`'s plan, the running
+        statistics updated; ``mv`` the ``(2*C,)`` vector of the batch mean and biased variance (what
+        :meth:`one_call_train_backward` takes) with ``keep``, else ``None``. ``None``: nothing was written
+        (a tensor without storage, or a driver that failed to compile)."""
+        path, order, n, c, s, like, sd, params, length, stats, scalars = plan
+        try:
+            xa, wa, ba = x.data_ptr(), _addr(weight), _addr(bias)
+        except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
+            return None
+        if keep:
+            mv = torch.empty(2 * c, dtype=sd)
+            ma = mv.data_ptr()
+            va = ma + c * _ITEMSIZE[sd]
+        else:
+            mv, ma, va = None, 0, 0
+        if path == "small":
+            # the batch statistics leave the kernel only when a backward needs them (ma, va not 0)
+            y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
+            k = _small_kernels()
+            ratio, keep_, take = scalars
+            args = (like, xa, y.data_ptr(), n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep_, take, length)
+            _launch(k.train_forward, k.train_forward_par, args, n, c, s, _TRAIN_SMALL)
+            return y, mv
+        y = _train_output(x, order, params)
+        args = (like, xa, y.data_ptr(), n, c, s, *params[1:], wa, ba, eps, ma, va, *stats, *scalars)
+        if not _call_driver(_driver(_small_kernels().TRAIN_DRIVERS, path), args):
+            return None
+        ran_plan(_TRAIN_NAMES[path])
+        return y, mv
+
+    def one_call_train_backward(
+        self, plan: tuple, gy: Tensor, x: Tensor, weight, mv: Tensor, eps: float, need_x: bool
+    ) -> tuple[Tensor | None, Tensor, Tensor] | None:
+        """``(dx, dweight, dbias)`` of the one-call training forward of ``plan`` from its saved ``mv``, for a
+        gradient ``gy`` laid out as ``x``; ``dx`` is ``None`` without ``need_x``. ``None``: the caller's
+        regular backward (a planned path without ``need_x``, or a driver that failed to compile)."""
+        path, order, n, c, s, like, sd = plan[:7]
+        ma = mv.data_ptr()
+        if path == "small":
+            dx = torch.empty_like(x) if need_x else None
+            dw = torch.empty(c, dtype=sd)
+            db = torch.empty(c, dtype=sd)
+            args = (like, gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, ma, ma + c * _ITEMSIZE[sd],
+                    _addr(weight), eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
+            k = _small_kernels()
+            _launch(k.train_backward, k.train_backward_par, args, n, c, s, _BACKWARD_SMALL)
+            return dx, dw, db
+        if not need_x:
+            return None
+        dx = torch.empty_like(x)
+        dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
+        params = backward_plan(threads(x.numel()), order, n, c, s, x.dtype)
+        args = (like, gy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s, *params[1:], ma, ma + c * _ITEMSIZE[sd],
+                _addr(weight), _scalar(eps, sd), dw.data_ptr(), db.data_ptr())  # fmt: skip
+        if not _call_driver(_driver(_small_kernels().BACKWARD_DRIVERS, params[0]), args):
+            return None
+        ran_plan(_BACKWARD_NAMES[params[0]])
+        return dx, dw, db
+
+    def one_call_eval_plan(self, x: Tensor, dims: tuple[int, int, int], graph: bool) -> tuple:
+        """The plan of a one-call eval forward on ``x`` (which passed :meth:`check`): the small kernel at every
+        size (16-bit data: the ``half`` kernel); its backward (with ``graph``) on the small kernel up to
+        ``SMALL_GRAD_NUMEL`` float32/float64 elements, else the backend's eval backward in one call."""
+        return dims, one_call_path(x.dtype, x.numel(), graph) != "small"
+
+    def one_call_eval(self, plan: tuple, x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias,
+             eps: float) -> Tensor | None:  # fmt: skip
+        """The one-call eval forward of :meth:`one_call_eval_plan`'s plan; ``None``: nothing was written."""
+        try:
+            xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
+            wa, ba = _addr(weight), _addr(bias)
+        except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
+            return None
+        n, c, s = plan[0]
+        if x.dtype in _RAW16:
+            y = torch.empty_like(x)
+            nt = threads(n * c * s)  # as the checked road sets numba's threads and cuts the work
+            params = (_nsc_parts(nt, n, c), 1, _NO_TABLE) if s == 1 else _ncs_affine_plan(nt, n, c, s, np.float32)
+            args = (_LIKE[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, *params)
+            if not _call_driver(_small_kernels().eval_forward16, args):
+                return None
+            ran_plan("eval/half")
+            return y
+        length = _ncl_length(x)
+        y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)  # else x's strides (x is dense)
+        k = _small_kernels()
+        args = (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, length)
+        _launch(k.eval_forward, k.eval_forward_par, args, n, c, s, _EVAL_SMALL)
+        return y
+
+    def one_call_eval_backward(
+        self, plan: tuple, gy: Tensor, x: Tensor, running_mean: Tensor, running_var: Tensor, weight, eps: float,
+        need_x: bool, need_params: bool,
+    ) -> tuple[Tensor | None, Tensor, Tensor] | None:
+        """``(dx, dweight, dbias)`` of the one-call eval forward of ``plan``, for a gradient ``gy`` laid out as
+        ``x``; ``None``: the caller's regular backward (the planned eval backward takes calls that need ``dx``
+        and a parameter's gradient; a driver that failed to compile)."""
+        dims, planned = plan
+        if planned:
+            if not (need_x and need_params):
+                return None
+            return _eval_backward_planned(gy, x, running_mean, running_var, weight, eps)
+        n, c, s = dims
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.empty(c, dtype=x.dtype)
+        db = torch.empty(c, dtype=x.dtype)
+        args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, running_mean.data_ptr(),
+                running_var.data_ptr(), _addr(weight), eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
+        k = _small_kernels()
+        _launch(k.eval_backward, k.eval_backward_par, args, n, c, s, _EVAL_BACKWARD_SMALL)
+        return dx, dw, db
+
+
+# Inputs of at most SMALL_NUMEL elements take the small kernels; calls that record a graph (a backward
+# follows) only up to SMALL_GRAD_NUMEL: above it the planned paths' in-cache fused backward wins. Up to
+# ONE_CALL_NUMEL elements (every size) calls take the one-call road at all (check). Up to SMALL_SERIAL_NUMEL
+# elements the small kernels run serially (waking a second thread costs more than it saves); above, their
+# parallel twins take TASKS_PER_THREAD ranges of rows per thread. Tests force a path through these knobs.
+SMALL_NUMEL = 1 << 20
+SMALL_GRAD_NUMEL = 1 << 19
+ONE_CALL_NUMEL = 1 << 62
+SMALL_SERIAL_NUMEL = 1 << 15
+
+
+def one_call_path(dtype: torch.dtype, numel: int, graph: bool) -> str:
+    """``"small"`` when a one-call pass on ``numel`` elements of ``dtype`` takes the small kernels, else
+    ``"planned"`` (the path of :func:`train_plan` / :func:`backward_plan`): 16-bit data, or more than
+    ``SMALL_NUMEL`` elements (``SMALL_GRAD_NUMEL`` when a graph is recorded)."""
+    if dtype in _RAW16 or numel > (SMALL_GRAD_NUMEL if graph else SMALL_NUMEL):
+        return "planned"
+    return "small"
+
+
+_F32, _F64, _STRIDED = torch.float32, torch.float64, torch.strided
+_BF16, _F16 = torch.bfloat16, torch.float16
+# 16-bit dtype -> a zero of the raw type its kernels read (as the checked road's views)
+_RAW16 = {torch.bfloat16: np.uint16(0), torch.float16: np.int16(0)}
+_NO_TABLE = np.empty((4, 0), np.float32)
+# dtype -> the first argument of its kernels (a zero of the type they read the data as)
+_ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
+_LIKE = {**_ZERO, **_RAW16}
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8}
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+# (value, dtype) -> value as a numpy scalar of dtype (0.5 us to make, 0.1 to look up)
+_SCALARS: dict = {}
+
+# the plan names (bnkit.kernels.last_plan) of the small kernels, serial and parallel
+_TRAIN_SMALL = ("train/small", "train/small_parallel")
+_BACKWARD_SMALL = ("backward/small", "backward/small_parallel")
+_EVAL_SMALL = ("eval/small", "eval/small_parallel")
+_EVAL_BACKWARD_SMALL = ("eval_backward/small", "eval_backward/small_parallel")
+
+_K = None  # bnkit.kernels.cpu_small once loaded; False if it failed to (then the one-call road is off)
+
+
+def _small_kernels():
+    """The one-call kernels (:mod:`bnkit.kernels.cpu_small`), compiled (or loaded from numba's cache) on first
+    use; ``False`` if they fail to.
+
+    A failure is one warning, and every later call takes the checked road (which has its own fallback
+    to the reference), as a fast backend that cannot load does.
+    """
+    global _K
+    if _K is None:
+        try:
+            from bnkit.kernels import cpu_small
+
+            cpu_small.probe()
+        except Exception as exc:  # a broken numba install: one warning, then the checked road
+            warnings.warn(
+                f"bnkit: the small-input kernels are unavailable ({type(exc).__name__}: {exc}); "
+                "small inputs take the regular path",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            _K = False
+        else:
+            _K = cpu_small
+    return _K
+
+
+def _launch(serial, parallel, args: tuple, n: int, c: int, s: int, plans: tuple[str, str]) -> None:
+    """Run a small kernel on ``(n, c, s)`` memory: ``serial(*args)`` up to ``SMALL_SERIAL_NUMEL`` elements or
+    with one thread, else ``parallel(*args, T)`` with ``TASKS_PER_THREAD`` ranges of rows per thread
+    (numba set to torch's thread count, as :func:`threads` sets it), and record the plan that ran
+    (``plans``: the serial and the parallel one's names)."""
+    numel = n * c * s
+    nt = 1 if numel <= SMALL_SERIAL_NUMEL else threads(numel)
+    if nt == 1:
+        _call(serial, args)
+        ran_plan(plans[0])
+    else:
+        _call(parallel, (*args, min(n * c if s > 1 else n, TASKS_PER_THREAD * nt)))
+        ran_plan(plans[1])
+
+
+# (kernel, type of its first argument) -> the compiled specialization's entry point. The first
+# argument (a zero of the data's dtype) fixes every argument's numba type: the others are Python
+# ints (int64), eps (a float) and numpy scalars of that dtype. Calling the entry point skips the
+# dispatcher's typing of every argument, nearly half the cost of calling an 11-argument kernel.
+_ENTRY: dict = {}
+
+
+def _driver(names: dict, path):
+    """The one-call driver of a plan's path or a memory order (``cpu_small.TRAIN_DRIVERS``,
+    ``BACKWARD_DRIVERS``, ``EVAL_BACKWARD_DRIVERS``)."""
+    return getattr(_small_kernels(), names[path])
+
+
+_BROKEN: set = set()  # one-call drivers whose first call (their compilation) failed
+
+
+def _call_driver(kernel, args: tuple) -> bool:
+    """:func:`_call` for the one-call drivers, which :func:`_small_kernels` does not probe: their first call
+    compiles them (or loads them from numba's cache); if that fails, one warning, ``False`` (the
+    caller takes the checked road, nothing was written) then and for every later call."""
+    if (kernel, type(args[0])) in _ENTRY:
+        _call(kernel, args)
+        return True
+    if kernel in _BROKEN:
+        return False
+    try:
+        _call(kernel, args)
+    except Exception as exc:  # a compile error: the kernel did not run
+        _BROKEN.add(kernel)
+        warnings.warn(
+            f"bnkit: the one-call kernel {getattr(kernel, '__name__', kernel)} is unavailable "
+            f"({type(exc).__name__}: {exc}); such calls take the regular path",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return False
+    return True
+
+
+def _call(kernel, args: tuple) -> None:
+    key = (kernel, type(args[0]))
+    entry = _ENTRY.get(key)
+    if entry is not None:
+        entry(*args)
+        return
+    kernel(*args)  # compiles or loads the specialization
+    overloads = getattr(kernel, "overloads", None)
+    if overloads is None:
+        return  # not a numba dispatcher (a test's stand-in): nothing to remember
+    cres = overloads.get(tuple(kernel.typeof_pyval(a) for a in args))
+    # no overload for exactly these types would be a numba change: keep the dispatcher
+    _ENTRY[key] = kernel if cres is None else cres.entry_point
+
+
+def _scalar(value: float, dtype: torch.dtype):
+    key = (value, dtype)
+    v = _SCALARS.get(key)
+    if v is None:
+        if len(_SCALARS) >= 256:
+            _SCALARS.clear()
+        v = _SCALARS[key] = _NP[dtype](value)
+    return v
+
+
+def _addr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _ncl_length(x: Tensor) -> int:
+    """``L`` when ``x`` (which passed :meth:`CpuBackend.check`) is a float32/float64 ``(N, C, L)`` view of
+    ``(N, L, C)`` memory, whose output the kernels write contiguous, torch's layout for it, in their normalize
+    pass (``cpu.nsc_tile_to_ncs``); else 0. The checked road keeps the input's layout (``channel_dim=-1``
+    hands it such views and wants ``(N, L, C)`` back)."""
+    if len(x.shape) == 3 and not x.is_contiguous() and (x.dtype is _F32 or x.dtype is _F64):
+        return x.shape[2]
+    return 0
+
+
+def _train_output(x: Tensor, order: str, params: tuple) -> Tensor:
+    # the output buffer of a planned one-call training forward: in x's layout, or contiguous for an
+    # (N, C, L) view, whose channels-innermost plan carries L where groups would go (cpu_small.train_nsc)
+    if order == "nsc" and params[1] > 0:
+        return torch.empty(x.shape, dtype=x.dtype)
+    return torch.empty_like(x)
+
+
+# (count, momentum, dtype) -> the running-statistics update's scalars (count / (count - 1), 1 - momentum,
+# momentum) rounded to dtype, as torch rounds the Python scalars of reference.update_running_stats
+_BLEND: dict = {}
+
+
+def _blend_scalars(count: int, momentum: float, dtype: torch.dtype) -> tuple:
+    key = (count, momentum, dtype)
+    v = _BLEND.get(key)
+    if v is None:
+        if len(_BLEND) >= 256:
+            _BLEND.clear()
+        v = _BLEND[key] = (_scalar(count / (count - 1), dtype), _scalar(1 - momentum, dtype), _scalar(momentum, dtype))
+    return v
+
+
+def _running_outputs(running_mean, running_var, inplace: bool, c: int, dtype: torch.dtype) -> tuple:
+    """``(new_mean, new_var, addresses)`` for a kernel's running-statistics update: the buffers themselves
+    with ``inplace``, else new vectors; addresses ``(running_mean, running_var, new_mean, new_var)``, all 0
+    without running statistics. ``data_ptr()`` raises RuntimeError for a tensor without storage."""
+    if running_mean is None:
+        return None, None, (0, 0, 0, 0)
+    rma, rva = running_mean.data_ptr(), running_var.data_ptr()
+    if inplace:
+        return running_mean, running_var, (rma, rva, rma, rva)
+    new_mean, new_var = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+    return new_mean, new_var, (rma, rva, new_mean.data_ptr(), new_var.data_ptr())
+
+
+def _eval_backward_planned(gy, x, running_mean, running_var, weight, eps):
+    # (dx, dweight, dbias) of the checked road's eval backward in one call; None if its driver failed to compile
+    order, n, c, s = layout_of(x)
+    sd = running_mean.dtype
+    dx = torch.empty_like(x)
+    dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
+    nt = threads(x.numel())
+    t = _nsc_parts(nt, n * c, s) if order == "ncs" else _nsc_parts(nt, n * s, c)
+    args = (_LIKE[x.dtype], gy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s, t, running_mean.data_ptr(),
+            running_var.data_ptr(), _addr(weight), _scalar(eps, sd), dw.data_ptr(), db.data_ptr())  # fmt: skip
+    if not _call_driver(_driver(_small_kernels().EVAL_BACKWARD_DRIVERS, order), args):
+        return None
+    ran_plan("eval_backward/" + order)
+    return dx, dw, db

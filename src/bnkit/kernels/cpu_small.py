@@ -58,6 +58,7 @@ from bnkit.kernels.cpu import (
     nsc_train,
     nsc_train_to_ncs,
     run_time,
+    update_running,
 )
 
 __all__ = [
@@ -183,13 +184,6 @@ def _normalize(x, y, C, S, r0, r1, mu, k, sh):
             c = 0
 
 
-@njit(cache=True)
-def _blend(run, stat, keep, take):
-    # reference.update_running_stats in the statistics dtype: run*keep + stat*take, two roundings
-    # of the products and one of the sum (no fastmath: contract would fuse them into one FMA)
-    return run * keep + stat * take
-
-
 @njit(inline="always")
 def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, L, T):
     total = N * C * S
@@ -232,13 +226,8 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
             r0, r1 = _span(R, T, t)
             _normalize(x, y, C, S, r0, r1, mu, sc, sh)
     if rma != 0:
-        rm = _view(rma, C, like)
-        rv = _view(rva, C, like)
-        nm = _view(nma, C, like)
-        nv = _view(nva, C, like)
-        for c in range(C):
-            nm[c] = _blend(rm[c], mean[c], keep, take)
-            nv[c] = _blend(rv[c], var[c] * ratio, keep, take)
+        rm, rv, nm, nv = _view(rma, C, like), _view(rva, C, like), _view(nma, C, like), _view(nva, C, like)
+        update_running(mean, var, (rm, rv, nm, nv, ratio, keep, take))
 
 
 @njit(cache=True)
@@ -554,8 +543,8 @@ def eval_backward_nsc(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba
 
 
 # plan path (bnkit.kernels.cpu_launch.PATH_*) -> its driver's name
-TRAIN_DRIVERS = {0: "train_groups", 1: "train_rows", 2: "train_nsc", 3: "train_long"}
-BACKWARD_DRIVERS = {0: "backward_fused", 1: "backward_rows", 2: "backward_nsc"}
+TRAIN_DRIVERS = {"groups": "train_groups", "rows": "train_rows", "nsc": "train_nsc", "long": "train_long"}
+BACKWARD_DRIVERS = {"fused": "backward_fused", "rows": "backward_rows", "nsc": "backward_nsc"}
 # memory order (bnkit.kernels.cpu_launch.layout_of) -> the eval backward's driver
 EVAL_BACKWARD_DRIVERS = {"ncs": "eval_backward_ncs", "nsc": "eval_backward_nsc"}
 
