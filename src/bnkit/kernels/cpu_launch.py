@@ -27,6 +27,18 @@ from bnkit.kernels import base as _base
 from bnkit.kernels import cpu as K
 from bnkit.kernels import ran_plan
 from bnkit.kernels import runs_cpu_backend as _runs_cpu_backend
+from bnkit.kernels.cpu_small import (
+    AffinePlan,
+    BackwardPlan,
+    Data,
+    EvalVectors,
+    Grads,
+    GradVectors,
+    Running,
+    Shape,
+    TrainPlan,
+    TrainVectors,
+)
 from bnkit.kernels.reference import ReferenceBackend
 
 __all__ = [
@@ -602,11 +614,9 @@ class CpuBackend:
         else:
             order, n, c, s = layout_of(x)
             like, sd = _LIKE[dt], (_F32 if dt in _RAW16 else dt)
-            params = train_plan(threads(x.numel()), order, n, c, s, dt)
-            path = params[0]
-            length = _ncl_length(x)
-            if length:  # an (N, C, L) view: its output written contiguous (cpu_small.train_nsc takes L as G)
-                params = (path, length, *params[2:])
+            path, *params = train_plan(threads(x.numel()), order, n, c, s, dt)
+            params = TrainPlan(*params)
+            length = _ncl_length(x)  # an (N, C, L) view: its output written contiguous (cpu_small.train_nsc)
         count = n * s
         if count < 2:
             return None  # the checked road raises torch's "Expected more than 1 value per channel"
@@ -643,8 +653,9 @@ class CpuBackend:
             args = (like, xa, y.data_ptr(), n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep_, take, length)
             _launch(k.train_forward, k.train_forward_par, args, n, c, s, _TRAIN_SMALL)
             return y, mv
-        y = _train_output(x, order, params)
-        args = (like, xa, y.data_ptr(), n, c, s, *params[1:], wa, ba, eps, ma, va, *stats, *scalars)
+        y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
+        args = (like, Data(xa, y.data_ptr()), Shape(n, c, s, length), params, TrainVectors(wa, ba, ma, va), eps,
+                Running(*stats, *scalars))  # fmt: skip
         if not _call_driver(_driver(_small_kernels().TRAIN_DRIVERS, path), args):
             return None
         ran_plan(_TRAIN_NAMES[path])
@@ -671,12 +682,13 @@ class CpuBackend:
             return None
         dx = torch.empty_like(x)
         dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
-        params = backward_plan(threads(x.numel()), order, n, c, s, x.dtype)
-        args = (like, gy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s, *params[1:], ma, ma + c * _ITEMSIZE[sd],
-                _addr(weight), _scalar(eps, sd), dw.data_ptr(), db.data_ptr())  # fmt: skip
-        if not _call_driver(_driver(_small_kernels().BACKWARD_DRIVERS, params[0]), args):
+        path, *params = backward_plan(threads(x.numel()), order, n, c, s, x.dtype)
+        vectors = GradVectors(ma, ma + c * _ITEMSIZE[sd], _addr(weight), dw.data_ptr(), db.data_ptr())
+        args = (like, Grads(gy.data_ptr(), x.data_ptr(), dx.data_ptr()), Shape(n, c, s, 0), BackwardPlan(*params),
+                vectors, _scalar(eps, sd))  # fmt: skip
+        if not _call_driver(_driver(_small_kernels().BACKWARD_DRIVERS, path), args):
             return None
-        ran_plan(_BACKWARD_NAMES[params[0]])
+        ran_plan(_BACKWARD_NAMES[path])
         return dx, dw, db
 
     def one_call_eval_plan(self, x: Tensor, dims: tuple[int, int, int], graph: bool) -> tuple:
@@ -698,7 +710,8 @@ class CpuBackend:
             y = torch.empty_like(x)
             nt = threads(n * c * s)  # as the checked road sets numba's threads and cuts the work
             params = (_nsc_parts(nt, n, c), 1, _NO_TABLE) if s == 1 else _ncs_affine_plan(nt, n, c, s, np.float32)
-            args = (_LIKE[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, *params)
+            args = (_LIKE[x.dtype], Data(xa, y.data_ptr()), Shape(n, c, s, 0), EvalVectors(rma, rva, wa, ba), eps,
+                    AffinePlan(*params))  # fmt: skip
             if not _call_driver(_small_kernels().eval_forward16, args):
                 return None
             ran_plan("eval/half")
@@ -894,14 +907,6 @@ def _ncl_length(x: Tensor) -> int:
     return 0
 
 
-def _train_output(x: Tensor, order: str, params: tuple) -> Tensor:
-    # the output buffer of a planned one-call training forward: in x's layout, or contiguous for an
-    # (N, C, L) view, whose channels-innermost plan carries L where groups would go (cpu_small.train_nsc)
-    if order == "nsc" and params[1] > 0:
-        return torch.empty(x.shape, dtype=x.dtype)
-    return torch.empty_like(x)
-
-
 # (count, momentum, dtype) -> the running-statistics update's scalars (count / (count - 1), 1 - momentum,
 # momentum) rounded to dtype, as torch rounds the Python scalars of reference.update_running_stats
 _BLEND: dict = {}
@@ -938,8 +943,9 @@ def _eval_backward_planned(gy, x, running_mean, running_var, weight, eps):
     dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
     nt = threads(x.numel())
     t = _nsc_parts(nt, n * c, s) if order == "ncs" else _nsc_parts(nt, n * s, c)
-    args = (_LIKE[x.dtype], gy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s, t, running_mean.data_ptr(),
-            running_var.data_ptr(), _addr(weight), _scalar(eps, sd), dw.data_ptr(), db.data_ptr())  # fmt: skip
+    vectors = GradVectors(running_mean.data_ptr(), running_var.data_ptr(), _addr(weight), dw.data_ptr(), db.data_ptr())
+    args = (_LIKE[x.dtype], Grads(gy.data_ptr(), x.data_ptr(), dx.data_ptr()), Shape(n, c, s, 0), t, vectors,
+            _scalar(eps, sd))  # fmt: skip
     if not _call_driver(_driver(_small_kernels().EVAL_BACKWARD_DRIVERS, order), args):
         return None
     ran_plan("eval_backward/" + order)
