@@ -312,13 +312,12 @@ def test_launch_after_backend_load_uses_torchs_thread_count():
     # that had already set two threads must not go on believing two are set.
     import numba
 
-    from bnkit.kernels import cpu as kcpu
     from bnkit.kernels import cpu_launch
 
     if min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) < 2:
         pytest.fail("this test needs torch and numba to allow 2 threads (CI has 2 cores)")
     want = cpu_launch.threads(SERIAL_NUMEL)
-    kcpu.load_backend()
+    cpu_launch.load_backend()
     assert cpu_launch.threads(SERIAL_NUMEL) == want
     assert numba.get_num_threads() == want
 
@@ -473,3 +472,18 @@ def test_compiled_running_update_is_the_reference_bit_for_bit(dtype, momentum, c
     assert torch.equal(new_mean, want_mean) and torch.equal(new_var, want_var)
     if not inplace:
         assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_kernel_modules_do_not_import_their_launcher():
+    # layers: the kernels are imported by the launcher (cpu_launch), never the other way round
+    import ast
+    from pathlib import Path
+
+    from bnkit.kernels import cpu_launch
+
+    folder = Path(cpu_launch.__file__).parent
+    for name in ("cpu", "cpu16", "cpu_small", "cpu_act"):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "bnkit.kernels.cpu_launch" not in imported, name

@@ -46,7 +46,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton")
 
 # name -> "module:factory" for the lazily loaded fast backends.
 _LOADERS: dict[str, str] = {
-    "cpu": "bnkit.kernels.cpu:load_backend",
+    "cpu": "bnkit.kernels.cpu_launch:load_backend",
     "triton": "bnkit.kernels.triton:load_backend",
 }
 

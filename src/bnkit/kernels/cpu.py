@@ -1057,34 +1057,7 @@ def probe(a):
         a[i] += 1.0
 
 
-def load_backend():
-    """The ``cpu`` backend (called by :func:`bnkit.kernels.get_backend`).
-
-    Compiles (or loads from numba's cache) one tiny parallel kernel (:func:`probe`) so that a broken
-    numba install fails here, where the dispatcher turns it into one warning and the reference. The
-    real kernels compile on their first call: a first call compiles only what it runs.
-    """
-    import numba
-    import torch
-
-    from bnkit.kernels.compiling import quiet
-    from bnkit.kernels.cpu_launch import CpuBackend, _numba_state
-
-    # Starting numba's OpenMP threading layer resets the process's OpenMP thread count,
-    # which torch reads: start it here, once, and give torch its setting back.
-    torch_threads = torch.get_num_threads()
-    numba.set_num_threads(1)
-    with quiet():
-        probe(np.zeros(2, np.float32))
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
-    # The launchers remember the count they last set: tell them it is 1 now, or a launcher that
-    # ran before this (a direct CpuBackend user) would go on with one thread.
-    _numba_state.nt = 1
-    return CpuBackend()
-
-
-# --- eval-mode coefficients (appended for the per-call overhead on small inputs) ---------------------
+# --- eval-mode coefficients ----------------------------------------------------------------------
 
 
 @njit(cache=True, error_model="numpy")

@@ -50,6 +50,7 @@ __all__ = [
     "backward_plan",
     "channel_group",
     "layout_of",
+    "load_backend",
     "one_call_path",
     "threads",
     "train_plan",
@@ -332,6 +333,29 @@ def _nsc_parts(nt: int, r: int, c: int) -> int:
     if nt == 1:
         return 1
     return max(1, min(r, TASKS_PER_THREAD * nt, (r * c) // MIN_TASK))
+
+
+def load_backend() -> CpuBackend:
+    """The ``cpu`` backend (called by :func:`bnkit.kernels.get_backend`).
+
+    Compiles (or loads from numba's cache) one tiny parallel kernel (:func:`bnkit.kernels.cpu.probe`) so
+    that a broken numba install fails here, where the dispatcher turns it into one warning and the
+    reference. The real kernels compile on their first call: a first call compiles only what it runs.
+    """
+    from bnkit.kernels.compiling import quiet
+
+    # Starting numba's OpenMP threading layer resets the process's OpenMP thread count,
+    # which torch reads: start it here, once, and give torch its setting back.
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(1)
+    with quiet():
+        K.probe(np.zeros(2, np.float32))
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    # The launchers remember the count they last set: tell them it is 1 now, or a launcher that
+    # ran before this (a direct CpuBackend user) would go on with one thread.
+    _numba_state.nt = 1
+    return CpuBackend()
 
 
 class CpuBackend:
