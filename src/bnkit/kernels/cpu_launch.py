@@ -25,6 +25,7 @@ from torch.nn import Parameter
 from bnkit import reference as ref
 from bnkit.kernels import base as _base
 from bnkit.kernels import cpu as K
+from bnkit.kernels import cpu_small as _drivers
 from bnkit.kernels import ran_plan
 from bnkit.kernels import runs_cpu_backend as _runs_cpu_backend
 from bnkit.kernels.cpu_small import (
@@ -308,6 +309,8 @@ def backward_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtyp
     return (PATH_ROWS, 1, _nsc_parts(nt, n * c, s), *_ncs_affine_plan(nt, n, c, s, sd))
 
 
+# path -> its one-call driver (the checked road's forward_train runs them too)
+_TRAIN_DRIVER = {path: getattr(_drivers, name) for path, name in _drivers.TRAIN_DRIVERS.items()}
 # path -> the plan name bnkit.kernels.last_plan() reports for it
 _TRAIN_NAMES = {p: "train/" + p for p in (PATH_GROUPS, PATH_ROWS, PATH_NSC, PATH_LONG)}
 _BACKWARD_NAMES = {p: "backward/" + p for p in (PATH_FUSED, PATH_ROWS, PATH_NSC)}
@@ -405,23 +408,16 @@ class CpuBackend:
         y = _empty_like(x)
         mean = torch.empty(c, dtype=sd)
         var = torch.empty(c, dtype=sd)
-        mean_np, var_np = mean.numpy(), var.numpy()
-        nmean, scale, shift = np.empty((3, c), _NORM[x.dtype])
-        nt = threads(x.numel())
-        e = float(eps)
-        xf, yf = _flat(x), _flat(y)
-        path, g, p, fuse, ta, q, tab = train_plan(nt, order, n, c, s, x.dtype)
+        path, *params = train_plan(threads(x.numel()), order, n, c, s, x.dtype)
+        # the path's one-call driver (x and y dense: their data_ptr() is the start of their memory;
+        # absent weight and bias as address 0, the driver's ones and zeros)
+        vectors = TrainVectors(0 if weight is None else w.ctypes.data, 0 if bias is None else b.ctypes.data,
+                               mean.data_ptr(), var.data_ptr())  # fmt: skip
+        update = Running(*(a.ctypes.data if a.size else 0 for a in upd[:4]), *upd[4:])
+        args = (_LIKE[x.dtype], Data(x.data_ptr(), y.data_ptr()), Shape(n, c, s, 0), TrainPlan(*params), vectors,
+                float(eps), update)  # fmt: skip
+        _call(_TRAIN_DRIVER[path], args)
         ran_plan(_TRAIN_NAMES[path])
-        parts = np.empty((3, p, c))
-        if path == PATH_GROUPS:
-            K.ncs_train_groups_all(xf, yf, n, c, s, g, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
-        elif path == PATH_ROWS:
-            K.ncs_train_rows(xf, yf, n, c, s, p, *parts, w, b, e, mean_np, var_np, nmean, scale, shift, ta, q, tab, upd)
-        elif path == PATH_NSC:
-            K.nsc_train(xf, yf, n * s, c, p, *parts, w, b, e, mean_np, var_np, nmean, scale, shift, upd)
-        else:
-            K.ncs_train_all(xf, yf, n, c, s, p, fuse, w, b, e, mean_np, var_np, nmean, scale, shift, *parts, ta, q, tab,
-                            upd)  # fmt: skip
         return y, mean, var
 
     def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
