@@ -17,10 +17,10 @@ def _seed():
 def bn_path(request, monkeypatch):
     """Run a functional-level test on both CPU roads: the ``cpu`` backend's checked methods behind the
     autograd layer ("regular"), and the one-call road, whose small kernels take inputs up to
-    ``bnkit.kernels.cpu_launch.SMALL_NUMEL`` (every call up to ``ONE_CALL_NUMEL``)."""
+    ``bnkit.kernels.cpu.plan.SMALL_NUMEL`` (every call up to ``ONE_CALL_NUMEL``)."""
     if request.param == "regular":
-        from bnkit.kernels import cpu_launch
+        from bnkit.kernels.cpu import plan
 
-        monkeypatch.setattr(cpu_launch, "SMALL_NUMEL", 0)
-        monkeypatch.setattr(cpu_launch, "ONE_CALL_NUMEL", 0)
+        monkeypatch.setattr(plan, "SMALL_NUMEL", 0)
+        monkeypatch.setattr(plan, "ONE_CALL_NUMEL", 0)
     return request.param

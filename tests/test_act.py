@@ -134,7 +134,7 @@ def test_memory_saving_chunks(composed, monkeypatch):
 def test_memory_saving_elu_kernels(monkeypatch):
     # ELU's memory-saving backward: log1p from torch into dx (one pass) or, for dw/db alone, into a
     # chunk buffer (several chunks with a remainder); zero and tiny weight channels; float64, float32
-    from bnkit.kernels import cpu_act
+    from bnkit.kernels.cpu import act as cpu_act
 
     calls = []
     kernel = cpu_act.row_reduce_ms_elu
@@ -384,7 +384,7 @@ def test_freeze_keeps_activation():
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """Force the numba kernels of bnkit.kernels.cpu_act (used by default under the cpu backend)."""
+    """Force the numba kernels of bnkit.kernels.cpu.act (used by default under the cpu backend)."""
     monkeypatch.setattr(fused, "FORCE_KERNELS", True)
 
 
@@ -421,7 +421,7 @@ CHANNEL_KERNELS = ("channel_backward_std", "channel_backward_ms")
 def test_kernels_row_fallback(kernels, monkeypatch, activation, memory_saving):
     # Few channels for the threads (C < TASKS_PER_THREAD * threads on an input big enough to run
     # threaded) -> the backward runs the row-parallel kernels instead of one task per channel.
-    from bnkit.kernels import cpu_act
+    from bnkit.kernels.cpu import act as cpu_act
 
     shape = (4, 3, 64, 64)  # 49152 elements >= SERIAL_NUMEL, 3 channels
     if fused._channel_tasks(torch.empty(shape)):
@@ -451,7 +451,7 @@ def test_kernels_row_fallback(kernels, monkeypatch, activation, memory_saving):
 @pytest.mark.parametrize("memory_saving", [False, True])
 def test_channel_kernels_take_groups_of_short_rows(kernels, monkeypatch, dtype, memory_saving):
     # (5, 67, 12, 12): short rows -> groups of channels per task (the last one partial), both ways
-    from bnkit.kernels import cpu_act
+    from bnkit.kernels.cpu import act as cpu_act
 
     groups = {}
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import bnkit
 from bnkit.kernels import backend_for, get_backend, last_backend, last_plan, recorded_plans, use_backend
 from bnkit.kernels import base as kbase
-from bnkit.kernels.cpu_launch import SERIAL_NUMEL, layout_of
+from bnkit.kernels.cpu.plan import SERIAL_NUMEL, layout_of
 from bnkit.kernels.reference import ReferenceBackend
 
 REF = ReferenceBackend()
@@ -72,10 +72,10 @@ def test_cases_reach_the_parallel_paths():
 def test_cases_reach_the_short_row_kernel():
     # (3, 2000, 3, 3) must run ncs_affine_short (T = 0 and its 4 x C*S constant tables) with its samples
     # cut into segments (Q > 1) when two threads share the work
-    from bnkit.kernels import cpu_launch
+    from bnkit.kernels.cpu import plan
 
-    t, q, tab = cpu_launch._ncs_affine_plan(2, 3, 2000, 9, np.float32)
-    assert t == 0 and q > 1 and tab.shape == (4, 2000 * 9) and cpu_launch.SHORT_ROW_S >= 9
+    t, q, tab = plan._ncs_affine_plan(2, 3, 2000, 9, np.float32)
+    assert t == 0 and q > 1 and tab.shape == (4, 2000 * 9) and plan.SHORT_ROW_S >= 9
     x = torch.randn(3, 2000, 3, 3)
     y = get_backend("cpu").forward_eval(x, torch.zeros(2000), torch.ones(2000), torch.zeros(2000))
     assert last_plan() == "affine/ncs"
@@ -85,11 +85,11 @@ def test_cases_reach_the_short_row_kernel():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cases_reach_the_group_kernels(dtype):
     # (5, 67, 12, 12) must take groups of channels both ways, its last group partial
-    from bnkit.kernels import cpu_launch
+    from bnkit.kernels.cpu import plan
 
     nt = min(torch.get_num_threads(), 2)
-    forward = cpu_launch.train_plan(nt, "ncs", 5, 67, 144, dtype)
-    backward = cpu_launch.backward_plan(nt, "ncs", 5, 67, 144, dtype)
+    forward = plan.train_plan(nt, "ncs", 5, 67, 144, dtype)
+    backward = plan.backward_plan(nt, "ncs", 5, 67, 144, dtype)
     assert forward[0] == "groups" and 1 < forward[1] < 67 and 67 % forward[1]
     assert backward[0] == "fused" and 1 < backward[1] < 67 and 67 % backward[1]
     cpu = get_backend("cpu")
@@ -312,13 +312,14 @@ def test_launch_after_backend_load_uses_torchs_thread_count():
     # that had already set two threads must not go on believing two are set.
     import numba
 
-    from bnkit.kernels import cpu_launch
+    from bnkit.kernels import cpu
+    from bnkit.kernels.cpu import plan
 
     if min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) < 2:
         pytest.fail("this test needs torch and numba to allow 2 threads (CI has 2 cores)")
-    want = cpu_launch.threads(SERIAL_NUMEL)
-    cpu_launch.load_backend()
-    assert cpu_launch.threads(SERIAL_NUMEL) == want
+    want = plan.threads(SERIAL_NUMEL)
+    cpu.load_backend()
+    assert plan.threads(SERIAL_NUMEL) == want
     assert numba.get_num_threads() == want
 
 
@@ -353,10 +354,10 @@ def test_short_rows_first_sample_far_from_the_rest(cpu, shape, path):
     """Short rows are summed around a shift taken from the channel's first row. With a first sample 1e4
     away from the rest the variance must still be float64's rounded to float32 (at most 2**-24 relative):
     float32 row sums around that shift would not keep that bound."""
-    from bnkit.kernels import cpu_launch
+    from bnkit.kernels.cpu import plan
 
     nt = min(torch.get_num_threads(), 2)
-    assert cpu_launch.train_plan(nt, "ncs", shape[0], shape[1], shape[2] * shape[3], torch.float32)[0] == path
+    assert plan.train_plan(nt, "ncs", shape[0], shape[1], shape[2] * shape[3], torch.float32)[0] == path
     x = torch.randn(shape)
     x[0] += 1e4
     dims = [0, 2, 3]
@@ -376,7 +377,7 @@ def test_channels_last_normalize_rounds_once(cpu, offset):
     At 1e8 every float32 value is the mean (std 0, scale 1/sqrt(eps)): y must be the bias, where the
     folded form would be off by about 2**-52 * |mean * scale|, 1e-5 here.
     """
-    from bnkit.kernels import cpu as kcpu
+    from bnkit.kernels.cpu import passes as kcpu
 
     x = _make((16, 8, 9, 7), "channels_last", torch.float32, offset=offset, scale=1e-2)
     w, b = torch.rand(8) + 0.5, torch.randn(8)
@@ -451,7 +452,7 @@ def test_compiled_running_update_is_the_reference_bit_for_bit(dtype, momentum, c
     # cpu.update_running, the one compiled update every training driver ends with, against
     # reference.update_running_stats: the same bits, written to new vectors or into the buffers themselves
     from bnkit import reference as ref
-    from bnkit.kernels import cpu as kcpu
+    from bnkit.kernels.cpu import passes as kcpu
 
     g = torch.Generator().manual_seed(count)
     c = 37
@@ -475,15 +476,16 @@ def test_compiled_running_update_is_the_reference_bit_for_bit(dtype, momentum, c
 
 
 def test_kernel_modules_do_not_import_their_launcher():
-    # layers: the kernels are imported by the launcher (cpu_launch), never the other way round
+    # layers: the launcher (backend) imports the kernel modules and the plan, never the other way round
     import ast
     from pathlib import Path
 
-    from bnkit.kernels import cpu_launch
+    from bnkit.kernels.cpu import backend
 
-    folder = Path(cpu_launch.__file__).parent
-    for name in ("cpu", "cpu16", "cpu_small", "cpu_act"):
+    folder = Path(backend.__file__).parent
+    for name in ("passes", "half", "drivers", "act", "plan", "cache"):
         tree = ast.parse((folder / f"{name}.py").read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert "bnkit.kernels.cpu_launch" not in imported, name
+        assert "bnkit.kernels.cpu.backend" not in imported, name

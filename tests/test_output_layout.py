@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from bn_tolerances import assert_close
 
 import bnkit
-from bnkit.kernels import cpu_launch as road
 from bnkit.kernels import get_backend, last_plan
+from bnkit.kernels.cpu import plan as road
 
 
 def _layouts(shape: tuple[int, ...]):
@@ -143,7 +143,7 @@ def test_ncl_view_eval_kernel_writes_torchs_layout_itself(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ncl_view_training_kernels_write_torchs_layout_themselves(path, shape, dtype, monkeypatch):
     # training forwards of an (N, C, L) view on the small path write the contiguous output in their
-    # normalize pass: the small kernels and the one-call driver (cpu_small.train_nsc with
+    # normalize pass: the small kernels and the one-call driver (drivers.train_nsc with
     # cpu.nsc_train_to_ncs); the regular path (the backend keeps x's layout) copies it after
     n, c, length = shape
     x = (torch.randn(n, length, c, dtype=dtype) * 2 + 3).transpose(1, 2)

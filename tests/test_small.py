@@ -1,5 +1,5 @@
 """The cpu backend's one-call road (bnkit.autograd.one_call, CpuBackend.check and its one-call plans, the
-kernels of bnkit.kernels.cpu_small) against torch, float64 and the reference.
+kernels of bnkit.kernels.cpu.drivers) against torch, float64 and the reference.
 
 Every test asks which plans the cpu backend ran (:func:`bnkit.kernels.recorded_plans`): the small
 kernels, or, for the cases that must not take them, other plans.
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 import bnkit
 from bnkit import reference as ref
-from bnkit.kernels import cpu_launch as road
 from bnkit.kernels import last_backend, recorded_plans, use_backend
+from bnkit.kernels.cpu import backend
+from bnkit.kernels.cpu import plan as road
 
 SHAPES = [(16, 16, 8, 8), (4, 8, 4, 4, 4), (64, 128), (2, 3), (5, 7, 1), (3, 1, 4, 4), (7, 13, 11), (2, 5, 5, 5)]
 # above SERIAL_NUMEL: the parallel twins, with many rows, rows of channels (S = 1), and fewer rows than tasks
@@ -127,14 +128,14 @@ def test_eval_forward_matches_torch_and_the_cpu_backend(plans, shape, dtype, aff
 def test_running_statistics_are_the_reference_update_bit_for_bit(dtype, momentum):
     # the kernel's update from its own mean/var == reference.update_running_stats on them
     x, w, b, rm, rv = _inputs((6, 9, 7), dtype, seed=2)
-    k = road._small_kernels()
+    k = backend._small_kernels()
     n, c, s = 6, 9, 7
     y = torch.empty_like(x)
     mean, var, new_mean, new_var = (torch.empty(c, dtype=dtype) for _ in range(4))
     count = n * s
-    sc = road._NP[dtype]
+    sc = backend._NP[dtype]
     k.train_forward(
-        road._ZERO[dtype], x.data_ptr(), y.data_ptr(), n, c, s, w.data_ptr(), b.data_ptr(), 1e-5,
+        backend._ZERO[dtype], x.data_ptr(), y.data_ptr(), n, c, s, w.data_ptr(), b.data_ptr(), 1e-5,
         mean.data_ptr(), var.data_ptr(), rm.data_ptr(), rv.data_ptr(), new_mean.data_ptr(), new_var.data_ptr(),
         sc(count / (count - 1)), sc(1 - momentum), sc(momentum), 0,
     )  # fmt: skip
@@ -220,7 +221,7 @@ def test_gradients_match_float64_reference(plans):
 def test_short_row_gradients_as_accurate_as_torchs(plans, shape, dy_offset):
     # max error of the small training backward against float64 on the same float32 inputs, short rows,
     # with and without an offset in the gradient: within 4x torch's (float32 lanes in the reduction read
-    # 0.4-2.4x, see cpu_small._grad_sums); a wrong channel or a lost partial sum would be far off
+    # 0.4-2.4x, see drivers._grad_sums); a wrong channel or a lost partial sum would be far off
     x, w, b, _, _ = _inputs(shape, torch.float32, seed=11, offset=1.0, scale=2.0)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(12)) + dy_offset
     grads = {}
@@ -678,7 +679,7 @@ def test_training_without_a_graph_and_without_running_statistics(plans):
 
 
 def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkeypatch, recwarn):
-    kernels = road._small_kernels()
+    kernels = backend._small_kernels()
 
     def broken(name):
         def driver(*args):
@@ -689,8 +690,8 @@ def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkey
 
     drivers = [*kernels.TRAIN_DRIVERS.values(), *kernels.BACKWARD_DRIVERS.values(), "eval_forward16"]
     ns = types.SimpleNamespace(**{n: broken(n) if n in drivers else getattr(kernels, n) for n in kernels.__all__})
-    monkeypatch.setattr(road, "_K", ns)
-    monkeypatch.setattr(road, "_BROKEN", set())
+    monkeypatch.setattr(backend, "_K", ns)
+    monkeypatch.setattr(backend, "_BROKEN", set())
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=14)
     xb = x.bfloat16()
     outs = [bnkit.functional.batch_norm_pure(xb, rm, rv, w, b, training=t)[0] for t in (True, True, False, False)]
@@ -702,18 +703,18 @@ def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkey
 
 
 def test_kernels_that_fail_to_load_turn_the_path_off_with_one_warning(monkeypatch):
-    from bnkit.kernels import cpu_small
+    from bnkit.kernels.cpu import drivers as cpu_small
 
     def broken():
         raise RuntimeError("no LLVM today")
 
-    monkeypatch.setattr(road, "_K", None)
+    monkeypatch.setattr(backend, "_K", None)
     monkeypatch.setattr(cpu_small, "probe", broken)
     x, w, b, rm, rv = _inputs((4, 3, 5), torch.float32, seed=11)
     with pytest.warns(RuntimeWarning, match="small-input kernels are unavailable.*no LLVM today") as record:
         y1 = bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
         y2 = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
     assert len([r for r in record if "small-input" in str(r.message)]) == 1
-    assert road._K is False and last_backend() == "cpu"  # the regular cpu path ran
+    assert backend._K is False and last_backend() == "cpu"  # the regular cpu path ran
     _close(y1, F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True), torch.float32)
     _close(y2, F.batch_norm(x, rm, rv, w, b, training=False), torch.float32)

@@ -621,7 +621,7 @@ def one_call(
 
     Anything unusual (another dtype or layout, subclasses, tracing, transforms, forward AD, gradients of
     the running statistics, double backward) takes the checked road; a call that passes the backend's
-    :meth:`~bnkit.kernels.cpu_launch.CpuBackend.check` has valid arguments. With ``inplace`` the running
+    :meth:`~bnkit.kernels.cpu.backend.CpuBackend.check` has valid arguments. With ``inplace`` the running
     statistics are updated in their own buffers (what :func:`bnkit.functional.batch_norm` does) and
     returned; otherwise new tensors hold the update (:func:`bnkit.functional.batch_norm_pure`). Channels
     must be in dim 1. The numbers are the checked road's up to rounding on the small kernels, and its

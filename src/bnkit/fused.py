@@ -2,7 +2,7 @@ r"""Batch norm fused with an activation, and the memory-saving (InPlace-ABN) mod
 
 Forward: ``z = act(y)`` with ``y = w * xhat + b`` (the batch-norm output, see
 :mod:`bnkit.reference`), in the normalization pass itself when the numba kernels of
-:mod:`bnkit.kernels.cpu_act` apply (the ``cpu`` backend runs, contiguous float32/float64
+:mod:`bnkit.kernels.cpu.act` apply (the ``cpu`` backend runs, contiguous float32/float64
 input); otherwise composed from the backend primitives plus one in-place activation pass.
 
 Backward, with ``g = dz * act'(y)`` the gradient reaching the batch norm, is the batch-norm
@@ -209,15 +209,15 @@ def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
 
 # --- the optional numba kernels ----------------------------------------------------------
 
-# None: use bnkit.kernels.cpu_act when the dispatcher picks the "cpu" backend for a tensor;
+# None: use bnkit.kernels.cpu.act when the dispatcher picks the "cpu" backend for a tensor;
 # True/False force it on/off (tests compare both paths).
 FORCE_KERNELS: bool | None = None
-# (cpu_act module, cpu_launch.threads) once imported; False when numba is unusable
+# (cpu.act module, cpu.plan.threads) once imported; False when numba is unusable
 _CPU_ACT = None
 
 
 def _kernels_for(x: Tensor, activation: str):
-    """:mod:`bnkit.kernels.cpu_act` when it applies to ``x`` (contiguous CPU float32/64), else None.
+    """:mod:`bnkit.kernels.cpu.act` when it applies to ``x`` (contiguous CPU float32/64), else None.
 
     By default only for the piecewise-linear activations (identity, relu, leaky_relu), whose
     kernel loops vectorize; elu/silu/gelu call libm per element there, slower than torch's
@@ -233,7 +233,7 @@ def _kernels_for(x: Tensor, activation: str):
 
 
 def _cpu_act_for(numel: int):
-    """:mod:`bnkit.kernels.cpu_act` with numba's thread count set for ``numel`` elements as the cpu
+    """:mod:`bnkit.kernels.cpu.act` with numba's thread count set for ``numel`` elements as the cpu
     backend sets it (torch's count; one for small inputs), or None when numba is unusable."""
     kernels = _cpu_act()
     if kernels is None:
@@ -244,13 +244,13 @@ def _cpu_act_for(numel: int):
 
 
 def _cpu_act():
-    """``(bnkit.kernels.cpu_act, cpu_launch.threads)``, imported once; None when numba is unusable
+    """``(bnkit.kernels.cpu.act, bnkit.kernels.cpu.plan.threads)``, imported once; None when numba is unusable
     (every caller then has an exact composed or numpy path, only slower)."""
     global _CPU_ACT
     if _CPU_ACT is None:
         try:
-            from bnkit.kernels import cpu_act
-            from bnkit.kernels.cpu_launch import threads
+            from bnkit.kernels.cpu import act as cpu_act
+            from bnkit.kernels.cpu.plan import threads
         except Exception:
             _CPU_ACT = False
         else:
@@ -259,11 +259,11 @@ def _cpu_act():
 
 
 def _elu_kernels_for(z: Tensor, activation: str):
-    """:mod:`bnkit.kernels.cpu_act` for the memory-saving ELU backward on ``z``, else None.
+    """:mod:`bnkit.kernels.cpu.act` for the memory-saving ELU backward on ``z``, else None.
 
     Used whenever the kernels may run (``FORCE_KERNELS`` not False, the ``cpu`` backend picked
     unless forced, contiguous CPU float32/64): ``log1p`` comes from torch in batch chunks and
-    the kernels only select and reduce (:func:`bnkit.kernels.cpu_act.row_reduce_ms_elu`).
+    the kernels only select and reduce (:func:`bnkit.kernels.cpu.act.row_reduce_ms_elu`).
     """
     if activation != "elu" or FORCE_KERNELS is False:
         return None
@@ -287,8 +287,8 @@ def _elu_log(zc: Tensor, alpha: float, buf: Tensor) -> Tensor:
 
 def _channel_group(x: Tensor, tensors: int) -> int:
     """Channels per task of the channel kernels: a group of short rows where the ``cpu`` backend takes
-    one for ``tensors`` tensors of ``x``'s size (:func:`bnkit.kernels.cpu_launch.channel_group`), else 1."""
-    from bnkit.kernels.cpu_launch import channel_group, threads
+    one for ``tensors`` tensors of ``x``'s size (:func:`bnkit.kernels.cpu.plan.channel_group`), else 1."""
+    from bnkit.kernels.cpu.plan import channel_group, threads
 
     n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
     return max(1, channel_group(threads(x.numel()), n, c, s, tensors * x.element_size()))
@@ -296,8 +296,8 @@ def _channel_group(x: Tensor, tensors: int) -> int:
 
 def _channel_tasks(x: Tensor) -> bool:
     """One task per channel (reduce, then write while the channel is in cache) when the channels
-    alone keep every thread busy, as :mod:`bnkit.kernels.cpu_launch` decides; else row-parallel passes."""
-    from bnkit.kernels.cpu_launch import TASKS_PER_THREAD, threads
+    alone keep every thread busy, as :mod:`bnkit.kernels.cpu.backend` decides; else row-parallel passes."""
+    from bnkit.kernels.cpu.plan import TASKS_PER_THREAD, threads
 
     nt = threads(x.numel())
     return nt == 1 or x.shape[1] >= TASKS_PER_THREAD * nt

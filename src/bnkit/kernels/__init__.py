@@ -46,7 +46,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton")
 
 # name -> "module:factory" for the lazily loaded fast backends.
 _LOADERS: dict[str, str] = {
-    "cpu": "bnkit.kernels.cpu_launch:load_backend",
+    "cpu": "bnkit.kernels.cpu:load_backend",
     "triton": "bnkit.kernels.triton:load_backend",
 }
 
@@ -138,7 +138,7 @@ def runs_cpu_backend() -> bool:
     """Whether the current setting runs the ``cpu`` backend on CPU tensors (recorded if so).
 
     For the cpu backend's one-call road (:func:`bnkit.autograd.one_call`), which runs its kernels
-    directly once :meth:`~bnkit.kernels.cpu_launch.CpuBackend.check` has checked the tensors.
+    directly once :meth:`~bnkit.kernels.cpu.backend.CpuBackend.check` has checked the tensors.
     """
     global _last
     name = _requested()

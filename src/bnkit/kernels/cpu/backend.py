@@ -1,9 +1,15 @@
-"""Typed launchers of the numba kernels: the ``cpu`` backend (see :mod:`bnkit.kernels.cpu`).
+"""The ``cpu`` backend: :class:`CpuBackend`, the launcher of the numba kernels on both of its roads.
 
 Everything a kernel could crash on is decided here, in Python, before it runs: the device,
 the dtype, the memory layout (a dense buffer in channel-major ``ncs`` or channel-minor ``nsc``
 order, found from the strides without copying), the sizes of every per-channel vector and the
 layout of ``dy`` (which must match ``x``; if it does not, the reference does the work).
+
+The checked road (``forward_train``, ``forward_eval_running``, ``backward_train``, ...) validates and
+converts its arguments, for :mod:`bnkit.autograd`'s Functions and custom ops. The one-call road
+(:meth:`CpuBackend.check`, then ``one_call_*``) takes plain eager calls whose tensors pass the check
+and runs each pass as one compiled call on raw addresses (:mod:`bnkit.kernels.cpu.drivers`). The plan
+of every call comes from :mod:`bnkit.kernels.cpu.plan`.
 
 Parallelism follows ``torch.get_num_threads()`` (numba is set to the same count before each
 launch, so torch and numba never oversubscribe the cores); inputs too small to pay for
@@ -12,8 +18,6 @@ waking threads run on one.
 
 from __future__ import annotations
 
-import math
-import threading
 import warnings
 
 import numba
@@ -24,11 +28,12 @@ from torch.nn import Parameter
 
 from bnkit import reference as ref
 from bnkit.kernels import base as _base
-from bnkit.kernels import cpu as K
-from bnkit.kernels import cpu_small as _drivers
 from bnkit.kernels import ran_plan
 from bnkit.kernels import runs_cpu_backend as _runs_cpu_backend
-from bnkit.kernels.cpu_small import (
+from bnkit.kernels.cpu import drivers as _drivers
+from bnkit.kernels.cpu import passes as K
+from bnkit.kernels.cpu import plan as _plan
+from bnkit.kernels.cpu.drivers import (
     AffinePlan,
     BackwardPlan,
     Data,
@@ -40,116 +45,31 @@ from bnkit.kernels.cpu_small import (
     TrainPlan,
     TrainVectors,
 )
+from bnkit.kernels.cpu.plan import (
+    _BACKWARD_NAMES,
+    _LAYOUTS_MAX,
+    _NUMPY_DTYPES,
+    _RAW16,
+    _TRAIN_NAMES,
+    _VIEW,
+    PATH_FUSED,
+    PATH_NSC,
+    TASKS_PER_THREAD,
+    _ncs_affine_plan,
+    _nsc_parts,
+    _numba_state,
+    backward_plan,
+    layout_of,
+    one_call_path,
+    threads,
+    train_plan,
+)
 from bnkit.kernels.reference import ReferenceBackend
 
-__all__ = [
-    "ONE_CALL_NUMEL",
-    "SMALL_GRAD_NUMEL",
-    "SMALL_NUMEL",
-    "SMALL_SERIAL_NUMEL",
-    "CpuBackend",
-    "backward_plan",
-    "channel_group",
-    "layout_of",
-    "load_backend",
-    "one_call_path",
-    "threads",
-    "train_plan",
-]
+__all__ = ["CpuBackend", "load_backend"]
 
-# dtype -> (dtype of the raw view handed to numba, statistics dtype as numpy)
-_VIEW: dict[torch.dtype, tuple[torch.dtype, type]] = {
-    torch.float32: (torch.float32, np.float32),
-    torch.float64: (torch.float64, np.float64),
-    torch.bfloat16: (torch.uint16, np.float32),
-    torch.float16: (torch.int16, np.float32),
-}
-
-# dtype -> numpy dtype of the per-channel mean/scale/shift the normalization uses: float64, so a
-# float32/float64 output is rounded once; float32 for 16-bit data (see bnkit.kernels.cpu)
-_NORM: dict[torch.dtype, type] = {
-    torch.float32: np.float64,
-    torch.float64: np.float64,
-    torch.bfloat16: np.float32,
-    torch.float16: np.float32,
-}
-
-# Below this many elements one thread beats waking the others.
-SERIAL_NUMEL = 1 << 15
-# Aim for this many parallel tasks per thread (load balance on a shared machine).
-TASKS_PER_THREAD = 4
-# Do not cut work finer than this many elements per task.
-MIN_TASK = 4096
-
-# Channel-major training forward: normalize each channel right after its statistics, while
-# it is in cache (True), or in a second streaming pass in memory order (False).
-FUSE_NCS = True
-# Channel-major rows shorter than this are read in memory order for the statistics (short
-# scattered rows defeat the prefetcher), then normalized in a second streaming pass; the training
-# backward reduces and writes each channel from cache from BACKWARD_FUSED_MIN_S values per row on
-# (the crossovers measured between 14x14 and 28x28 rows; benchmarks/results/decisions.md).
-ROW_STATS_MAX_S = 256
-BACKWARD_FUSED_MIN_S = 128
-
-# float32/float64 channel-major rows of SHORT_ROW_S < S < GROUP_MAX_S values: the training forward
-# takes groups of channels (ncs_train_groups) when a group's values fit in GROUP_BYTES (a fifth of
-# the 2 MB L2, which also takes the output) and its rows of one sample make runs of at least
-# GROUP_RUN_BYTES (shorter runs defeat the prefetcher as single rows do). Shorter runs keep the old
-# paths, and so does 16-bit data (its old paths sum in 16-wide vector code, which groups would lose).
-GROUP_MAX_S = 512
-GROUP_BYTES = 400 * 1024
-GROUP_RUN_BYTES = 4096
-
-# Channel-major rows of at most this many values are normalized by ncs_affine_short (one loop per
-# sample over constants repeated per position) when a sample's C*S values are at most
-# SHORT_ROW_TABLE (the four repeated tables stay in cache): faster than ncs_affine's row ranges on rows
-# of 16 values, slower from 49 on.
-SHORT_ROW_S = 16
-SHORT_ROW_TABLE = 1 << 15
 
 _reference = ReferenceBackend()
-_numba_state = threading.local()
-
-
-def layout_of(x: Tensor) -> tuple[str, int, int, int] | None:
-    """``(order, N, C, S)`` when ``x`` is a dense buffer the kernels can index, else ``None``.
-
-    ``order`` is ``"ncs"`` (contiguous ``(N, C, *)``) or ``"nsc"`` (channels innermost:
-    channels_last, ``(N, C)``, or an ``(N, C, L)`` view of ``(N, L, C)`` memory). The answer
-    depends on the shape and strides only; it is remembered per ``(shape, strides)`` (a call
-    on a small tensor costs microseconds, and the same shapes come back every step).
-    """
-    key = (x.shape, x.stride())
-    try:
-        lay = _LAYOUTS.get(key, _UNKNOWN)
-    except TypeError:  # symbolic sizes do not hash
-        return _layout_uncached(x)
-    if lay is _UNKNOWN:
-        lay = _layout_uncached(x)
-        if len(_LAYOUTS) >= _LAYOUTS_MAX:
-            _LAYOUTS.clear()
-        _LAYOUTS[key] = lay
-    return lay
-
-
-_LAYOUTS: dict = {}
-_LAYOUTS_MAX = 1024
-_UNKNOWN = object()
-
-
-def _layout_uncached(x: Tensor) -> tuple[str, int, int, int] | None:
-    if x.dim() < 2 or x.numel() == 0:
-        return None
-    n, c = x.shape[0], x.shape[1]
-    s = math.prod(x.shape[2:])
-    # With S == 1 (or C == 1) both orders describe the same memory; prefer the one that vectorizes.
-    orders = ("nsc", "ncs") if s == 1 else ("ncs", "nsc")
-    for order in orders:
-        if order == "ncs" and x.is_contiguous():
-            return order, n, c, s
-        if order == "nsc" and x.movedim(1, -1).is_contiguous():
-            return order, n, c, s
-    return None
 
 
 def _flat(t: Tensor) -> np.ndarray:
@@ -171,10 +91,10 @@ def _empty_like(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-# torch dtype -> numpy dtype, for the dtypes numpy has
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # numpy statistics dtype -> torch dtype
 _TORCH_SD = {np.float32: torch.float32, np.float64: torch.float64}
+
+
 # (c, numpy dtype, fill) -> a constant vector the kernels only read (weight/bias/shift left out)
 _CONSTANTS: dict = {}
 
@@ -215,7 +135,7 @@ def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np
 
 
 def _running_arrays(running, c: int, count: int, np_sd: type) -> tuple:
-    """The ``running`` argument of the training kernels (:func:`bnkit.kernels.cpu.update_running`):
+    """The ``running`` argument of the training kernels (:func:`bnkit.kernels.cpu.passes.update_running`):
     numpy views of the four vectors, ``ratio = count / (count - 1)``, ``keep = 1 - momentum`` and
     ``take = momentum`` rounded to the statistics dtype (as torch rounds them in the reference's
     ops); empty vectors when ``running`` is ``None``."""
@@ -237,111 +157,14 @@ def _running_arrays(running, c: int, count: int, np_sd: type) -> tuple:
     return (*arrays, np_sd(count / (count - 1)), np_sd(1.0 - momentum), np_sd(momentum))
 
 
-def threads(numel: int) -> int:
-    """Set numba's thread count for this launch: torch's count, or one for small inputs."""
-    nt = 1 if numel < SERIAL_NUMEL else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    # numba.get_num_threads() costs several microseconds; remember what this thread last set
-    # (numba's count is per thread). Code that calls numba.set_num_threads itself is not seen.
-    if getattr(_numba_state, "nt", None) != nt:
-        numba.set_num_threads(nt)
-        _numba_state.nt = nt
-    return nt
-
-
-def _ncs_parts(nt: int, c: int, m: int) -> int:
-    """How many parts to cut each channel into so ``c * parts`` tasks fill ``nt`` threads."""
-    if nt == 1 or c >= TASKS_PER_THREAD * nt:
-        return 1
-    return max(1, min(-(-TASKS_PER_THREAD * nt // c), m // MIN_TASK))
-
-
-def channel_group(nt: int, n: int, c: int, s: int, itemsize: int) -> int:
-    """Channels per task of :func:`bnkit.kernels.cpu.ncs_train_groups`, or 0 to keep the other paths."""
-    if s >= GROUP_MAX_S or s <= SHORT_ROW_S:
-        return 0
-    g = min(GROUP_BYTES // (n * s * itemsize), c // (TASKS_PER_THREAD * nt) if nt > 1 else c)
-    return g if g >= 1 and g * s * itemsize >= GROUP_RUN_BYTES else 0
-
-
-# The training forward's paths (train_plan): groups of channels, short rows streamed twice, channels
-# innermost, long rows (fused per channel, or channels cut in parts). The names are those that
-# bnkit.kernels.last_plan() reports after "train/".
-PATH_GROUPS, PATH_ROWS, PATH_NSC, PATH_LONG = "groups", "rows", "nsc", "long"
-
-
-def train_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) -> tuple:
-    """``(path, G, P, fuse, TA, Q, tab)`` of the training forward on ``(order, n, c, s)`` memory with ``nt``
-    threads: which kernel runs (``PATH_*``), its channels per group ``G``, parts ``P`` and ``fuse``
-    flag, and the normalize plan of :func:`_ncs_affine_plan` (``TA``, ``Q``, ``tab``; unused ones
-    ``(0, 1, no table)``). One decision for :meth:`CpuBackend.forward_train` and :mod:`bnkit.small`."""
-    norm = _NORM[dtype]
-    none = (0, 1, np.empty((4, 0), norm))
-    if order == "ncs":
-        g = channel_group(nt, n, c, s, dtype.itemsize) if dtype in _NUMPY_DTYPES else 0
-        if g:
-            return (PATH_GROUPS, g, 1, False, *none)
-        if s < ROW_STATS_MAX_S:  # short rows: stream them in memory order, twice
-            return (PATH_ROWS, 0, _nsc_parts(nt, n * c, s), False, *_ncs_affine_plan(nt, n, c, s, norm))
-        p = _ncs_parts(nt, c, n * s)
-        fuse = p == 1 and FUSE_NCS  # else few channels cut in parts: merged, then normalized
-        return (PATH_LONG, 0, p, fuse, *(none if fuse else _ncs_affine_plan(nt, n, c, s, norm)))
-    return (PATH_NSC, 0, _nsc_parts(nt, n * s, c), False, *none)
-
-
-# The training backward's paths other than PATH_NSC (backward_plan): each channel (or group of channels)
-# reduced and written from cache, or short rows in two streaming passes
-PATH_FUSED = "fused"
-
-
-def backward_plan(nt: int, order: str, n: int, c: int, s: int, dtype: torch.dtype) -> tuple:
-    """``(path, G, T, TA, Q, tab)`` of the training backward on ``(order, n, c, s)`` memory: ``PATH_FUSED``
-    (channels per task ``G``), ``PATH_ROWS`` (``T`` row ranges for the reduction, then the normalize
-    plan ``TA``, ``Q``, ``tab``) or ``PATH_NSC`` (``T`` row ranges). One decision for
-    :meth:`CpuBackend.backward_train` and :mod:`bnkit.small`."""
-    sd = _VIEW[dtype][1]
-    none = (0, 1, np.empty((4, 0), sd))
-    if order == "nsc":
-        return (PATH_NSC, 1, _nsc_parts(nt, n * s, c), *none)
-    # groups of short rows as in the forward, sized for two tensors (dy and x)
-    g = channel_group(nt, n, c, s, 2 * dtype.itemsize) if dtype in _NUMPY_DTYPES else 0
-    if g or (s >= BACKWARD_FUSED_MIN_S and _ncs_parts(nt, c, n * s) == 1):
-        return (PATH_FUSED, max(g, 1), 1, *none)
-    return (PATH_ROWS, 1, _nsc_parts(nt, n * c, s), *_ncs_affine_plan(nt, n, c, s, sd))
-
-
 # path -> its one-call driver (the checked road's forward_train runs them too)
 _TRAIN_DRIVER = {path: getattr(_drivers, name) for path, name in _drivers.TRAIN_DRIVERS.items()}
-# path -> the plan name bnkit.kernels.last_plan() reports for it
-_TRAIN_NAMES = {p: "train/" + p for p in (PATH_GROUPS, PATH_ROWS, PATH_NSC, PATH_LONG)}
-_BACKWARD_NAMES = {p: "backward/" + p for p in (PATH_FUSED, PATH_ROWS, PATH_NSC)}
-
-
-def _ncs_affine_plan(nt: int, n: int, c: int, s: int, dtype) -> tuple[int, int, np.ndarray]:
-    """``(T, Q, tab)`` of :func:`bnkit.kernels.cpu.ncs_affine_any` for ``(n, c, s)`` memory: the constant
-    tables of ``ncs_affine_short`` (rows of at most SHORT_ROW_S values), or none (ranges of rows)."""
-    if s <= SHORT_ROW_S and c * s <= SHORT_ROW_TABLE:
-        return 0, _row_segments(nt, n, c * s), np.empty((4, c * s), dtype)
-    return _nsc_parts(nt, n * c, s), _row_segments(nt, n * c, s), np.empty((4, 0), dtype)
-
-
-def _row_segments(nt: int, rows: int, s: int) -> int:
-    """How many segments to cut each of ``rows`` contiguous rows of ``s`` values into."""
-    if nt == 1 or rows >= TASKS_PER_THREAD * nt:
-        return 1
-    return max(1, min(-(-TASKS_PER_THREAD * nt // rows), s // MIN_TASK))
-
-
-def _nsc_parts(nt: int, r: int, c: int) -> int:
-    """How many row ranges to cut ``r`` rows of ``c`` channels into."""
-    if nt == 1:
-        return 1
-    return max(1, min(r, TASKS_PER_THREAD * nt, (r * c) // MIN_TASK))
 
 
 def load_backend() -> CpuBackend:
     """The ``cpu`` backend (called by :func:`bnkit.kernels.get_backend`).
 
-    Compiles (or loads from numba's cache) one tiny parallel kernel (:func:`bnkit.kernels.cpu.probe`) so
+    Compiles (or loads from numba's cache) one tiny parallel kernel (:func:`bnkit.kernels.cpu.passes.probe`) so
     that a broken numba install fails here, where the dispatcher turns it into one warning and the
     reference. The real kernels compile on their first call: a first call compiles only what it runs.
     """
@@ -398,7 +221,7 @@ class CpuBackend:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, var)``; with ``running = (running_mean, running_var, new_mean, new_var, momentum)``
         also the running statistics' update, written to ``new_*`` (which may be the buffers
-        themselves) in the same compiled call (:func:`bnkit.kernels.cpu.update_running`)."""
+        themselves) in the same compiled call (:func:`bnkit.kernels.cpu.passes.update_running`)."""
         order, n, c, s = self._layout(x)
         sd = ref.stats_dtype(x.dtype)
         np_sd = _VIEW[x.dtype][1]
@@ -440,7 +263,7 @@ class CpuBackend:
         eps: float,
     ) -> Tensor:
         """Eval forward from the running statistics: :meth:`forward_eval` with ``scale`` and ``shift``
-        made by one small kernel (:func:`bnkit.kernels.cpu.eval_coeffs`) instead of several torch ops.
+        made by one small kernel (:func:`bnkit.kernels.cpu.passes.eval_coeffs`) instead of several torch ops.
 
         Same numbers as ``forward_eval(x, running_mean, rsqrt(running_var + eps) * weight, bias)``
         in the statistics dtype (what :mod:`bnkit.autograd` computes for other backends).
@@ -563,7 +386,7 @@ class CpuBackend:
     #
     # A plain eager call (bnkit.autograd.one_call asks plain_eager) on tensors that pass check() runs
     # each pass as one compiled call on raw addresses (Tensor.data_ptr(), far cheaper than numpy views):
-    # the small kernels (bnkit.kernels.cpu_small: the "small" path, serial or parallel) or the driver of
+    # the small kernels (bnkit.kernels.cpu.drivers: the "small" path, serial or parallel) or the driver of
     # the planned path (train_plan / backward_plan, the same kernels and numbers as the methods above).
     # Each method returns None when nothing was written: the caller then takes the checked road above.
 
@@ -591,7 +414,7 @@ class CpuBackend:
         if len(shape) < 2 or (running_mean is None) != (running_var is None):
             return None
         numel = x.numel()
-        if numel == 0 or numel > ONE_CALL_NUMEL:
+        if numel == 0 or numel > _plan.ONE_CALL_NUMEL:
             return None
         n, c = shape[0], shape[1]
         s = numel // (n * c)
@@ -636,7 +459,7 @@ class CpuBackend:
             like, sd = _LIKE[dt], (_F32 if dt in _RAW16 else dt)
             path, *params = train_plan(threads(x.numel()), order, n, c, s, dt)
             params = TrainPlan(*params)
-            length = _ncl_length(x)  # an (N, C, L) view: its output written contiguous (cpu_small.train_nsc)
+            length = _ncl_length(x)  # an (N, C, L) view: its output written contiguous (drivers.train_nsc)
         count = n * s
         if count < 2:
             return None  # the checked road raises torch's "Expected more than 1 value per channel"
@@ -766,50 +589,32 @@ class CpuBackend:
         return dx, dw, db
 
 
-# Inputs of at most SMALL_NUMEL elements take the small kernels; calls that record a graph (a backward
-# follows) only up to SMALL_GRAD_NUMEL: above it the planned paths' in-cache fused backward wins. Up to
-# ONE_CALL_NUMEL elements (every size) calls take the one-call road at all (check). Up to SMALL_SERIAL_NUMEL
-# elements the small kernels run serially (waking a second thread costs more than it saves); above, their
-# parallel twins take TASKS_PER_THREAD ranges of rows per thread. Tests force a path through these knobs.
-SMALL_NUMEL = 1 << 20
-SMALL_GRAD_NUMEL = 1 << 19
-ONE_CALL_NUMEL = 1 << 62
-SMALL_SERIAL_NUMEL = 1 << 15
-
-
-def one_call_path(dtype: torch.dtype, numel: int, graph: bool) -> str:
-    """``"small"`` when a one-call pass on ``numel`` elements of ``dtype`` takes the small kernels, else
-    ``"planned"`` (the path of :func:`train_plan` / :func:`backward_plan`): 16-bit data, or more than
-    ``SMALL_NUMEL`` elements (``SMALL_GRAD_NUMEL`` when a graph is recorded)."""
-    if dtype in _RAW16 or numel > (SMALL_GRAD_NUMEL if graph else SMALL_NUMEL):
-        return "planned"
-    return "small"
-
-
 _F32, _F64, _STRIDED = torch.float32, torch.float64, torch.strided
 _BF16, _F16 = torch.bfloat16, torch.float16
-# 16-bit dtype -> a zero of the raw type its kernels read (as the checked road's views)
-_RAW16 = {torch.bfloat16: np.uint16(0), torch.float16: np.int16(0)}
 _NO_TABLE = np.empty((4, 0), np.float32)
+
+
 # dtype -> the first argument of its kernels (a zero of the type they read the data as)
 _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
 _LIKE = {**_ZERO, **_RAW16}
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8}
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 # (value, dtype) -> value as a numpy scalar of dtype (0.5 us to make, 0.1 to look up)
 _SCALARS: dict = {}
+
 
 # the plan names (bnkit.kernels.last_plan) of the small kernels, serial and parallel
 _TRAIN_SMALL = ("train/small", "train/small_parallel")
 _BACKWARD_SMALL = ("backward/small", "backward/small_parallel")
 _EVAL_SMALL = ("eval/small", "eval/small_parallel")
 _EVAL_BACKWARD_SMALL = ("eval_backward/small", "eval_backward/small_parallel")
-
-_K = None  # bnkit.kernels.cpu_small once loaded; False if it failed to (then the one-call road is off)
+_K = None  # bnkit.kernels.cpu.drivers once loaded; False if it failed to (then the one-call road is off)
 
 
 def _small_kernels():
-    """The one-call kernels (:mod:`bnkit.kernels.cpu_small`), compiled (or loaded from numba's cache) on first
+    """The one-call kernels (:mod:`bnkit.kernels.cpu.drivers`), compiled (or loaded from numba's cache) on first
     use; ``False`` if they fail to.
 
     A failure is one warning, and every later call takes the checked road (which has its own fallback
@@ -818,9 +623,9 @@ def _small_kernels():
     global _K
     if _K is None:
         try:
-            from bnkit.kernels import cpu_small
+            from bnkit.kernels.cpu import drivers
 
-            cpu_small.probe()
+            drivers.probe()
         except Exception as exc:  # a broken numba install: one warning, then the checked road
             warnings.warn(
                 f"bnkit: the small-input kernels are unavailable ({type(exc).__name__}: {exc}); "
@@ -830,7 +635,7 @@ def _small_kernels():
             )
             _K = False
         else:
-            _K = cpu_small
+            _K = drivers
     return _K
 
 
@@ -840,7 +645,7 @@ def _launch(serial, parallel, args: tuple, n: int, c: int, s: int, plans: tuple[
     (numba set to torch's thread count, as :func:`threads` sets it), and record the plan that ran
     (``plans``: the serial and the parallel one's names)."""
     numel = n * c * s
-    nt = 1 if numel <= SMALL_SERIAL_NUMEL else threads(numel)
+    nt = 1 if numel <= _plan.SMALL_SERIAL_NUMEL else threads(numel)
     if nt == 1:
         _call(serial, args)
         ran_plan(plans[0])
@@ -857,7 +662,7 @@ _ENTRY: dict = {}
 
 
 def _driver(names: dict, path):
-    """The one-call driver of a plan's path or a memory order (``cpu_small.TRAIN_DRIVERS``,
+    """The one-call driver of a plan's path or a memory order (``drivers.TRAIN_DRIVERS``,
     ``BACKWARD_DRIVERS``, ``EVAL_BACKWARD_DRIVERS``)."""
     return getattr(_small_kernels(), names[path])
 
@@ -920,7 +725,7 @@ def _addr(t: Tensor | None) -> int:
 def _ncl_length(x: Tensor) -> int:
     """``L`` when ``x`` (which passed :meth:`CpuBackend.check`) is a float32/float64 ``(N, C, L)`` view of
     ``(N, L, C)`` memory, whose output the kernels write contiguous, torch's layout for it, in their normalize
-    pass (``cpu.nsc_tile_to_ncs``); else 0. The checked road keeps the input's layout (``channel_dim=-1``
+    pass (``passes.nsc_tile_to_ncs``); else 0. The checked road keeps the input's layout (``channel_dim=-1``
     hands it such views and wants ``(N, L, C)`` back)."""
     if len(x.shape) == 3 and not x.is_contiguous() and (x.dtype is _F32 or x.dtype is _F64):
         return x.shape[2]

@@ -1,6 +1,6 @@
 r"""numba kernels of the ``cpu`` backend: the four primitives as parallel loops.
 
-Memory model. Every tensor the backend accepts (see :mod:`bnkit.kernels.cpu_launch`) is a
+Memory model. Every tensor the backend accepts (see :mod:`bnkit.kernels.cpu.backend`) is a
 dense buffer seen as a 3-d array ``(N, C, S)`` (``S`` = product of the spatial dims) in one
 of two orders, so one kernel serves every shape of that order and only the dtype makes a
 new specialization:
@@ -15,9 +15,9 @@ new specialization:
 dtypes. Data arrays arrive as float32, float64, uint16 (the bits of bfloat16) or int16 (the
 bits of float16); :func:`load` widens an element to the compute dtype (float64 for float64,
 float32 otherwise) and :func:`store` rounds back to nearest-even exactly as torch does (both in
-:mod:`bnkit.kernels.cpu16`). Per-channel vectors (``mean``, ``scale``, ...) come in the statistics
+:mod:`bnkit.kernels.cpu.half`). Per-channel vectors (``mean``, ``scale``, ...) come in the statistics
 dtype. On CPUs with AVX-512 the loops of 16-bit data go to the 16-wide vector code of
-:mod:`bnkit.kernels.cpu16` wherever :func:`simd16` holds; float32/float64 keep the loops written here.
+:mod:`bnkit.kernels.cpu.half` wherever :func:`simd16` holds; float32/float64 keep the loops written here.
 
 Numerics policy (the same as :mod:`bnkit.reference`): statistics are accumulated in float64 and
 ``E[x^2] - E[x]^2`` of the raw data never appears. Memory is read once, with the "shifted data"
@@ -43,7 +43,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from bnkit.kernels.cpu16 import (
+from bnkit.kernels.cpu.half import (
     _FAST,
     affine,
     block_sums,

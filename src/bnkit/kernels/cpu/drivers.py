@@ -5,21 +5,21 @@ times that around it (numpy views of every tensor, one launch per pass, the torc
 running-statistics update). These kernels take the data as raw addresses (``Tensor.data_ptr()``,
 far cheaper than ``Tensor.numpy()``) and do everything of one pass in one launch.
 
-The small kernels (the ``small`` plans, up to ``cpu_launch.SMALL_NUMEL`` elements; eval at every size):
+The small kernels (the ``small`` plans, up to ``plan.SMALL_NUMEL`` elements; eval at every size):
 
 * :func:`train_forward`: per-channel mean and biased variance in one read (float64 sums of ``x - K``
   and ``(x - K)**2`` with ``K`` the channel's first finite value, as the checked road's short rows),
   the output ``y = (x - mean) * scale + shift`` rounded once from float64, and the new running
-  statistics (:func:`bnkit.kernels.cpu.update_running`, the one compiled update);
+  statistics (:func:`bnkit.kernels.cpu.passes.update_running`, the one compiled update);
 * :func:`eval_forward`: the eval output from the running statistics, with the arithmetic of the
-  checked road (:func:`bnkit.kernels.cpu.eval_coeffs`, then ``(x - mean) * scale + shift``); for an
+  checked road (:func:`bnkit.kernels.cpu.passes.eval_coeffs`, then ``(x - mean) * scale + shift``); for an
   ``(N, C, L)`` view of ``(N, L, C)`` memory it writes the contiguous output torch gives (tiles of rows,
   :func:`_normalize_transposed`);
 * :func:`train_backward` / :func:`eval_backward` (one body, :func:`_backward`): both reductions in
   float64, then ``dx = a*dy + k*(x - mean) + c`` in training (the symbols of :mod:`bnkit.autograd`) or
   ``dx = a*dy`` in eval, with ``dweight`` and ``dbias``.
 
-Each has a parallel twin (``*_par``, above ``cpu_launch.SMALL_SERIAL_NUMEL`` elements) that cuts its
+Each has a parallel twin (``*_par``, above ``plan.SMALL_SERIAL_NUMEL`` elements) that cuts its
 passes into ranges of rows, each task with its own float64 accumulators (all share one shift per
 channel, so the partial sums simply add). Memory is channel-major ``(N, C, S)`` (``S = 1`` for
 ``(N, C)``, and for channels-innermost memory, passed as ``(N*S, C, 1)``), float32 or float64, every
@@ -27,10 +27,10 @@ per-channel vector contiguous in the data's dtype.
 
 The drivers of the planned paths (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`,
 :data:`EVAL_BACKWARD_DRIVERS`, :func:`eval_forward16` for 16-bit eval) run the checked road's own
-kernels of :mod:`bnkit.kernels.cpu` in one call each, with its numbers; their arguments come as named
+kernels of :mod:`bnkit.kernels.cpu.passes` in one call each, with its numbers; their arguments come as named
 tuples (:class:`Shape`, :class:`TrainPlan`, :class:`Running`, ...).
 
-A raw address carries no type or size: :meth:`bnkit.kernels.cpu_launch.CpuBackend.check` checks every
+A raw address carries no type or size: :meth:`bnkit.kernels.cpu.backend.CpuBackend.check` checks every
 tensor (type, device, dtype, shape, contiguity) before a call, and a call it cannot prove safe takes
 the checked road. The ``like`` argument (a zero of the data's dtype) only selects the specialization.
 """
@@ -43,7 +43,7 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from bnkit.kernels.cpu import (
+from bnkit.kernels.cpu.passes import (
     ncs_affine_any,
     ncs_backward_rows,
     ncs_backward_train,
@@ -108,12 +108,12 @@ Shape = namedtuple("Shape", ["N", "C", "S", "L"])
 Data = namedtuple("Data", ["x", "y"])
 # a backward's incoming gradient, input, and input gradient
 Grads = namedtuple("Grads", ["dy", "x", "dx"])
-# the training forward's plan (cpu_launch.train_plan): channels per group, parts per channel, normalize
+# the training forward's plan (plan.train_plan): channels per group, parts per channel, normalize
 # each channel from cache, and the normalize plan (tasks, segments per row, constant tables)
 TrainPlan = namedtuple("TrainPlan", ["G", "P", "fuse", "TA", "Q", "tab"])
-# the training backward's plan (cpu_launch.backward_plan): channels per group, reduction tasks, normalize plan
+# the training backward's plan (plan.backward_plan): channels per group, reduction tasks, normalize plan
 BackwardPlan = namedtuple("BackwardPlan", ["G", "T", "TA", "Q", "tab"])
-# the eval normalize's plan (cpu_launch._ncs_affine_plan / _nsc_parts)
+# the eval normalize's plan (plan._ncs_affine_plan / _nsc_parts)
 AffinePlan = namedtuple("AffinePlan", ["T", "Q", "tab"])
 # a training forward's weight and bias, and where its batch mean and biased variance go (0: not kept)
 TrainVectors = namedtuple("TrainVectors", ["weight", "bias", "mean", "var"])
@@ -121,7 +121,7 @@ TrainVectors = namedtuple("TrainVectors", ["weight", "bias", "mean", "var"])
 EvalVectors = namedtuple("EvalVectors", ["mean", "var", "weight", "bias"])
 # a backward's statistics (the batch's, or the running ones in eval), weight, and parameter gradients
 GradVectors = namedtuple("GradVectors", ["mean", "var", "weight", "dweight", "dbias"])
-# the running-statistics update (cpu.update_running): buffers, where the update goes (the buffers themselves
+# the running-statistics update (passes.update_running): buffers, where the update goes (the buffers themselves
 # in place), and ratio = count / (count - 1), keep = 1 - momentum, take = momentum in the statistics dtype
 Running = namedtuple("Running", ["mean", "var", "new_mean", "new_var", "ratio", "keep", "take"])
 
@@ -171,7 +171,7 @@ def _shifts(x, C, S, k):
 @njit(cache=True, fastmath=_FAST)
 def _shifted_sums(x, C, S, r0, r1, k, s1, s2):
     # s1[c] += sum(x - K[c]), s2[c] += sum((x - K[c])**2) over rows [r0, r1), float64: the shifted
-    # sums of the regular path's short rows (cpu.ncs_row_stats)
+    # sums of the checked road's short rows (passes.ncs_row_stats)
     if S == 1:
         for n in range(r0, r1):
             xs = x[n * C : (n + 1) * C]
@@ -291,7 +291,7 @@ def train_forward_par(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva,
 
 @njit(cache=True, error_model="numpy")
 def _eval_coeff(rv, w, eps, one):
-    # cpu.eval_coeffs for one channel: (1 / sqrt(rv + eps)) * w in the statistics dtype, no fastmath
+    # passes.eval_coeffs for one channel: (1 / sqrt(rv + eps)) * w in the statistics dtype, no fastmath
     return (one / np.sqrt(rv + eps)) * w
 
 
@@ -309,7 +309,7 @@ def _as_like_impl(like, v):
 
 @njit(inline="always")
 def _eval_scale_shift(rv, wa, ba, C, eps, one):
-    # per channel scale = cpu.eval_coeffs' (1 / sqrt(rv + eps)) * w and shift = b, in one's dtype (the
+    # per channel scale = passes.eval_coeffs' (1 / sqrt(rv + eps)) * w and shift = b, in one's dtype (the
     # statistics dtype: eps and one are scalars of it)
     k = np.empty_like(rv)
     sh = np.zeros_like(rv)
@@ -323,7 +323,7 @@ def _eval_scale_shift(rv, wa, ba, C, eps, one):
 @njit(cache=True, fastmath=_FAST)
 def _normalize_transposed(x, y, C, L, t0, t1, mu, k, sh):
     # rows of channels (S == 1) of (B, L, C) memory into (B, C, L) memory, tiles [t0, t1) of
-    # cpu.nsc_tile_to_ncs, with _normalize's arithmetic (unfolded)
+    # passes.nsc_tile_to_ncs, with _normalize's arithmetic (unfolded)
     for t in range(t0, t1):
         nsc_tile_to_ncs(x, y, L, C, t, False, mu, k, sh)
 
@@ -373,10 +373,10 @@ def eval_forward16(like, data, shape, vectors, eps, plan):
 
     ``like`` is a zero of the raw type (``np.uint16``: bfloat16, ``np.int16``: float16); ``data`` the
     :class:`Data` addresses, ``shape`` the :class:`Shape`, ``vectors`` the :class:`EvalVectors` and ``plan``
-    the :class:`AffinePlan` of the launcher. The float32 scale is :func:`bnkit.kernels.cpu.eval_coeffs`'
+    the :class:`AffinePlan` of the launcher. The float32 scale is :func:`bnkit.kernels.cpu.passes.eval_coeffs`'
     (``eps`` rounded to float32), then the backend's own normalize kernels run on the raw 16-bit values:
-    :func:`bnkit.kernels.cpu.nsc_affine` on rows of channels (``S == 1``, ``T`` row ranges), else
-    :func:`bnkit.kernels.cpu.ncs_affine_any` with the launcher's plan (``T``, ``Q``, ``tab``).
+    :func:`bnkit.kernels.cpu.passes.nsc_affine` on rows of channels (``S == 1``, ``T`` row ranges), else
+    :func:`bnkit.kernels.cpu.passes.ncs_affine_any` with the launcher's plan (``T``, ``Q``, ``tab``).
     """
     N, C, S = shape.N, shape.C, shape.S
     total = N * C * S
@@ -449,13 +449,13 @@ def _train_vectors(like, data, shape, vectors, running):
 def train_rows(like, data, shape, plan, vectors, eps, running):
     """Training forward of any size and dtype: the ``cpu`` backend's ``forward_train`` with the
     running-statistics update in one call, its numbers by construction; this one for short
-    channel-major rows (:func:`bnkit.kernels.cpu.ncs_train_rows`), :func:`train_groups`,
+    channel-major rows (:func:`bnkit.kernels.cpu.passes.ncs_train_rows`), :func:`train_groups`,
     :func:`train_nsc` and :func:`train_long` for the other paths of
-    :func:`bnkit.kernels.cpu_launch.train_plan`, whose fields they take (:class:`TrainPlan`).
+    :func:`bnkit.kernels.cpu.plan.train_plan`, whose fields they take (:class:`TrainPlan`).
 
     ``like``: a zero of the data's type (raw ``np.uint16``/``np.int16`` for bfloat16/float16);
     ``data``: the :class:`Data` addresses; ``shape``: the :class:`Shape` of ``x``'s memory as
-    :func:`bnkit.kernels.cpu_launch.layout_of` gives it; ``vectors``: the :class:`TrainVectors` (the batch
+    :func:`bnkit.kernels.cpu.plan.layout_of` gives it; ``vectors``: the :class:`TrainVectors` (the batch
     mean and biased variance go to ``mean``/``var``; 0: they stay inside); ``running``: the
     :class:`Running` update (its scalars in the statistics dtype, float32 for 16-bit data; ``mean`` 0:
     no update).
@@ -469,7 +469,7 @@ def train_rows(like, data, shape, plan, vectors, eps, running):
 
 @njit(cache=True)
 def train_groups(like, data, shape, plan, vectors, eps, running):
-    """:func:`train_rows` for groups of ``plan.G`` channels (:func:`bnkit.kernels.cpu.ncs_train_groups_all`)."""
+    """:func:`train_rows` for groups of ``plan.G`` channels (:func:`bnkit.kernels.cpu.passes.ncs_train_groups_all`)."""
     x, y, w, b, mean, var, norm, upd = _train_vectors(like, data, shape, vectors, running)
     ncs_train_groups_all(x, y, shape.N, shape.C, shape.S, plan.G, w, b, eps, mean, var, norm[0], norm[1], norm[2],
                          upd)  # fmt: skip
@@ -477,9 +477,9 @@ def train_groups(like, data, shape, plan, vectors, eps, running):
 
 @njit(cache=True)
 def train_nsc(like, data, shape, plan, vectors, eps, running):
-    """:func:`train_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_train`). ``shape.L > 0``:
+    """:func:`train_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.passes.nsc_train`). ``shape.L > 0``:
     ``x`` is an ``(N, C, L)`` view of ``(N, L, C)`` memory (``S == L``) and ``y`` is contiguous:
-    :func:`bnkit.kernels.cpu.nsc_train_to_ncs`, as the cpu backend's ``forward_train``."""
+    :func:`bnkit.kernels.cpu.passes.nsc_train_to_ncs`, as the cpu backend's ``forward_train``."""
     x, y, w, b, mean, var, norm, upd = _train_vectors(like, data, shape, vectors, running)
     N, C, S, P = shape.N, shape.C, shape.S, plan.P
     parts = np.empty((3, P, C))
@@ -492,7 +492,7 @@ def train_nsc(like, data, shape, plan, vectors, eps, running):
 
 @njit(cache=True)
 def train_long(like, data, shape, plan, vectors, eps, running):
-    """:func:`train_rows` for long channel-major rows (:func:`bnkit.kernels.cpu.ncs_train_all`)."""
+    """:func:`train_rows` for long channel-major rows (:func:`bnkit.kernels.cpu.passes.ncs_train_all`)."""
     x, y, w, b, mean, var, norm, upd = _train_vectors(like, data, shape, vectors, running)
     N, C, S, P = shape.N, shape.C, shape.S, plan.P
     parts = np.empty((3, P, C))
@@ -528,8 +528,8 @@ def _backward_vectors(like, grads, shape, vectors, eps):
 def backward_rows(like, grads, shape, plan, vectors, eps):
     """Training backward of any size and dtype: the ``cpu`` backend's ``backward_train`` in one call,
     its numbers by construction; this one for short channel-major rows in two passes
-    (:func:`bnkit.kernels.cpu.ncs_backward_rows`), :func:`backward_fused` and :func:`backward_nsc` for
-    the other paths of :func:`bnkit.kernels.cpu_launch.backward_plan` (:class:`BackwardPlan`).
+    (:func:`bnkit.kernels.cpu.passes.ncs_backward_rows`), :func:`backward_fused` and :func:`backward_nsc` for
+    the other paths of :func:`bnkit.kernels.cpu.plan.backward_plan` (:class:`BackwardPlan`).
 
     ``grads``: the :class:`Grads` addresses; ``vectors``: the :class:`GradVectors` (the saved batch mean and
     biased variance; ``dweight``/``dbias`` written). ``invstd = 1 / sqrt(var + eps)`` in the statistics
@@ -545,14 +545,14 @@ def backward_rows(like, grads, shape, plan, vectors, eps):
 @njit(cache=True, error_model="numpy")
 def backward_fused(like, grads, shape, plan, vectors, eps):
     """:func:`backward_rows` for each channel or group of ``plan.G`` reduced and written from cache
-    (:func:`bnkit.kernels.cpu.ncs_backward_train`)."""
+    (:func:`bnkit.kernels.cpu.passes.ncs_backward_train`)."""
     g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, grads, shape, vectors, eps)
     ncs_backward_train(g, x, dx, shape.N, shape.C, shape.S, plan.G, mean, inv, w, s0, s1, co[0], co[1], co[2])
 
 
 @njit(cache=True, error_model="numpy")
 def backward_nsc(like, grads, shape, plan, vectors, eps):
-    """:func:`backward_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_backward_train`)."""
+    """:func:`backward_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.passes.nsc_backward_train`)."""
     g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, grads, shape, vectors, eps)
     R = shape.N * shape.S
     nsc_backward_train(g, x, dx, R, shape.C, plan.T, mean, inv, w, float(R), s0, s1, co[0], co[1], co[2])
@@ -568,7 +568,7 @@ def _scale_by(v, f):
 @njit(cache=True, error_model="numpy")
 def eval_backward_ncs(like, grads, shape, T, vectors, eps):
     """Eval-mode backward of any size and dtype: the ``cpu`` backend's ``backward_eval`` (one read of
-    ``dy`` and ``x``: ``dx = scale * dy`` and both reductions, :func:`bnkit.kernels.cpu.ncs_reduce` in
+    ``dy`` and ``x``: ``dx = scale * dy`` and both reductions, :func:`bnkit.kernels.cpu.passes.ncs_reduce` in
     ``T`` row ranges) with autograd's coefficients, in one call; :func:`eval_backward_nsc` for
     channels-innermost memory. The views and ``invstd`` are the training backward's
     (:func:`_backward_vectors`, with the running statistics in ``vectors.mean``/``vectors.var``);
@@ -582,16 +582,16 @@ def eval_backward_ncs(like, grads, shape, T, vectors, eps):
 
 @njit(cache=True, error_model="numpy")
 def eval_backward_nsc(like, grads, shape, T, vectors, eps):
-    """:func:`eval_backward_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_reduce`)."""
+    """:func:`eval_backward_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.passes.nsc_reduce`)."""
     g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, grads, shape, vectors, eps)
     nsc_reduce(g, x, shape.N * shape.S, shape.C, T, rm, s0, s1, run_time(True), dx, inv * w)
     _scale_by(s1, inv)
 
 
-# plan path (bnkit.kernels.cpu_launch.train_plan / backward_plan) -> its driver's name
+# plan path (bnkit.kernels.cpu.plan.train_plan / backward_plan) -> its driver's name
 TRAIN_DRIVERS = {"groups": "train_groups", "rows": "train_rows", "nsc": "train_nsc", "long": "train_long"}
 BACKWARD_DRIVERS = {"fused": "backward_fused", "rows": "backward_rows", "nsc": "backward_nsc"}
-# memory order (bnkit.kernels.cpu_launch.layout_of) -> the eval backward's driver's name
+# memory order (bnkit.kernels.cpu.plan.layout_of) -> the eval backward's driver's name
 EVAL_BACKWARD_DRIVERS = {"ncs": "eval_backward_ncs", "nsc": "eval_backward_nsc"}
 
 
