@@ -65,7 +65,7 @@ from torch.autograd import forward_ad as _fwAD
 
 from bnkit import autograd as bn_ops
 from bnkit import reference as ref
-from bnkit.kernels import backend_for
+from bnkit.kernels import backend_for, ran_plan
 
 __all__ = [
     "ACTIVATIONS",
@@ -367,6 +367,7 @@ class _BatchNormAct(torch.autograd.Function):
                 k.channel_train_act(_flat(x), n, c, s, _channel_group(x, 1), _np(w, torch.float64),
                                     _np(b, torch.float64), float(eps), *_kind_and_param(k, activation, param, x.dtype),
                                     _flat(z), mean64.numpy(), var64.numpy(), np.empty(3 * c, dtype=_flat(x).dtype))
+                ran_plan("act_forward/channels")
                 mean, var = mean64.to(sd), var64.to(sd)
             elif inplace:
                 mean, var = _stats_by_reduce(x)
@@ -387,6 +388,7 @@ class _BatchNormAct(torch.autograd.Function):
             r, _, s = _rows(x)
             k.row_act(_flat(x), r, c, s, _np(mean, x.dtype), _np(a, x.dtype), _np(b, x.dtype),
                       *_kind_and_param(k, activation, param, x.dtype), _flat(z))
+            ran_plan("act_forward/rows")
         elif inplace:
             backend = backend_for(x)
             for n0, n1 in _batch_chunks(x):
@@ -544,6 +546,7 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
                            *_kind_and_param(k, act, param, dt), _np(w, torch.float64), _np(inv, torch.float64),
                            float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(), sum_g_xmu.numpy(),
                            np.empty(3 * c, dtype=_flat(x).dtype), _flat(dx))
+    ran_plan("act_backward/channels")
     sum_g_xhat = (sum_g_xmu * inv.double()).to(w.dtype)
     sum_g = sum_g.to(w.dtype)
     if not need_x:
@@ -561,6 +564,7 @@ def _standard_backward_rows(ctx, k, dz: Tensor, x: Tensor, w: Tensor, b: Tensor,
     row_g, row_gx = _row_sums(r)
     args = (_flat(dz), _flat(x), r, c, s, _np(mean, dt), _np(a, dt), _np(b, dt), *_kind_and_param(k, act, param, dt))
     k.row_reduce_std(*args, row_g.numpy(), row_gx.numpy())
+    ran_plan("act_backward/rows")
     sum_g = _per_channel(row_g, c).to(w.dtype)
     sum_g_xhat = (_per_channel(row_gx, c) * inv.double()).to(w.dtype)
     if not need_x:
@@ -597,6 +601,7 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
                               _np(inv, torch.float64), float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(),
                               sum_g_ymb.numpy(),
                               np.empty(3 * c, dtype=_flat(z).dtype), _flat(dx))
+        ran_plan("act_backward/channels_ms")
         sum_g_xhat = (sum_g_ymb / w.double()).to(w.dtype)
         return (dx if need_x else None), sum_g_xhat, sum_g.to(w.dtype)
     if k is not None:
@@ -607,6 +612,7 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
         row_g, row_gy = _row_sums(r)
         kargs = (_flat(dz), _flat(z), r, c, s, _np(b, dt), *_kind_and_param(k, act, param, dt), floor)
         k.row_reduce_ms(*kargs, row_g.numpy(), row_gy.numpy())
+        ran_plan("act_backward/rows_ms")
         sum_g, sum_g_ymb = _per_channel(row_g, c).to(w.dtype), _per_channel(row_gy, c).to(w.dtype)
         chunks = [(0, z.shape[0])]
     elif ek is not None:
@@ -633,6 +639,7 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
             sum_g64 += _per_channel(row_g[:r], c)
             sum_gy64 += _per_channel(row_gy[:r], c)
         sum_g, sum_g_ymb = sum_g64.to(w.dtype), sum_gy64.to(w.dtype)
+        ran_plan("act_backward/rows_ms_elu")
     else:
         dz = bn_ops._like(dz, z)
         backend = backend_for(z)

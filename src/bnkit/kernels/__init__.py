@@ -157,8 +157,9 @@ def last_plan() -> str | None:
     """Name of the plan the ``cpu`` backend ran most recently (``None`` before the first call).
 
     A plan is ``"<pass>/<path>"``: the pass (``train``, ``backward``, ``eval``, ``eval_backward``,
-    ``reduce``, ``affine``) and the path its kernels took (``small``, ``small_parallel``, ``rows``,
-    ``groups``, ``long``, ``nsc``, ``fused``, ``half``, ``ncs``). ``docs/design.md`` lists what picks each.
+    ``reduce``, ``affine``; ``act_forward``, ``act_backward`` for the fused activations) and the path its
+    kernels took (``small``, ``small_parallel``, ``rows``, ``groups``, ``long``, ``nsc``, ``fused``,
+    ``half``, ``ncs``, ``channels``, ...). ``docs/design.md`` lists what picks each.
     """
     return _plan
 
