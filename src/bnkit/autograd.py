@@ -664,14 +664,14 @@ def one_call(
             _increment_version((running_mean, running_var))
         return y, new_mean, new_var
     if training is False and running_mean is not None and eps >= 0.0:
-        plan = cpu.one_call_eval_plan(x, dims, graph)
         if graph:
             try:
+                plan = cpu.one_call_eval_plan(x, dims, True)
                 y = _eval_apply(x, running_mean, running_var, weight, bias, eps, plan)
             except _Declined:
                 return None
-        else:
-            y = cpu.one_call_eval(plan, x, running_mean, running_var, weight, bias, eps)
+        else:  # (the plan's backward half is not needed)
+            y = cpu.one_call_eval((dims, False), x, running_mean, running_var, weight, bias, eps)
             if y is None:
                 return None
         return y, running_mean, running_var
