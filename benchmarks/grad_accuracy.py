@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import bnkit.functional as BF
-from bnkit import small
 from bnkit.kernels import use_backend
+from bnkit.kernels.cpu import plan as road
 
 SHAPES = [(4, 3), (8, 4, 5), (2, 3, 4, 4), (16, 8, 3, 3), (64, 16, 7, 7), (256, 64)]
 OFFSETS = [(1000.0, 1.0), (3.0, 0.01)]
@@ -28,12 +28,12 @@ OFFSETS = [(1000.0, 1.0), (3.0, 0.01)]
 
 @contextlib.contextmanager
 def regular_path():
-    saved = small.SMALL_NUMEL, small.ONE_CALL_NUMEL
-    small.SMALL_NUMEL = small.ONE_CALL_NUMEL = 0
+    saved = road.SMALL_NUMEL, road.ONE_CALL_NUMEL
+    road.SMALL_NUMEL = road.ONE_CALL_NUMEL = 0
     try:
         yield
     finally:
-        small.SMALL_NUMEL, small.ONE_CALL_NUMEL = saved
+        road.SMALL_NUMEL, road.ONE_CALL_NUMEL = saved
 
 
 PATHS = {

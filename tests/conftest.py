@@ -21,12 +21,12 @@ def _seed():
 
 @pytest.fixture(params=["regular", "small"])
 def bn_path(request, monkeypatch):
-    """Run a functional-level test on both CPU paths: the ``cpu`` backend's kernels behind the autograd
-    layer ("regular"), and the one-call path that takes inputs up to ``bnkit.small.SMALL_NUMEL`` (eval
-    calls without a graph: ``ONE_CALL_NUMEL``)."""
+    """Run a functional-level test on both CPU roads: the ``cpu`` backend's checked methods behind the
+    autograd layer ("regular"), and the one-call road, whose small kernels take inputs up to
+    ``bnkit.kernels.cpu.plan.SMALL_NUMEL`` (every call up to ``ONE_CALL_NUMEL``)."""
     if request.param == "regular":
-        from bnkit import small
+        from bnkit.kernels.cpu import plan
 
-        monkeypatch.setattr(small, "SMALL_NUMEL", 0)
-        monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)
+        monkeypatch.setattr(plan, "SMALL_NUMEL", 0)
+        monkeypatch.setattr(plan, "ONE_CALL_NUMEL", 0)
     return request.param

@@ -27,8 +27,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels", ("bnkit.kernels",)),
     # autograd Functions over a backend. fused.py holds the BN+activation Functions; distributed.py
     # the SyncBatchNorm Function and its collectives (documented as bnkit.distributed, so it stays
-    # put); small.py the one-call Functions (issue #21 folds it into autograd and kernels).
-    ("autograd", ("bnkit.autograd", "bnkit.fused", "bnkit.distributed", "bnkit.small")),
+    # put).
+    ("autograd", ("bnkit.autograd", "bnkit.fused", "bnkit.distributed")),
     ("functional", ("bnkit.functional",)),
     # modules. nonfinite.py is the modules' policy for non-finite running statistics (it names layers
     # of a model); documented as bnkit.nonfinite, so it stays beside the package root.
@@ -40,12 +40,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cli", ("bnkit.cli", "bnkit.__main__", "bnkit.explain", "bnkit.demo", "bnkit.bench")),
 )
 
-# Cycles that are being removed elsewhere; each entry is one strongly connected set of modules.
-# kernels/cpu <-> kernels/cpu_launch: issue #21 item 2 restructures kernels/; remove this entry
-# once that lands.
-ALLOWED_CYCLES: frozenset[frozenset[str]] = frozenset({
-    frozenset({"bnkit.kernels.cpu", "bnkit.kernels.cpu_launch"}),
-})
+# Cycles tolerated, each one strongly connected set of modules: none.
+ALLOWED_CYCLES: frozenset[frozenset[str]] = frozenset()
 
 Edge = tuple[str, str, int]  # (importer, imported, line)
 

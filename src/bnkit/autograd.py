@@ -17,7 +17,9 @@ autograd can differentiate it again. Every op picks its backend per call through
 Which road a call takes is decided here, once: :func:`plain_eager` (nothing records the call: the
 kernels run directly, through ``torch.autograd.Function``), :func:`needs_plain_ops` (``torch.func``,
 ``torch.jit.trace``, ONNX export and ``torch.compile`` record :mod:`bnkit.reference`'s formulas;
-``docs/ecosystem.md`` says why), or else the custom ops.
+``docs/ecosystem.md`` says why), or else the custom ops. A plain eager call on CPU tensors first asks the
+``cpu`` backend's one-call road (:func:`one_call`: each pass one compiled call on raw addresses, through
+the same two Functions, ``_TrainFn`` and ``_EvalFn``); ``docs/design.md`` draws the whole road.
 
 The formulas (symbols of ``docs/math.md``), with ``c1 = sum(dy)/M``, ``c2 = sum(dy*xhat)/M``::
 
@@ -41,10 +43,19 @@ from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedte
 from torch.autograd import forward_ad as _fwAD
 
 from bnkit import reference as ref
-from bnkit.kernels import backend_for
+from bnkit.kernels import backend_for, get_backend, runs_cpu_backend
 from bnkit.kernels import base as _kbase
 
-__all__ = ["backward_eval", "backward_train", "evaluate", "forward_eval", "forward_train", "train", "train_updating"]
+__all__ = [
+    "backward_eval",
+    "backward_train",
+    "evaluate",
+    "forward_eval",
+    "forward_train",
+    "one_call",
+    "train",
+    "train_updating",
+]
 
 
 _SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
@@ -395,9 +406,60 @@ def needs_plain_ops() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
+class _Declined(Exception):
+    """The cpu backend's one-call road wrote nothing (a tensor without storage, or a driver that failed
+    to compile): the call takes the checked road."""
+
+
+class _SavedStats:
+    """The context that :func:`_forward_train_backward` reads, for a backward of the one-call road that its
+    kernels cannot serve: ``saved_tensors`` as ``(x, weight, mean, var)``, the mean and variance split from
+    the ``(2*c,)`` vector the road saved."""
+
+    def __init__(self, ctx, x: Tensor, weight: Tensor | None, mv: Tensor, eps: float, param_dtype) -> None:
+        mean, var = mv.view(2, -1).unbind()
+        self.saved_tensors = (x, weight, mean, var)
+        self.needs_input_grad = ctx.needs_input_grad
+        self.eps = eps
+        self.param_dtype = param_dtype
+
+
+def _kernel_grad(gy: Tensor, x: Tensor) -> Tensor | None:
+    """``gy`` as the one-call backward kernels read it, in ``x``'s memory order: ``gy`` itself, or a copy
+    (:func:`_like`) when only its strides differ (the gradient of an output that :mod:`bnkit.functional`
+    gave torch's contiguous layout, for an ``(N, C, L)`` view of ``(N, L, C)`` memory); ``None`` when the
+    regular backward must run."""
+    if (
+        torch.is_grad_enabled()  # double backward: the regular formulas in differentiable ops
+        or type(gy) is not Tensor
+        or gy.dtype is not x.dtype
+        or gy.shape != x.shape
+        or not gy.is_cpu
+        or gy.layout is not torch.strided
+        or _wrapped(gy)  # no storage (batched gradients): the regular backward's plain ops
+    ):
+        return None
+    return _like(gy, x)
+
+
 class _TrainFn(torch.autograd.Function):
+    """The training forward and its backward, for every backend. ``plan`` (the cpu backend's one-call road,
+    :func:`one_call`): the output ``y`` only, the batch statistics saved as one ``(2*C,)`` vector, and the
+    backward asks the backend again with the same plan; otherwise ``(y, mean, var)`` from the backend's
+    ``forward_train``."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, running=None):
+    def forward(ctx, x, weight, bias, eps, running=None, plan=None):
+        ctx.plan = plan
+        if plan is not None:
+            out = _CPU.one_call_train(plan, x, weight, bias, eps, True)
+            if out is None:
+                raise _Declined
+            y, mv = out
+            ctx.save_for_backward(x, weight, mv)
+            ctx.eps = eps
+            ctx.set_materialize_grads(False)
+            return y
         # running (cpu backend only, see train_updating): the running statistics' update, in the
         # backend's compiled call; its tensors are buffers that carry no gradient
         backend = backend_for(x)
@@ -414,8 +476,23 @@ class _TrainFn(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
-    def backward(ctx, gy, gmean, gvar):
-        return (*_forward_train_backward(ctx, gy, gmean, gvar), None)
+    def backward(ctx, gy, gmean=None, gvar=None):
+        plan = ctx.plan
+        if plan is None:
+            return (*_forward_train_backward(ctx, gy, gmean, gvar), None, None)
+        if gy is None:
+            return None, None, None, None, None, None
+        x, weight, mv = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = _kernel_grad(gy, x)
+        if g is not None:
+            grads = _CPU.one_call_train_backward(plan, g, x, weight, mv, ctx.eps, need_x)
+            if grads is not None:
+                dx, dw, db = grads
+                return dx, (dw if need_w else None), (db if need_b else None), None, None, None
+        # weight and bias, when given, are vectors of the statistics dtype (the backend's check)
+        saved = _SavedStats(ctx, x, weight, mv, ctx.eps, plan[6])
+        return (*_forward_train_backward(saved, gy, None, None)[:3], None, None, None)
 
     @staticmethod
     def jvp(ctx, tx, tw, tb, *_ignored):
@@ -424,9 +501,19 @@ class _TrainFn(torch.autograd.Function):
 
 
 class _EvalFn(torch.autograd.Function):
+    """The eval forward and its backward, for every backend. ``plan``: the cpu backend's one-call road
+    (:func:`one_call`), whose backward asks the backend again and takes the regular formulas where it
+    declines."""
+
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
-        y = _forward_eval_impl(x, running_mean, running_var, weight, bias, eps)
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps, plan=None):
+        if plan is not None:
+            y = _CPU.one_call_eval(plan, x, running_mean, running_var, weight, bias, eps)
+            if y is None:
+                raise _Declined
+        else:
+            y = _forward_eval_impl(x, running_mean, running_var, weight, bias, eps)
+        ctx.plan = plan
         _forward_eval_setup(ctx, (x, running_mean, running_var, weight, bias, eps), y)
         if _fwAD._current_level >= 0:
             ctx.save_for_forward(x, running_mean, running_var, weight)
@@ -436,11 +523,22 @@ class _EvalFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         if gy is None:  # (grads not materialized) no gradient reached the output
-            return None, None, None, None, None, None
-        return _forward_eval_backward(ctx, gy)
+            return None, None, None, None, None, None, None
+        plan = ctx.plan
+        if plan is not None:
+            x, running_mean, running_var, weight = ctx.saved_tensors
+            g = _kernel_grad(gy, x)
+            if g is not None:
+                need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+                grads = _CPU.one_call_eval_backward(plan, g, x, running_mean, running_var, weight, ctx.eps, need_x,
+                                                    need_w or need_b)  # fmt: skip
+                if grads is not None:
+                    dx, dw, db = grads
+                    return dx, None, None, (dw if need_w else None), (db if need_b else None), None, None
+        return (*_forward_eval_backward(ctx, gy), None)
 
     @staticmethod
-    def jvp(ctx, tx, _trm, _trv, tw, tb, _teps):
+    def jvp(ctx, tx, _trm, _trv, tw, tb, _teps, _tplan=None):
         # (running statistics reach the Function without tangents: evaluate() applies torch's rule first)
         return _forward_eval_jvp(ctx, tx, tw, tb)
 
@@ -497,6 +595,87 @@ def train_updating(
     if _records_graph(x, weight, bias):
         return _train_apply(x, weight, bias, eps, running)
     return backend.forward_train(x, weight, bias, eps, running)
+
+
+# --- the cpu backend's one-call road -----------------------------------------------------------
+
+_CPU = None  # the cpu backend, once a call has found it selected (bnkit.kernels.runs_cpu_backend)
+# torch.autograd.graph.increment_version without its Python wrapper (the callers pass tuples of tensors)
+_increment_version = torch._C._increment_version
+
+
+def one_call(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    inplace: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """``(y, new_running_mean, new_running_var)`` of a plain eager call on the cpu backend's one-call road
+    (each pass one compiled call on raw addresses), or ``None`` for the checked road (:func:`train`,
+    :func:`evaluate`), which raises torch's errors for bad arguments.
+
+    Anything unusual (another dtype or layout, subclasses, tracing, transforms, forward AD, gradients of
+    the running statistics, double backward) takes the checked road; a call that passes the backend's
+    :meth:`~bnkit.kernels.cpu.backend.CpuBackend.check` has valid arguments. With ``inplace`` the running
+    statistics are updated in their own buffers (what :func:`bnkit.functional.batch_norm` does) and
+    returned; otherwise new tensors hold the update (:func:`bnkit.functional.batch_norm_pure`). Channels
+    must be in dim 1. The numbers are the checked road's up to rounding on the small kernels, and its
+    bits on the planned paths.
+    """
+    global _CPU
+    if type(eps) is not float or _fwAD._current_level >= 0 or not plain_eager():
+        return None
+    cpu = _CPU
+    if cpu is None:  # (a CUDA tensor must not load the cpu backend)
+        if type(x) is not Tensor or not x.is_cpu or not runs_cpu_backend():
+            return None
+        cpu = _CPU = get_backend("cpu")
+    dims = cpu.check(x, running_mean, running_var, weight, bias)
+    if dims is None:
+        return None
+    graph = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+    )
+    if training is True:
+        if type(momentum) is not float or not eps > 0.0:
+            return None
+        call = cpu.one_call_train_plan(x, dims, running_mean, running_var, momentum, inplace, graph)
+        if call is None:
+            return None
+        plan, new_mean, new_var = call
+        if graph:
+            try:
+                y = _train_apply(x, weight, bias, eps, None, plan)
+            except _Declined:
+                return None
+        else:
+            out = cpu.one_call_train(plan, x, weight, bias, eps, False)
+            if out is None:
+                return None
+            y = out[0]
+        if inplace and running_mean is not None:
+            # the kernel wrote the buffers through raw addresses: tell autograd, as copy_ would (a graph
+            # that saved them, e.g. an eval-mode call, then refuses a backward through stale values)
+            _increment_version((running_mean, running_var))
+        return y, new_mean, new_var
+    if training is False and running_mean is not None and eps >= 0.0:
+        if graph:
+            try:
+                plan = cpu.one_call_eval_plan(x, dims, True)
+                y = _eval_apply(x, running_mean, running_var, weight, bias, eps, plan)
+            except _Declined:
+                return None
+        else:  # (the plan's backward half is not needed)
+            y = cpu.one_call_eval((dims, False), x, running_mean, running_var, weight, bias, eps)
+            if y is None:
+                return None
+        return y, running_mean, running_var
+    return None
 
 
 def evaluate(

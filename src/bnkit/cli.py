@@ -365,7 +365,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_warmup(args: argparse.Namespace) -> int:
-    from bnkit.kernels.cache import cache_dir
+    from bnkit.kernels.cpu.cache import cache_dir
     from bnkit.utils.warmup import warmup
 
     console = _console()

@@ -2,7 +2,7 @@ r"""Batch norm fused with an activation, and the memory-saving (InPlace-ABN) mod
 
 Forward: ``z = act(y)`` with ``y = w * xhat + b`` (the batch-norm output, see
 :mod:`bnkit.reference`), in the normalization pass itself when the numba kernels of
-:mod:`bnkit.kernels.cpu_act` apply (the ``cpu`` backend runs, contiguous float32/float64
+:mod:`bnkit.kernels.cpu.act` apply (the ``cpu`` backend runs, contiguous float32/float64
 input); otherwise composed from the backend primitives plus one in-place activation pass.
 
 Backward, with ``g = dz * act'(y)`` the gradient reaching the batch norm, is the batch-norm
@@ -65,7 +65,7 @@ from torch.autograd import forward_ad as _fwAD
 
 from bnkit import autograd as bn_ops
 from bnkit import reference as ref
-from bnkit.kernels import backend_for
+from bnkit.kernels import backend_for, ran_plan
 
 __all__ = [
     "ACTIVATIONS",
@@ -209,15 +209,15 @@ def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
 
 # --- the optional numba kernels ----------------------------------------------------------
 
-# None: use bnkit.kernels.cpu_act when the dispatcher picks the "cpu" backend for a tensor;
+# None: use bnkit.kernels.cpu.act when the dispatcher picks the "cpu" backend for a tensor;
 # True/False force it on/off (tests compare both paths).
 FORCE_KERNELS: bool | None = None
-# (cpu_act module, cpu_launch._threads) once imported; False when numba is unusable
+# (cpu.act module, cpu.plan.threads) once imported; False when numba is unusable
 _CPU_ACT = None
 
 
 def _kernels_for(x: Tensor, activation: str):
-    """:mod:`bnkit.kernels.cpu_act` when it applies to ``x`` (contiguous CPU float32/64), else None.
+    """:mod:`bnkit.kernels.cpu.act` when it applies to ``x`` (contiguous CPU float32/64), else None.
 
     By default only for the piecewise-linear activations (identity, relu, leaky_relu), whose
     kernel loops vectorize; elu/silu/gelu call libm per element there, slower than torch's
@@ -233,7 +233,7 @@ def _kernels_for(x: Tensor, activation: str):
 
 
 def _cpu_act_for(numel: int):
-    """:mod:`bnkit.kernels.cpu_act` with numba's thread count set for ``numel`` elements as the cpu
+    """:mod:`bnkit.kernels.cpu.act` with numba's thread count set for ``numel`` elements as the cpu
     backend sets it (torch's count; one for small inputs), or None when numba is unusable."""
     kernels = _cpu_act()
     if kernels is None:
@@ -244,26 +244,26 @@ def _cpu_act_for(numel: int):
 
 
 def _cpu_act():
-    """``(bnkit.kernels.cpu_act, cpu_launch._threads)``, imported once; None when numba is unusable
+    """``(bnkit.kernels.cpu.act, bnkit.kernels.cpu.plan.threads)``, imported once; None when numba is unusable
     (every caller then has an exact composed or numpy path, only slower)."""
     global _CPU_ACT
     if _CPU_ACT is None:
         try:
-            from bnkit.kernels import cpu_act
-            from bnkit.kernels.cpu_launch import _threads
+            from bnkit.kernels.cpu import act as cpu_act
+            from bnkit.kernels.cpu.plan import threads
         except Exception:
             _CPU_ACT = False
         else:
-            _CPU_ACT = (cpu_act, _threads)
+            _CPU_ACT = (cpu_act, threads)
     return _CPU_ACT or None
 
 
 def _elu_kernels_for(z: Tensor, activation: str):
-    """:mod:`bnkit.kernels.cpu_act` for the memory-saving ELU backward on ``z``, else None.
+    """:mod:`bnkit.kernels.cpu.act` for the memory-saving ELU backward on ``z``, else None.
 
     Used whenever the kernels may run (``FORCE_KERNELS`` not False, the ``cpu`` backend picked
     unless forced, contiguous CPU float32/64): ``log1p`` comes from torch in batch chunks and
-    the kernels only select and reduce (:func:`bnkit.kernels.cpu_act.row_reduce_ms_elu`).
+    the kernels only select and reduce (:func:`bnkit.kernels.cpu.act.row_reduce_ms_elu`).
     """
     if activation != "elu" or FORCE_KERNELS is False:
         return None
@@ -287,19 +287,19 @@ def _elu_log(zc: Tensor, alpha: float, buf: Tensor) -> Tensor:
 
 def _channel_group(x: Tensor, tensors: int) -> int:
     """Channels per task of the channel kernels: a group of short rows where the ``cpu`` backend takes
-    one for ``tensors`` tensors of ``x``'s size (:func:`bnkit.kernels.cpu_launch._ncs_group`), else 1."""
-    from bnkit.kernels.cpu_launch import _ncs_group, _threads
+    one for ``tensors`` tensors of ``x``'s size (:func:`bnkit.kernels.cpu.plan.channel_group`), else 1."""
+    from bnkit.kernels.cpu.plan import channel_group, threads
 
     n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
-    return max(1, _ncs_group(_threads(x.numel()), n, c, s, tensors * x.element_size()))
+    return max(1, channel_group(threads(x.numel()), n, c, s, tensors * x.element_size()))
 
 
 def _channel_tasks(x: Tensor) -> bool:
     """One task per channel (reduce, then write while the channel is in cache) when the channels
-    alone keep every thread busy, as :mod:`bnkit.kernels.cpu_launch` decides; else row-parallel passes."""
-    from bnkit.kernels.cpu_launch import TASKS_PER_THREAD, _threads
+    alone keep every thread busy, as :mod:`bnkit.kernels.cpu.backend` decides; else row-parallel passes."""
+    from bnkit.kernels.cpu.plan import TASKS_PER_THREAD, threads
 
-    nt = _threads(x.numel())
+    nt = threads(x.numel())
     return nt == 1 or x.shape[1] >= TASKS_PER_THREAD * nt
 
 
@@ -367,6 +367,7 @@ class _BatchNormAct(torch.autograd.Function):
                 k.channel_train_act(_flat(x), n, c, s, _channel_group(x, 1), _np(w, torch.float64),
                                     _np(b, torch.float64), float(eps), *_kind_and_param(k, activation, param, x.dtype),
                                     _flat(z), mean64.numpy(), var64.numpy(), np.empty(3 * c, dtype=_flat(x).dtype))
+                ran_plan("act_forward/channels")
                 mean, var = mean64.to(sd), var64.to(sd)
             elif inplace:
                 mean, var = _stats_by_reduce(x)
@@ -387,6 +388,7 @@ class _BatchNormAct(torch.autograd.Function):
             r, _, s = _rows(x)
             k.row_act(_flat(x), r, c, s, _np(mean, x.dtype), _np(a, x.dtype), _np(b, x.dtype),
                       *_kind_and_param(k, activation, param, x.dtype), _flat(z))
+            ran_plan("act_forward/rows")
         elif inplace:
             backend = backend_for(x)
             for n0, n1 in _batch_chunks(x):
@@ -544,6 +546,7 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
                            *_kind_and_param(k, act, param, dt), _np(w, torch.float64), _np(inv, torch.float64),
                            float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(), sum_g_xmu.numpy(),
                            np.empty(3 * c, dtype=_flat(x).dtype), _flat(dx))
+    ran_plan("act_backward/channels")
     sum_g_xhat = (sum_g_xmu * inv.double()).to(w.dtype)
     sum_g = sum_g.to(w.dtype)
     if not need_x:
@@ -561,6 +564,7 @@ def _standard_backward_rows(ctx, k, dz: Tensor, x: Tensor, w: Tensor, b: Tensor,
     row_g, row_gx = _row_sums(r)
     args = (_flat(dz), _flat(x), r, c, s, _np(mean, dt), _np(a, dt), _np(b, dt), *_kind_and_param(k, act, param, dt))
     k.row_reduce_std(*args, row_g.numpy(), row_gx.numpy())
+    ran_plan("act_backward/rows")
     sum_g = _per_channel(row_g, c).to(w.dtype)
     sum_g_xhat = (_per_channel(row_gx, c) * inv.double()).to(w.dtype)
     if not need_x:
@@ -597,6 +601,7 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
                               _np(inv, torch.float64), float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(),
                               sum_g_ymb.numpy(),
                               np.empty(3 * c, dtype=_flat(z).dtype), _flat(dx))
+        ran_plan("act_backward/channels_ms")
         sum_g_xhat = (sum_g_ymb / w.double()).to(w.dtype)
         return (dx if need_x else None), sum_g_xhat, sum_g.to(w.dtype)
     if k is not None:
@@ -607,6 +612,7 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
         row_g, row_gy = _row_sums(r)
         kargs = (_flat(dz), _flat(z), r, c, s, _np(b, dt), *_kind_and_param(k, act, param, dt), floor)
         k.row_reduce_ms(*kargs, row_g.numpy(), row_gy.numpy())
+        ran_plan("act_backward/rows_ms")
         sum_g, sum_g_ymb = _per_channel(row_g, c).to(w.dtype), _per_channel(row_gy, c).to(w.dtype)
         chunks = [(0, z.shape[0])]
     elif ek is not None:
@@ -633,6 +639,7 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
             sum_g64 += _per_channel(row_g[:r], c)
             sum_gy64 += _per_channel(row_gy[:r], c)
         sum_g, sum_g_ymb = sum_g64.to(w.dtype), sum_gy64.to(w.dtype)
+        ran_plan("act_backward/rows_ms_elu")
     else:
         dz = bn_ops._like(dz, z)
         backend = backend_for(z)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from bn_tolerances import assert_close
 
 import bnkit
-from bnkit import small
+from bnkit.kernels import get_backend, last_plan
+from bnkit.kernels.cpu import plan as road
 
 
 def _layouts(shape: tuple[int, ...]):
@@ -57,7 +58,7 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.mark.parametrize("shape, name, x0", CASES, ids=[f"{s}-{n}" for s, n, _ in CASES])
 def test_functional_output_has_torchs_layout(shape, name, x0, mode, dtype, path, monkeypatch):
     if path == "regular":
-        monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)
+        monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)
     c = shape[1]
     training, graph = mode.startswith("train"), mode.endswith("graph")
     out = {}
@@ -101,25 +102,10 @@ def test_pure_and_module_outputs_have_torchs_layout(shape, name, x0):
 def test_ncl_view_gradient_is_read_in_the_inputs_layout(path, monkeypatch):
     # the output of an (N, C, L) view is contiguous, so its gradient usually is: each backward copies
     # it into x's layout for its kernels (not the reference's formulas); the numbers are torch's
-    from bnkit.kernels import cpu_launch
-
     if path != "small kernels":
-        monkeypatch.setattr(small, "SMALL_GRAD_NUMEL", 0)
+        monkeypatch.setattr(road, "SMALL_GRAD_NUMEL", 0)
     if path == "regular":
-        monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)
-    calls, answers = [], []
-    kernel_grad, same_layout = small._kernel_grad, cpu_launch.CpuBackend._same_layout
-
-    def spy(where, fn):
-        def wrapped(dy, x):
-            calls.append((where, dy.stride()))
-            answers.append(fn(dy, x))
-            return answers[-1]
-
-        return wrapped
-
-    monkeypatch.setattr(small, "_kernel_grad", spy("small", kernel_grad))
-    monkeypatch.setattr(cpu_launch.CpuBackend, "_same_layout", staticmethod(spy("backend", same_layout)))
+        monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)
     x0 = torch.randn(8, 40, 6).transpose(1, 2)
     out = {}
     for impl, bn in (("torch", F.batch_norm), ("bnkit", bnkit.functional.batch_norm)):
@@ -129,13 +115,10 @@ def test_ncl_view_gradient_is_read_in_the_inputs_layout(path, monkeypatch):
         assert y.is_contiguous()
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
         out[impl] = (x.grad, w.grad, b.grad)
+        if impl == "bnkit":  # the backward ran on the kernels, in x's channels-innermost layout
+            assert last_plan() == ("backward/small" if path == "small kernels" else "backward/nsc")
     for got, want in zip(out["bnkit"], out["torch"], strict=True):
         assert_close(got, want, torch.float32)
-    # the small path's backwards copy the contiguous gradient themselves; on the regular path
-    # bnkit.autograd has laid it out as x before the backend sees it
-    assert calls == ([("backend", (240, 1, 6))] if path == "regular" else [("small", (240, 40, 1))])
-    # and the kernels take it: the backend's layout check holds, the small path got its copy
-    assert answers[0] is True if path == "regular" else answers[0].stride() == x0.stride()
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 7), (16, 32, 300), (2, 70, 129)])  # serial; parallel; a one-row last tile
@@ -147,9 +130,10 @@ def test_ncl_view_eval_kernel_writes_torchs_layout_itself(shape, dtype):
     x = (torch.randn(n, length, c, dtype=dtype) * 2 + 3).transpose(1, 2)
     rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
     w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
-    dims = small._layout(x, rm, rv, w, b)
+    cpu = get_backend("cpu")
+    dims = cpu.check(x, rm, rv, w, b)
     assert dims == (n * length, c, 1)
-    y = small._eval_forward(x, dims, rm, rv, w, b, 1e-5)
+    y = cpu.one_call_eval(cpu.one_call_eval_plan(x, dims, False), x, rm, rv, w, b, 1e-5)
     assert y.is_contiguous() and y.shape == x.shape
     assert_close(y, F.batch_norm(x, rm, rv, w, b, training=False), dtype)
 
@@ -159,16 +143,16 @@ def test_ncl_view_eval_kernel_writes_torchs_layout_itself(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ncl_view_training_kernels_write_torchs_layout_themselves(path, shape, dtype, monkeypatch):
     # training forwards of an (N, C, L) view on the small path write the contiguous output in their
-    # normalize pass: the small kernels and the one-call driver (cpu_small.train_nsc with
+    # normalize pass: the small kernels and the one-call driver (drivers.train_nsc with
     # cpu.nsc_train_to_ncs); the regular path (the backend keeps x's layout) copies it after
     n, c, length = shape
     x = (torch.randn(n, length, c, dtype=dtype) * 2 + 3).transpose(1, 2)
     w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
     rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
     if path == "one-call driver":
-        monkeypatch.setattr(small, "SMALL_NUMEL", 0)
+        monkeypatch.setattr(road, "SMALL_NUMEL", 0)
     if path == "regular":
-        monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)
+        monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)
     else:
         monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copied after the kernel"))
     y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)

@@ -8,6 +8,7 @@ from torch import nn
 import bnkit
 import bnkit.functional as bf
 from bnkit import fused
+from bnkit.kernels import recorded_plans
 
 EPS = 1e-5
 ACTS = ["identity", "relu", "leaky_relu", "elu", "silu", "gelu"]
@@ -134,7 +135,7 @@ def test_memory_saving_chunks(composed, monkeypatch):
 def test_memory_saving_elu_kernels(monkeypatch):
     # ELU's memory-saving backward: log1p from torch into dx (one pass) or, for dw/db alone, into a
     # chunk buffer (several chunks with a remainder); zero and tiny weight channels; float64, float32
-    from bnkit.kernels import cpu_act
+    from bnkit.kernels.cpu import act as cpu_act
 
     calls = []
     kernel = cpu_act.row_reduce_ms_elu
@@ -384,7 +385,7 @@ def test_freeze_keeps_activation():
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """Force the numba kernels of bnkit.kernels.cpu_act (used by default under the cpu backend)."""
+    """Force the numba kernels of bnkit.kernels.cpu.act (used by default under the cpu backend)."""
     monkeypatch.setattr(fused, "FORCE_KERNELS", True)
 
 
@@ -412,8 +413,6 @@ def test_kernels_gradcheck(kernels, activation, memory_saving):
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
 
 
-ROW_KERNELS = ("row_reduce_std", "row_input_std", "row_reduce_ms", "row_input_ms")
-CHANNEL_KERNELS = ("channel_backward_std", "channel_backward_ms")
 
 
 @pytest.mark.parametrize("memory_saving", [False, True])
@@ -421,52 +420,31 @@ CHANNEL_KERNELS = ("channel_backward_std", "channel_backward_ms")
 def test_kernels_row_fallback(kernels, monkeypatch, activation, memory_saving):
     # Few channels for the threads (C < TASKS_PER_THREAD * threads on an input big enough to run
     # threaded) -> the backward runs the row-parallel kernels instead of one task per channel.
-    from bnkit.kernels import cpu_act
-
     shape = (4, 3, 64, 64)  # 49152 elements >= SERIAL_NUMEL, 3 channels
     if fused._channel_tasks(torch.empty(shape)):
         # one thread here (numba or torch): the row path is what two threads and more take; force it
         monkeypatch.setattr(fused, "_channel_tasks", lambda x: False)
-    calls = []
-
-    def spy_on(name):
-        kernel = getattr(cpu_act, name)
-
-        def spy(*args):
-            calls.append(name)
-            return kernel(*args)
-        return spy
-
-    for name in ROW_KERNELS + CHANNEL_KERNELS:
-        monkeypatch.setattr(cpu_act, name, spy_on(name))
-    suffix = "ms" if memory_saving else "std"
+    suffix = "_ms" if memory_saving else ""
     for training in (True, False):
-        calls.clear()
         # float32 only: each dtype is another numba compilation of the four row kernels (~3 s each, cold)
-        _compare(activation, memory_saving, training, shape, dtype=torch.float32)
-        assert calls == [f"row_reduce_{suffix}", f"row_input_{suffix}"], calls
+        with recorded_plans() as ran:
+            _compare(activation, memory_saving, training, shape, dtype=torch.float32)
+        assert [p for p in ran if p.startswith("act_backward/")] == [f"act_backward/rows{suffix}"], ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("memory_saving", [False, True])
-def test_channel_kernels_take_groups_of_short_rows(kernels, monkeypatch, dtype, memory_saving):
+def test_channel_kernels_take_groups_of_short_rows(kernels, dtype, memory_saving):
     # (5, 67, 12, 12): short rows -> groups of channels per task (the last one partial), both ways
-    from bnkit.kernels import cpu_act
-
-    groups = {}
-
-    def spy_on(name):
-        kernel = getattr(cpu_act, name)
-
-        def spy(*args):
-            groups[name] = args[4 if name == "channel_train_act" else 5]  # G follows (N, C, S)
-            return kernel(*args)
-        return spy
-
-    for name in ("channel_train_act", *CHANNEL_KERNELS):
-        monkeypatch.setattr(cpu_act, name, spy_on(name))
+    shape = (5, 67, 12, 12)
+    x = torch.empty(shape, dtype=dtype)
+    for tensors in (1, 2):  # the forward reads x; the backward dz and x (or z)
+        g = fused._channel_group(x, tensors)
+        assert 1 < g < 67 and 67 % g, g
     for training in (True, False):
-        _compare("leaky_relu", memory_saving, training, (5, 67, 12, 12), dtype=dtype)
-    backward = "channel_backward_ms" if memory_saving else "channel_backward_std"
-    assert set(groups) == {"channel_train_act", backward}, groups
-    assert all(1 < g < 67 and 67 % g for g in groups.values()), groups
+        with recorded_plans() as ran:
+            _compare("leaky_relu", memory_saving, training, shape, dtype=dtype)
+        backward = "act_backward/channels_ms" if memory_saving else "act_backward/channels"
+        # training: statistics and activation per group of channels; eval: one normalize pass
+        forward = "act_forward/channels" if training else "act_forward/rows"
+        assert [p for p in ran if p.startswith("act_")] == [forward, backward], ran

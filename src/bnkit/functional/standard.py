@@ -25,7 +25,6 @@ from torch.autograd.graph import increment_version
 
 from bnkit import autograd
 from bnkit import reference as ref
-from bnkit import small as _small
 from bnkit.functional.args import _check_eps, _verify_batch_size, check_pure_args
 from bnkit.functional.layout import as_torch_layout, from_channels_first, to_channels_first
 from bnkit.functional.masked import masked_batch_norm_pure
@@ -71,9 +70,9 @@ def batch_norm_pure(
     cumulative average), which keeps ``torch.compile`` graphs free of host syncs.
     """
     if mask is None and channel_dim == 1 and type(channel_dim) is int:
-        small = _small.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
-        if small is not None:
-            return as_torch_layout(small[0]), small[1], small[2]
+        out = autograd.one_call(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
+        if out is not None:
+            return as_torch_layout(out[0]), out[1], out[2]
         y, new_mean, new_var = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                            None, 1, False)  # fmt: skip
         return as_torch_layout(y), new_mean, new_var
@@ -94,9 +93,9 @@ def _batch_norm(
     channel_dim: int,
     inplace: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """:func:`batch_norm_pure`, past the small path. With ``inplace`` a training call may write the new
-    running statistics into their buffers itself (then it returns the buffers, and
-    :func:`write_running_stats` has nothing to copy)."""
+    """:func:`batch_norm_pure`, past the one-call road (:func:`bnkit.autograd.one_call`). With ``inplace``
+    a training call may write the new running statistics into their buffers itself (then it returns the
+    buffers, and :func:`write_running_stats` has nothing to copy)."""
     x, channel_dim = to_channels_first(input, channel_dim)
     check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if x.numel() == 0:
@@ -181,9 +180,9 @@ def batch_norm(
         raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     plain = mask is None and channel_dim == 1 and type(channel_dim) is int
     if plain:
-        small = _small.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, True)
-        if small is not None:  # running statistics already updated in place
-            return as_torch_layout(small[0])
+        out = autograd.one_call(input, running_mean, running_var, weight, bias, training, momentum, eps, True)
+        if out is not None:  # running statistics already updated in place
+            return as_torch_layout(out[0])
     y, new_mean, new_var = _batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps, mask, channel_dim, True
     )

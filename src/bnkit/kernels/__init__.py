@@ -7,7 +7,9 @@ The choice is explicit and visible:
 * ``auto`` picks ``cpu`` (numba) for CPU tensors, ``triton`` for CUDA tensors when
   triton is installed, and ``reference`` otherwise or when the fast backend does not
   support the tensor (dtype, layout);
-* :func:`last_backend` tells which backend ran most recently.
+* :func:`last_backend` tells which backend ran most recently, and :func:`last_plan` which plan
+  (named path: ``"train/small"``, ``"train/rows"``, ``"backward/fused"``, ``"eval/small"``, ...) the
+  ``cpu`` backend ran; :func:`recorded_plans` collects every plan run inside a block.
 
 A backend that fails to load (numba or triton missing, compile error) falls back to the
 reference with a single warning.
@@ -33,6 +35,8 @@ __all__ = [
     "backend_for",
     "get_backend",
     "last_backend",
+    "last_plan",
+    "recorded_plans",
     "runs_cpu_backend",
     "set_backend",
     "use_backend",
@@ -50,6 +54,8 @@ _reference = ReferenceBackend()
 _loaded: dict[str, Backend | None] = {"reference": _reference}
 _override: str | None = None
 _last: str | None = None
+_plan: str | None = None
+_plan_log: list[str] | None = None
 
 
 # os.environ's own dict (bytes keys on POSIX): a lookup there costs 0.05 us, os.environ.get 0.9,
@@ -131,7 +137,8 @@ def backend_for(x: Tensor) -> Backend:
 def runs_cpu_backend() -> bool:
     """Whether the current setting runs the ``cpu`` backend on CPU tensors (recorded if so).
 
-    For :mod:`bnkit.small`, which calls its kernels directly once it has checked the tensors.
+    For the cpu backend's one-call road (:func:`bnkit.autograd.one_call`), which runs its kernels
+    directly once :meth:`~bnkit.kernels.cpu.backend.CpuBackend.check` has checked the tensors.
     """
     global _last
     name = _requested()
@@ -144,6 +151,40 @@ def runs_cpu_backend() -> bool:
 def last_backend() -> str | None:
     """Name of the backend that ran most recently (``None`` before the first call)."""
     return _last
+
+
+def last_plan() -> str | None:
+    """Name of the plan the ``cpu`` backend ran most recently (``None`` before the first call).
+
+    A plan is ``"<pass>/<path>"``: the pass (``train``, ``backward``, ``eval``, ``eval_backward``,
+    ``reduce``, ``affine``; ``act_forward``, ``act_backward`` for the fused activations) and the path its
+    kernels took (``small``, ``small_parallel``, ``rows``, ``groups``, ``long``, ``nsc``, ``fused``,
+    ``half``, ``ncs``, ``channels``, ...). ``docs/design.md`` lists what picks each.
+    """
+    return _plan
+
+
+@contextlib.contextmanager
+def recorded_plans() -> Iterator[list[str]]:
+    """Collect the name of every plan the ``cpu`` backend runs inside the block (see :func:`last_plan`)."""
+    global _plan_log
+    previous = _plan_log
+    log: list[str] = []
+    _plan_log = log
+    try:
+        yield log
+    finally:
+        _plan_log = previous
+        if previous is not None:
+            previous.extend(log)
+
+
+def ran_plan(name: str) -> None:
+    """Record that the ``cpu`` backend ran plan ``name`` (called by the backend, once per pass)."""
+    global _plan
+    _plan = name
+    if _plan_log is not None:
+        _plan_log.append(name)
 
 
 def set_backend(name: str | None) -> None:

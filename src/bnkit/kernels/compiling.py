@@ -1,7 +1,7 @@
 """Says when a call has to compile CPU kernels, once per dtype, instead of stalling silently.
 
 numba compiles a kernel on its first call for a new dtype unless its on-disk cache has it; on 2 cores
-that takes seconds per kernel. :func:`announce_compiles` (called by :mod:`bnkit.kernels.cpu16`, which every
+that takes seconds per kernel. :func:`announce_compiles` (called by :mod:`bnkit.kernels.cpu.half`, which every
 kernel module imports first) registers a listener on numba's ``numba:compile`` event, which numba raises
 only when the cache misses. The first miss of a bnkit kernel for a dtype logs one line on the ``bnkit``
 logger::

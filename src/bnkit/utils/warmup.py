@@ -24,7 +24,7 @@ __all__ = ["DTYPES", "WarmupReport", "warmup"]
 DTYPES = ("float32", "float64", "bfloat16")
 
 # name -> (shape, channels_last, (N, C, L) view of (N, L, C) memory): one input per plan of the kernels
-# (the plan functions of bnkit.kernels.cpu_launch decide; these sizes land in each on any thread count >= 2)
+# (the plan functions of bnkit.kernels.cpu.plan decide; these sizes land in each on any thread count >= 2)
 _INPUTS: dict[str, tuple[tuple[int, ...], bool, bool]] = {
     "small": ((16, 16, 8, 8), False, False),
     "small, parallel": ((32, 32, 16, 16), False, False),

@@ -1,4 +1,4 @@
-"""The 16-wide AVX-512 paths of 16-bit data in the cpu kernels (``bnkit.kernels.cpu16``, ``SIMD_*``).
+"""The 16-wide AVX-512 paths of 16-bit data in the cpu kernels (``bnkit.kernels.cpu.half``, ``SIMD_*``).
 
 Where the CPU has the instructions, every normalize-type pass of bfloat16/float16 data rounds
 16 values at a time with VCVTNEPS2BF16 / VCVTPS2PH and fixes NaNs and (bf16) float32 subnormals with
@@ -24,12 +24,12 @@ from numba import njit, types
 from numba.core import config
 from numba.extending import intrinsic
 
-from bnkit.kernels import cpu as K
-from bnkit.kernels import cpu16 as S
+from bnkit.kernels.cpu import half as S
+from bnkit.kernels.cpu import passes as K
 
 BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
 # The bit-for-bit claims are about the SIMD lanes; on a CPU without them the scalar loops run (checked
-# against torch by the generic-CPU subprocess below and by test_kernels_cpu).
+# against torch by the generic-CPU subprocess below and by kernels/cpu/test_backend.py).
 SIMD_DTYPES = [
     pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not S.SIMD_BF16, reason="no AVX-512 BF16 on this CPU")),
     pytest.param(torch.float16, marks=pytest.mark.skipif(not S.SIMD_F16, reason="no AVX-512 on this CPU")),
@@ -46,7 +46,7 @@ def test_flags_follow_the_host():
 
 @intrinsic
 def _fma32(typingctx, a, b, c):
-    # a*b + c rounded once in float32: one SIMD lane of cpu16._affine16 as scalar code
+    # a*b + c rounded once in float32: one SIMD lane of half._affine16 as scalar code
     if not (a == b == c == types.float32):
         return None
 
@@ -168,7 +168,8 @@ def test_dot_block_matches_float64(dtype, n):
 _GENERIC = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
-    from bnkit.kernels import cpu16 as S, get_backend
+    from bnkit.kernels import get_backend
+    from bnkit.kernels.cpu import half as S
     assert not S.SIMD_BF16 and not S.SIMD_F16
     cpu = get_backend("cpu")
     torch.manual_seed(0)

@@ -1,11 +1,13 @@
-"""The small-input path (bnkit.small, bnkit.kernels.cpu_small) against torch, float64 and the reference.
+"""The cpu backend's one-call road (bnkit.autograd.one_call, CpuBackend.check and its one-call plans, the
+kernels of bnkit.kernels.cpu.drivers) against torch, float64 and the reference.
 
-Every test checks that the small kernels really ran (a spy counts their calls), or, for the
-cases that must not take the path, that they did not.
+Every test asks which plans the cpu backend ran (:func:`bnkit.kernels.recorded_plans`): the small
+kernels, or, for the cases that must not take them, other plans.
 """
 
 from __future__ import annotations
 
+import collections
 import types
 
 import pytest
@@ -14,8 +16,9 @@ import torch.nn.functional as F
 
 import bnkit
 from bnkit import reference as ref
-from bnkit import small
-from bnkit.kernels import last_backend, use_backend
+from bnkit.kernels import last_backend, recorded_plans, use_backend
+from bnkit.kernels.cpu import backend
+from bnkit.kernels.cpu import plan as road
 
 SHAPES = [(16, 16, 8, 8), (4, 8, 4, 4, 4), (64, 128), (2, 3), (5, 7, 1), (3, 1, 4, 4), (7, 13, 11), (2, 5, 5, 5)]
 # above SERIAL_NUMEL: the parallel twins, with many rows, rows of channels (S = 1), and fewer rows than tasks
@@ -24,39 +27,52 @@ DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-12, 1e-12)}
 
 
-class _Calls(dict):
-    """Calls per small kernel (serial and parallel twins under one name); ``parallel`` counts the twins."""
+# the paths of the small kernels (serial and parallel twins) and of the 16-bit eval kernel; every other
+# path is one of the cpu backend's planned paths (groups, rows, long, nsc, fused, ncs)
+_SMALL_PATHS = {"small": "small", "small_parallel": "small", "half": "half"}
 
-    parallel = 0
+
+class _Plans:
+    """The plans the cpu backend ran during a test (:func:`bnkit.kernels.recorded_plans`), counted as
+    ``"<pass>/small"`` (either twin of a small kernel), ``"<pass>/half"`` or ``"<pass>/plan"`` (a planned
+    path of the backend, whichever road ran it); ``parallel`` counts the parallel twins."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def counts(self) -> collections.Counter:
+        out: collections.Counter = collections.Counter()
+        for name in self.log:
+            pass_, path = name.split("/")
+            out[f"{pass_}/{_SMALL_PATHS.get(path, 'plan')}"] += 1
+        return out
+
+    def small(self) -> collections.Counter:
+        """:meth:`counts` of the small and 16-bit eval kernels only."""
+        return collections.Counter({k: v for k, v in self.counts().items() if not k.endswith("/plan")})
+
+    def __eq__(self, other) -> bool:
+        return self.counts() == other
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts()[name]
+
+    def __repr__(self) -> str:
+        return repr(dict(self.counts()))
+
+    def clear(self) -> None:
+        self.log.clear()
+
+    @property
+    def parallel(self) -> int:
+        return sum(name.endswith("_parallel") for name in self.log)
 
 
 @pytest.fixture
-def spy(monkeypatch):
-    """Counts the calls of each small kernel."""
-    kernels = small._kernels()
-    calls = _Calls()
-
-    def wrap(name, par, label=None):
-        fn = getattr(kernels, name + ("_par" if par else ""))
-
-        def counted(*args):
-            calls[label or name] = calls.get(label or name, 0) + 1
-            calls.parallel += par
-            return fn(*args)
-
-        return counted
-
-    names = ("train_forward", "eval_forward", "train_backward", "eval_backward")
-    wrapped = {n + ("_par" if par else ""): wrap(n, par) for n in names for par in (False, True)}
-    # one kernel each (their passes are parallel inside); the drivers of every plan path under one name
-    wrapped["eval_forward16"] = wrap("eval_forward16", False)
-    for table, label in ((kernels.TRAIN_DRIVERS, "train_regular"), (kernels.BACKWARD_DRIVERS, "backward_regular")):
-        wrapped.update({n: wrap(n, False, label) for n in table.values()})
-    wrapped.update({n: wrap(n, False, "eval_backward_regular") for n in kernels.EVAL_BACKWARD_DRIVERS.values()})
-    for table in ("TRAIN_DRIVERS", "BACKWARD_DRIVERS", "EVAL_BACKWARD_DRIVERS"):
-        wrapped[table] = getattr(kernels, table)
-    monkeypatch.setattr(small, "_K", types.SimpleNamespace(**wrapped))
-    return calls
+def plans():
+    """The plans the cpu backend runs in the test, asked through :func:`bnkit.kernels.recorded_plans`."""
+    with recorded_plans() as log:
+        yield _Plans(log)
 
 
 def _inputs(shape, dtype, affine=True, seed=0, offset=0.0, scale=1.0):
@@ -78,11 +94,11 @@ def _close(actual, expected, dtype):
 @pytest.mark.parametrize("shape", SHAPES + PARALLEL_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("affine", [True, False])
-def test_training_forward_matches_torch_and_float64(spy, shape, dtype, affine):
+def test_training_forward_matches_torch_and_float64(plans, shape, dtype, affine):
     x, w, b, rm, rv = _inputs(shape, dtype, affine)
     rm_t, rv_t = rm.clone(), rv.clone()
     y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3)
-    assert spy == {"train_forward": 1} and last_backend() == "cpu"
+    assert plans == {"train/small": 1} and last_backend() == "cpu"
     y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True, momentum=0.3)
     _close(y, y_t, dtype)
     _close(rm, rm_t, dtype)
@@ -96,10 +112,10 @@ def test_training_forward_matches_torch_and_float64(spy, shape, dtype, affine):
 @pytest.mark.parametrize("shape", SHAPES + PARALLEL_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("affine", [True, False])
-def test_eval_forward_matches_torch_and_the_cpu_backend(spy, shape, dtype, affine):
+def test_eval_forward_matches_torch_and_the_cpu_backend(plans, shape, dtype, affine):
     x, w, b, rm, rv = _inputs(shape, dtype, affine, seed=1)
     y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3)
-    assert spy == {"eval_forward": 1}
+    assert plans == {"eval/small": 1}
     _close(y, F.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3), dtype)
     from bnkit.kernels import get_backend
 
@@ -112,14 +128,14 @@ def test_eval_forward_matches_torch_and_the_cpu_backend(spy, shape, dtype, affin
 def test_running_statistics_are_the_reference_update_bit_for_bit(dtype, momentum):
     # the kernel's update from its own mean/var == reference.update_running_stats on them
     x, w, b, rm, rv = _inputs((6, 9, 7), dtype, seed=2)
-    k = small._kernels()
+    k = backend._small_kernels()
     n, c, s = 6, 9, 7
     y = torch.empty_like(x)
     mean, var, new_mean, new_var = (torch.empty(c, dtype=dtype) for _ in range(4))
     count = n * s
-    sc = small._NP[dtype]
+    sc = backend._NP[dtype]
     k.train_forward(
-        small._ZERO[dtype], x.data_ptr(), y.data_ptr(), n, c, s, w.data_ptr(), b.data_ptr(), 1e-5,
+        backend._ZERO[dtype], x.data_ptr(), y.data_ptr(), n, c, s, w.data_ptr(), b.data_ptr(), 1e-5,
         mean.data_ptr(), var.data_ptr(), rm.data_ptr(), rv.data_ptr(), new_mean.data_ptr(), new_var.data_ptr(),
         sc(count / (count - 1)), sc(1 - momentum), sc(momentum), 0,
     )  # fmt: skip
@@ -130,11 +146,11 @@ def test_running_statistics_are_the_reference_update_bit_for_bit(dtype, momentum
     _close(var.double(), x64.var((0, 2), unbiased=False), dtype)
 
 
-def test_pure_returns_new_statistics_and_mutates_nothing(spy):
+def test_pure_returns_new_statistics_and_mutates_nothing(plans):
     x, w, b, rm, rv = _inputs((8, 4, 3, 3), torch.float32)
     rm0, rv0 = rm.clone(), rv.clone()
     y, new_mean, new_var = bnkit.functional.batch_norm_pure(x, rm, rv, w, b, training=True)
-    assert spy == {"train_forward": 1}
+    assert plans == {"train/small": 1}
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
     assert new_mean is not rm and new_var is not rv
     rm_t, rv_t = rm.clone(), rv.clone()
@@ -152,7 +168,7 @@ def test_pure_returns_new_statistics_and_mutates_nothing(spy):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("needs", ["all", "input", "params", "weight"])
 @pytest.mark.parametrize("training", [True, False])
-def test_gradients_match_torch(spy, shape, dtype, needs, training):
+def test_gradients_match_torch(plans, shape, dtype, needs, training):
     x0, w0, b0, rm, rv = _inputs(shape, dtype, seed=3 if training else 9, offset=1.0, scale=2.0)
     dy = torch.randn(shape, dtype=dtype)
     eps = 1e-5 if training else 1e-3
@@ -166,14 +182,14 @@ def test_gradients_match_torch(spy, shape, dtype, needs, training):
         y.backward(dy)
         grads[name] = [t.grad for t in (x, w, b)]
     mode = "train" if training else "eval"
-    assert spy == {f"{mode}_forward": 1, f"{mode}_backward": 1}
+    assert plans == {f"{mode}/small": 1, f"{'backward' if training else 'eval_backward'}/small": 1}
     for got, want in zip(grads["bnkit"], grads["torch"], strict=True):
         assert (got is None) == (want is None)
         if got is not None:
             _close(got, want, dtype)
 
 
-def test_eval_input_gradient_does_not_read_the_input(spy):
+def test_eval_input_gradient_does_not_read_the_input(plans):
     # eval dx = scale * dy: an inf in x makes dweight inf/NaN, never dx (torch's and the regular path's rule)
     x, w, b, rm, rv = _inputs((4, 3, 5), torch.float32, seed=12)
     x[0, 0, 0] = float("inf")
@@ -183,17 +199,17 @@ def test_eval_input_gradient_does_not_read_the_input(spy):
         xx = x.clone().requires_grad_()
         fn(xx, rm, rv, w, b, training=False).backward(dy)
         grads.append(xx.grad)
-    assert spy == {"eval_forward": 1, "eval_backward": 1}
+    assert plans == {"eval/small": 1, "eval_backward/small": 1}
     assert grads[0].isfinite().all()
     _close(grads[0], grads[1], torch.float32)
 
 
-def test_gradients_match_float64_reference(spy):
+def test_gradients_match_float64_reference(plans):
     x0, w0, b0, _, _ = _inputs((6, 5, 4, 3), torch.float32, seed=4)
     dy = torch.randn(6, 5, 4, 3)
     x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
     bnkit.functional.batch_norm(x, None, None, w, b, training=True).backward(dy)
-    assert spy["train_backward"] == 1
+    assert plans["backward/small"] == 1
     x64, w64, b64 = (t.double().requires_grad_() for t in (x0, w0, b0))
     ref.batch_norm(x64, None, None, w64, b64, True, 0.1, 1e-5)[0].backward(dy.double())
     for got, want in zip((x.grad, w.grad, b.grad), (x64.grad, w64.grad, b64.grad), strict=True):
@@ -202,10 +218,10 @@ def test_gradients_match_float64_reference(spy):
 
 @pytest.mark.parametrize("shape", [(16, 16, 8, 8), (32, 16, 12, 12), (64, 32, 7, 7)])  # serial, parallel twice
 @pytest.mark.parametrize("dy_offset", [0.0, 3.0])
-def test_short_row_gradients_as_accurate_as_torchs(spy, shape, dy_offset):
+def test_short_row_gradients_as_accurate_as_torchs(plans, shape, dy_offset):
     # max error of the small training backward against float64 on the same float32 inputs, short rows,
     # with and without an offset in the gradient: within 4x torch's (float32 lanes in the reduction read
-    # 0.4-2.4x, see cpu_small._grad_sums); a wrong channel or a lost partial sum would be far off
+    # 0.4-2.4x, see drivers._grad_sums); a wrong channel or a lost partial sum would be far off
     x, w, b, _, _ = _inputs(shape, torch.float32, seed=11, offset=1.0, scale=2.0)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(12)) + dy_offset
     grads = {}
@@ -214,19 +230,19 @@ def test_short_row_gradients_as_accurate_as_torchs(spy, shape, dy_offset):
         xs, ws, bs = (t.to(dt).clone().requires_grad_() for t in (x, w, b))
         fn(xs, None, None, ws, bs, training=True).backward(dy.to(dt))
         grads[name] = [t.grad.double() for t in (xs, ws, bs)]
-    assert spy == {"train_forward": 1, "train_backward": 1}
+    assert plans == {"train/small": 1, "backward/small": 1}
     for ours, theirs, exact in zip(grads["bnkit"], grads["torch"], grads["exact"], strict=True):
         err_ours, err_torch = (ours - exact).abs().max().item(), (theirs - exact).abs().max().item()
         assert err_ours <= 4 * err_torch, (err_ours, err_torch)
 
 
-def test_gradient_laid_out_unlike_the_input_is_copied_into_its_layout(spy):
+def test_gradient_laid_out_unlike_the_input_is_copied_into_its_layout(plans):
     # a channels_last gradient of a contiguous input: the small backward reads a copy in x's layout
     x, w, b, _, _ = _inputs((4, 3, 5, 5), torch.float32, seed=5)
     x.requires_grad_()
     dy = torch.randn(4, 5, 5, 3).permute(0, 3, 1, 2)  # channels_last gradient
     bnkit.functional.batch_norm(x, None, None, w, b, training=True).backward(dy)
-    assert spy == {"train_forward": 1, "train_backward": 1}
+    assert plans == {"train/small": 1, "backward/small": 1}
     xt = x.detach().clone().requires_grad_()
     F.batch_norm(xt, None, None, w, b, training=True).backward(dy)
     _close(x.grad, xt.grad, torch.float32)
@@ -234,21 +250,21 @@ def test_gradient_laid_out_unlike_the_input_is_copied_into_its_layout(spy):
 
 @pytest.mark.parametrize("shape", [(8, 16, 12, 12), (16, 16, 24, 24)])  # serial, parallel
 @pytest.mark.parametrize("kind", ["normal", "hard", "outlier-first"])
-def test_max_error_no_worse_than_torch(spy, kind, shape):
+def test_max_error_no_worse_than_torch(plans, kind, shape):
     offset, scale = (1e4, 1e-2) if kind == "hard" else (0.0, 1.0)
     x, w, b, _, _ = _inputs(shape, torch.float32, seed=6, offset=offset, scale=scale)
     if kind == "outlier-first":
         x[0, :, 0, 0] = 1e3
     exact = F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
     ours = bnkit.functional.batch_norm(x, None, None, w, b, training=True).double()
-    assert spy == {"train_forward": 1}
+    assert plans == {"train/small": 1}
     theirs = F.batch_norm(x, None, None, w, b, training=True).double()
     err_ours = (ours - exact).abs().max().item()
     err_torch = (theirs - exact).abs().max().item()
     assert err_ours <= err_torch * 1.05, (err_ours, err_torch)
 
 
-def test_module_takes_the_small_path_and_matches_torch(spy):
+def test_module_takes_the_small_path_and_matches_torch(plans):
     torch.manual_seed(0)
     m_t = torch.nn.BatchNorm2d(5)
     m_b = bnkit.nn.BatchNorm2d(5)
@@ -256,20 +272,20 @@ def test_module_takes_the_small_path_and_matches_torch(spy):
     for _ in range(3):
         x = torch.randn(4, 5, 6, 6)
         _close(m_b(x), m_t(x), torch.float32)
-    assert spy == {"train_forward": 3}
+    assert plans == {"train/small": 3}
     for key, value in m_t.state_dict().items():
         torch.testing.assert_close(m_b.state_dict()[key], value, atol=2e-6, rtol=2e-6)
     m_b.eval(), m_t.eval()
     x = torch.randn(4, 5, 6, 6)
     with torch.no_grad():
         _close(m_b(x), m_t(x), torch.float32)
-    assert spy["eval_forward"] == 1
-    y_b, y_t = m_b(x), m_t(x)  # grad on: the parameters need a graph (_SmallEvalFn)
+    assert plans["eval/small"] == 1
+    y_b, y_t = m_b(x), m_t(x)  # grad on: the parameters need a graph (the one-call plan through autograd._EvalFn)
     _close(y_b, y_t, torch.float32)
     dy = torch.randn_like(x)  # (y.sum() would hand the backward an expanded, non-contiguous dy)
     (y_b * dy).sum().backward()
     (y_t * dy).sum().backward()
-    assert spy["eval_forward"] == 2 and spy["eval_backward"] == 1
+    assert plans["eval/small"] == 2 and plans["eval_backward/small"] == 1
     for p_b, p_t in zip(m_b.parameters(), m_t.parameters(), strict=True):
         _close(p_b.grad, p_t.grad, torch.float32)
 
@@ -279,7 +295,7 @@ def test_module_takes_the_small_path_and_matches_torch(spy):
     ["reference-backend", "strided", "transposed-2d", "bfloat16", "stats-need-grad", "mixed-dtype",
      "subclass", "channel_dim", "mask", "momentum-tensor"],
 )  # fmt: skip
-def test_cases_that_must_not_take_the_small_path(spy, case):
+def test_cases_that_must_not_take_the_small_path(plans, case):
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=7)
     kwargs: dict = {}
     training, momentum = True, 0.1
@@ -312,9 +328,9 @@ def test_cases_that_must_not_take_the_small_path(spy, case):
                 bnkit.functional.batch_norm_pure(x, rm, rv, w, b, training=training, momentum=momentum)
         else:
             bnkit.functional.batch_norm_pure(x, rm, rv, w, b, training=training, momentum=momentum, **kwargs)
-    assert spy == {}
+    assert plans.small() == {}  # the regular road: the plans of its checked launcher
     if case == "reference-backend":
-        assert last_backend() == "reference"
+        assert last_backend() == "reference" and plans == {}
 
 
 @pytest.mark.parametrize(
@@ -327,7 +343,7 @@ def test_cases_that_must_not_take_the_small_path(spy, case):
         (dict(training=False, stats=False), RuntimeError),
     ],
 )
-def test_bad_arguments_raise_torchs_error(spy, call, error):
+def test_bad_arguments_raise_torchs_error(plans, call, error):
     shape = call.get("shape", (4, 3, 2))
     x = torch.randn(shape)
     w = torch.ones(call.get("weight_size", 3))
@@ -338,10 +354,10 @@ def test_bad_arguments_raise_torchs_error(spy, call, error):
     with pytest.raises(error) as theirs:
         F.batch_norm(x, *stats, w, None, **kwargs)
     assert str(ours.value) == str(theirs.value)
-    assert spy == {}
+    assert plans == {}
 
 
-def test_leaked_functorch_wrapper_takes_the_regular_path(spy):
+def test_leaked_functorch_wrapper_takes_the_regular_path(plans):
     leaked = []
 
     def f(x):
@@ -351,11 +367,11 @@ def test_leaked_functorch_wrapper_takes_the_regular_path(spy):
     torch.func.grad(f)(torch.randn(4, 3, 2))
     x = leaked[0]  # a dead wrapper: its data_ptr() raises
     y = bnkit.functional.batch_norm(x, None, None, training=True)
-    assert spy == {}
+    assert plans.small() == {}
     _close(y, F.batch_norm(torch._C._functorch.get_unwrapped(x), None, None, training=True), torch.float32)
 
 
-def test_in_place_update_bumps_the_version_counters(spy):
+def test_in_place_update_bumps_the_version_counters(plans):
     # autograd must see the write, as it sees copy_: a graph that saved the buffers refuses to run
     x, w, b, rm, rv = _inputs((4, 3, 5), torch.float32, seed=8)
     w.requires_grad_()
@@ -363,68 +379,69 @@ def test_in_place_update_bumps_the_version_counters(spy):
     versions = rm._version, rv._version
     with torch.no_grad():
         bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
-    assert spy == {"eval_forward": 1, "train_forward": 1}
+    assert plans == {"eval/small": 1, "train/small": 1}
     assert rm._version > versions[0] and rv._version > versions[1]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y_eval.sum().backward()
 
 
-def test_parallel_shapes_reach_the_parallel_kernels(spy):
+def test_parallel_shapes_reach_the_parallel_kernels(plans):
     # (CI has 2 cores; torch's thread count decides, as for the cpu backend)
     if torch.get_num_threads() < 2:
         pytest.fail("this test needs torch to allow 2 threads (CI has 2 cores)")
     for shape in PARALLEL_SHAPES:
-        assert small.SERIAL_NUMEL < torch.Size(shape).numel() <= small.SMALL_GRAD_NUMEL
+        assert road.SMALL_SERIAL_NUMEL < torch.Size(shape).numel() <= road.SMALL_GRAD_NUMEL
         x, w, b, rm, rv = _inputs(shape, torch.float32)
         bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
         bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
-    assert spy.parallel == 2 * len(PARALLEL_SHAPES)
+    assert plans.parallel == 2 * len(PARALLEL_SHAPES)
 
 
-def test_calls_that_record_a_graph_stop_at_the_grad_limit(spy):
+def test_calls_that_record_a_graph_stop_at_the_grad_limit(plans):
     # above SMALL_GRAD_NUMEL a graph takes the cpu backend's kernels in one call each way: training
     # (train_regular, backward_regular) and eval's backward (eval_backward_regular, when dx and a
     # parameter's gradient are needed); without a graph the small kernels
-    n = small.SMALL_GRAD_NUMEL // 4 + 1  # (n, 4): above SMALL_GRAD_NUMEL, at most SMALL_NUMEL
-    assert small.SMALL_GRAD_NUMEL < 4 * n <= small.SMALL_NUMEL
+    n = road.SMALL_GRAD_NUMEL // 4 + 1  # (n, 4): above SMALL_GRAD_NUMEL, at most SMALL_NUMEL
+    assert road.SMALL_GRAD_NUMEL < 4 * n <= road.SMALL_NUMEL
     x = torch.randn(n, 4)
     w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
     bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=False).sum().backward()
-    assert spy == {"eval_forward": 1}  # no input gradient: the regular backward
+    assert plans == {"eval/small": 1, "reduce/plan": 1}  # no input gradient: the regular backward
     bnkit.functional.batch_norm(x.clone().requires_grad_(), torch.zeros(4), torch.ones(4), w, b,
                                 training=False).backward(torch.randn_like(x))  # fmt: skip
-    assert spy == {"eval_forward": 2, "eval_backward_regular": 1}
-    spy.clear()
+    assert plans == {"eval/small": 2, "reduce/plan": 1, "eval_backward/plan": 1}
+    plans.clear()
     bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=True).sum().backward()
-    assert spy == {"train_regular": 1}  # no input gradient: the regular backward
+    assert plans == {"train/plan": 1, "reduce/plan": 1}  # no input gradient: the regular backward
     xg = x.clone().requires_grad_()
     bnkit.functional.batch_norm(xg, torch.zeros(4), torch.ones(4), w, b, training=True).backward(torch.randn_like(x))
-    assert spy == {"train_regular": 2, "backward_regular": 1}
-    spy.clear()
+    assert plans == {"train/plan": 2, "reduce/plan": 1, "backward/plan": 1}
+    plans.clear()
     with torch.no_grad():
         for training in (True, False):
             bnkit.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=training)
-    assert spy == {"train_forward": 1, "eval_forward": 1}
+    assert plans == {"train/small": 1, "eval/small": 1}
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_eval_without_a_graph_takes_the_path_at_every_size(spy, layout):
+def test_eval_without_a_graph_takes_the_path_at_every_size(plans, layout):
     # above SMALL_NUMEL: eval stays on the small kernel, with a graph too; training (here with a
     # graph) takes the cpu backend's kernels in one call
     x, w, b, rm, rv = _inputs((8, 64, 48, 48), torch.float32, seed=3)
     x = x if layout == "contiguous" else x.contiguous(memory_format=torch.channels_last)
-    assert x.numel() > small.SMALL_NUMEL
+    assert x.numel() > road.SMALL_NUMEL
     y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
-    assert spy == {"eval_forward": 1} and spy.parallel == 1
+    assert plans == {"eval/small": 1} and plans.parallel == 1
     assert y.stride() == x.stride()
     _close(y, F.batch_norm(x, rm, rv, w, b, training=False), torch.float32)
     from bnkit.kernels import get_backend
 
     _close(y, get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5), torch.float32)
+    plans.clear()  # (the checked method's plan)
     bnkit.functional.batch_norm(x, rm, rv, w.requires_grad_(), b, training=False)
-    assert spy == {"eval_forward": 2}
+    assert plans == {"eval/small": 1}
     bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
-    assert spy == {"eval_forward": 2, "train_regular": 1}
+    assert plans == {"eval/small": 1, "train/plan": 1}
 
 
 # channels-innermost memory: channels_last 2d/3d, an (N, C, L) view of (N, L, C) memory, and one above
@@ -468,7 +485,7 @@ def _assert_same_bits(got, expected):
 
 @pytest.mark.parametrize("shape, layout", LAST_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_channels_innermost_memory(spy, shape, layout, dtype):
+def test_channels_innermost_memory(plans, shape, layout, dtype):
     x0, w0, b0, rm, rv = _inputs(shape, dtype, seed=10, offset=1.0, scale=2.0)
     x0 = _channels_last(x0, layout)
     assert not x0.is_contiguous()
@@ -483,7 +500,7 @@ def test_channels_innermost_memory(spy, shape, layout, dtype):
         with torch.no_grad():
             y_eval = fn(x, run_m, run_v, w, b, training=False)
         out[name] = (y, y_eval, run_m, run_v, x.grad, w.grad, b.grad)
-    assert spy == {"train_forward": 1, "train_backward": 1, "eval_forward": 1}
+    assert plans == {"train/small": 1, "backward/small": 1, "eval/small": 1}
     # the output in torch's layout (contiguous for an (N, C, L) view), the leaf's gradient in its own
     assert out["bnkit"][0].stride() == out["torch"][0].stride() and out["bnkit"][4].stride() == x0.stride()
     for got, want in zip(out["bnkit"], out["torch"], strict=True):
@@ -501,7 +518,7 @@ SIXTEEN_CASES = [((3, 5, 7, 11), "contiguous"), ((7, 5), "contiguous"), ((5, 3, 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape, layout", SIXTEEN_CASES)
-def test_16bit_eval_is_the_cpu_backends_bit_for_bit(spy, shape, layout, dtype, affine):
+def test_16bit_eval_is_the_cpu_backends_bit_for_bit(plans, shape, layout, dtype, affine):
     # bfloat16/float16 data with float32 running statistics and parameters, eval without a graph:
     # one call (eval_forward16), the bits of the cpu backend's forward_eval_running, close to torch
     from bnkit.kernels import get_backend
@@ -511,23 +528,24 @@ def test_16bit_eval_is_the_cpu_backends_bit_for_bit(spy, shape, layout, dtype, a
     if layout != "contiguous":
         x = _channels_last(x, layout)
     y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
-    assert spy == {"eval_forward16": 1} and last_backend() == "cpu"
+    assert plans == {"eval/half": 1} and last_backend() == "cpu"
     assert y.dtype == dtype and y.stride() == _torch_stride(x)
     _assert_same_bits([y], [get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5)])
     tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(y.float(), F.batch_norm(x, rm, rv, w, b, training=False).float(), atol=tol, rtol=tol)
 
 
-def test_16bit_takes_the_path_only_with_float32_vectors(spy):
+def test_16bit_takes_the_path_only_with_float32_vectors(plans):
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=7)
     xb = x.bfloat16()
     bnkit.functional.batch_norm(xb, rm.bfloat16(), rv.bfloat16(), w.bfloat16(), b.bfloat16(), training=False)
     with pytest.raises(RuntimeError, match="mixed dtype"):  # torch's error, from the regular checks
         bnkit.functional.batch_norm(xb, rm, rv.double(), w, b, training=False)
-    assert spy == {}
+    assert plans.small() == {}
+    plans.clear()  # (the checked road's plan)
     bnkit.functional.batch_norm(xb, rm, rv, w, b, training=False)
     bnkit.functional.batch_norm(xb.clone().requires_grad_(), rm, rv, w, b, training=False)
-    assert spy == {"eval_forward16": 2}
+    assert plans == {"eval/half": 2}
 
 
 # training without a graph above SMALL_NUMEL and for 16-bit data: the cpu backend's plan, one per path
@@ -540,7 +558,7 @@ REGULAR_CASES = [((64, 67, 12, 12), "contiguous"), ((3, 2000, 3, 3), "contiguous
 @pytest.mark.parametrize("inplace", [True, False], ids=["batch_norm", "batch_norm_pure"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape, layout", REGULAR_CASES)
-def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, shape, layout, dtype, inplace):
+def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, shape, layout, dtype, inplace):
     # one compiled call (train_regular) with the cpu backend's kernels and plan: the regular path's
     # output and running statistics, bit for bit (SMALL_NUMEL = 0: float32/float64 take it at any size)
     x, w, b, rm, rv, _ = _case(shape, layout, dtype, seed=12)
@@ -554,13 +572,13 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypa
         assert torch.equal(run_m, rm) and torch.equal(run_v, rv)
         return y, new_m, new_v
 
-    monkeypatch.setattr(small, "SMALL_NUMEL", 0)
+    monkeypatch.setattr(road, "SMALL_NUMEL", 0)
     got = run()
-    assert spy == {"train_regular": 1} and last_backend() == "cpu"
+    assert plans == {"train/plan": 1} and last_backend() == "cpu"
     assert got[0].dtype == dtype and got[0].stride() == _torch_stride(x)
-    monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)  # the regular path
+    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the regular path
     expected = run()
-    assert spy == {"train_regular": 1}
+    assert plans == {"train/plan": 2}  # the same plan, by the regular road
     _assert_same_bits(got, expected)
     rm_t, rv_t = rm.clone(), rv.clone()
     y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True, momentum=0.3)
@@ -572,7 +590,7 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypa
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape, layout", REGULAR_CASES)
-def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, shape, layout, dtype):
+def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, shape, layout, dtype):
     # forward and backward in one compiled call each (train_regular, backward_regular) above
     # SMALL_GRAD_NUMEL (here 0) and in 16-bit: the regular path's y, running statistics and gradients
     x0, w0, b0, rm, rv, dy = _case(shape, layout, dtype, seed=15)
@@ -584,13 +602,13 @@ def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch
         y.backward(dy)
         return y, run_m, run_v, x.grad, w.grad, b.grad
 
-    monkeypatch.setattr(small, "SMALL_GRAD_NUMEL", 0)
+    monkeypatch.setattr(road, "SMALL_GRAD_NUMEL", 0)
     got = run()
-    assert spy == {"train_regular": 1, "backward_regular": 1}
+    assert plans == {"train/plan": 1, "backward/plan": 1}
     assert got[0].stride() == _torch_stride(x0) and got[3].stride() == x0.stride()
-    monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)  # the regular path
+    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the regular path
     expected = run()
-    assert spy == {"train_regular": 1, "backward_regular": 1}
+    assert plans == {"train/plan": 2, "backward/plan": 2}  # the same plans, by the regular road
     _assert_same_bits(got, expected)
 
 
@@ -599,7 +617,7 @@ def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch
 @pytest.mark.parametrize("shape, layout", [((3, 2000, 3, 3), "contiguous"), ((4, 64, 300), "contiguous"),
                                            ((16, 3, 31, 29), "channels_last"), ((8, 13, 401), "ncl"),
                                            ((11003, 3), "contiguous")])  # fmt: skip
-def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, shape, layout, dtype, needs):
+def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, shape, layout, dtype, needs):
     # above SMALL_GRAD_NUMEL (here 0) and in 16-bit: the eval forward on the one-call kernels, its
     # backward the cpu backend's in one call when both dx and a parameter's gradient are needed (else
     # the regular backward), with the regular path's bits
@@ -612,19 +630,21 @@ def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(spy, monkeypatch, sh
         y.backward(dy)
         return y, x.grad, w.grad, b.grad
 
-    monkeypatch.setattr(small, "SMALL_GRAD_NUMEL", 0)
+    monkeypatch.setattr(road, "SMALL_GRAD_NUMEL", 0)
     got = run()
-    fwd = "eval_forward16" if dtype in (torch.bfloat16, torch.float16) else "eval_forward"
-    assert spy == ({fwd: 1, "eval_backward_regular": 1} if needs == "all" else {fwd: 1})
-    monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)  # the regular path
+    fwd = "eval/half" if dtype in (torch.bfloat16, torch.float16) else "eval/small"
+    # (without dx and a parameter's gradient both, the checked methods' affine or reduction kernel)
+    backward = {"all": "eval_backward/plan", "input": "affine/plan", "weight": "reduce/plan"}[needs]
+    assert plans == {fwd: 1, backward: 1}
+    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the regular path
     expected = run()
     _assert_same_bits(got, expected)
 
 
-def test_graph_backwards_the_one_call_kernel_does_not_take_go_the_regular_way(spy, monkeypatch):
+def test_graph_backwards_the_one_call_kernel_does_not_take_go_the_regular_way(plans, monkeypatch):
     # a gradient laid out unlike x: copied into x's layout for the one-call backward; no input gradient
     # and a double backward: the regular formulas; all checked against torch
-    monkeypatch.setattr(small, "SMALL_GRAD_NUMEL", 0)
+    monkeypatch.setattr(road, "SMALL_GRAD_NUMEL", 0)
     x0, w0, b0, rm, rv = _inputs((6, 5, 4, 3), torch.float64, seed=16)
     dy = torch.randn(6, 5, 3, 4, dtype=torch.float64).transpose(2, 3)  # not x's strides
     for case in ("strides", "no-input-grad", "double"):
@@ -644,14 +664,14 @@ def test_graph_backwards_the_one_call_kernel_does_not_take_go_the_regular_way(sp
             assert (a is None) == (e is None)
             if a is not None:
                 _close(a, e, torch.float64)
-    assert spy == {"train_regular": 3, "backward_regular": 1}
+    assert plans == {"train/plan": 3, "backward/plan": 1, "reduce/plan": 1}
 
 
-def test_training_without_a_graph_and_without_running_statistics(spy):
+def test_training_without_a_graph_and_without_running_statistics(plans):
     x, w, b, _, _ = _inputs((4, 3, 5, 5), torch.float32, seed=13)
     xb = x.bfloat16()
     y, m, v = bnkit.functional.batch_norm_pure(xb, None, None, w, b, training=True)
-    assert spy == {"train_regular": 1} and m is None and v is None
+    assert plans == {"train/plan": 1} and m is None and v is None
     torch.testing.assert_close(y.float(), F.batch_norm(xb, None, None, w, b, training=True).float(), atol=1.6e-2,
                                rtol=1.6e-2)  # fmt: skip
     with pytest.raises(ValueError, match="more than 1 value per channel"):
@@ -659,7 +679,7 @@ def test_training_without_a_graph_and_without_running_statistics(spy):
 
 
 def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkeypatch, recwarn):
-    kernels = small._kernels()
+    kernels = backend._small_kernels()
 
     def broken(name):
         def driver(*args):
@@ -670,31 +690,31 @@ def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkey
 
     drivers = [*kernels.TRAIN_DRIVERS.values(), *kernels.BACKWARD_DRIVERS.values(), "eval_forward16"]
     ns = types.SimpleNamespace(**{n: broken(n) if n in drivers else getattr(kernels, n) for n in kernels.__all__})
-    monkeypatch.setattr(small, "_K", ns)
-    monkeypatch.setattr(small, "_BROKEN", set())
+    monkeypatch.setattr(backend, "_K", ns)
+    monkeypatch.setattr(backend, "_BROKEN", set())
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=14)
     xb = x.bfloat16()
     outs = [bnkit.functional.batch_norm_pure(xb, rm, rv, w, b, training=t)[0] for t in (True, True, False, False)]
     assert len([w for w in recwarn if "one-call kernel" in str(w.message)]) == 2
-    monkeypatch.setattr(small, "ONE_CALL_NUMEL", 0)
+    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)
     for t, y in zip((True, True, False, False), outs, strict=True):
         expected = bnkit.functional.batch_norm_pure(xb, rm, rv, w, b, training=t)[0]
         _assert_same_bits([y], [expected])
 
 
 def test_kernels_that_fail_to_load_turn_the_path_off_with_one_warning(monkeypatch):
-    from bnkit.kernels import cpu_small
+    from bnkit.kernels.cpu import drivers as cpu_small
 
     def broken():
         raise RuntimeError("no LLVM today")
 
-    monkeypatch.setattr(small, "_K", None)
+    monkeypatch.setattr(backend, "_K", None)
     monkeypatch.setattr(cpu_small, "probe", broken)
     x, w, b, rm, rv = _inputs((4, 3, 5), torch.float32, seed=11)
     with pytest.warns(RuntimeWarning, match="small-input kernels are unavailable.*no LLVM today") as record:
         y1 = bnkit.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
         y2 = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
     assert len([r for r in record if "small-input" in str(r.message)]) == 1
-    assert small._K is False and last_backend() == "cpu"  # the regular cpu path ran
+    assert backend._K is False and last_backend() == "cpu"  # the regular cpu path ran
     _close(y1, F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True), torch.float32)
     _close(y2, F.batch_norm(x, rm, rv, w, b, training=False), torch.float32)

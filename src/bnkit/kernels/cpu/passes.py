@@ -1,6 +1,6 @@
 r"""numba kernels of the ``cpu`` backend: the four primitives as parallel loops.
 
-Memory model. Every tensor the backend accepts (see :mod:`bnkit.kernels.cpu_launch`) is a
+Memory model. Every tensor the backend accepts (see :mod:`bnkit.kernels.cpu.backend`) is a
 dense buffer seen as a 3-d array ``(N, C, S)`` (``S`` = product of the spatial dims) in one
 of two orders, so one kernel serves every shape of that order and only the dtype makes a
 new specialization:
@@ -15,9 +15,9 @@ new specialization:
 dtypes. Data arrays arrive as float32, float64, uint16 (the bits of bfloat16) or int16 (the
 bits of float16); :func:`load` widens an element to the compute dtype (float64 for float64,
 float32 otherwise) and :func:`store` rounds back to nearest-even exactly as torch does (both in
-:mod:`bnkit.kernels.cpu16`). Per-channel vectors (``mean``, ``scale``, ...) come in the statistics
+:mod:`bnkit.kernels.cpu.half`). Per-channel vectors (``mean``, ``scale``, ...) come in the statistics
 dtype. On CPUs with AVX-512 the loops of 16-bit data go to the 16-wide vector code of
-:mod:`bnkit.kernels.cpu16` wherever :func:`simd16` holds; float32/float64 keep the loops written here.
+:mod:`bnkit.kernels.cpu.half` wherever :func:`simd16` holds; float32/float64 keep the loops written here.
 
 Numerics policy (the same as :mod:`bnkit.reference`): statistics are accumulated in float64 and
 ``E[x^2] - E[x]^2`` of the raw data never appears. Memory is read once, with the "shifted data"
@@ -43,7 +43,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from bnkit.kernels.cpu16 import (
+from bnkit.kernels.cpu.half import (
     _FAST,
     affine,
     block_sums,
@@ -99,7 +99,7 @@ SBLOCK16 = 1024
 NSC_SBLOCK = 64
 # Short rows (at most ROW_LANES_MAX_S values) of the training backward's reduction add into 16 float32
 # lanes per channel, flushed to float64 after about ROW_LANES_VALUES values per lane (a 16-bit block of
-# SBLOCK16 values holds 32 per lane), see _ncs_reduce_lanes. LANES is cpu16.row_lanes' vector width.
+# SBLOCK16 values holds 32 per lane), see _ncs_reduce_lanes. LANES is half.row_lanes' vector width.
 ROW_LANES_MAX_S = 256
 ROW_LANES_VALUES = 64
 LANES = 16
@@ -963,13 +963,12 @@ def update_running(mean, var, running):
     ``new_var = rv*keep + (var*ratio)*take``, for ``running = (rm, rv, new_mean, new_var, ratio, keep,
     take)`` (``new_*`` may be ``rm``/``rv`` themselves; empty vectors: no update).
 
-    The float operations of :func:`bnkit.functional.updated_running_stats`' torch ops, each rounded
-    to the statistics dtype (no fastmath: ``contract`` would fuse a product and the sum into one FMA).
-    Run at the end of the training forward's drivers, the one-call path's (``bnkit.small``) included.
-    In the regular path's calls it replaced five torch ops with no measurable change in time: the
-    first Python after a pass over megabytes pays for the cold caches whatever it runs. In place, each
-    channel's mean is written before its variance is read, as torch's kernel does (one buffer passed as
-    both gets torch's numbers).
+    The one compiled running-statistics update: every training driver ends with it (the small
+    kernels' and each planned path's). The float operations of
+    :func:`bnkit.reference.update_running_stats`, each rounded to the statistics dtype (no fastmath:
+    ``contract`` would fuse a product and the sum into one FMA); ``tests/kernels/cpu/test_backend.py`` holds
+    it to the reference bit for bit. In place, each channel's mean is written before its variance is
+    read, as torch's kernel does (one buffer passed as both gets torch's numbers).
     """
     rm, rv, nm, nv, ratio, keep, take = running
     for c in range(rm.shape[0]):
@@ -1058,34 +1057,7 @@ def probe(a):
         a[i] += 1.0
 
 
-def load_backend():
-    """The ``cpu`` backend (called by :func:`bnkit.kernels.get_backend`).
-
-    Compiles (or loads from numba's cache) one tiny parallel kernel (:func:`probe`) so that a broken
-    numba install fails here, where the dispatcher turns it into one warning and the reference. The
-    real kernels compile on their first call: a first call compiles only what it runs.
-    """
-    import numba
-    import torch
-
-    from bnkit.kernels.compiling import quiet
-    from bnkit.kernels.cpu_launch import CpuBackend, _numba_state
-
-    # Starting numba's OpenMP threading layer resets the process's OpenMP thread count,
-    # which torch reads: start it here, once, and give torch its setting back.
-    torch_threads = torch.get_num_threads()
-    numba.set_num_threads(1)
-    with quiet():
-        probe(np.zeros(2, np.float32))
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
-    # The launchers remember the count they last set: tell them it is 1 now, or a launcher that
-    # ran before this (a direct CpuBackend user) would go on with one thread.
-    _numba_state.nt = 1
-    return CpuBackend()
-
-
-# --- eval-mode coefficients (appended for the per-call overhead on small inputs) ---------------------
+# --- eval-mode coefficients ----------------------------------------------------------------------
 
 
 @njit(cache=True, error_model="numpy")

@@ -7,14 +7,15 @@ with sizes chosen to hit both the serial path and the split-channel / split-row 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import bnkit
-from bnkit.kernels import backend_for, get_backend, last_backend, use_backend
+from bnkit.kernels import backend_for, get_backend, last_backend, last_plan, recorded_plans, use_backend
 from bnkit.kernels import base as kbase
-from bnkit.kernels.cpu_launch import SERIAL_NUMEL, layout_of
+from bnkit.kernels.cpu.plan import SERIAL_NUMEL, layout_of
 from bnkit.kernels.reference import ReferenceBackend
 
 REF = ReferenceBackend()
@@ -68,49 +69,35 @@ def test_cases_reach_the_parallel_paths():
     assert sum(torch.Size(s).numel() > SERIAL_NUMEL for _, shapes in CASES for s in shapes) >= 4
 
 
-def test_cases_reach_the_short_row_kernel(monkeypatch):
-    # (3, 2000, 3, 3) must run ncs_affine_short with its samples cut into segments (Q > 1)
-    from bnkit.kernels import cpu as kcpu
-    from bnkit.kernels import cpu_launch
+def test_cases_reach_the_short_row_kernel():
+    # (3, 2000, 3, 3) must run ncs_affine_short (T = 0 and its 4 x C*S constant tables) with its samples
+    # cut into segments (Q > 1) when two threads share the work
+    from bnkit.kernels.cpu import plan
 
-    seen = []
-    real = kcpu.ncs_affine_any
-
-    def spy(*args):
-        seen.append((args[7], args[13].shape))  # Q, the constant tables (4 x C*S: ncs_affine_short)
-        return real(*args)
-
-    monkeypatch.setattr(kcpu, "ncs_affine_any", spy)
+    t, q, tab = plan._ncs_affine_plan(2, 3, 2000, 9, np.float32)
+    assert t == 0 and q > 1 and tab.shape == (4, 2000 * 9) and plan.SHORT_ROW_S >= 9
     x = torch.randn(3, 2000, 3, 3)
     y = get_backend("cpu").forward_eval(x, torch.zeros(2000), torch.ones(2000), torch.zeros(2000))
-    assert seen and seen[0][0] > 1 and seen[0][1] == (4, 2000 * 9) and cpu_launch.SHORT_ROW_S >= 9
+    assert last_plan() == "affine/ncs"
     torch.testing.assert_close(y, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_cases_reach_the_group_kernels(monkeypatch, dtype):
+def test_cases_reach_the_group_kernels(dtype):
     # (5, 67, 12, 12) must take groups of channels both ways, its last group partial
-    from bnkit.kernels import cpu as kcpu
+    from bnkit.kernels.cpu import plan
 
-    seen = {}
-
-    def spy(name, g_arg):
-        real = getattr(kcpu, name)
-
-        def wrapped(*args):
-            seen[name] = args[g_arg]
-            return real(*args)
-
-        monkeypatch.setattr(kcpu, name, wrapped)
-
-    spy("ncs_train_groups_all", 5)
-    spy("ncs_backward_train", 6)
+    nt = min(torch.get_num_threads(), 2)
+    forward = plan.train_plan(nt, "ncs", 5, 67, 144, dtype)
+    backward = plan.backward_plan(nt, "ncs", 5, 67, 144, dtype)
+    assert forward[0] == "groups" and 1 < forward[1] < 67 and 67 % forward[1]
+    assert backward[0] == "fused" and 1 < backward[1] < 67 and 67 % backward[1]
     cpu = get_backend("cpu")
     x = torch.randn(5, 67, 12, 12, dtype=dtype)
-    y, mean, var = cpu.forward_train(x, None, None, 1e-5)
-    cpu.backward_train(torch.randn_like(x), x, mean, torch.rsqrt(var + 1e-5), None)
-    assert 1 < seen["ncs_train_groups_all"] < 67 and 67 % seen["ncs_train_groups_all"]
-    assert 1 < seen["ncs_backward_train"] < 67 and 67 % seen["ncs_backward_train"]
+    with recorded_plans() as ran:
+        y, mean, var = cpu.forward_train(x, None, None, 1e-5)
+        cpu.backward_train(torch.randn_like(x), x, mean, torch.rsqrt(var + 1e-5), None)
+    assert ran == ["train/groups", "backward/fused"]
     torch.testing.assert_close(y, REF.forward_train(x, None, None, 1e-5)[0])
 
 
@@ -325,14 +312,14 @@ def test_launch_after_backend_load_uses_torchs_thread_count():
     # that had already set two threads must not go on believing two are set.
     import numba
 
-    from bnkit.kernels import cpu as kcpu
-    from bnkit.kernels import cpu_launch
+    from bnkit.kernels import cpu
+    from bnkit.kernels.cpu import plan
 
     if min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) < 2:
         pytest.fail("this test needs torch and numba to allow 2 threads (CI has 2 cores)")
-    want = cpu_launch._threads(SERIAL_NUMEL)
-    kcpu.load_backend()
-    assert cpu_launch._threads(SERIAL_NUMEL) == want
+    want = plan.threads(SERIAL_NUMEL)
+    cpu.load_backend()
+    assert plan.threads(SERIAL_NUMEL) == want
     assert numba.get_num_threads() == want
 
 
@@ -366,16 +353,16 @@ def test_shifted_statistics_stay_accurate(cpu, layout, kind):
 def test_short_rows_first_sample_far_from_the_rest(cpu, shape, path):
     """Short rows are summed around a shift taken from the channel's first row. With a first sample 1e4
     away from the rest the variance must still be float64's rounded to float32 (at most 2**-24 relative):
-    float32 row sums around that shift, tried on 2026-12-01, cost 1.7e-7 (rows) and 2.7e-7 (groups)."""
-    from bnkit.kernels import cpu_launch
+    float32 row sums around that shift would not keep that bound."""
+    from bnkit.kernels.cpu import plan
 
     nt = min(torch.get_num_threads(), 2)
-    want = cpu_launch.PATH_ROWS if path == "rows" else cpu_launch.PATH_GROUPS
-    assert cpu_launch.train_plan(nt, "ncs", shape[0], shape[1], shape[2] * shape[3], torch.float32)[0] == want
+    assert plan.train_plan(nt, "ncs", shape[0], shape[1], shape[2] * shape[3], torch.float32)[0] == path
     x = torch.randn(shape)
     x[0] += 1e4
     dims = [0, 2, 3]
     _, mean, var = cpu.forward_train(x, None, None, 1e-5)
+    assert last_plan() == "train/" + path
     x64 = x.double()
     torch.testing.assert_close(var.double(), x64.var(dims, unbiased=False), rtol=1.2e-7, atol=0)
     assert ((mean.double() - x64.mean(dims)).abs() / x64.std(dims)).max() <= 1e-6
@@ -390,7 +377,7 @@ def test_channels_last_normalize_rounds_once(cpu, offset):
     At 1e8 every float32 value is the mean (std 0, scale 1/sqrt(eps)): y must be the bias, where the
     folded form would be off by about 2**-52 * |mean * scale|, 1e-5 here.
     """
-    from bnkit.kernels import cpu as kcpu
+    from bnkit.kernels.cpu import passes as kcpu
 
     x = _make((16, 8, 9, 7), "channels_last", torch.float32, offset=offset, scale=1e-2)
     w, b = torch.rand(8) + 0.5, torch.randn(8)
@@ -455,3 +442,50 @@ def test_running_update_rejects_vectors_it_cannot_write(cpu):
             cpu.forward_train(x, None, None, 1e-5, (good, bad, good.clone(), good.clone(), 0.1))
     with pytest.raises(ValueError, match="at least 2 values"):
         cpu.forward_train(torch.randn(1, 3), None, None, 1e-5, (good, good.clone(), good, good, 0.1))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-vectors", "in-place"])
+@pytest.mark.parametrize("count", [2, 3, 49, 1000])
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1 / 3, 0.0, 1.0, 0.01])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_compiled_running_update_is_the_reference_bit_for_bit(dtype, momentum, count, inplace):
+    # cpu.update_running, the one compiled update every training driver ends with, against
+    # reference.update_running_stats: the same bits, written to new vectors or into the buffers themselves
+    from bnkit import reference as ref
+    from bnkit.kernels.cpu import passes as kcpu
+
+    g = torch.Generator().manual_seed(count)
+    c = 37
+    rm = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) * 3
+    rv = (torch.rand(c, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+    mean = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    var = (torch.rand(c, generator=g, dtype=torch.float64) * 5).to(dtype)
+    want_mean, want_var = ref.update_running_stats(rm, rv, mean, var, count, momentum)
+    np_sd = np.float32 if dtype == torch.float32 else np.float64
+    scalars = (np_sd(count / (count - 1)), np_sd(1 - momentum), np_sd(momentum))
+    if inplace:
+        new_mean, new_var = rm, rv
+    else:
+        new_mean, new_var = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+        rm0, rv0 = rm.clone(), rv.clone()
+    running = (rm.numpy(), rv.numpy(), new_mean.numpy(), new_var.numpy(), *scalars)
+    kcpu.update_running(mean.numpy(), var.numpy(), running)
+    assert torch.equal(new_mean, want_mean) and torch.equal(new_var, want_var)
+    if not inplace:
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_kernel_modules_do_not_import_their_launcher():
+    # layers: the launcher (backend) imports the kernel modules and the plan, never the other way round
+    import ast
+    from pathlib import Path
+
+    from bnkit.kernels.cpu import backend
+
+    folder = Path(backend.__file__).parent
+    for name in ("passes", "half", "drivers", "act", "plan", "cache"):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "bnkit.kernels.cpu.backend" not in imported, name

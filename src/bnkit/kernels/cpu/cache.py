@@ -1,10 +1,10 @@
 """Keeps numba's on-disk cache of the CPU kernels in step with their sources.
 
 numba's cache checks only the file a function is defined in, while the kernels of
-:mod:`bnkit.kernels.cpu_act` and :mod:`bnkit.kernels.cpu_small` compile helpers of
-:mod:`bnkit.kernels.cpu` into theirs, and :mod:`bnkit.kernels.cpu` those of
-:mod:`bnkit.kernels.cpu16`: after an edit of a helper, the cached kernels of the other files would
-keep the old code. :func:`ensure_fresh` (called by :mod:`bnkit.kernels.cpu16`, which every kernel
+:mod:`bnkit.kernels.cpu.act` and :mod:`bnkit.kernels.cpu.drivers` compile helpers of
+:mod:`bnkit.kernels.cpu.passes` into theirs, and :mod:`bnkit.kernels.cpu.passes` those of
+:mod:`bnkit.kernels.cpu.half`: after an edit of a helper, the cached kernels of the other files would
+keep the old code. :func:`ensure_fresh` (called by :mod:`bnkit.kernels.cpu.half`, which every kernel
 module imports first, before any dispatcher exists) hashes each kernel module together with the
 kernel modules it imports (found in its source, so no list here can go stale), compares the hashes with
 a stamp stored beside numba's cache files, and removes the cache files of every module whose hash

@@ -1,48 +1,49 @@
-r"""numba kernels for small and mid-size inputs: a whole batch-norm call in one compiled call.
+r"""numba kernels of the cpu backend's one-call road: a whole pass of a batch norm in one compiled call.
 
-On small inputs (up to ``bnkit.small.SMALL_NUMEL`` elements; eval calls without a graph at every size,
-where one pass beats the regular launcher too) a batch norm costs microseconds
-of arithmetic and tens of microseconds around it on the regular path: argument checks, numpy views of
-every tensor, allocations, one launch per pass (and a second thread to wake) and
-the torch ops of the running-statistics update. These kernels take the data as raw
-addresses (``Tensor.data_ptr()``, far cheaper than ``Tensor.numpy()``) and do everything of
-one call in one launch:
+On small inputs a batch norm costs microseconds of arithmetic, and the checked road spends many
+times that around it (numpy views of every tensor, one launch per pass, the torch ops of the
+running-statistics update). These kernels take the data as raw addresses (``Tensor.data_ptr()``,
+far cheaper than ``Tensor.numpy()``) and do everything of one pass in one launch.
+
+The small kernels (the ``small`` plans, up to ``plan.SMALL_NUMEL`` elements; eval at every size):
 
 * :func:`train_forward`: per-channel mean and biased variance in one read (float64 sums of ``x - K``
-  and ``(x - K)**2`` with ``K`` the channel's first finite value, as the regular path's short rows),
-  the output ``y = (x - mean) * scale + shift`` rounded once from float64, and the
-  new running statistics, with exactly the float operations of
-  :func:`bnkit.reference.update_running_stats` in the statistics dtype (no fused multiply-add);
+  and ``(x - K)**2`` with ``K`` the channel's first finite value, as the checked road's short rows),
+  the output ``y = (x - mean) * scale + shift`` rounded once from float64, and the new running
+  statistics (:func:`bnkit.kernels.cpu.passes.update_running`, the one compiled update);
 * :func:`eval_forward`: the eval output from the running statistics, with the arithmetic of the
-  ``cpu`` backend (:func:`bnkit.kernels.cpu.eval_coeffs`, then ``(x - mean) * scale + shift``); for an
+  checked road (:func:`bnkit.kernels.cpu.passes.eval_coeffs`, then ``(x - mean) * scale + shift``); for an
   ``(N, C, L)`` view of ``(N, L, C)`` memory it writes the contiguous output torch gives (tiles of rows,
   :func:`_normalize_transposed`);
-* :func:`eval_forward16`: the eval output of bfloat16/float16 data (float32 running statistics and
-  parameters), with the ``cpu`` backend's own coefficients and normalize kernels;
 * :func:`train_backward` / :func:`eval_backward` (one body, :func:`_backward`): both reductions in
   float64, then ``dx = a*dy + k*(x - mean) + c`` in training (the symbols of :mod:`bnkit.autograd`) or
   ``dx = a*dy`` in eval, with ``dweight`` and ``dbias``.
 
-Each kernel has a parallel twin (``*_par``, for inputs above ``bnkit.small.SERIAL_NUMEL``) that cuts
-its passes into ranges of rows, each task with its own float64 accumulators (all share one shift per
-channel, so the partial sums simply add).
+Each has a parallel twin (``*_par``, above ``plan.SMALL_SERIAL_NUMEL`` elements) that cuts its
+passes into ranges of rows, each task with its own float64 accumulators (all share one shift per
+channel, so the partial sums simply add). Memory is channel-major ``(N, C, S)`` (``S = 1`` for
+``(N, C)``, and for channels-innermost memory, passed as ``(N*S, C, 1)``), float32 or float64, every
+per-channel vector contiguous in the data's dtype.
 
-Memory is channel-major ``(N, C, S)`` (contiguous ``(N, C, *)``; ``S = 1`` for ``(N, C)``, and for
-channels-innermost memory, which :mod:`bnkit.small` passes as ``(N*S, C, 1)``), float32 or float64,
-every per-channel vector contiguous in the data's dtype (which is then the statistics dtype). A raw
-address carries no type or size: :mod:`bnkit.small` checks every tensor
-(type, device, dtype, shape, contiguity) before a call, and a call it cannot prove safe goes
-the regular way. The ``like`` argument (a zero of the data's dtype) only selects the
-specialization.
+The drivers of the planned paths (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`,
+:data:`EVAL_BACKWARD_DRIVERS`, :func:`eval_forward16` for 16-bit eval) run the checked road's own
+kernels of :mod:`bnkit.kernels.cpu.passes` in one call each, with its numbers; their arguments come as named
+tuples (:class:`Shape`, :class:`TrainPlan`, :class:`Running`, ...).
+
+A raw address carries no type or size: :meth:`bnkit.kernels.cpu.backend.CpuBackend.check` checks every
+tensor (type, device, dtype, shape, contiguity) before a call, and a call it cannot prove safe takes
+the checked road. The ``like`` argument (a zero of the data's dtype) only selects the specialization.
 """
 
 from __future__ import annotations
+
+from collections import namedtuple
 
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from bnkit.kernels.cpu import (
+from bnkit.kernels.cpu.passes import (
     ncs_affine_any,
     ncs_backward_rows,
     ncs_backward_train,
@@ -58,10 +59,21 @@ from bnkit.kernels.cpu import (
     nsc_train,
     nsc_train_to_ncs,
     run_time,
+    update_running,
 )
 
 __all__ = [
+    "AffinePlan",
     "BACKWARD_DRIVERS",
+    "BackwardPlan",
+    "Data",
+    "EvalVectors",
+    "GradVectors",
+    "Grads",
+    "Running",
+    "Shape",
+    "TrainPlan",
+    "TrainVectors",
     "EVAL_BACKWARD_DRIVERS",
     "TRAIN_DRIVERS",
     "backward_fused",
@@ -86,6 +98,32 @@ __all__ = [
 ]
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+# The named arguments of the one-call drivers (numba types a named tuple field by field; each field
+# one meaning). Addresses are Tensor.data_ptr() values, 0 for an absent vector.
+# x's memory as N rows of C channels of S values (layout_of); L > 0: x is an (N, C, L) view of (N, L, C)
+# memory whose output is written contiguous (S == L), else 0
+Shape = namedtuple("Shape", ["N", "C", "S", "L"])
+# a forward's input and output
+Data = namedtuple("Data", ["x", "y"])
+# a backward's incoming gradient, input, and input gradient
+Grads = namedtuple("Grads", ["dy", "x", "dx"])
+# the training forward's plan (plan.train_plan): channels per group, parts per channel, normalize
+# each channel from cache, and the normalize plan (tasks, segments per row, constant tables)
+TrainPlan = namedtuple("TrainPlan", ["G", "P", "fuse", "TA", "Q", "tab"])
+# the training backward's plan (plan.backward_plan): channels per group, reduction tasks, normalize plan
+BackwardPlan = namedtuple("BackwardPlan", ["G", "T", "TA", "Q", "tab"])
+# the eval normalize's plan (plan._ncs_affine_plan / _nsc_parts)
+AffinePlan = namedtuple("AffinePlan", ["T", "Q", "tab"])
+# a training forward's weight and bias, and where its batch mean and biased variance go (0: not kept)
+TrainVectors = namedtuple("TrainVectors", ["weight", "bias", "mean", "var"])
+# an eval forward's running statistics, weight and bias
+EvalVectors = namedtuple("EvalVectors", ["mean", "var", "weight", "bias"])
+# a backward's statistics (the batch's, or the running ones in eval), weight, and parameter gradients
+GradVectors = namedtuple("GradVectors", ["mean", "var", "weight", "dweight", "dbias"])
+# the running-statistics update (passes.update_running): buffers, where the update goes (the buffers themselves
+# in place), and ratio = count / (count - 1), keep = 1 - momentum, take = momentum in the statistics dtype
+Running = namedtuple("Running", ["mean", "var", "new_mean", "new_var", "ratio", "keep", "take"])
 
 
 @intrinsic
@@ -133,7 +171,7 @@ def _shifts(x, C, S, k):
 @njit(cache=True, fastmath=_FAST)
 def _shifted_sums(x, C, S, r0, r1, k, s1, s2):
     # s1[c] += sum(x - K[c]), s2[c] += sum((x - K[c])**2) over rows [r0, r1), float64: the shifted
-    # sums of the regular path's short rows (cpu.ncs_row_stats)
+    # sums of the checked road's short rows (passes.ncs_row_stats)
     if S == 1:
         for n in range(r0, r1):
             xs = x[n * C : (n + 1) * C]
@@ -183,13 +221,6 @@ def _normalize(x, y, C, S, r0, r1, mu, k, sh):
             c = 0
 
 
-@njit(cache=True)
-def _blend(run, stat, keep, take):
-    # reference.update_running_stats in the statistics dtype: run*keep + stat*take, two roundings
-    # of the products and one of the sum (no fastmath: contract would fuse them into one FMA)
-    return run * keep + stat * take
-
-
 @njit(inline="always")
 def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, L, T):
     total = N * C * S
@@ -232,13 +263,8 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
             r0, r1 = _span(R, T, t)
             _normalize(x, y, C, S, r0, r1, mu, sc, sh)
     if rma != 0:
-        rm = _view(rma, C, like)
-        rv = _view(rva, C, like)
-        nm = _view(nma, C, like)
-        nv = _view(nva, C, like)
-        for c in range(C):
-            nm[c] = _blend(rm[c], mean[c], keep, take)
-            nv[c] = _blend(rv[c], var[c] * ratio, keep, take)
+        rm, rv, nm, nv = _view(rma, C, like), _view(rva, C, like), _view(nma, C, like), _view(nva, C, like)
+        update_running(mean, var, (rm, rv, nm, nv, ratio, keep, take))
 
 
 @njit(cache=True)
@@ -265,7 +291,7 @@ def train_forward_par(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva,
 
 @njit(cache=True, error_model="numpy")
 def _eval_coeff(rv, w, eps, one):
-    # cpu.eval_coeffs for one channel: (1 / sqrt(rv + eps)) * w in the statistics dtype, no fastmath
+    # passes.eval_coeffs for one channel: (1 / sqrt(rv + eps)) * w in the statistics dtype, no fastmath
     return (one / np.sqrt(rv + eps)) * w
 
 
@@ -283,7 +309,7 @@ def _as_like_impl(like, v):
 
 @njit(inline="always")
 def _eval_scale_shift(rv, wa, ba, C, eps, one):
-    # per channel scale = cpu.eval_coeffs' (1 / sqrt(rv + eps)) * w and shift = b, in one's dtype (the
+    # per channel scale = passes.eval_coeffs' (1 / sqrt(rv + eps)) * w and shift = b, in one's dtype (the
     # statistics dtype: eps and one are scalars of it)
     k = np.empty_like(rv)
     sh = np.zeros_like(rv)
@@ -297,7 +323,7 @@ def _eval_scale_shift(rv, wa, ba, C, eps, one):
 @njit(cache=True, fastmath=_FAST)
 def _normalize_transposed(x, y, C, L, t0, t1, mu, k, sh):
     # rows of channels (S == 1) of (B, L, C) memory into (B, C, L) memory, tiles [t0, t1) of
-    # cpu.nsc_tile_to_ncs, with _normalize's arithmetic (unfolded)
+    # passes.nsc_tile_to_ncs, with _normalize's arithmetic (unfolded)
     for t in range(t0, t1):
         nsc_tile_to_ncs(x, y, L, C, t, False, mu, k, sh)
 
@@ -341,26 +367,28 @@ def eval_forward_par(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T):
 
 
 @njit(cache=True)
-def eval_forward16(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, T, Q, tab):
+def eval_forward16(like, data, shape, vectors, eps, plan):
     """Eval forward of 16-bit data from float32 running statistics (and weight/bias): the ``cpu``
     backend's ``forward_eval_running`` in one call, its numbers by construction.
 
-    ``like`` is a zero of the raw type (``np.uint16``: bfloat16, ``np.int16``: float16). The float32
-    scale is :func:`bnkit.kernels.cpu.eval_coeffs`' (``eps`` rounded to float32), then the backend's
-    own normalize kernels run on the raw 16-bit values: :func:`bnkit.kernels.cpu.nsc_affine` on
-    rows of channels (``S == 1``, ``T`` row ranges), else :func:`bnkit.kernels.cpu.ncs_affine_any`
-    with the launcher's plan (``T``, ``Q``, ``tab``).
+    ``like`` is a zero of the raw type (``np.uint16``: bfloat16, ``np.int16``: float16); ``data`` the
+    :class:`Data` addresses, ``shape`` the :class:`Shape`, ``vectors`` the :class:`EvalVectors` and ``plan``
+    the :class:`AffinePlan` of the launcher. The float32 scale is :func:`bnkit.kernels.cpu.passes.eval_coeffs`'
+    (``eps`` rounded to float32), then the backend's own normalize kernels run on the raw 16-bit values:
+    :func:`bnkit.kernels.cpu.passes.nsc_affine` on rows of channels (``S == 1``, ``T`` row ranges), else
+    :func:`bnkit.kernels.cpu.passes.ncs_affine_any` with the launcher's plan (``T``, ``Q``, ``tab``).
     """
+    N, C, S = shape.N, shape.C, shape.S
     total = N * C * S
-    x = _view(xa, total, like)
-    y = _view(ya, total, like)
+    x = _view(data.x, total, like)
+    y = _view(data.y, total, like)
     one = np.float32(1.0)
-    rm = _view(rma, C, one)
-    k, sh = _eval_scale_shift(_view(rva, C, one), wa, ba, C, np.float32(eps), one)
+    rm = _view(vectors.mean, C, one)
+    k, sh = _eval_scale_shift(_view(vectors.var, C, one), vectors.weight, vectors.bias, C, np.float32(eps), one)
     if S == 1:
-        nsc_affine(x, x, y, N, C, T, run_time(False), k, rm, k, sh)
+        nsc_affine(x, x, y, N, C, plan.T, run_time(False), k, rm, k, sh)
     else:
-        ncs_affine_any(x, x, y, N, C, S, T, Q, run_time(False), k, rm, k, sh, tab)
+        ncs_affine_any(x, x, y, N, C, S, plan.T, plan.Q, run_time(False), k, rm, k, sh, plan.tab)
 
 
 def _norm_zero(like):
@@ -378,149 +406,156 @@ def _norm_zero_impl(like):
 
 # The one-call drivers of the cpu backend's kernels: one per path of its plan, so that a first call
 # compiles only its own kernel (a single driver over all paths made the first call compile every path).
-# All take the arguments of the launcher's plan in the same order; a path ignores what it does not use.
+# Their arguments come grouped in named tuples (numba types each field by its name), one meaning a slot:
+# the data's addresses, its shape, the launcher's plan, the per-channel vectors, the running-statistics
+# update. A path ignores the plan fields it does not use.
 
 
 @njit(inline="always")
-def _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva, ratio, keep, take):
+def _train_vectors(like, data, shape, vectors, running):
     # views and scratch of a training forward (see train_rows): the arrays the launcher makes
+    N, C, S = shape.N, shape.C, shape.S
     total = N * C * S
-    x = _view(xa, total, like)
-    y = _view(ya, total, like)
+    x = _view(data.x, total, like)
+    y = _view(data.y, total, like)
+    ratio = running.ratio
     one = _as_like(ratio, 1.0)
-    if wa != 0:
-        w = _view(wa, C, ratio)
+    if vectors.weight != 0:
+        w = _view(vectors.weight, C, ratio)
     else:
         w = np.full(C, one)
-    if ba != 0:
-        b = _view(ba, C, ratio)
+    if vectors.bias != 0:
+        b = _view(vectors.bias, C, ratio)
     else:
         b = np.zeros_like(w)
-    if ma != 0:
-        mean = _view(ma, C, ratio)
-        var = _view(va, C, ratio)
+    if vectors.mean != 0:
+        mean = _view(vectors.mean, C, ratio)
+        var = _view(vectors.var, C, ratio)
     else:
         mean = np.empty_like(w)
         var = np.empty_like(w)
-    if rma != 0:
-        rm = _view(rma, C, ratio)
-        rv = _view(rva, C, ratio)
-        nm = _view(nma, C, ratio)
-        nv = _view(nva, C, ratio)
+    if running.mean != 0:
+        rm = _view(running.mean, C, ratio)
+        rv = _view(running.var, C, ratio)
+        nm = _view(running.new_mean, C, ratio)
+        nv = _view(running.new_var, C, ratio)
     else:
         rm = rv = nm = nv = np.empty(0, mean.dtype)
     norm = np.full((3, C), _norm_zero(like))
-    return x, y, w, b, mean, var, norm, (rm, rv, nm, nv, ratio, keep, take)
+    return x, y, w, b, mean, var, norm, (rm, rv, nm, nv, ratio, running.keep, running.take)
 
 
 @njit(cache=True)
-def train_rows(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio, keep,
-               take):
+def train_rows(like, data, shape, plan, vectors, eps, running):
     """Training forward of any size and dtype: the ``cpu`` backend's ``forward_train`` with the
     running-statistics update in one call, its numbers by construction; this one for short
-    channel-major rows (:func:`bnkit.kernels.cpu.ncs_train_rows`), :func:`train_groups`,
+    channel-major rows (:func:`bnkit.kernels.cpu.passes.ncs_train_rows`), :func:`train_groups`,
     :func:`train_nsc` and :func:`train_long` for the other paths of
-    :func:`bnkit.kernels.cpu_launch.train_plan`, whose ``G``, ``P``, ``fuse``, ``TA``, ``Q``, ``tab`` they take.
+    :func:`bnkit.kernels.cpu.plan.train_plan`, whose fields they take (:class:`TrainPlan`).
 
     ``like``: a zero of the data's type (raw ``np.uint16``/``np.int16`` for bfloat16/float16);
-    ``ratio``, ``keep``, ``take`` come in the statistics dtype (float32 for 16-bit data), which the
-    vectors at ``wa``/``ba``/``ma``/... have; ``(N, C, S)`` as
-    :func:`bnkit.kernels.cpu_launch.layout_of` gives it. The batch mean and biased variance go to
-    ``ma``/``va`` (0: they stay inside); without running statistics (``rma`` 0) there is no update.
+    ``data``: the :class:`Data` addresses; ``shape``: the :class:`Shape` of ``x``'s memory as
+    :func:`bnkit.kernels.cpu.plan.layout_of` gives it; ``vectors``: the :class:`TrainVectors` (the batch
+    mean and biased variance go to ``mean``/``var``; 0: they stay inside); ``running``: the
+    :class:`Running` update (its scalars in the statistics dtype, float32 for 16-bit data; ``mean`` 0:
+    no update).
     """
-    x, y, w, b, mean, var, norm, running = _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva,
-                                                          ratio, keep, take)  # fmt: skip
+    x, y, w, b, mean, var, norm, upd = _train_vectors(like, data, shape, vectors, running)
+    N, C, S, P = shape.N, shape.C, shape.S, plan.P
     parts = np.empty((3, P, C))
     ncs_train_rows(x, y, N, C, S, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1], norm[2],
-                   TA, Q, tab, running)  # fmt: skip
+                   plan.TA, plan.Q, plan.tab, upd)  # fmt: skip
 
 
 @njit(cache=True)
-def train_groups(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio, keep,
-                 take):
-    """:func:`train_rows` for groups of ``G`` channels (:func:`bnkit.kernels.cpu.ncs_train_groups_all`)."""
-    x, y, w, b, mean, var, norm, running = _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva,
-                                                          ratio, keep, take)  # fmt: skip
-    ncs_train_groups_all(x, y, N, C, S, G, w, b, eps, mean, var, norm[0], norm[1], norm[2], running)
+def train_groups(like, data, shape, plan, vectors, eps, running):
+    """:func:`train_rows` for groups of ``plan.G`` channels (:func:`bnkit.kernels.cpu.passes.ncs_train_groups_all`)."""
+    x, y, w, b, mean, var, norm, upd = _train_vectors(like, data, shape, vectors, running)
+    ncs_train_groups_all(x, y, shape.N, shape.C, shape.S, plan.G, w, b, eps, mean, var, norm[0], norm[1], norm[2],
+                         upd)  # fmt: skip
 
 
 @njit(cache=True)
-def train_nsc(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio, keep,
-              take):
-    """:func:`train_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_train`). ``G`` (no groups
-    here) is ``L`` when ``x`` is an ``(N, C, L)`` view of ``(N, L, C)`` memory (``S == L``) and ``y`` is
-    contiguous: :func:`bnkit.kernels.cpu.nsc_train_to_ncs`, as the cpu backend's ``forward_train``."""
-    x, y, w, b, mean, var, norm, running = _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva,
-                                                          ratio, keep, take)  # fmt: skip
+def train_nsc(like, data, shape, plan, vectors, eps, running):
+    """:func:`train_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.passes.nsc_train`). ``shape.L > 0``:
+    ``x`` is an ``(N, C, L)`` view of ``(N, L, C)`` memory (``S == L``) and ``y`` is contiguous:
+    :func:`bnkit.kernels.cpu.passes.nsc_train_to_ncs`, as the cpu backend's ``forward_train``."""
+    x, y, w, b, mean, var, norm, upd = _train_vectors(like, data, shape, vectors, running)
+    N, C, S, P = shape.N, shape.C, shape.S, plan.P
     parts = np.empty((3, P, C))
-    if G > 0:
+    if shape.L > 0:
         nsc_train_to_ncs(x, y, N, S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1],
-                         norm[2], running)  # fmt: skip
+                         norm[2], upd)  # fmt: skip
         return
-    nsc_train(x, y, N * S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1], norm[2],
-              running)  # fmt: skip
+    nsc_train(x, y, N * S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1], norm[2], upd)
 
 
 @njit(cache=True)
-def train_long(like, xa, ya, N, C, S, G, P, fuse, TA, Q, tab, wa, ba, eps, ma, va, rma, rva, nma, nva, ratio, keep,
-               take):
-    """:func:`train_rows` for long channel-major rows (:func:`bnkit.kernels.cpu.ncs_train_all`)."""
-    x, y, w, b, mean, var, norm, running = _train_vectors(like, xa, ya, N, C, S, wa, ba, ma, va, rma, rva, nma, nva,
-                                                          ratio, keep, take)  # fmt: skip
+def train_long(like, data, shape, plan, vectors, eps, running):
+    """:func:`train_rows` for long channel-major rows (:func:`bnkit.kernels.cpu.passes.ncs_train_all`)."""
+    x, y, w, b, mean, var, norm, upd = _train_vectors(like, data, shape, vectors, running)
+    N, C, S, P = shape.N, shape.C, shape.S, plan.P
     parts = np.empty((3, P, C))
-    ncs_train_all(x, y, N, C, S, P, fuse, w, b, eps, mean, var, norm[0], norm[1], norm[2], parts[0], parts[1],
-                  parts[2], TA, Q, tab, running)  # fmt: skip
+    ncs_train_all(x, y, N, C, S, P, plan.fuse, w, b, eps, mean, var, norm[0], norm[1], norm[2], parts[0], parts[1],
+                  parts[2], plan.TA, plan.Q, plan.tab, upd)  # fmt: skip
 
 
 @njit(inline="always", error_model="numpy")
-def _backward_vectors(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba):
+def _backward_vectors(like, grads, shape, vectors, eps):
     # views and scratch of a training backward (see backward_rows; the eval backward's too): the arrays
     # the launcher makes
-    total = N * C * S
-    g = _view(ga, total, like)
-    x = _view(xa, total, like)
-    dx = _view(dxa, total, like)
-    mean = _view(ma, C, eps)
-    var = _view(va, C, eps)
+    C = shape.C
+    total = shape.N * C * shape.S
+    g = _view(grads.dy, total, like)
+    x = _view(grads.x, total, like)
+    dx = _view(grads.dx, total, like)
+    mean = _view(vectors.mean, C, eps)
+    var = _view(vectors.var, C, eps)
     one = _as_like(eps, 1.0)
     inv = np.empty_like(mean)
     for c in range(C):
         inv[c] = one / np.sqrt(var[c] + eps)
-    if wa != 0:
-        w = _view(wa, C, eps)
+    if vectors.weight != 0:
+        w = _view(vectors.weight, C, eps)
     else:
         w = np.full(C, one)
-    return g, x, dx, mean, inv, w, _view(dba, C, eps), _view(dwa, C, eps), np.empty((3, C), mean.dtype)
+    dbias = _view(vectors.dbias, C, eps)
+    dweight = _view(vectors.dweight, C, eps)
+    return g, x, dx, mean, inv, w, dbias, dweight, np.empty((3, C), mean.dtype)
 
 
 @njit(cache=True, error_model="numpy")
-def backward_rows(like, ga, xa, dxa, N, C, S, G, T, TA, Q, tab, ma, va, wa, eps, dwa, dba):
+def backward_rows(like, grads, shape, plan, vectors, eps):
     """Training backward of any size and dtype: the ``cpu`` backend's ``backward_train`` in one call,
     its numbers by construction; this one for short channel-major rows in two passes
-    (:func:`bnkit.kernels.cpu.ncs_backward_rows`), :func:`backward_fused` and :func:`backward_nsc` for
-    the other paths of :func:`bnkit.kernels.cpu_launch.backward_plan` (``G``, ``T``, ``TA``, ``Q``, ``tab``).
+    (:func:`bnkit.kernels.cpu.passes.ncs_backward_rows`), :func:`backward_fused` and :func:`backward_nsc` for
+    the other paths of :func:`bnkit.kernels.cpu.plan.backward_plan` (:class:`BackwardPlan`).
 
-    ``invstd = 1 / sqrt(var + eps)`` in the statistics dtype (``eps`` comes as a scalar of it; the
-    correctly rounded operations of the regular path's ``torch.rsqrt(var + eps)``); writes ``dx`` and
-    ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` to ``dwa``/``dba``.
+    ``grads``: the :class:`Grads` addresses; ``vectors``: the :class:`GradVectors` (the saved batch mean and
+    biased variance; ``dweight``/``dbias`` written). ``invstd = 1 / sqrt(var + eps)`` in the statistics
+    dtype (``eps`` comes as a scalar of it; the correctly rounded operations of the checked road's
+    ``torch.rsqrt(var + eps)``); writes ``dx``, ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)``.
     """
-    g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba)
-    ncs_backward_rows(g, x, dx, N, C, S, T, mean, inv, w, float(N * S), s0, s1, co[0], co[1], co[2], TA, Q, tab)
+    g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, grads, shape, vectors, eps)
+    N, C, S = shape.N, shape.C, shape.S
+    ncs_backward_rows(g, x, dx, N, C, S, plan.T, mean, inv, w, float(N * S), s0, s1, co[0], co[1], co[2], plan.TA,
+                      plan.Q, plan.tab)  # fmt: skip
 
 
 @njit(cache=True, error_model="numpy")
-def backward_fused(like, ga, xa, dxa, N, C, S, G, T, TA, Q, tab, ma, va, wa, eps, dwa, dba):
-    """:func:`backward_rows` for each channel or group of ``G`` reduced and written from cache
-    (:func:`bnkit.kernels.cpu.ncs_backward_train`)."""
-    g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba)
-    ncs_backward_train(g, x, dx, N, C, S, G, mean, inv, w, s0, s1, co[0], co[1], co[2])
+def backward_fused(like, grads, shape, plan, vectors, eps):
+    """:func:`backward_rows` for each channel or group of ``plan.G`` reduced and written from cache
+    (:func:`bnkit.kernels.cpu.passes.ncs_backward_train`)."""
+    g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, grads, shape, vectors, eps)
+    ncs_backward_train(g, x, dx, shape.N, shape.C, shape.S, plan.G, mean, inv, w, s0, s1, co[0], co[1], co[2])
 
 
 @njit(cache=True, error_model="numpy")
-def backward_nsc(like, ga, xa, dxa, N, C, S, G, T, TA, Q, tab, ma, va, wa, eps, dwa, dba):
-    """:func:`backward_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_backward_train`)."""
-    g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba)
-    nsc_backward_train(g, x, dx, N * S, C, T, mean, inv, w, float(N * S), s0, s1, co[0], co[1], co[2])
+def backward_nsc(like, grads, shape, plan, vectors, eps):
+    """:func:`backward_rows` for channels-innermost memory (:func:`bnkit.kernels.cpu.passes.nsc_backward_train`)."""
+    g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, grads, shape, vectors, eps)
+    R = shape.N * shape.S
+    nsc_backward_train(g, x, dx, R, shape.C, plan.T, mean, inv, w, float(R), s0, s1, co[0], co[1], co[2])
 
 
 @njit(inline="always")
@@ -531,32 +566,32 @@ def _scale_by(v, f):
 
 
 @njit(cache=True, error_model="numpy")
-def eval_backward_ncs(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba):
+def eval_backward_ncs(like, grads, shape, T, vectors, eps):
     """Eval-mode backward of any size and dtype: the ``cpu`` backend's ``backward_eval`` (one read of
-    ``dy`` and ``x``: ``dx = scale * dy`` and both reductions, :func:`bnkit.kernels.cpu.ncs_reduce` in
+    ``dy`` and ``x``: ``dx = scale * dy`` and both reductions, :func:`bnkit.kernels.cpu.passes.ncs_reduce` in
     ``T`` row ranges) with autograd's coefficients, in one call; :func:`eval_backward_nsc` for
     channels-innermost memory. The views and ``invstd`` are the training backward's
-    (:func:`_backward_vectors`, with the running statistics for mean and var); ``scale = invstd * w``
-    (``w`` all ones without weight: the same bits as ``invstd``) and ``dweight = sum(dy * (x -
-    running_mean)) * invstd`` in the statistics dtype, as autograd's torch ops make them;
-    ``dbias = sum(dy)``."""
-    g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
-    ncs_reduce(g, x, N, C, S, T, rm, s0, s1, run_time(True), dx, inv * w)
+    (:func:`_backward_vectors`, with the running statistics in ``vectors.mean``/``vectors.var``);
+    ``scale = invstd * w`` (``w`` all ones without weight: the same bits as ``invstd``) and
+    ``dweight = sum(dy * (x - running_mean)) * invstd`` in the statistics dtype, as autograd's torch ops
+    make them; ``dbias = sum(dy)``."""
+    g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, grads, shape, vectors, eps)
+    ncs_reduce(g, x, shape.N, shape.C, shape.S, T, rm, s0, s1, run_time(True), dx, inv * w)
     _scale_by(s1, inv)
 
 
 @njit(cache=True, error_model="numpy")
-def eval_backward_nsc(like, ga, xa, dxa, N, C, S, T, rma, rva, wa, eps, dwa, dba):
-    """:func:`eval_backward_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.nsc_reduce`)."""
-    g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba)
-    nsc_reduce(g, x, N * S, C, T, rm, s0, s1, run_time(True), dx, inv * w)
+def eval_backward_nsc(like, grads, shape, T, vectors, eps):
+    """:func:`eval_backward_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.passes.nsc_reduce`)."""
+    g, x, dx, rm, inv, w, s0, s1, _ = _backward_vectors(like, grads, shape, vectors, eps)
+    nsc_reduce(g, x, shape.N * shape.S, shape.C, T, rm, s0, s1, run_time(True), dx, inv * w)
     _scale_by(s1, inv)
 
 
-# plan path (bnkit.kernels.cpu_launch.PATH_*) -> its driver's name
-TRAIN_DRIVERS = {0: "train_groups", 1: "train_rows", 2: "train_nsc", 3: "train_long"}
-BACKWARD_DRIVERS = {0: "backward_fused", 1: "backward_rows", 2: "backward_nsc"}
-# memory order (bnkit.kernels.cpu_launch.layout_of) -> the eval backward's driver
+# plan path (bnkit.kernels.cpu.plan.train_plan / backward_plan) -> its driver's name
+TRAIN_DRIVERS = {"groups": "train_groups", "rows": "train_rows", "nsc": "train_nsc", "long": "train_long"}
+BACKWARD_DRIVERS = {"fused": "backward_fused", "rows": "backward_rows", "nsc": "backward_nsc"}
+# memory order (bnkit.kernels.cpu.plan.layout_of) -> the eval backward's driver's name
 EVAL_BACKWARD_DRIVERS = {"ncs": "eval_backward_ncs", "nsc": "eval_backward_nsc"}
 
 
@@ -714,8 +749,8 @@ def probe() -> None:
     """Compile (or load from numba's cache) the raw-address view every kernel here reads its data through,
     and check that it sees the data.
 
-    :mod:`bnkit.small` calls it before its first use, so that a numba install that cannot build these
-    kernels fails there, where it becomes one warning and the regular path (the ``cpu`` backend's
+    The cpu backend calls it before the one-call road's first use, so that a numba install that cannot
+    build these kernels fails there, where it becomes one warning and the checked road (the ``cpu`` backend's
     own probe has already started numba's threading layer). The kernels themselves compile on their
     first call, once per dtype, so a first call compiles only what it runs; the one-call drivers
     (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`, :data:`EVAL_BACKWARD_DRIVERS`,

@@ -150,7 +150,7 @@ def test_plain_args_leaves_everything_else_to_the_full_checks(x, args, training)
 
 @needs_cpu
 def test_layout_cache_keys_on_shape_and_strides():
-    from bnkit.kernels.cpu_launch import _layout_uncached, layout_of
+    from bnkit.kernels.cpu.plan import _layout_uncached, layout_of
 
     x = torch.randn(2, 3, 4, 5)
     cases = [x, x.to(memory_format=torch.channels_last), x.transpose(2, 3), x[:, :, ::2], torch.randn(6, 4),
@@ -162,7 +162,7 @@ def test_layout_cache_keys_on_shape_and_strides():
 
 @needs_cpu
 def test_flat_views_share_memory():
-    from bnkit.kernels.cpu_launch import _flat
+    from bnkit.kernels.cpu.backend import _flat
 
     cl = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
     for t in (torch.randn(3, 4, 5), torch.randn(3, 4, 5)[1:], cl, torch.randn(3, 4, requires_grad=True),

@@ -11,7 +11,7 @@ Where the CPU has AVX-512 (``SIMD_BF16``/``SIMD_F16``) the normalize-type loops 
 written here through numba intrinsics, rounding with the CPU's conversion instructions to the scalar
 codec's bits. :func:`block_sums` and :func:`dot_block` serve every dtype (plain loops elsewhere), and
 :func:`block_sums` runs float32 data's blocks in the same vector code on these CPUs (faster than LLVM's
-own float32 lanes there); :mod:`bnkit.kernels.cpu` calls
+own float32 lanes there); :mod:`bnkit.kernels.cpu.passes` calls
 :func:`affine` only where :func:`simd16` holds (a compile-time constant) and keeps its own loops for
 everything else; :func:`column_sums` also takes float32 data on these CPUs and says whether it ran
 (else the caller's loop runs).
@@ -25,8 +25,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from bnkit.kernels.cache import ensure_fresh
 from bnkit.kernels.compiling import announce_compiles
+from bnkit.kernels.cpu.cache import ensure_fresh
 
 # Every kernel module imports this one first: drop cached kernels whose sources changed before any
 # dispatcher of the package can load them (numba's cache watches only a kernel's own file), and say
@@ -410,7 +410,7 @@ def affine(us, xs, os, n, has_u, a, m, k, sh):
 
     The coefficients are float32 scalars, or float32 arrays of one value per element (channels
     innermost, per-position tables: ``a[i]``, ...). 16-bit data on the SIMD path runs
-    :func:`_affine16`; the plain loop below serves any other dtype, but :mod:`bnkit.kernels.cpu`
+    :func:`_affine16`; the plain loop below serves any other dtype, but :mod:`bnkit.kernels.cpu.passes`
     keeps its own loops there (through this helper its float32 short rows ran slower).
     """
     raise NotImplementedError  # replaced by the overload inside jitted code
@@ -717,7 +717,7 @@ def _row_lanes_impl(gs, xs, n, m, acc0, acc1, off):
 
 def simd16(a):
     """Whether array ``a`` takes the 16-wide SIMD code (a compile-time constant in jitted code): where it
-    does not, :mod:`bnkit.kernels.cpu` runs its own normalize loops (see :func:`affine`)."""
+    does not, :mod:`bnkit.kernels.cpu.passes` runs its own normalize loops (see :func:`affine`)."""
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 

@@ -9,12 +9,12 @@ in parallel, and accumulate per-row sums in float64 (:mod:`bnkit.fused` sums the
 each channel); the training forward (:func:`channel_train_act`) and the backward
 (:func:`channel_backward_std`, :func:`channel_backward_ms`) run one channel per task and
 write each channel right after reducing it, while it is in cache (the structure of
-:mod:`bnkit.kernels.cpu`); the ``row_*`` kernels serve inputs with too few channels to keep
+:mod:`bnkit.kernels.cpu.passes`); the ``row_*`` kernels serve inputs with too few channels to keep
 every thread busy. Every inner loop runs over a row slice (``xs = x[base : base + S]``,
 ``xs[i]``): indexing the flat array as ``x[base + i]`` makes numba handle negative
 indices on each element, which makes the loop compute-bound.
-These kernels inline helpers of :mod:`bnkit.kernels.cpu` (:func:`~bnkit.kernels.cpu._seg_stats`);
-:mod:`bnkit.kernels.cache` drops their cached code when those change.
+These kernels inline helpers of :mod:`bnkit.kernels.cpu.passes` (:func:`~bnkit.kernels.cpu.passes._seg_stats`);
+:mod:`bnkit.kernels.cpu.cache` drops their cached code when those change.
 
 Activation ids (``kind``): 0 identity, 1 relu, 2 leaky_relu (``p`` = slope), 3 elu
 (``p`` = alpha), 4 silu, 5 gelu (erf form). Symbols as in :mod:`bnkit.fused`:
@@ -29,7 +29,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from bnkit.kernels.cpu import RBLOCK, _seg_stats, to_acc
+from bnkit.kernels.cpu.passes import RBLOCK, _seg_stats, to_acc
 
 __all__ = [
     "KINDS",
@@ -119,7 +119,7 @@ def _act_row(xs, out, S, m, aa, bb, kind, p):
 def _std_sums(xs, gs, S, m, aa, bb, kind, p):
     # (sum(g), sum(g * (x - m))) with g = dz * act'((x - m) * aa + bb), float64 sums; the
     # piecewise-linear kinds sum blocks of RBLOCK values in the data's dtype first, as the
-    # batch-norm backward does (bnkit.kernels.cpu._dot_sums): float64 lanes ran at half width
+    # batch-norm backward does (bnkit.kernels.cpu.passes._dot_sums): float64 lanes ran at half width
     sg = 0.0
     sgx = 0.0
     if kind <= 2:
@@ -229,10 +229,10 @@ def slope(kind: int, p: float) -> float:
 def channel_train_act(x, N, C, S, G, w, b, eps, kind, p, out, out_mean, out_var, scratch):
     """Training forward, one group of ``G`` channels per task: their statistics, then ``out = act(y)``.
 
-    The statistics read each value once (:func:`bnkit.kernels.cpu._seg_stats`: shifted sums,
+    The statistics read each value once (:func:`bnkit.kernels.cpu.passes._seg_stats`: shifted sums,
     float64 across blocks and rows); the normalizing pass then finds the channels still in cache,
     so memory is read about once. Long rows take ``G = 1``; short ones a group whose rows of one
-    sample are adjacent in memory (as :func:`bnkit.kernels.cpu.ncs_train_groups`). ``out`` may be
+    sample are adjacent in memory (as :func:`bnkit.kernels.cpu.passes.ncs_train_groups`). ``out`` may be
     ``x``. ``out_mean``/``out_var`` get the batch mean and biased variance (float64); ``scratch``
     (3 * C values of the data dtype) holds the per-channel constants rounded to the data dtype, so
     that float32 data is normalized in float32 (as the reference does) with twice the SIMD width.
@@ -369,7 +369,7 @@ def row_input_ms_elu(dz, z, Y, R, C, S, b, p, A, K, Cc, dx):
 # --- fused training/eval backward, one channel per task --------------------------------------
 # Each task reduces its channel, forms the coefficients of ``dx``, then writes ``dx`` while the
 # channel's ``dz`` and ``x`` (or ``z``) are still in cache, so memory is read about once (the
-# structure of :func:`bnkit.kernels.cpu.ncs_backward_train`). ``scratch`` (3 * C values of the
+# structure of :func:`bnkit.kernels.cpu.passes.ncs_backward_train`). ``scratch`` (3 * C values of the
 # data dtype) holds ``A, K, Cc`` rounded to the data dtype; ``write`` False only reduces.
 
 

@@ -1,7 +1,7 @@
-"""The kernel cache keeps itself fresh (bnkit.kernels.cache).
+"""The kernel cache keeps itself fresh (bnkit.kernels.cpu.cache).
 
-A copy of the bnkit package in a temporary directory runs a kernel of ``cpu_act`` in a subprocess;
-then a helper of ``cpu16.py`` that the kernel compiles in (through ``cpu.py``) is edited, and a new
+A copy of the bnkit package in a temporary directory runs a kernel of ``cpu/act.py`` in a subprocess;
+then a helper of ``cpu/half.py`` that the kernel compiles in (through ``cpu/passes.py``) is edited, and a new
 subprocess must run the new code, wherever numba keeps its cache: the package's ``__pycache__``,
 ``NUMBA_CACHE_DIR``, or the per-user directory numba falls back to when the package is not writable.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import bnkit
-from bnkit.kernels import cache
+from bnkit.kernels.cpu import cache
 
 # row_reduce_std sums g = dz * relu'(y) per row in blocks of RBLOCK values, each block's sum starting
 # from to_acc(x, 0.0); the edit below makes that start 1000 for float64 data, so each row's sum grows by
@@ -27,7 +27,8 @@ SCRIPT = """
 import json, sys
 import numpy as np
 {prelude}
-from bnkit.kernels import cache, cpu_act
+from bnkit.kernels.cpu import act as cpu_act
+from bnkit.kernels.cpu import cache
 R, C, S = 2, 1, 600
 x = np.linspace(-1.0, 1.0, R * S)
 g, gx = np.zeros(R), np.zeros(R)
@@ -50,7 +51,7 @@ def _run(pkg: Path, env: dict[str, str], prelude: str) -> dict:
                           env=env, cwd=pkg, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert Path(out["file"]).resolve() == (pkg / "bnkit" / "kernels" / "cpu_act.py").resolve()
+    assert Path(out["file"]).resolve() == (pkg / "bnkit" / "kernels" / "cpu" / "act.py").resolve()
     return out
 
 
@@ -69,25 +70,25 @@ def test_edited_helper_reaches_cached_kernel(tmp_path: Path, where: str) -> None
         prelude = NO_IN_TREE
         root = tmp_path / "user-cache"
     else:
-        root = pkg / "bnkit" / "kernels" / "__pycache__"
+        root = pkg / "bnkit" / "kernels" / "cpu" / "__pycache__"
 
     first = _run(pkg, env, prelude)
     assert first["g"] == [0.0, 600.0]
     where_cached = Path(first["dir"])
     assert where_cached.is_relative_to(root)
-    cached = sorted(p.name for p in where_cached.glob("cpu_act.row_reduce_std-*.nb[ic]"))
+    cached = sorted(p.name for p in where_cached.glob("act.row_reduce_std-*.nb[ic]"))
     assert len(cached) == 2  # numba put the kernel where the check looks
-    assert json.loads((where_cached / cache.STAMP_NAME).read_text())["cpu_act"]
+    assert json.loads((where_cached / cache.STAMP_NAME).read_text())["act"]
 
     if where == "in-tree":  # nothing changed: the cached kernel stays
-        stamp = {p.name: p.stat().st_mtime_ns for p in where_cached.glob("cpu_act.*.nbc")}
+        stamp = {p.name: p.stat().st_mtime_ns for p in where_cached.glob("act.*.nbc")}
         assert _run(pkg, env, prelude)["g"] == [0.0, 600.0]
-        assert {p.name: p.stat().st_mtime_ns for p in where_cached.glob("cpu_act.*.nbc")} == stamp
+        assert {p.name: p.stat().st_mtime_ns for p in where_cached.glob("act.*.nbc")} == stamp
 
-    cpu16 = pkg / "bnkit" / "kernels" / "cpu16.py"
-    text = cpu16.read_text()
+    half = pkg / "bnkit" / "kernels" / "cpu" / "half.py"
+    text = half.read_text()
     assert text.count(OLD) == 1
-    cpu16.write_text(text.replace(OLD, NEW))
+    half.write_text(text.replace(OLD, NEW))
     assert _run(pkg, env, prelude)["g"] == [3000.0, 3600.0]
 
 
@@ -97,21 +98,21 @@ def test_hash_covers_imported_kernel_modules(tmp_path: Path) -> None:
     before = cache.source_hashes(kernels)
     assert before == cache.source_hashes(cache.KERNEL_DIR)
 
-    cpu16 = kernels / "cpu16.py"
-    cpu16.write_text(cpu16.read_text() + "\n# edited\n")
+    half = kernels / "half.py"
+    half.write_text(half.read_text() + "\n# edited\n")
     after = cache.source_hashes(kernels)
     changed = {stem for stem in before if before[stem] != after[stem]}
-    # every module that imports cpu16 directly or through cpu; nothing else
-    assert {"cpu16", "cpu", "cpu_act", "cpu_small", "cpu_launch"} <= changed
-    assert not changed & {"triton", "triton_kernels", "reference", "base", "cache"}
+    # every module that imports half directly or through passes; nothing else
+    assert {"half", "passes", "act", "drivers", "backend"} <= changed
+    assert not changed & {"plan", "cache", "__init__"}
 
-    act = kernels / "cpu_act.py"
+    act = kernels / "act.py"
     act.write_text(act.read_text() + "\n# edited\n")
     again = cache.source_hashes(kernels)
-    assert {stem for stem in after if after[stem] != again[stem]} == {"cpu_act"}
+    assert {stem for stem in after if after[stem] != again[stem]} == {"act"}
 
 
 def test_cache_dir_is_numbas() -> None:
-    from bnkit.kernels import cpu_act
+    from bnkit.kernels.cpu import act as cpu_act
 
     assert cache.cache_dir() == Path(cpu_act.row_reduce_std._cache.cache_path)

@@ -1,0 +1,777 @@
+"""The ``cpu`` backend: :class:`CpuBackend`, the launcher of the numba kernels on both of its roads.
+
+Everything a kernel could crash on is decided here, in Python, before it runs: the device,
+the dtype, the memory layout (a dense buffer in channel-major ``ncs`` or channel-minor ``nsc``
+order, found from the strides without copying), the sizes of every per-channel vector and the
+layout of ``dy`` (which must match ``x``; if it does not, the reference does the work).
+
+The checked road (``forward_train``, ``forward_eval_running``, ``backward_train``, ...) validates and
+converts its arguments, for :mod:`bnkit.autograd`'s Functions and custom ops. The one-call road
+(:meth:`CpuBackend.check`, then ``one_call_*``) takes plain eager calls whose tensors pass the check
+and runs each pass as one compiled call on raw addresses (:mod:`bnkit.kernels.cpu.drivers`). The plan
+of every call comes from :mod:`bnkit.kernels.cpu.plan`.
+
+Parallelism follows ``torch.get_num_threads()`` (numba is set to the same count before each
+launch, so torch and numba never oversubscribe the cores); inputs too small to pay for
+waking threads run on one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+from bnkit import reference as ref
+from bnkit.kernels import base as _base
+from bnkit.kernels import ran_plan
+from bnkit.kernels import runs_cpu_backend as _runs_cpu_backend
+from bnkit.kernels.cpu import drivers as _drivers
+from bnkit.kernels.cpu import passes as K
+from bnkit.kernels.cpu import plan as _plan
+from bnkit.kernels.cpu.drivers import (
+    AffinePlan,
+    BackwardPlan,
+    Data,
+    EvalVectors,
+    Grads,
+    GradVectors,
+    Running,
+    Shape,
+    TrainPlan,
+    TrainVectors,
+)
+from bnkit.kernels.cpu.plan import (
+    _BACKWARD_NAMES,
+    _LAYOUTS_MAX,
+    _NUMPY_DTYPES,
+    _RAW16,
+    _TRAIN_NAMES,
+    _VIEW,
+    PATH_FUSED,
+    PATH_NSC,
+    TASKS_PER_THREAD,
+    _ncs_affine_plan,
+    _nsc_parts,
+    _numba_state,
+    backward_plan,
+    layout_of,
+    one_call_path,
+    threads,
+    train_plan,
+)
+from bnkit.kernels.reference import ReferenceBackend
+
+__all__ = ["CpuBackend", "load_backend"]
+
+
+_reference = ReferenceBackend()
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    """The dense buffer behind ``t`` as a 1-d numpy array (no copy), 16-bit floats as raw bits."""
+    if t.dtype in _NUMPY_DTYPES and t.is_contiguous():
+        # fast path (float32/float64, C-contiguous): numpy's own view of the tensor, flattened
+        a = (t.detach() if t.requires_grad else t).numpy()
+        if a.flags.c_contiguous:
+            return a.reshape(-1)
+    view_dtype = _VIEW[t.dtype][0]
+    flat = t.detach().as_strided((t.numel(),), (1,))
+    if view_dtype != t.dtype:
+        flat = flat.view(view_dtype)
+    return flat.numpy()
+
+
+def _empty_like(x: Tensor) -> Tensor:
+    # x is dense (layout_of), so empty_like keeps its strides exactly (and is cheaper than empty_strided).
+    return torch.empty_like(x)
+
+
+# numpy statistics dtype -> torch dtype
+_TORCH_SD = {np.float32: torch.float32, np.float64: torch.float64}
+
+
+# (c, numpy dtype, fill) -> a constant vector the kernels only read (weight/bias/shift left out)
+_CONSTANTS: dict = {}
+
+
+def _const(c: int, np_dtype: type, fill: float) -> np.ndarray:
+    key = (c, np_dtype, fill)
+    v = _CONSTANTS.get(key)
+    if v is None:
+        if len(_CONSTANTS) >= _LAYOUTS_MAX:
+            _CONSTANTS.clear()
+        v = _CONSTANTS[key] = np.full(c, fill, dtype=np_dtype)
+    return v
+
+
+def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np.ndarray:
+    """A per-channel vector as a contiguous numpy array of the statistics dtype.
+
+    For ``t=None`` the array is a shared constant filled with ``fill``: kernels only read it.
+    """
+    if t is None:
+        return _const(c, np_dtype, fill)
+    if (
+        isinstance(t, Tensor)
+        and t.dtype is _TORCH_SD[np_dtype]
+        and t.is_cpu
+        and t.dim() == 1
+        and t.shape[0] == c
+        and t.is_contiguous()
+    ):
+        return (t.detach() if t.requires_grad else t).numpy()
+    if not isinstance(t, Tensor) or t.numel() != c or not t.is_floating_point() or t.device.type != "cpu":
+        desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"cpu backend: {name} must be a floating CPU tensor with {c} elements, got {desc}")
+    sd = torch.float64 if np_dtype is np.float64 else torch.float32
+    if t.dtype != sd or t.dim() != 1 or not t.is_contiguous():
+        t = t.reshape(c).to(dtype=sd).contiguous()
+    return t.detach().numpy()
+
+
+def _running_arrays(running, c: int, count: int, np_sd: type) -> tuple:
+    """The ``running`` argument of the training kernels (:func:`bnkit.kernels.cpu.passes.update_running`):
+    numpy views of the four vectors, ``ratio = count / (count - 1)``, ``keep = 1 - momentum`` and
+    ``take = momentum`` rounded to the statistics dtype (as torch rounds them in the reference's
+    ops); empty vectors when ``running`` is ``None``."""
+    if running is None:
+        empty = _const(0, np_sd, 0.0)
+        zero = np_sd(0.0)
+        return empty, empty, empty, empty, zero, zero, zero
+    *vectors, momentum = running
+    sd = _TORCH_SD[np_sd]
+    arrays = []
+    for name, t in zip(("running_mean", "running_var", "new_mean", "new_var"), vectors, strict=True):
+        if not _base.is_running_vector(t, c, sd):
+            desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"cpu backend: {name} must be a contiguous {sd} CPU vector of {c} elements "
+                             f"without grad, got {desc}")
+        arrays.append(t.numpy())
+    if count < 2:
+        raise ValueError(f"cpu backend: the running variance needs at least 2 values per channel, got {count}")
+    return (*arrays, np_sd(count / (count - 1)), np_sd(1.0 - momentum), np_sd(momentum))
+
+
+# path -> its one-call driver (the checked road's forward_train runs them too)
+_TRAIN_DRIVER = {path: getattr(_drivers, name) for path, name in _drivers.TRAIN_DRIVERS.items()}
+
+
+def load_backend() -> CpuBackend:
+    """The ``cpu`` backend (called by :func:`bnkit.kernels.get_backend`).
+
+    Compiles (or loads from numba's cache) one tiny parallel kernel (:func:`bnkit.kernels.cpu.passes.probe`) so
+    that a broken numba install fails here, where the dispatcher turns it into one warning and the
+    reference. The real kernels compile on their first call: a first call compiles only what it runs.
+    """
+    from bnkit.kernels.compiling import quiet
+
+    # Starting numba's OpenMP threading layer resets the process's OpenMP thread count,
+    # which torch reads: start it here, once, and give torch its setting back.
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(1)
+    with quiet():
+        K.probe(np.zeros(2, np.float32))
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    # The launchers remember the count they last set: tell them it is 1 now, or a launcher that
+    # ran before this (a direct CpuBackend user) would go on with one thread.
+    _numba_state.nt = 1
+    return CpuBackend()
+
+
+class CpuBackend:
+    """The four primitives of :class:`bnkit.kernels.base.Backend` as numba kernels."""
+
+    name = "cpu"
+
+    def supports(self, x: Tensor) -> bool:
+        return isinstance(x, Tensor) and x.is_cpu and x.dtype in _VIEW and layout_of(x) is not None
+
+    def _layout(self, x: Tensor) -> tuple[str, int, int, int]:
+        lay = layout_of(x) if isinstance(x, Tensor) and x.is_cpu and x.dtype in _VIEW else None
+        if lay is None:
+            desc = f"{tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device}" if isinstance(x, Tensor) else x
+            raise ValueError(f"cpu backend: unsupported input {desc}")
+        return lay
+
+    @staticmethod
+    def _same_layout(dy: Tensor, x: Tensor) -> bool:
+        # the kernels read dy and x in one memory order; bnkit.autograd and bnkit.distributed lay a
+        # gradient out as x (autograd._like) before calling, so another layout takes the reference
+        return (
+            isinstance(dy, Tensor)
+            and dy.shape == x.shape
+            and dy.dtype == x.dtype
+            and dy.is_cpu  # x is a CPU tensor (_layout)
+            and (dy.stride() == x.stride() or layout_of(dy) == layout_of(x))
+        )
+
+    def forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running: tuple[Tensor, Tensor, Tensor, Tensor, float] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(y, mean, var)``; with ``running = (running_mean, running_var, new_mean, new_var, momentum)``
+        also the running statistics' update, written to ``new_*`` (which may be the buffers
+        themselves) in the same compiled call (:func:`bnkit.kernels.cpu.passes.update_running`)."""
+        order, n, c, s = self._layout(x)
+        sd = ref.stats_dtype(x.dtype)
+        np_sd = _VIEW[x.dtype][1]
+        w = _vec("weight", weight, c, np_sd, 1.0)
+        b = _vec("bias", bias, c, np_sd, 0.0)
+        upd = _running_arrays(running, c, n * s, np_sd)
+        y = _empty_like(x)
+        mean = torch.empty(c, dtype=sd)
+        var = torch.empty(c, dtype=sd)
+        path, *params = train_plan(threads(x.numel()), order, n, c, s, x.dtype)
+        # the path's one-call driver (x and y dense: their data_ptr() is the start of their memory;
+        # absent weight and bias as address 0, the driver's ones and zeros)
+        vectors = TrainVectors(0 if weight is None else w.ctypes.data, 0 if bias is None else b.ctypes.data,
+                               mean.data_ptr(), var.data_ptr())  # fmt: skip
+        update = Running(*(a.ctypes.data if a.size else 0 for a in upd[:4]), *upd[4:])
+        args = (_LIKE[x.dtype], Data(x.data_ptr(), y.data_ptr()), Shape(n, c, s, 0), TrainPlan(*params), vectors,
+                float(eps), update)  # fmt: skip
+        _call(_TRAIN_DRIVER[path], args)
+        ran_plan(_TRAIN_NAMES[path])
+        return y, mean, var
+
+    def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        order, n, c, s = self._layout(x)
+        np_sd = _VIEW[x.dtype][1]
+        m = _vec("mean", mean, c, np_sd, 0.0)
+        k = _vec("scale", scale, c, np_sd, 1.0)
+        sh = _vec("shift", shift, c, np_sd, 0.0)
+        y = _empty_like(x)
+        self._affine(order, n, c, s, x, x, y, False, k, m, k, sh)
+        return y
+
+    def forward_eval_running(
+        self,
+        x: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        """Eval forward from the running statistics: :meth:`forward_eval` with ``scale`` and ``shift``
+        made by one small kernel (:func:`bnkit.kernels.cpu.passes.eval_coeffs`) instead of several torch ops.
+
+        Same numbers as ``forward_eval(x, running_mean, rsqrt(running_var + eps) * weight, bias)``
+        in the statistics dtype (what :mod:`bnkit.autograd` computes for other backends).
+        """
+        order, n, c, s = self._layout(x)
+        np_sd = _VIEW[x.dtype][1]
+        m = _vec("running_mean", running_mean, c, np_sd, 0.0)
+        v = _vec("running_var", running_var, c, np_sd, 1.0)
+        w = _vec("weight", weight, c, np_sd, 1.0)
+        b = _vec("bias", bias, c, np_sd, 0.0)
+        k = np.empty(c, np_sd)
+        sh = np.empty(c, np_sd)
+        K.eval_coeffs(v, w, b, np_sd(eps), np_sd(1.0), k, sh)
+        y = _empty_like(x)
+        self._affine(order, n, c, s, x, x, y, False, k, m, k, sh, "eval/")
+        return y
+
+    def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+        order, n, c, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _reference.backward_reduce(dy, x, mean)
+        sd = ref.stats_dtype(x.dtype)
+        m = _vec("mean", mean, c, _VIEW[x.dtype][1], 0.0)
+        sum_dy = torch.empty(c, dtype=sd)
+        sum_dy_xmu = torch.empty(c, dtype=sd)
+        gf = _flat(dy)
+        self._reduce(order, n, c, s, gf, _flat(x), m, sum_dy.numpy(), sum_dy_xmu.numpy(), False, gf, m)
+        return sum_dy, sum_dy_xmu
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused training backward (see :func:`bnkit.kernels.base.backward_train`).
+
+        Channel-major memory with long rows: one kernel reduces each channel and writes its
+        ``dx`` while the channel is in cache. Otherwise one reduction pass, the coefficients in
+        one small compiled loop, and one elementwise pass (no torch ops in between).
+        """
+        order, n, c, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _base.backward_train(_reference, dy, x, mean, invstd, weight)
+        np_sd = _VIEW[x.dtype][1]
+        sd = ref.stats_dtype(x.dtype)
+        m = _vec("mean", mean, c, np_sd, 0.0)
+        inv = _vec("invstd", invstd, c, np_sd, 1.0)
+        w = _vec("weight", weight, c, np_sd, 1.0)
+        sum_dy = torch.empty(c, dtype=sd)
+        sum_dy_xhat = torch.empty(c, dtype=sd)
+        s0, s1 = sum_dy.numpy(), sum_dy_xhat.numpy()
+        a, k, cc = np.empty((3, c), np_sd)
+        dx = _empty_like(x)
+        gf, xf, df = _flat(dy), _flat(x), _flat(dx)
+        nt = threads(x.numel())
+        path, g, t, ta, q, tab = backward_plan(nt, order, n, c, s, x.dtype)
+        ran_plan(_BACKWARD_NAMES[path])
+        if path == PATH_FUSED:
+            K.ncs_backward_train(gf, xf, df, n, c, s, g, m, inv, w, s0, s1, a, k, cc)
+        elif path == PATH_NSC:
+            K.nsc_backward_train(gf, xf, df, n * s, c, t, m, inv, w, float(n * s), s0, s1, a, k, cc)
+        else:
+            K.ncs_backward_rows(gf, xf, df, n, c, s, t, m, inv, w, float(n * s), s0, s1, a, k, cc, ta, q, tab)
+        return dx, sum_dy, sum_dy_xhat
+
+    def backward_eval(
+        self, dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, invstd: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Eval backward in one read of ``dy`` and ``x``: ``dx = scale*dy`` and both reductions."""
+        order, n, c, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _base.backward_eval(_reference, dy, x, mean, scale, invstd)
+        np_sd = _VIEW[x.dtype][1]
+        sd = ref.stats_dtype(x.dtype)
+        m = _vec("mean", mean, c, np_sd, 0.0)
+        k = _vec("scale", scale, c, np_sd, 1.0)
+        sum_dy = torch.empty(c, dtype=sd)
+        sum_dy_xmu = torch.empty(c, dtype=sd)
+        dx = _empty_like(x)
+        self._reduce(order, n, c, s, _flat(dy), _flat(x), m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k,
+                     "eval_backward/")  # fmt: skip
+        return dx, sum_dy, sum_dy_xmu
+
+    def backward_input(self, dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, k: Tensor, c: Tensor) -> Tensor:
+        order, n, ch, s = self._layout(x)
+        if not self._same_layout(dy, x):
+            return _reference.backward_input(dy, x, mean, a, k, c)
+        np_sd = _VIEW[x.dtype][1]
+        m = _vec("mean", mean, ch, np_sd, 0.0)
+        a_ = _vec("a", a, ch, np_sd, 0.0)
+        k_ = _vec("k", k, ch, np_sd, 0.0)
+        c_ = _vec("c", c, ch, np_sd, 0.0)
+        dx = _empty_like(x)
+        self._affine(order, n, ch, s, dy, x, dx, True, a_, m, k_, c_)
+        return dx
+
+    @staticmethod
+    def _reduce(order, n, c, s, gf, xf, m, sum_dy, sum_dy_xmu, write, df, k, pass_="reduce/") -> None:
+        # sum(dy), sum(dy * (x - m)) into sum_dy, sum_dy_xmu (flat numpy buffers); with `write`
+        # also df = k * dy in the same read (eval backward). Tasks stream row ranges in memory order.
+        nt = threads(n * c * s)
+        ran_plan(pass_ + order)
+        if order == "ncs":
+            K.ncs_reduce(gf, xf, n, c, s, _nsc_parts(nt, n * c, s), m, sum_dy, sum_dy_xmu, write, df, k)
+        else:
+            K.nsc_reduce(gf, xf, n * s, c, _nsc_parts(nt, n * s, c), m, sum_dy, sum_dy_xmu, write, df, k)
+
+    @staticmethod
+    def _affine(order, n, c, s, u, x, out, has_u, a, m, k, sh, pass_="affine/") -> None:
+        # u, x, out: tensors or their flat buffers (already made by the caller: saves a conversion)
+        nt = threads(n * c * s)
+        ran_plan(pass_ + order)
+        uf, xf, of = (t if isinstance(t, np.ndarray) else _flat(t) for t in (u, x, out))
+        if order == "ncs":
+            t, q, tab = _ncs_affine_plan(nt, n, c, s, a.dtype)
+            K.ncs_affine_any(uf, xf, of, n, c, s, t, q, has_u, a, m, k, sh, tab)
+        else:
+            t = _nsc_parts(nt, n * s, c)
+            K.nsc_affine(uf, xf, of, n * s, c, t, has_u, a, m, k, sh)
+
+    # --- the one-call road ----------------------------------------------------------------
+    #
+    # A plain eager call (bnkit.autograd.one_call asks plain_eager) on tensors that pass check() runs
+    # each pass as one compiled call on raw addresses (Tensor.data_ptr(), far cheaper than numpy views):
+    # the small kernels (bnkit.kernels.cpu.drivers: the "small" path, serial or parallel) or the driver of
+    # the planned path (train_plan / backward_plan, the same kernels and numbers as the methods above).
+    # Each method returns None when nothing was written: the caller then takes the checked road above.
+
+    def check(self, x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, int, int] | None:
+        """``(N, C, S)`` of ``x``'s memory for the one-call kernels when they may run on these tensors (at
+        most ``ONE_CALL_NUMEL`` elements) and the cpu backend is the one selected, else ``None``.
+        float32/float64 data takes vectors of its dtype, bfloat16/float16 data float32 vectors.
+
+        Contiguous ``(N, C, *)`` memory is ``(N, C, S)`` as it is; channels-innermost memory (channels_last,
+        an ``(N, C, L)`` view of ``(N, L, C)``) is ``N*S`` rows of ``C`` channels, ``(N*S, C, 1)``: the same
+        statistics over the same values. A call that passes has valid arguments: these checks imply
+        everything :func:`bnkit.functional.check_batch_norm_args` asks. (They run on every small call:
+        module-level names and one loop over the vectors, cheaper than a helper per vector.)
+        """
+        if type(x) is not Tensor:
+            return None
+        dt = vdt = x.dtype
+        if dt is not _F32 and dt is not _F64:
+            if dt is not _BF16 and dt is not _F16:
+                return None
+            vdt = _F32
+        if not x.is_cpu or x.layout is not _STRIDED:
+            return None
+        shape = x.shape
+        if len(shape) < 2 or (running_mean is None) != (running_var is None):
+            return None
+        numel = x.numel()
+        if numel == 0 or numel > _plan.ONE_CALL_NUMEL:
+            return None
+        n, c = shape[0], shape[1]
+        s = numel // (n * c)
+        if not x.is_contiguous():
+            if len(shape) == 2 or not x.movedim(1, -1).is_contiguous():
+                return None
+            n, s = n * s, 1
+        vshape = (c,)
+        for t in (running_mean, running_var, weight, bias):
+            # Parameter has no __torch_function__ of its own; a leaked functorch wrapper passes these
+            # checks, its data_ptr() raises, and the caller then takes the checked road
+            if t is not None and not (
+                (type(t) is Tensor or type(t) is Parameter)
+                and t.dtype is vdt
+                and t.shape == vshape
+                and t.is_cpu
+                and t.layout is _STRIDED
+                and t.is_contiguous()
+            ):
+                return None
+        if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
+            return None
+        return (n, c, s) if _runs_cpu_backend() and _small_kernels() else None
+
+    def one_call_train_plan(
+        self, x: Tensor, dims: tuple[int, int, int], running_mean, running_var, momentum: float, inplace: bool,
+        graph: bool,
+    ) -> tuple | None:
+        """The plan of a one-call training forward on ``x`` (which passed :meth:`check`), with the outputs of
+        its running-statistics update: ``(plan, new_mean, new_var)``; ``None``: the checked road (fewer than 2
+        values per channel, whose error it raises, or a tensor without storage).
+
+        With ``inplace`` the update goes to the buffers themselves, else to new vectors. ``plan`` is what
+        :meth:`one_call_train` and :meth:`one_call_train_backward` take."""
+        path = one_call_path(x.dtype, x.numel(), graph)
+        dt = x.dtype
+        if path == "small":
+            n, c, s = dims
+            order, like, sd, params, length = "", _ZERO[dt], dt, (), _ncl_length(x)
+        else:
+            order, n, c, s = layout_of(x)
+            like, sd = _LIKE[dt], (_F32 if dt in _RAW16 else dt)
+            path, *params = train_plan(threads(x.numel()), order, n, c, s, dt)
+            params = TrainPlan(*params)
+            length = _ncl_length(x)  # an (N, C, L) view: its output written contiguous (drivers.train_nsc)
+        count = n * s
+        if count < 2:
+            return None  # the checked road raises torch's "Expected more than 1 value per channel"
+        try:
+            new_mean, new_var, stats = _running_outputs(running_mean, running_var, inplace, c, sd)
+        except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
+            return None
+        plan = (path, order, n, c, s, like, sd, params, length, stats, _blend_scalars(count, momentum, sd))
+        return plan, new_mean, new_var
+
+    def one_call_train(
+        self, plan: tuple, x: Tensor, weight, bias, eps: float, keep: bool
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """``(y, mv)`` of the one-call training forward of :meth:`one_call_train_plan`'s plan, the running
+        statistics updated; ``mv`` the ``(2*C,)`` vector of the batch mean and biased variance (what
+        :meth:`one_call_train_backward` takes) with ``keep``, else ``None``. ``None``: nothing was written
+        (a tensor without storage, or a driver that failed to compile)."""
+        path, order, n, c, s, like, sd, params, length, stats, scalars = plan
+        try:
+            xa, wa, ba = x.data_ptr(), _addr(weight), _addr(bias)
+        except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
+            return None
+        if keep:
+            mv = torch.empty(2 * c, dtype=sd)
+            ma = mv.data_ptr()
+            va = ma + c * _ITEMSIZE[sd]
+        else:
+            mv, ma, va = None, 0, 0
+        if path == "small":
+            # the batch statistics leave the kernel only when a backward needs them (ma, va not 0)
+            y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
+            k = _small_kernels()
+            ratio, keep_, take = scalars
+            args = (like, xa, y.data_ptr(), n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep_, take, length)
+            _launch(k.train_forward, k.train_forward_par, args, n, c, s, _TRAIN_SMALL)
+            return y, mv
+        y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
+        args = (like, Data(xa, y.data_ptr()), Shape(n, c, s, length), params, TrainVectors(wa, ba, ma, va), eps,
+                Running(*stats, *scalars))  # fmt: skip
+        if not _call_driver(_driver(_small_kernels().TRAIN_DRIVERS, path), args):
+            return None
+        ran_plan(_TRAIN_NAMES[path])
+        return y, mv
+
+    def one_call_train_backward(
+        self, plan: tuple, gy: Tensor, x: Tensor, weight, mv: Tensor, eps: float, need_x: bool
+    ) -> tuple[Tensor | None, Tensor, Tensor] | None:
+        """``(dx, dweight, dbias)`` of the one-call training forward of ``plan`` from its saved ``mv``, for a
+        gradient ``gy`` laid out as ``x``; ``dx`` is ``None`` without ``need_x``. ``None``: the caller's
+        regular backward (a planned path without ``need_x``, or a driver that failed to compile)."""
+        path, order, n, c, s, like, sd = plan[:7]
+        ma = mv.data_ptr()
+        if path == "small":
+            dx = torch.empty_like(x) if need_x else None
+            dw = torch.empty(c, dtype=sd)
+            db = torch.empty(c, dtype=sd)
+            args = (like, gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, ma, ma + c * _ITEMSIZE[sd],
+                    _addr(weight), eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
+            k = _small_kernels()
+            _launch(k.train_backward, k.train_backward_par, args, n, c, s, _BACKWARD_SMALL)
+            return dx, dw, db
+        if not need_x:
+            return None
+        dx = torch.empty_like(x)
+        dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
+        path, *params = backward_plan(threads(x.numel()), order, n, c, s, x.dtype)
+        vectors = GradVectors(ma, ma + c * _ITEMSIZE[sd], _addr(weight), dw.data_ptr(), db.data_ptr())
+        args = (like, Grads(gy.data_ptr(), x.data_ptr(), dx.data_ptr()), Shape(n, c, s, 0), BackwardPlan(*params),
+                vectors, _scalar(eps, sd))  # fmt: skip
+        if not _call_driver(_driver(_small_kernels().BACKWARD_DRIVERS, path), args):
+            return None
+        ran_plan(_BACKWARD_NAMES[path])
+        return dx, dw, db
+
+    def one_call_eval_plan(self, x: Tensor, dims: tuple[int, int, int], graph: bool) -> tuple:
+        """The plan of a one-call eval forward on ``x`` (which passed :meth:`check`): the small kernel at every
+        size (16-bit data: the ``half`` kernel); its backward (with ``graph``) on the small kernel up to
+        ``SMALL_GRAD_NUMEL`` float32/float64 elements, else the backend's eval backward in one call."""
+        return dims, one_call_path(x.dtype, x.numel(), graph) != "small"
+
+    def one_call_eval(self, plan: tuple, x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias,
+             eps: float) -> Tensor | None:  # fmt: skip
+        """The one-call eval forward of :meth:`one_call_eval_plan`'s plan; ``None``: nothing was written."""
+        try:
+            xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
+            wa, ba = _addr(weight), _addr(bias)
+        except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
+            return None
+        n, c, s = plan[0]
+        if x.dtype in _RAW16:
+            y = torch.empty_like(x)
+            nt = threads(n * c * s)  # as the checked road sets numba's threads and cuts the work
+            params = (_nsc_parts(nt, n, c), 1, _NO_TABLE) if s == 1 else _ncs_affine_plan(nt, n, c, s, np.float32)
+            args = (_LIKE[x.dtype], Data(xa, y.data_ptr()), Shape(n, c, s, 0), EvalVectors(rma, rva, wa, ba), eps,
+                    AffinePlan(*params))  # fmt: skip
+            if not _call_driver(_small_kernels().eval_forward16, args):
+                return None
+            ran_plan("eval/half")
+            return y
+        length = _ncl_length(x)
+        y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)  # else x's strides (x is dense)
+        k = _small_kernels()
+        args = (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, length)
+        _launch(k.eval_forward, k.eval_forward_par, args, n, c, s, _EVAL_SMALL)
+        return y
+
+    def one_call_eval_backward(
+        self, plan: tuple, gy: Tensor, x: Tensor, running_mean: Tensor, running_var: Tensor, weight, eps: float,
+        need_x: bool, need_params: bool,
+    ) -> tuple[Tensor | None, Tensor, Tensor] | None:
+        """``(dx, dweight, dbias)`` of the one-call eval forward of ``plan``, for a gradient ``gy`` laid out as
+        ``x``; ``None``: the caller's regular backward (the planned eval backward takes calls that need ``dx``
+        and a parameter's gradient; a driver that failed to compile)."""
+        dims, planned = plan
+        if planned:
+            if not (need_x and need_params):
+                return None
+            return _eval_backward_planned(gy, x, running_mean, running_var, weight, eps)
+        n, c, s = dims
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.empty(c, dtype=x.dtype)
+        db = torch.empty(c, dtype=x.dtype)
+        args = (_ZERO[x.dtype], gy.data_ptr(), x.data_ptr(), _addr(dx), n, c, s, running_mean.data_ptr(),
+                running_var.data_ptr(), _addr(weight), eps, dw.data_ptr(), db.data_ptr())  # fmt: skip
+        k = _small_kernels()
+        _launch(k.eval_backward, k.eval_backward_par, args, n, c, s, _EVAL_BACKWARD_SMALL)
+        return dx, dw, db
+
+
+_F32, _F64, _STRIDED = torch.float32, torch.float64, torch.strided
+_BF16, _F16 = torch.bfloat16, torch.float16
+_NO_TABLE = np.empty((4, 0), np.float32)
+
+
+# dtype -> the first argument of its kernels (a zero of the type they read the data as)
+_ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
+_LIKE = {**_ZERO, **_RAW16}
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8}
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+# (value, dtype) -> value as a numpy scalar of dtype (0.5 us to make, 0.1 to look up)
+_SCALARS: dict = {}
+
+
+# the plan names (bnkit.kernels.last_plan) of the small kernels, serial and parallel
+_TRAIN_SMALL = ("train/small", "train/small_parallel")
+_BACKWARD_SMALL = ("backward/small", "backward/small_parallel")
+_EVAL_SMALL = ("eval/small", "eval/small_parallel")
+_EVAL_BACKWARD_SMALL = ("eval_backward/small", "eval_backward/small_parallel")
+_K = None  # bnkit.kernels.cpu.drivers once loaded; False if it failed to (then the one-call road is off)
+
+
+def _small_kernels():
+    """The one-call kernels (:mod:`bnkit.kernels.cpu.drivers`), compiled (or loaded from numba's cache) on first
+    use; ``False`` if they fail to.
+
+    A failure is one warning, and every later call takes the checked road (which has its own fallback
+    to the reference), as a fast backend that cannot load does.
+    """
+    global _K
+    if _K is None:
+        try:
+            from bnkit.kernels.cpu import drivers
+
+            drivers.probe()
+        except Exception as exc:  # a broken numba install: one warning, then the checked road
+            warnings.warn(
+                f"bnkit: the small-input kernels are unavailable ({type(exc).__name__}: {exc}); "
+                "small inputs take the regular path",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            _K = False
+        else:
+            _K = drivers
+    return _K
+
+
+def _launch(serial, parallel, args: tuple, n: int, c: int, s: int, plans: tuple[str, str]) -> None:
+    """Run a small kernel on ``(n, c, s)`` memory: ``serial(*args)`` up to ``SMALL_SERIAL_NUMEL`` elements or
+    with one thread, else ``parallel(*args, T)`` with ``TASKS_PER_THREAD`` ranges of rows per thread
+    (numba set to torch's thread count, as :func:`threads` sets it), and record the plan that ran
+    (``plans``: the serial and the parallel one's names)."""
+    numel = n * c * s
+    nt = 1 if numel <= _plan.SMALL_SERIAL_NUMEL else threads(numel)
+    if nt == 1:
+        _call(serial, args)
+        ran_plan(plans[0])
+    else:
+        _call(parallel, (*args, min(n * c if s > 1 else n, TASKS_PER_THREAD * nt)))
+        ran_plan(plans[1])
+
+
+# (kernel, type of its first argument) -> the compiled specialization's entry point. The first
+# argument (a zero of the data's dtype) fixes every argument's numba type: the others are Python
+# ints (int64), eps (a float) and numpy scalars of that dtype. Calling the entry point skips the
+# dispatcher's typing of every argument, nearly half the cost of calling an 11-argument kernel.
+_ENTRY: dict = {}
+
+
+def _driver(names: dict, path):
+    """The one-call driver of a plan's path or a memory order (``drivers.TRAIN_DRIVERS``,
+    ``BACKWARD_DRIVERS``, ``EVAL_BACKWARD_DRIVERS``)."""
+    return getattr(_small_kernels(), names[path])
+
+
+_BROKEN: set = set()  # one-call drivers whose first call (their compilation) failed
+
+
+def _call_driver(kernel, args: tuple) -> bool:
+    """:func:`_call` for the one-call drivers, which :func:`_small_kernels` does not probe: their first call
+    compiles them (or loads them from numba's cache); if that fails, one warning, ``False`` (the
+    caller takes the checked road, nothing was written) then and for every later call."""
+    if (kernel, type(args[0])) in _ENTRY:
+        _call(kernel, args)
+        return True
+    if kernel in _BROKEN:
+        return False
+    try:
+        _call(kernel, args)
+    except Exception as exc:  # a compile error: the kernel did not run
+        _BROKEN.add(kernel)
+        warnings.warn(
+            f"bnkit: the one-call kernel {getattr(kernel, '__name__', kernel)} is unavailable "
+            f"({type(exc).__name__}: {exc}); such calls take the regular path",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return False
+    return True
+
+
+def _call(kernel, args: tuple) -> None:
+    key = (kernel, type(args[0]))
+    entry = _ENTRY.get(key)
+    if entry is not None:
+        entry(*args)
+        return
+    kernel(*args)  # compiles or loads the specialization
+    overloads = getattr(kernel, "overloads", None)
+    if overloads is None:
+        return  # not a numba dispatcher (a test's stand-in): nothing to remember
+    cres = overloads.get(tuple(kernel.typeof_pyval(a) for a in args))
+    # no overload for exactly these types would be a numba change: keep the dispatcher
+    _ENTRY[key] = kernel if cres is None else cres.entry_point
+
+
+def _scalar(value: float, dtype: torch.dtype):
+    key = (value, dtype)
+    v = _SCALARS.get(key)
+    if v is None:
+        if len(_SCALARS) >= 256:
+            _SCALARS.clear()
+        v = _SCALARS[key] = _NP[dtype](value)
+    return v
+
+
+def _addr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _ncl_length(x: Tensor) -> int:
+    """``L`` when ``x`` (which passed :meth:`CpuBackend.check`) is a float32/float64 ``(N, C, L)`` view of
+    ``(N, L, C)`` memory, whose output the kernels write contiguous, torch's layout for it, in their normalize
+    pass (``passes.nsc_tile_to_ncs``); else 0. The checked road keeps the input's layout (``channel_dim=-1``
+    hands it such views and wants ``(N, L, C)`` back)."""
+    if len(x.shape) == 3 and not x.is_contiguous() and (x.dtype is _F32 or x.dtype is _F64):
+        return x.shape[2]
+    return 0
+
+
+# (count, momentum, dtype) -> the running-statistics update's scalars (count / (count - 1), 1 - momentum,
+# momentum) rounded to dtype, as torch rounds the Python scalars of reference.update_running_stats
+_BLEND: dict = {}
+
+
+def _blend_scalars(count: int, momentum: float, dtype: torch.dtype) -> tuple:
+    key = (count, momentum, dtype)
+    v = _BLEND.get(key)
+    if v is None:
+        if len(_BLEND) >= 256:
+            _BLEND.clear()
+        v = _BLEND[key] = (_scalar(count / (count - 1), dtype), _scalar(1 - momentum, dtype), _scalar(momentum, dtype))
+    return v
+
+
+def _running_outputs(running_mean, running_var, inplace: bool, c: int, dtype: torch.dtype) -> tuple:
+    """``(new_mean, new_var, addresses)`` for a kernel's running-statistics update: the buffers themselves
+    with ``inplace``, else new vectors; addresses ``(running_mean, running_var, new_mean, new_var)``, all 0
+    without running statistics. ``data_ptr()`` raises RuntimeError for a tensor without storage."""
+    if running_mean is None:
+        return None, None, (0, 0, 0, 0)
+    rma, rva = running_mean.data_ptr(), running_var.data_ptr()
+    if inplace:
+        return running_mean, running_var, (rma, rva, rma, rva)
+    new_mean, new_var = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+    return new_mean, new_var, (rma, rva, new_mean.data_ptr(), new_var.data_ptr())
+
+
+def _eval_backward_planned(gy, x, running_mean, running_var, weight, eps):
+    # (dx, dweight, dbias) of the checked road's eval backward in one call; None if its driver failed to compile
+    order, n, c, s = layout_of(x)
+    sd = running_mean.dtype
+    dx = torch.empty_like(x)
+    dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
+    nt = threads(x.numel())
+    t = _nsc_parts(nt, n * c, s) if order == "ncs" else _nsc_parts(nt, n * s, c)
+    vectors = GradVectors(running_mean.data_ptr(), running_var.data_ptr(), _addr(weight), dw.data_ptr(), db.data_ptr())
+    args = (_LIKE[x.dtype], Grads(gy.data_ptr(), x.data_ptr(), dx.data_ptr()), Shape(n, c, s, 0), t, vectors,
+            _scalar(eps, sd))  # fmt: skip
+    if not _call_driver(_driver(_small_kernels().EVAL_BACKWARD_DRIVERS, order), args):
+        return None
+    ran_plan("eval_backward/" + order)
+    return dx, dw, db
