@@ -61,8 +61,6 @@ def test_python_blocks_run(path: Path, tmp_path, monkeypatch):
 
 
 LINK = re.compile(r"\]\((?!https?://|#|mailto:)(?P<target>[^)#\s]+)(?:#[^)\s]*)?\)")
-# Written in another branch; the README links to it already.
-PENDING = {"docs/design.md"}
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -70,6 +68,4 @@ def test_relative_links_resolve(path: Path):
     prose = re.sub(r"`[^`\n]*`", "", FENCE.sub("", path.read_text()))   # links live outside code
     for m in LINK.finditer(prose):
         target = (path.parent / m.group("target")).resolve()
-        if target.relative_to(ROOT).as_posix() in PENDING:
-            continue
         assert target.exists(), f"{path.name}: broken link to {m.group('target')}"
