@@ -5,7 +5,9 @@
 Each tree runs in its own worker process (``PYTHONPATH=TREE/src``) that builds
 :data:`bnkit.bench.cpu.CASES` once. The parent asks the workers in turn, round after round, to time
 one (case, mode) with bnkit and with torch's batch norm, so both trees see the same machine state
-(each timing starts 10 ms after the request, once the other worker's idle threads have stopped spinning);
+(each timing starts 10 ms after the request, once the other worker's idle threads have stopped spinning,
+and every round makes new tensors: where a tensor lands in memory moves a large case's time by up to
+~15% for the life of a process, which an A/A run of one tree against itself shows);
 a row's figure is the median over rounds. ``new/old`` is the new tree's speed relative to the old
 (old ms / new ms, > 1 is faster); ``vs torch`` is torch ms / bnkit ms in the new tree's worker.
 """
@@ -30,6 +32,10 @@ cases = QUICK_CASES if sys.argv[2] == "quick" else CASES
 fns = {}
 print(json.dumps([c.label for c in cases]), flush=True)
 for line in sys.stdin:
+    if line.strip() == '"reset"':  # new tensors: their placement in memory changes from round to round
+        fns.clear()
+        print(json.dumps(0), flush=True)
+        continue
     i, mode, impl, calls = json.loads(line)
     key = (i, mode, impl)
     if key not in fns:
@@ -61,7 +67,7 @@ class Worker:
         self.labels = json.loads(self.proc.stdout.readline())
 
     def ask(self, *request: object) -> float:
-        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.write(json.dumps(request[0] if request == ("reset",) else request) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     times: dict = {(w, r, impl): [] for w in workers for r in rows for impl in ("bnkit", "torch")}
     rng = random.Random(0)
     for k in range(args.rounds):
+        for w in workers.values():
+            w.ask("reset")
         for r in rows:
             order = [(w, impl) for w in workers for impl in ("bnkit", "torch")]
             rng.shuffle(order)
