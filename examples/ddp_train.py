@@ -72,7 +72,10 @@ def main() -> None:
         same = all(torch.equal(s, every[0]) for s in every)
         print(f"{type(bn).__name__} layers: {sum(isinstance(m, bnkit.nn.SyncBatchNorm) for m in model.modules())}")
         print(f"running stats identical on every process: {same}")
-    # Leave together: a rank that tears gloo down while a peer is still sending can abort.
+    # Leave together, and drop DDP (its reducer holds gloo's work objects and their tensors) while the
+    # interpreter is alive: a rank that tears gloo down while a peer is still sending, or whose work
+    # objects die during interpreter finalization, aborts ("terminate called without an active exception").
+    del ddp, opt, loss
     dist.barrier()
     dist.destroy_process_group()
 
