@@ -160,17 +160,6 @@ def test_layout_cache_keys_on_shape_and_strides():
             assert layout_of(t) == _layout_uncached(t)
 
 
-@needs_cpu
-def test_flat_views_share_memory():
-    from bnkit.kernels.cpu.backend import _flat
-
-    cl = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
-    for t in (torch.randn(3, 4, 5), torch.randn(3, 4, 5)[1:], cl, torch.randn(3, 4, requires_grad=True),
-              torch.randn(3, 4).bfloat16()):
-        a = _flat(t)
-        assert a.size == t.numel() and a.ctypes.data == t.data_ptr()
-
-
 def test_eager_scalar_cache_gives_python_scalar_numbers():
     v = torch.rand(50) * 1e3
     for value in (1e-5, 0.1, 1 / 3, 1 - 0.1):

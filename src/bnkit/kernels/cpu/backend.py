@@ -34,12 +34,15 @@ from bnkit.kernels.cpu import drivers as _drivers
 from bnkit.kernels.cpu import passes as K
 from bnkit.kernels.cpu import plan as _plan
 from bnkit.kernels.cpu.drivers import (
+    AffineData,
     AffinePlan,
+    AffineVectors,
     BackwardPlan,
     Data,
     EvalVectors,
     Grads,
     GradVectors,
+    ReduceVectors,
     Running,
     Shape,
     TrainPlan,
@@ -48,12 +51,9 @@ from bnkit.kernels.cpu.drivers import (
 from bnkit.kernels.cpu.plan import (
     _BACKWARD_NAMES,
     _LAYOUTS_MAX,
-    _NUMPY_DTYPES,
     _RAW16,
     _TRAIN_NAMES,
     _VIEW,
-    PATH_FUSED,
-    PATH_NSC,
     TASKS_PER_THREAD,
     _ncs_affine_plan,
     _nsc_parts,
@@ -72,93 +72,68 @@ __all__ = ["CpuBackend", "load_backend"]
 _reference = ReferenceBackend()
 
 
-def _flat(t: Tensor) -> np.ndarray:
-    """The dense buffer behind ``t`` as a 1-d numpy array (no copy), 16-bit floats as raw bits."""
-    if t.dtype in _NUMPY_DTYPES and t.is_contiguous():
-        # fast path (float32/float64, C-contiguous): numpy's own view of the tensor, flattened
-        a = (t.detach() if t.requires_grad else t).numpy()
-        if a.flags.c_contiguous:
-            return a.reshape(-1)
-    view_dtype = _VIEW[t.dtype][0]
-    flat = t.detach().as_strided((t.numel(),), (1,))
-    if view_dtype != t.dtype:
-        flat = flat.view(view_dtype)
-    return flat.numpy()
-
-
 def _empty_like(x: Tensor) -> Tensor:
     # x is dense (layout_of), so empty_like keeps its strides exactly (and is cheaper than empty_strided).
     return torch.empty_like(x)
 
 
-# numpy statistics dtype -> torch dtype
-_TORCH_SD = {np.float32: torch.float32, np.float64: torch.float64}
+# (c, dtype, fill) -> a constant vector the kernels only read (an absent vector a driver needs)
+_FILLED: dict = {}
 
 
-# (c, numpy dtype, fill) -> a constant vector the kernels only read (weight/bias/shift left out)
-_CONSTANTS: dict = {}
+def _vector(name: str, t: Tensor | None, c: int, sd: torch.dtype, fill: float | None = None) -> Tensor | None:
+    """A per-channel vector as a contiguous CPU tensor of the statistics dtype ``sd``, so that its
+    ``data_ptr()`` is ``c`` values a driver may read; another dtype, shape or stride is converted once.
 
-
-def _const(c: int, np_dtype: type, fill: float) -> np.ndarray:
-    key = (c, np_dtype, fill)
-    v = _CONSTANTS.get(key)
-    if v is None:
-        if len(_CONSTANTS) >= _LAYOUTS_MAX:
-            _CONSTANTS.clear()
-        v = _CONSTANTS[key] = np.full(c, fill, dtype=np_dtype)
-    return v
-
-
-def _vec(name: str, t: Tensor | None, c: int, np_dtype: type, fill: float) -> np.ndarray:
-    """A per-channel vector as a contiguous numpy array of the statistics dtype.
-
-    For ``t=None`` the array is a shared constant filled with ``fill``: kernels only read it.
+    ``t=None``: ``None`` (address 0: the driver's ones or zeros) without ``fill``, else a shared constant
+    filled with ``fill`` (kernels only read it).
     """
     if t is None:
-        return _const(c, np_dtype, fill)
-    if (
-        isinstance(t, Tensor)
-        and t.dtype is _TORCH_SD[np_dtype]
-        and t.is_cpu
-        and t.dim() == 1
-        and t.shape[0] == c
-        and t.is_contiguous()
-    ):
-        return (t.detach() if t.requires_grad else t).numpy()
+        if fill is None:
+            return None
+        key = (c, sd, fill)
+        v = _FILLED.get(key)
+        if v is None:
+            if len(_FILLED) >= _LAYOUTS_MAX:
+                _FILLED.clear()
+            v = _FILLED[key] = torch.full((c,), fill, dtype=sd)
+        return v
+    if isinstance(t, Tensor) and t.dtype is sd and t.is_cpu and t.dim() == 1 and t.shape[0] == c and t.is_contiguous():
+        return t
     if not isinstance(t, Tensor) or t.numel() != c or not t.is_floating_point() or t.device.type != "cpu":
         desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"cpu backend: {name} must be a floating CPU tensor with {c} elements, got {desc}")
-    sd = torch.float64 if np_dtype is np.float64 else torch.float32
-    if t.dtype != sd or t.dim() != 1 or not t.is_contiguous():
-        t = t.reshape(c).to(dtype=sd).contiguous()
-    return t.detach().numpy()
+    return t.detach().reshape(c).to(dtype=sd).contiguous()
 
 
-def _running_arrays(running, c: int, count: int, np_sd: type) -> tuple:
-    """The ``running`` argument of the training kernels (:func:`bnkit.kernels.cpu.passes.update_running`):
-    numpy views of the four vectors, ``ratio = count / (count - 1)``, ``keep = 1 - momentum`` and
-    ``take = momentum`` rounded to the statistics dtype (as torch rounds them in the reference's
-    ops); empty vectors when ``running`` is ``None``."""
+def _running(running, c: int, count: int, sd: torch.dtype) -> Running:
+    """The ``running`` argument of the training drivers (:func:`bnkit.kernels.cpu.passes.update_running`): the
+    addresses of the four vectors, ``ratio = count / (count - 1)``, ``keep = 1 - momentum`` and ``take = momentum``
+    rounded to the statistics dtype (as torch rounds them in the reference's ops); addresses 0 when
+    ``running`` is ``None``."""
     if running is None:
-        empty = _const(0, np_sd, 0.0)
-        zero = np_sd(0.0)
-        return empty, empty, empty, empty, zero, zero, zero
+        zero = _scalar(0.0, sd)
+        return Running(0, 0, 0, 0, zero, zero, zero)
     *vectors, momentum = running
-    sd = _TORCH_SD[np_sd]
-    arrays = []
+    addresses = []
     for name, t in zip(("running_mean", "running_var", "new_mean", "new_var"), vectors, strict=True):
         if not _base.is_running_vector(t, c, sd):
             desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"cpu backend: {name} must be a contiguous {sd} CPU vector of {c} elements "
                              f"without grad, got {desc}")
-        arrays.append(t.numpy())
+        addresses.append(t.data_ptr())
     if count < 2:
         raise ValueError(f"cpu backend: the running variance needs at least 2 values per channel, got {count}")
-    return (*arrays, np_sd(count / (count - 1)), np_sd(1.0 - momentum), np_sd(momentum))
+    return Running(*addresses, *_blend_scalars(count, momentum, sd))
 
 
-# path -> its one-call driver (the checked road's forward_train runs them too)
+# path or memory order -> its driver, for the checked road (the one-call road looks them up through
+# _small_kernels, which a broken numba turns off without touching these)
 _TRAIN_DRIVER = {path: getattr(_drivers, name) for path, name in _drivers.TRAIN_DRIVERS.items()}
+_BACKWARD_DRIVER = {path: getattr(_drivers, name) for path, name in _drivers.BACKWARD_DRIVERS.items()}
+_EVAL_DRIVER = {order: getattr(_drivers, name) for order, name in _drivers.EVAL_DRIVERS.items()}
+_AFFINE_DRIVER = {order: getattr(_drivers, name) for order, name in _drivers.AFFINE_DRIVERS.items()}
+_REDUCE_DRIVER = {order: getattr(_drivers, name) for order, name in _drivers.REDUCE_DRIVERS.items()}
 
 
 def load_backend() -> CpuBackend:
@@ -224,19 +199,16 @@ class CpuBackend:
         themselves) in the same compiled call (:func:`bnkit.kernels.cpu.passes.update_running`)."""
         order, n, c, s = self._layout(x)
         sd = ref.stats_dtype(x.dtype)
-        np_sd = _VIEW[x.dtype][1]
-        w = _vec("weight", weight, c, np_sd, 1.0)
-        b = _vec("bias", bias, c, np_sd, 0.0)
-        upd = _running_arrays(running, c, n * s, np_sd)
+        w = _vector("weight", weight, c, sd)
+        b = _vector("bias", bias, c, sd)
+        update = _running(running, c, n * s, sd)
         y = _empty_like(x)
         mean = torch.empty(c, dtype=sd)
         var = torch.empty(c, dtype=sd)
         path, *params = train_plan(threads(x.numel()), order, n, c, s, x.dtype)
         # the path's one-call driver (x and y dense: their data_ptr() is the start of their memory;
         # absent weight and bias as address 0, the driver's ones and zeros)
-        vectors = TrainVectors(0 if weight is None else w.ctypes.data, 0 if bias is None else b.ctypes.data,
-                               mean.data_ptr(), var.data_ptr())  # fmt: skip
-        update = Running(*(a.ctypes.data if a.size else 0 for a in upd[:4]), *upd[4:])
+        vectors = TrainVectors(_addr(w), _addr(b), mean.data_ptr(), var.data_ptr())
         args = (_LIKE[x.dtype], Data(x.data_ptr(), y.data_ptr()), Shape(n, c, s, 0), TrainPlan(*params), vectors,
                 float(eps), update)  # fmt: skip
         _call(_TRAIN_DRIVER[path], args)
@@ -245,12 +217,12 @@ class CpuBackend:
 
     def forward_eval(self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         order, n, c, s = self._layout(x)
-        np_sd = _VIEW[x.dtype][1]
-        m = _vec("mean", mean, c, np_sd, 0.0)
-        k = _vec("scale", scale, c, np_sd, 1.0)
-        sh = _vec("shift", shift, c, np_sd, 0.0)
+        sd = ref.stats_dtype(x.dtype)
+        m = _vector("mean", mean, c, sd, 0.0)
+        k = _vector("scale", scale, c, sd, 1.0)
+        sh = _vector("shift", shift, c, sd, 0.0)
         y = _empty_like(x)
-        self._affine(order, n, c, s, x, x, y, False, k, m, k, sh)
+        _affine(order, n, c, s, None, x, y, AffineVectors(k.data_ptr(), m.data_ptr(), k.data_ptr(), sh.data_ptr()), sd)
         return y
 
     def forward_eval_running(
@@ -263,22 +235,22 @@ class CpuBackend:
         eps: float,
     ) -> Tensor:
         """Eval forward from the running statistics: :meth:`forward_eval` with ``scale`` and ``shift``
-        made by one small kernel (:func:`bnkit.kernels.cpu.passes.eval_coeffs`) instead of several torch ops.
+        made inside the same compiled call (:func:`bnkit.kernels.cpu.drivers.eval_ncs`) instead of several torch ops.
 
         Same numbers as ``forward_eval(x, running_mean, rsqrt(running_var + eps) * weight, bias)``
         in the statistics dtype (what :mod:`bnkit.autograd` computes for other backends).
         """
         order, n, c, s = self._layout(x)
-        np_sd = _VIEW[x.dtype][1]
-        m = _vec("running_mean", running_mean, c, np_sd, 0.0)
-        v = _vec("running_var", running_var, c, np_sd, 1.0)
-        w = _vec("weight", weight, c, np_sd, 1.0)
-        b = _vec("bias", bias, c, np_sd, 0.0)
-        k = np.empty(c, np_sd)
-        sh = np.empty(c, np_sd)
-        K.eval_coeffs(v, w, b, np_sd(eps), np_sd(1.0), k, sh)
+        sd = ref.stats_dtype(x.dtype)
+        m = _vector("running_mean", running_mean, c, sd, 0.0)
+        v = _vector("running_var", running_var, c, sd, 1.0)
+        w = _vector("weight", weight, c, sd)
+        b = _vector("bias", bias, c, sd)
         y = _empty_like(x)
-        self._affine(order, n, c, s, x, x, y, False, k, m, k, sh, "eval/")
+        args = (_LIKE[x.dtype], Data(x.data_ptr(), y.data_ptr()), Shape(n, c, s, 0), _affine_plan(order, n, c, s, sd),
+                EvalVectors(m.data_ptr(), v.data_ptr(), _addr(w), _addr(b)), _scalar(float(eps), sd))  # fmt: skip
+        ran_plan("eval/" + order)
+        _call(_EVAL_DRIVER[order], args)
         return y
 
     def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,17 +258,19 @@ class CpuBackend:
         if not self._same_layout(dy, x):
             return _reference.backward_reduce(dy, x, mean)
         sd = ref.stats_dtype(x.dtype)
-        m = _vec("mean", mean, c, _VIEW[x.dtype][1], 0.0)
+        m = _vector("mean", mean, c, sd, 0.0)
         sum_dy = torch.empty(c, dtype=sd)
         sum_dy_xmu = torch.empty(c, dtype=sd)
-        gf = _flat(dy)
-        self._reduce(order, n, c, s, gf, _flat(x), m, sum_dy.numpy(), sum_dy_xmu.numpy(), False, gf, m)
+        _reduce(order, n, c, s, dy, x, None, ReduceVectors(m.data_ptr(), 0, sum_dy.data_ptr(), sum_dy_xmu.data_ptr()),
+                sd)  # fmt: skip
         return sum_dy, sum_dy_xmu
 
     def backward_train(
         self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Fused training backward (see :func:`bnkit.kernels.base.backward_train`).
+        """Fused training backward (see :func:`bnkit.kernels.base.backward_train`): the driver of
+        :func:`bnkit.kernels.cpu.plan.backward_plan`'s path, the one-call road's, reading the given ``invstd``
+        where the one-call road computes it from the variance.
 
         Channel-major memory with long rows: one kernel reduces each channel and writes its
         ``dx`` while the channel is in cache. Otherwise one reduction pass, the coefficients in
@@ -305,26 +279,20 @@ class CpuBackend:
         order, n, c, s = self._layout(x)
         if not self._same_layout(dy, x):
             return _base.backward_train(_reference, dy, x, mean, invstd, weight)
-        np_sd = _VIEW[x.dtype][1]
         sd = ref.stats_dtype(x.dtype)
-        m = _vec("mean", mean, c, np_sd, 0.0)
-        inv = _vec("invstd", invstd, c, np_sd, 1.0)
-        w = _vec("weight", weight, c, np_sd, 1.0)
+        m = _vector("mean", mean, c, sd, 0.0)
+        inv = _vector("invstd", invstd, c, sd, 1.0)
+        w = _vector("weight", weight, c, sd)
         sum_dy = torch.empty(c, dtype=sd)
         sum_dy_xhat = torch.empty(c, dtype=sd)
-        s0, s1 = sum_dy.numpy(), sum_dy_xhat.numpy()
-        a, k, cc = np.empty((3, c), np_sd)
         dx = _empty_like(x)
-        gf, xf, df = _flat(dy), _flat(x), _flat(dx)
-        nt = threads(x.numel())
-        path, g, t, ta, q, tab = backward_plan(nt, order, n, c, s, x.dtype)
+        path, *params = backward_plan(threads(x.numel()), order, n, c, s, x.dtype)
+        # var is not read: the driver takes invstd from its own slot
+        vectors = GradVectors(m.data_ptr(), 0, _addr(w), sum_dy_xhat.data_ptr(), sum_dy.data_ptr(), inv.data_ptr())
+        args = (_LIKE[x.dtype], Grads(dy.data_ptr(), x.data_ptr(), dx.data_ptr()), Shape(n, c, s, 0),
+                BackwardPlan(*params), vectors, _scalar(0.0, sd))  # fmt: skip
         ran_plan(_BACKWARD_NAMES[path])
-        if path == PATH_FUSED:
-            K.ncs_backward_train(gf, xf, df, n, c, s, g, m, inv, w, s0, s1, a, k, cc)
-        elif path == PATH_NSC:
-            K.nsc_backward_train(gf, xf, df, n * s, c, t, m, inv, w, float(n * s), s0, s1, a, k, cc)
-        else:
-            K.ncs_backward_rows(gf, xf, df, n, c, s, t, m, inv, w, float(n * s), s0, s1, a, k, cc, ta, q, tab)
+        _call(_BACKWARD_DRIVER[path], args)
         return dx, sum_dy, sum_dy_xhat
 
     def backward_eval(
@@ -334,53 +302,29 @@ class CpuBackend:
         order, n, c, s = self._layout(x)
         if not self._same_layout(dy, x):
             return _base.backward_eval(_reference, dy, x, mean, scale, invstd)
-        np_sd = _VIEW[x.dtype][1]
         sd = ref.stats_dtype(x.dtype)
-        m = _vec("mean", mean, c, np_sd, 0.0)
-        k = _vec("scale", scale, c, np_sd, 1.0)
+        m = _vector("mean", mean, c, sd, 0.0)
+        k = _vector("scale", scale, c, sd, 1.0)
         sum_dy = torch.empty(c, dtype=sd)
         sum_dy_xmu = torch.empty(c, dtype=sd)
         dx = _empty_like(x)
-        self._reduce(order, n, c, s, _flat(dy), _flat(x), m, sum_dy.numpy(), sum_dy_xmu.numpy(), True, _flat(dx), k,
-                     "eval_backward/")  # fmt: skip
+        vectors = ReduceVectors(m.data_ptr(), k.data_ptr(), sum_dy.data_ptr(), sum_dy_xmu.data_ptr())
+        _reduce(order, n, c, s, dy, x, dx, vectors, sd, "eval_backward/")
         return dx, sum_dy, sum_dy_xmu
 
     def backward_input(self, dy: Tensor, x: Tensor, mean: Tensor, a: Tensor, k: Tensor, c: Tensor) -> Tensor:
         order, n, ch, s = self._layout(x)
         if not self._same_layout(dy, x):
             return _reference.backward_input(dy, x, mean, a, k, c)
-        np_sd = _VIEW[x.dtype][1]
-        m = _vec("mean", mean, ch, np_sd, 0.0)
-        a_ = _vec("a", a, ch, np_sd, 0.0)
-        k_ = _vec("k", k, ch, np_sd, 0.0)
-        c_ = _vec("c", c, ch, np_sd, 0.0)
+        sd = ref.stats_dtype(x.dtype)
+        m = _vector("mean", mean, ch, sd, 0.0)
+        a_ = _vector("a", a, ch, sd, 0.0)
+        k_ = _vector("k", k, ch, sd, 0.0)
+        c_ = _vector("c", c, ch, sd, 0.0)
         dx = _empty_like(x)
-        self._affine(order, n, ch, s, dy, x, dx, True, a_, m, k_, c_)
+        vectors = AffineVectors(a_.data_ptr(), m.data_ptr(), k_.data_ptr(), c_.data_ptr())
+        _affine(order, n, ch, s, dy, x, dx, vectors, sd)
         return dx
-
-    @staticmethod
-    def _reduce(order, n, c, s, gf, xf, m, sum_dy, sum_dy_xmu, write, df, k, pass_="reduce/") -> None:
-        # sum(dy), sum(dy * (x - m)) into sum_dy, sum_dy_xmu (flat numpy buffers); with `write`
-        # also df = k * dy in the same read (eval backward). Tasks stream row ranges in memory order.
-        nt = threads(n * c * s)
-        ran_plan(pass_ + order)
-        if order == "ncs":
-            K.ncs_reduce(gf, xf, n, c, s, _nsc_parts(nt, n * c, s), m, sum_dy, sum_dy_xmu, write, df, k)
-        else:
-            K.nsc_reduce(gf, xf, n * s, c, _nsc_parts(nt, n * s, c), m, sum_dy, sum_dy_xmu, write, df, k)
-
-    @staticmethod
-    def _affine(order, n, c, s, u, x, out, has_u, a, m, k, sh, pass_="affine/") -> None:
-        # u, x, out: tensors or their flat buffers (already made by the caller: saves a conversion)
-        nt = threads(n * c * s)
-        ran_plan(pass_ + order)
-        uf, xf, of = (t if isinstance(t, np.ndarray) else _flat(t) for t in (u, x, out))
-        if order == "ncs":
-            t, q, tab = _ncs_affine_plan(nt, n, c, s, a.dtype)
-            K.ncs_affine_any(uf, xf, of, n, c, s, t, q, has_u, a, m, k, sh, tab)
-        else:
-            t = _nsc_parts(nt, n * s, c)
-            K.nsc_affine(uf, xf, of, n * s, c, t, has_u, a, m, k, sh)
 
     # --- the one-call road ----------------------------------------------------------------
     #
@@ -526,7 +470,7 @@ class CpuBackend:
         dx = torch.empty_like(x)
         dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
         path, *params = backward_plan(threads(x.numel()), order, n, c, s, x.dtype)
-        vectors = GradVectors(ma, ma + c * _ITEMSIZE[sd], _addr(weight), dw.data_ptr(), db.data_ptr())
+        vectors = GradVectors(ma, ma + c * _ITEMSIZE[sd], _addr(weight), dw.data_ptr(), db.data_ptr(), 0)
         args = (like, Grads(gy.data_ptr(), x.data_ptr(), dx.data_ptr()), Shape(n, c, s, 0), BackwardPlan(*params),
                 vectors, _scalar(eps, sd))  # fmt: skip
         if not _call_driver(_driver(_small_kernels().BACKWARD_DRIVERS, path), args):
@@ -760,6 +704,33 @@ def _running_outputs(running_mean, running_var, inplace: bool, c: int, dtype: to
     return new_mean, new_var, (rma, rva, new_mean.data_ptr(), new_var.data_ptr())
 
 
+def _affine_plan(order: str, n: int, c: int, s: int, sd: torch.dtype) -> AffinePlan:
+    # the checked road's elementwise pass over (n, c, s) memory: ncs_affine_any's plan, or row ranges
+    nt = threads(n * c * s)
+    if order == "ncs":
+        return AffinePlan(*_ncs_affine_plan(nt, n, c, s, _NP[sd]))
+    return AffinePlan(_nsc_parts(nt, n * s, c), 1, _NO_TABLE)
+
+
+def _affine(order, n, c, s, u, x, out, vectors, sd, pass_="affine/") -> None:
+    # out = a*u + k*(x - mean) + shift (u None: no u term) through the order's driver; u, x, out dense, one layout
+    args = (_LIKE[x.dtype], AffineData(_addr(u), x.data_ptr(), out.data_ptr()), Shape(n, c, s, 0),
+            _affine_plan(order, n, c, s, sd), vectors, _scalar(0.0, sd))  # fmt: skip
+    ran_plan(pass_ + order)
+    _call(_AFFINE_DRIVER[order], args)
+
+
+def _reduce(order, n, c, s, dy, x, dx, vectors, sd, pass_="reduce/") -> None:
+    # sum(dy), sum(dy * (x - mean)) into vectors.sum_dy, .sum_dy_xmu; with dx also dx = scale * dy in the
+    # same read (eval backward). Tasks stream row ranges in memory order.
+    nt = threads(n * c * s)
+    t = _nsc_parts(nt, n * c, s) if order == "ncs" else _nsc_parts(nt, n * s, c)
+    args = (_LIKE[x.dtype], Grads(dy.data_ptr(), x.data_ptr(), _addr(dx)), Shape(n, c, s, 0), t, vectors,
+            _scalar(0.0, sd))  # fmt: skip
+    ran_plan(pass_ + order)
+    _call(_REDUCE_DRIVER[order], args)
+
+
 def _eval_backward_planned(gy, x, running_mean, running_var, weight, eps):
     # (dx, dweight, dbias) of the checked road's eval backward in one call; None if its driver failed to compile
     order, n, c, s = layout_of(x)
@@ -768,7 +739,8 @@ def _eval_backward_planned(gy, x, running_mean, running_var, weight, eps):
     dw, db = torch.empty(c, dtype=sd), torch.empty(c, dtype=sd)
     nt = threads(x.numel())
     t = _nsc_parts(nt, n * c, s) if order == "ncs" else _nsc_parts(nt, n * s, c)
-    vectors = GradVectors(running_mean.data_ptr(), running_var.data_ptr(), _addr(weight), dw.data_ptr(), db.data_ptr())
+    vectors = GradVectors(running_mean.data_ptr(), running_var.data_ptr(), _addr(weight), dw.data_ptr(), db.data_ptr(),
+                          0)  # fmt: skip
     args = (_LIKE[x.dtype], Grads(gy.data_ptr(), x.data_ptr(), dx.data_ptr()), Shape(n, c, s, 0), t, vectors,
             _scalar(eps, sd))  # fmt: skip
     if not _call_driver(_driver(_small_kernels().EVAL_BACKWARD_DRIVERS, order), args):

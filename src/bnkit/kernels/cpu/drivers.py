@@ -1,9 +1,9 @@
-r"""numba kernels of the cpu backend's one-call road: a whole pass of a batch norm in one compiled call.
+r"""numba drivers of the cpu backend: a whole pass of a batch norm in one compiled call, on both roads.
 
-On small inputs a batch norm costs microseconds of arithmetic, and the checked road spends many
-times that around it (numpy views of every tensor, one launch per pass, the torch ops of the
-running-statistics update). These kernels take the data as raw addresses (``Tensor.data_ptr()``,
-far cheaper than ``Tensor.numpy()``) and do everything of one pass in one launch.
+On small inputs a batch norm costs microseconds of arithmetic, and work around it (numpy views of
+every tensor, several launches per pass, the torch ops of the running-statistics update) costs many
+times that. These kernels take the data as raw addresses (``Tensor.data_ptr()``, far cheaper than
+``Tensor.numpy()``) and do everything of one pass in one launch.
 
 The small kernels (the ``small`` plans, up to ``plan.SMALL_NUMEL`` elements; eval at every size):
 
@@ -26,13 +26,16 @@ channel, so the partial sums simply add). Memory is channel-major ``(N, C, S)`` 
 per-channel vector contiguous in the data's dtype.
 
 The drivers of the planned paths (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`,
-:data:`EVAL_BACKWARD_DRIVERS`, :func:`eval_forward16` for 16-bit eval) run the checked road's own
-kernels of :mod:`bnkit.kernels.cpu.passes` in one call each, with its numbers; their arguments come as named
-tuples (:class:`Shape`, :class:`TrainPlan`, :class:`Running`, ...).
+:data:`EVAL_BACKWARD_DRIVERS`, :func:`eval_forward16` for 16-bit eval) and of the checked road's other
+passes (:data:`EVAL_DRIVERS`, :data:`AFFINE_DRIVERS`, :data:`REDUCE_DRIVERS`) run the kernels of
+:mod:`bnkit.kernels.cpu.passes` in one call each, the same kernels on both roads, so both give the same
+numbers and each kernel compiles once per dtype; their arguments come as named tuples (:class:`Shape`,
+:class:`TrainPlan`, :class:`Running`, ...).
 
 A raw address carries no type or size: :meth:`bnkit.kernels.cpu.backend.CpuBackend.check` checks every
 tensor (type, device, dtype, shape, contiguity) before a call, and a call it cannot prove safe takes
-the checked road. The ``like`` argument (a zero of the data's dtype) only selects the specialization.
+the checked road, whose methods check the layouts and convert the vectors before their drivers run.
+The ``like`` argument (a zero of the data's dtype) only selects the specialization.
 """
 
 from __future__ import annotations
@@ -63,7 +66,10 @@ from bnkit.kernels.cpu.passes import (
 )
 
 __all__ = [
+    "AFFINE_DRIVERS",
+    "AffineData",
     "AffinePlan",
+    "AffineVectors",
     "BACKWARD_DRIVERS",
     "BackwardPlan",
     "Data",
@@ -75,7 +81,12 @@ __all__ = [
     "TrainPlan",
     "TrainVectors",
     "EVAL_BACKWARD_DRIVERS",
+    "EVAL_DRIVERS",
+    "REDUCE_DRIVERS",
+    "ReduceVectors",
     "TRAIN_DRIVERS",
+    "affine_ncs",
+    "affine_nsc",
     "backward_fused",
     "backward_nsc",
     "backward_rows",
@@ -86,7 +97,11 @@ __all__ = [
     "eval_forward",
     "eval_forward16",
     "eval_forward_par",
+    "eval_ncs",
+    "eval_nsc",
     "probe",
+    "reduce_ncs",
+    "reduce_nsc",
     "train_groups",
     "train_long",
     "train_nsc",
@@ -119,8 +134,17 @@ AffinePlan = namedtuple("AffinePlan", ["T", "Q", "tab"])
 TrainVectors = namedtuple("TrainVectors", ["weight", "bias", "mean", "var"])
 # an eval forward's running statistics, weight and bias
 EvalVectors = namedtuple("EvalVectors", ["mean", "var", "weight", "bias"])
-# a backward's statistics (the batch's, or the running ones in eval), weight, and parameter gradients
-GradVectors = namedtuple("GradVectors", ["mean", "var", "weight", "dweight", "dbias"])
+# a backward's statistics (the batch's, or the running ones in eval), weight, parameter gradients, and
+# invstd: 0 computes it from var and eps (the one-call road), else its address (the checked road's contract
+# passes invstd, SyncBatchNorm's from the global variance; var is then not read)
+GradVectors = namedtuple("GradVectors", ["mean", "var", "weight", "dweight", "dbias", "invstd"])
+# the checked road's elementwise pass out = a*u + k*(x - mean) + shift: its arrays (u 0: no u term)
+AffineData = namedtuple("AffineData", ["u", "x", "out"])
+# ... and its per-channel coefficients (all given)
+AffineVectors = namedtuple("AffineVectors", ["a", "mean", "k", "shift"])
+# the checked road's reduction sum(dy), sum(dy * (x - mean)) into sum_dy, sum_dy_xmu; with Grads.dx also
+# dx = scale * dy in the same read (scale read only then)
+ReduceVectors = namedtuple("ReduceVectors", ["mean", "scale", "sum_dy", "sum_dy_xmu"])
 # the running-statistics update (passes.update_running): buffers, where the update goes (the buffers themselves
 # in place), and ratio = count / (count - 1), keep = 1 - momentum, take = momentum in the statistics dtype
 Running = namedtuple("Running", ["mean", "var", "new_mean", "new_var", "ratio", "keep", "take"])
@@ -510,11 +534,14 @@ def _backward_vectors(like, grads, shape, vectors, eps):
     x = _view(grads.x, total, like)
     dx = _view(grads.dx, total, like)
     mean = _view(vectors.mean, C, eps)
-    var = _view(vectors.var, C, eps)
     one = _as_like(eps, 1.0)
-    inv = np.empty_like(mean)
-    for c in range(C):
-        inv[c] = one / np.sqrt(var[c] + eps)
+    if vectors.invstd != 0:
+        inv = _view(vectors.invstd, C, eps)
+    else:
+        var = _view(vectors.var, C, eps)
+        inv = np.empty_like(mean)
+        for c in range(C):
+            inv[c] = one / np.sqrt(var[c] + eps)
     if vectors.weight != 0:
         w = _view(vectors.weight, C, eps)
     else:
@@ -533,8 +560,9 @@ def backward_rows(like, grads, shape, plan, vectors, eps):
 
     ``grads``: the :class:`Grads` addresses; ``vectors``: the :class:`GradVectors` (the saved batch mean and
     biased variance; ``dweight``/``dbias`` written). ``invstd = 1 / sqrt(var + eps)`` in the statistics
-    dtype (``eps`` comes as a scalar of it; the correctly rounded operations of the checked road's
-    ``torch.rsqrt(var + eps)``); writes ``dx``, ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)``.
+    dtype (``eps`` comes as a scalar of it; the correctly rounded operations of autograd's
+    ``torch.rsqrt(var + eps)``), or read from ``vectors.invstd`` (the checked road's ``backward_train``);
+    writes ``dx``, ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)``.
     """
     g, x, dx, mean, inv, w, s0, s1, co = _backward_vectors(like, grads, shape, vectors, eps)
     N, C, S = shape.N, shape.C, shape.S
@@ -588,11 +616,105 @@ def eval_backward_nsc(like, grads, shape, T, vectors, eps):
     _scale_by(s1, inv)
 
 
+# The checked road's elementwise and reduction passes (CpuBackend.forward_eval, forward_eval_running,
+# backward_input, backward_reduce, backward_eval), one driver per memory order: the kernels they call are
+# the ones the planned paths call, so a driver adds no kernel specialization of its own.
+
+
+@njit(inline="always")
+def _affine_views(like, data, shape, vectors, zero):
+    # views of the checked road's elementwise pass; u absent: x (not read)
+    total = shape.N * shape.C * shape.S
+    x = _view(data.x, total, like)
+    u = _view(data.u, total, like) if data.u != 0 else x
+    C = shape.C
+    a, m = _view(vectors.a, C, zero), _view(vectors.mean, C, zero)
+    return u, x, _view(data.out, total, like), a, m, _view(vectors.k, C, zero), _view(vectors.shift, C, zero)
+
+
+@njit(cache=True)
+def affine_ncs(like, data, shape, plan, vectors, zero):
+    """``out = a*u + k*(x - mean) + shift`` on channel-major memory (:func:`bnkit.kernels.cpu.passes.ncs_affine_any`
+    with the launcher's :class:`AffinePlan`): the ``cpu`` backend's ``forward_eval`` (no ``u``) and
+    ``backward_input``. ``data``: :class:`AffineData`, ``vectors``: :class:`AffineVectors` (vectors of
+    ``zero``'s type, the statistics dtype)."""
+    u, x, out, a, m, k, sh = _affine_views(like, data, shape, vectors, zero)
+    ncs_affine_any(u, x, out, shape.N, shape.C, shape.S, plan.T, plan.Q, run_time(data.u != 0), a, m, k, sh,
+                   plan.tab)  # fmt: skip
+
+
+@njit(cache=True)
+def affine_nsc(like, data, shape, plan, vectors, zero):
+    """:func:`affine_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.passes.nsc_affine`, ``plan.T`` row
+    ranges)."""
+    u, x, out, a, m, k, sh = _affine_views(like, data, shape, vectors, zero)
+    nsc_affine(u, x, out, shape.N * shape.S, shape.C, plan.T, run_time(data.u != 0), a, m, k, sh)
+
+
+@njit(inline="always")
+def _eval_views(like, data, shape, vectors, eps):
+    # views and coefficients of the checked road's eval forward: passes.eval_coeffs' numbers
+    total = shape.N * shape.C * shape.S
+    one = _as_like(eps, 1.0)
+    C = shape.C
+    k, sh = _eval_scale_shift(_view(vectors.var, C, one), vectors.weight, vectors.bias, C, eps, one)
+    return _view(data.x, total, like), _view(data.y, total, like), _view(vectors.mean, C, one), k, sh
+
+
+@njit(cache=True)
+def eval_ncs(like, data, shape, plan, vectors, eps):
+    """Eval forward from the running statistics on channel-major memory: the ``cpu`` backend's
+    ``forward_eval_running`` (``eps`` a scalar of the statistics dtype; :class:`EvalVectors`, weight and bias
+    0 when absent), :func:`affine_ncs` with the scale and shift of :func:`bnkit.kernels.cpu.passes.eval_coeffs`."""
+    x, y, rm, k, sh = _eval_views(like, data, shape, vectors, eps)
+    ncs_affine_any(x, x, y, shape.N, shape.C, shape.S, plan.T, plan.Q, run_time(False), k, rm, k, sh, plan.tab)
+
+
+@njit(cache=True)
+def eval_nsc(like, data, shape, plan, vectors, eps):
+    """:func:`eval_ncs` for channels-innermost memory."""
+    x, y, rm, k, sh = _eval_views(like, data, shape, vectors, eps)
+    nsc_affine(x, x, y, shape.N * shape.S, shape.C, plan.T, run_time(False), k, rm, k, sh)
+
+
+@njit(inline="always")
+def _reduce_views(like, grads, shape, vectors, zero):
+    # views of the checked road's reduction; dx absent: dy and mean stand in (not written, not read)
+    total = shape.N * shape.C * shape.S
+    C = shape.C
+    g = _view(grads.dy, total, like)
+    m = _view(vectors.mean, C, zero)
+    dx = _view(grads.dx, total, like) if grads.dx != 0 else g
+    k = _view(vectors.scale, C, zero) if grads.dx != 0 else m
+    s0, s1 = _view(vectors.sum_dy, C, zero), _view(vectors.sum_dy_xmu, C, zero)
+    return g, _view(grads.x, total, like), m, s0, s1, dx, k
+
+
+@njit(cache=True)
+def reduce_ncs(like, grads, shape, T, vectors, zero):
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on channel-major memory in ``T`` row ranges
+    (:func:`bnkit.kernels.cpu.passes.ncs_reduce`), with ``grads.dx`` also ``dx = scale * dy``: the ``cpu``
+    backend's ``backward_reduce`` and ``backward_eval``. ``vectors``: :class:`ReduceVectors` of ``zero``'s type."""
+    g, x, m, s0, s1, dx, k = _reduce_views(like, grads, shape, vectors, zero)
+    ncs_reduce(g, x, shape.N, shape.C, shape.S, T, m, s0, s1, run_time(grads.dx != 0), dx, k)
+
+
+@njit(cache=True)
+def reduce_nsc(like, grads, shape, T, vectors, zero):
+    """:func:`reduce_ncs` for channels-innermost memory (:func:`bnkit.kernels.cpu.passes.nsc_reduce`)."""
+    g, x, m, s0, s1, dx, k = _reduce_views(like, grads, shape, vectors, zero)
+    nsc_reduce(g, x, shape.N * shape.S, shape.C, T, m, s0, s1, run_time(grads.dx != 0), dx, k)
+
+
 # plan path (bnkit.kernels.cpu.plan.train_plan / backward_plan) -> its driver's name
 TRAIN_DRIVERS = {"groups": "train_groups", "rows": "train_rows", "nsc": "train_nsc", "long": "train_long"}
 BACKWARD_DRIVERS = {"fused": "backward_fused", "rows": "backward_rows", "nsc": "backward_nsc"}
 # memory order (bnkit.kernels.cpu.plan.layout_of) -> the eval backward's driver's name
 EVAL_BACKWARD_DRIVERS = {"ncs": "eval_backward_ncs", "nsc": "eval_backward_nsc"}
+# memory order -> the checked road's eval forward, elementwise pass and reduction drivers' names
+EVAL_DRIVERS = {"ncs": "eval_ncs", "nsc": "eval_nsc"}
+AFFINE_DRIVERS = {"ncs": "affine_ncs", "nsc": "affine_nsc"}
+REDUCE_DRIVERS = {"ncs": "reduce_ncs", "nsc": "reduce_nsc"}
 
 
 @njit(cache=True, fastmath=_FAST)
