@@ -32,11 +32,12 @@ cases = QUICK_CASES if sys.argv[2] == "quick" else CASES
 fns = {}
 print(json.dumps([c.label for c in cases]), flush=True)
 for line in sys.stdin:
-    if line.strip() == '"reset"':  # new tensors: their placement in memory changes from round to round
+    request = json.loads(line)
+    if request == "reset":  # new tensors: their placement in memory changes from round to round
         fns.clear()
         print(json.dumps(0), flush=True)
         continue
-    i, mode, impl, calls = json.loads(line)
+    i, mode, impl, calls = request
     key = (i, mode, impl)
     if key not in fns:
         fns[key] = _bn_fn(cases[i], mode, impl)
@@ -67,7 +68,13 @@ class Worker:
         self.labels = json.loads(self.proc.stdout.readline())
 
     def ask(self, *request: object) -> float:
-        self.proc.stdin.write(json.dumps(request[0] if request == ("reset",) else request) + "\n")
+        return self._send(request)
+
+    def reset(self) -> None:
+        self._send("reset")
+
+    def _send(self, request: object) -> float:
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
     for k in range(args.rounds):
         for w in workers.values():
-            w.ask("reset")
+            w.reset()
         for r in rows:
             order = [(w, impl) for w in workers for impl in ("bnkit", "torch")]
             rng.shuffle(order)

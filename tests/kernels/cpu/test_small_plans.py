@@ -190,7 +190,7 @@ def test_gradients_match_torch(plans, shape, dtype, needs, training):
 
 
 def test_eval_input_gradient_does_not_read_the_input(plans):
-    # eval dx = scale * dy: an inf in x makes dweight inf/NaN, never dx (torch's and the regular path's rule)
+    # eval dx = scale * dy: an inf in x makes dweight inf/NaN, never dx (torch's and the checked road's rule)
     x, w, b, rm, rv = _inputs((4, 3, 5), torch.float32, seed=12)
     x[0, 0, 0] = float("inf")
     dy = torch.randn(4, 3, 5)
@@ -458,7 +458,7 @@ def _channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _case(shape, layout, dtype, seed):
-    """``x, w, b, rm, rv, dy`` for the comparisons with the regular path: ``x`` and ``dy`` of ``dtype`` in
+    """``x, w, b, rm, rv, dy`` for the comparisons with the checked road: ``x`` and ``dy`` of ``dtype`` in
     ``layout`` ("contiguous", "channels_last" or "ncl"), the vectors of its statistics dtype."""
     x, w, b, rm, rv = _inputs(shape, torch.float64 if dtype == torch.float64 else torch.float32, seed=seed,
                               offset=1.0, scale=2.0)  # fmt: skip
@@ -559,7 +559,7 @@ REGULAR_CASES = [((64, 67, 12, 12), "contiguous"), ((3, 2000, 3, 3), "contiguous
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape, layout", REGULAR_CASES)
 def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, shape, layout, dtype, inplace):
-    # one compiled call (train_regular) with the cpu backend's kernels and plan: the regular path's
+    # one compiled call (train_regular) with the cpu backend's kernels and plan: the checked road's
     # output and running statistics, bit for bit (SMALL_NUMEL = 0: float32/float64 take it at any size)
     x, w, b, rm, rv, _ = _case(shape, layout, dtype, seed=12)
 
@@ -576,7 +576,7 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(plans, monkey
     got = run()
     assert plans == {"train/plan": 1} and last_backend() == "cpu"
     assert got[0].dtype == dtype and got[0].stride() == _torch_stride(x)
-    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the regular path
+    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the checked road
     expected = run()
     assert plans == {"train/plan": 2}  # the same plan, by the regular road
     _assert_same_bits(got, expected)
@@ -592,7 +592,7 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(plans, monkey
 @pytest.mark.parametrize("shape, layout", REGULAR_CASES)
 def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, shape, layout, dtype):
     # forward and backward in one compiled call each (train_regular, backward_regular) above
-    # SMALL_GRAD_NUMEL (here 0) and in 16-bit: the regular path's y, running statistics and gradients
+    # SMALL_GRAD_NUMEL (here 0) and in 16-bit: the checked road's y, running statistics and gradients
     x0, w0, b0, rm, rv, dy = _case(shape, layout, dtype, seed=15)
 
     def run():
@@ -606,7 +606,7 @@ def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypat
     got = run()
     assert plans == {"train/plan": 1, "backward/plan": 1}
     assert got[0].stride() == _torch_stride(x0) and got[3].stride() == x0.stride()
-    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the regular path
+    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the checked road
     expected = run()
     assert plans == {"train/plan": 2, "backward/plan": 2}  # the same plans, by the regular road
     _assert_same_bits(got, expected)
@@ -620,7 +620,7 @@ def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypat
 def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, shape, layout, dtype, needs):
     # above SMALL_GRAD_NUMEL (here 0) and in 16-bit: the eval forward on the one-call kernels, its
     # backward the cpu backend's in one call when both dx and a parameter's gradient are needed (else
-    # the regular backward), with the regular path's bits
+    # the regular backward), with the checked road's bits
     x0, w0, b0, rm, rv, dy = _case(shape, layout, dtype, seed=17)
 
     def run():
@@ -636,7 +636,7 @@ def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, 
     # (without dx and a parameter's gradient both, the checked methods' affine or reduction kernel)
     backward = {"all": "eval_backward/plan", "input": "affine/plan", "weight": "reduce/plan"}[needs]
     assert plans == {fwd: 1, backward: 1}
-    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the regular path
+    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the checked road
     expected = run()
     _assert_same_bits(got, expected)
 

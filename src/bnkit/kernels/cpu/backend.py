@@ -573,7 +573,7 @@ def _small_kernels():
         except Exception as exc:  # a broken numba install: one warning, then the checked road
             warnings.warn(
                 f"bnkit: the small-input kernels are unavailable ({type(exc).__name__}: {exc}); "
-                "small inputs take the regular path",
+                "small inputs take the checked road",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -629,7 +629,7 @@ def _call_driver(kernel, args: tuple) -> bool:
         _BROKEN.add(kernel)
         warnings.warn(
             f"bnkit: the one-call kernel {getattr(kernel, '__name__', kernel)} is unavailable "
-            f"({type(exc).__name__}: {exc}); such calls take the regular path",
+            f"({type(exc).__name__}: {exc}); such calls take the checked road",
             RuntimeWarning,
             stacklevel=5,
         )

@@ -750,7 +750,7 @@ def _grad_sums(g, x, C, S, r0, r1, mean, s0, s1):
 @njit(cache=True, fastmath=_FAST)
 def _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc, training):
     # over rows [r0, r1), in float64, rounded once: training dx = a[c]*dy + k[c]*(x - m[c]) + cc[c];
-    # eval dx = a[c]*dy, without reading x (as the regular path: an inf in x must not turn dx into NaN)
+    # eval dx = a[c]*dy, without reading x (as the checked road: an inf in x must not turn dx into NaN)
     if S == 1:
         for n in range(r0, r1):
             gs = g[n * C : (n + 1) * C]
