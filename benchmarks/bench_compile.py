@@ -1,10 +1,12 @@
-"""torch.compile training step: torch's batch norm vs bnkit's two possible lowerings, interleaved in one run.
+"""torch.compile training step: torch's batch norm vs bnkit's three possible lowerings, interleaved in one run.
 
-``bnkit_ref`` is what bnkit gives inductor (bnkit.reference's formulas, fusable with their neighbours);
-``bnkit_ops`` forces bnkit's custom ops instead (opaque calls into the numba kernels) by making
-``bnkit.autograd.needs_plain_ops`` answer False during its steps. The model is the CPU benchmark's
-ResNet-style CNN or ``bench_e2e``'s MobileNet-style CNN (batch 32x3x32x32, width 32), one SGD step per
-call. Usage::
+``bnkit`` is what bnkit gives inductor (``bnkit.autograd.inductor_train``: statistics by ``var_mean`` in the
+computation dtype and the hand-derived backward, fusable with their neighbours); ``bnkit_ref`` forces
+bnkit.reference's formulas (float64 accumulation, autograd's backward of the formulas) by making
+``bnkit.autograd.inductor_records`` answer False during its steps; ``bnkit_ops`` forces bnkit's custom
+ops (opaque calls into the numba kernels) by making ``bnkit.autograd.needs_plain_ops`` answer False.
+The model is the CPU benchmark's ResNet-style CNN or ``bench_e2e``'s MobileNet-style CNN (batch
+32x3x32x32, width 32), one SGD step per call. Usage::
 
     PYTHONPATH=src python benchmarks/bench_compile.py [--runs 21] [--threads 1] [--network resnet|mobilenet]
 """
@@ -41,26 +43,34 @@ def main() -> None:
         model = mobilenet()
     x, target = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     plain_ops = bnkit_autograd.needs_plain_ops
+    inductor_records = bnkit_autograd.inductor_records
 
-    def stepper(net: torch.nn.Module, custom_ops: bool = False) -> Callable[[], None]:
+    def never() -> bool:  # one function object, so dynamo's guards on it hold between steps
+        return False
+
+    def stepper(net: torch.nn.Module, custom_ops: bool = False, formulas: bool = False) -> Callable[[], None]:
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        compiled = torch.compile(net)
+        compiled = torch.compile(net, fullgraph=True)
 
         def step() -> None:
             if custom_ops:
-                bnkit_autograd.needs_plain_ops = lambda: False
+                bnkit_autograd.needs_plain_ops = never
+            if custom_ops or formulas:
+                bnkit_autograd.inductor_records = never
             try:
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(compiled(x), target).backward()
                 opt.step()
             finally:
                 bnkit_autograd.needs_plain_ops = plain_ops
+                bnkit_autograd.inductor_records = inductor_records
 
         return step
 
     steps = {
         "torch": stepper(model),
-        "bnkit_ref": stepper(bnkit.convert(copy.deepcopy(model))),
+        "bnkit": stepper(bnkit.convert(copy.deepcopy(model))),
+        "bnkit_ref": stepper(bnkit.convert(copy.deepcopy(model)), formulas=True),
         "bnkit_ops": stepper(bnkit.convert(copy.deepcopy(model)), custom_ops=True),
     }
     for name, step in steps.items():

@@ -52,6 +52,8 @@ __all__ = [
     "evaluate",
     "forward_eval",
     "forward_train",
+    "inductor_records",
+    "inductor_train",
     "one_call",
     "train",
     "train_updating",
@@ -404,6 +406,79 @@ def needs_plain_ops() -> bool:
     if not compiling and _dispatch_stack_len() == 0:
         return False  # nothing exports this call (both ONNX exporters trace or export it)
     return torch.onnx.is_in_onnx_export()
+
+
+def inductor_records() -> bool:
+    """Whether ``torch.compile`` (not ``torch.export``) is recording the current call: then a training call
+    records :class:`_InductorTrainFn`. (Under dynamo, functorch's interpreter stack does not answer.)"""
+    return _is_compiling() and not torch.compiler.is_exporting()
+
+
+class _InductorTrainFn(torch.autograd.Function):
+    r"""The training forward and its hand-derived backward in plain torch ops, for ``torch.compile``.
+
+    Inductor fuses these ops with the convolutions and activations around them. The statistics come from
+    ``torch.var_mean`` (inductor's Welford reduction) in the computation dtype, float32 for float32 and
+    16-bit data and float64 for float64, where :mod:`bnkit.reference` accumulates in float64: the
+    reference is the spec, this is the speed road, and both agree to the data's rounding. The backward is
+    the one of the kernels (``docs/math.md``), with ``M`` values per channel::
+
+        a = w * invstd,  k = -a * invstd**2 * sum(dy * (x - mean)) / M,  c = -a * sum(dy) / M
+        dx = a * dy + k * (x - mean) + c,   dw = invstd * sum(dy * (x - mean)),   db = sum(dy)
+
+    so inductor sees two reductions and one elementwise pass, instead of the autograd graph of the
+    forward's formulas. The returned ``mean`` and ``var`` (biased) feed the running statistics and carry
+    no gradient.
+    """
+
+    generate_vmap_rule = True  # plain torch ops: functorch batches them itself
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        sd = ref.stats_dtype(x.dtype)
+        shape = ref.channel_shape(x)
+        xs = x.to(sd)
+        var, mean = torch.var_mean(xs, ref.reduction_dims(x), correction=0)
+        inv = torch.rsqrt(var + eps)
+        scale = inv if weight is None else inv * weight.to(sd)
+        y = (xs - mean.view(shape)) * scale.view(shape)
+        if bias is not None:
+            y = y + bias.to(sd).view(shape)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, eps = inputs
+        _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmean, _dvar) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight, mean, var = ctx.saved_tensors
+        sd, shape, dims = mean.dtype, ref.channel_shape(x), ref.reduction_dims(x)
+        m = ref.count_per_channel(x)
+        inv = torch.rsqrt(var + ctx.eps)
+        g = dy.to(sd)
+        xc = x.to(sd) - mean.view(shape)
+        sum_dy = g.sum(dims)
+        sum_dy_xc = (g * xc).sum(dims)
+        a = inv if weight is None else inv * weight.to(sd)
+        k = -a * inv * inv * sum_dy_xc / m
+        c = -a * sum_dy / m
+        dx = (g * a.view(shape) + xc * k.view(shape) + c.view(shape)).to(x.dtype)
+        dw = (sum_dy_xc * inv).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+def inductor_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, biased var)`` of a training call that ``torch.compile`` records (:class:`_InductorTrainFn`)."""
+    return _InductorTrainFn.apply(x, weight, bias, eps)
 
 
 class _Declined(Exception):

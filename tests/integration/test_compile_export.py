@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from bn_tolerances import NETWORK
 from torch import nn
 
 import bnkit
@@ -51,6 +52,64 @@ def test_compile_fullgraph_matches_eager_torch(momentum, training, backend):
     torch.testing.assert_close(b.running_mean, t.running_mean)
     torch.testing.assert_close(b.running_var, t.running_var)
     assert torch.equal(b.num_batches_tracked, t.num_batches_tracked)
+
+
+def _aten_graphs(model, x):
+    """The ATen forward and backward graphs (as printed code) that torch.compile records for a training
+    step of ``model`` on ``x``."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[str] = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    compiled(x).sum().backward()
+    return graphs
+
+
+@pytest.mark.parametrize("training,track", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_step_matches_bnkit_eager_in_every_mode(training, track, dtype):
+    # what torch.compile runs (inductor_train in training and batch-statistics modes, the reference's
+    # formulas in eval) against bnkit's eager kernels: outputs, every gradient, running statistics
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6, track_running_stats=track))
+    if track:
+        with torch.no_grad():
+            net[1].running_mean.normal_()
+            net[1].running_var.uniform_(0.5, 2)
+    eager = bnkit.convert(net).to(dtype).train(training)
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_net, fullgraph=True, backend="inductor")
+    atol, rtol = NETWORK[dtype]
+    tol = {"atol": atol, "rtol": rtol}
+    for _ in range(2):
+        x = (torch.randn(8, 3, 4, 4) * 3 + 2).to(dtype)
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye, **tol)
+        g = torch.randn_like(ye)
+        ye.backward(g)
+        yc.backward(g)
+        for (name, pe), pc in zip(eager.named_parameters(), compiled_net.parameters(), strict=True):
+            torch.testing.assert_close(pc.grad, pe.grad, **tol, msg=name)
+    for (name, be), bc in zip(eager.named_buffers(), compiled_net.buffers(), strict=True):
+        torch.testing.assert_close(bc, be, **tol, msg=name)
+
+
+def test_compiled_training_records_the_fusable_statistics():
+    # a training call under torch.compile records var_mean and the hand-derived backward in float32 ops
+    # (inductor_train): no custom op, no float64 accumulation of float32 data, one pass of var_mean
+    forward, backward = _aten_graphs(bnkit.nn.BatchNorm2d(3), torch.randn(4, 3, 2, 2, requires_grad=True))
+    assert forward.count("aten.var_mean") == 1, forward
+    for code in (forward, backward):
+        assert "bnkit" not in code and "float64" not in code, code
+    assert backward.count("aten.sum") == 2, backward  # sum(dy) and sum(dy * (x - mean))
 
 
 def _model(training):

@@ -10,7 +10,9 @@
 Where a tracer or transform records the call (``torch.func``, ``torch.jit.trace``, ONNX export,
 ``torch.compile``; :func:`bnkit.autograd.needs_plain_ops`), both compute with
 :func:`bnkit.reference.batch_norm` (plain differentiable torch ops) instead of the custom ops or
-kernels. Results are the same to rounding; see ``docs/semantics.md``.
+kernels; a training call that ``torch.compile`` records takes :func:`bnkit.autograd.inductor_train`
+(statistics in the computation dtype, the hand-derived backward), which inductor fuses. Results are
+the same to rounding; see ``docs/semantics.md``.
 
 Both accept two keyword-only extensions that default to torch's behaviour:
 ``channel_dim`` (where the channels are, default 1) and ``mask`` (elements that count
@@ -104,6 +106,11 @@ def _batch_norm(
     if mask is not None:
         y, new_mean, new_var = masked_batch_norm_pure(
             x, running_mean, running_var, weight, bias, training, momentum, eps, mask
+        )
+    elif training and autograd.inductor_records():
+        y, mean, var = autograd.inductor_train(x, weight, bias, eps)
+        new_mean, new_var = updated_running_stats(
+            running_mean, running_var, mean, var, ref.count_per_channel(x), momentum
         )
     elif autograd.needs_plain_ops():
         y, new_mean, new_var = ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
