@@ -364,6 +364,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs(text: str) -> int:
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = -1
+    if jobs < 0:
+        raise argparse.ArgumentTypeError(f"--jobs must be a non-negative integer (0: one per CPU), got {text!r}")
+    return jobs
+
+
 def _cmd_warmup(args: argparse.Namespace) -> int:
     from bnkit.kernels.cpu.cache import cache_dir
     from bnkit.utils.warmup import warmup
@@ -379,22 +389,24 @@ def _cmd_warmup(args: argparse.Namespace) -> int:
             def on_step(done: int, total: int, label: str) -> None:
                 progress.update(task, completed=done, total=total, description=f"compiling CPU kernels: {label}")
 
-            report = warmup(args.dtypes, on_step=on_step)
+            report = warmup(args.dtypes, on_step=on_step, jobs=args.jobs)
     else:
         def on_step(done: int, total: int, label: str) -> None:
             if not args.json and done < total:
                 sys.stdout.write(f"  [{done + 1}/{total}] {label}\n")
                 sys.stdout.flush()
 
-        report = warmup(args.dtypes, on_step=on_step)
+        report = warmup(args.dtypes, on_step=on_step, jobs=args.jobs)
     where = cache_dir()
     if args.json:
         _print_json({"dtypes": list(report.dtypes), "steps": report.steps, "seconds": round(report.seconds, 3),
+                     "jobs": report.jobs,
                      "compiled": list(report.compiled), "cache_dir": None if where is None else str(where)})
         return 0
     what = "compiled" if report.compiled else "loaded from numba's cache (nothing to compile)"
     console.print(f"bnkit warmup: CPU kernels for {', '.join(report.dtypes)} {what} in {report.seconds:.1f} s "
-                  f"({report.steps} steps); cache: {where}", markup=False)
+                  f"({report.steps} steps, {report.jobs} process{'es' if report.jobs > 1 else ''}); cache: {where}",
+                  markup=False)
     return 0
 
 
@@ -730,6 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     warm.add_argument("--dtypes", type=_dtype_list, default=("float32", "float64", "bfloat16"), metavar="LIST",
                       help="comma-separated dtypes (default float32,float64,bfloat16; float16 also accepted)")
+    warm.add_argument("--jobs", type=_jobs, default=0, metavar="N",
+                      help="worker processes that compile side by side (default 0: one per CPU; 1: this process)")
     warm.add_argument("--json", action="store_true", help="print the report as JSON")
     warm.set_defaults(func=_cmd_warmup)
     return parser

@@ -36,6 +36,19 @@ def test_warmup_runs_every_step_then_has_nothing_to_compile():
     assert again.compiled == () and again.steps == first.steps
 
 
+@pytest.mark.timeout(1200)
+def test_warmup_in_worker_processes_reports_every_step():
+    # after the test above the float32 kernels are in numba's cache: the workers load them (a cold cache
+    # compiles in both workers, which only a run of minutes shows: docs/benchmarks.md has the figure)
+    seen: list[tuple[int, int, str]] = []
+    report = warmup(["float32"], on_step=lambda done, total, label: seen.append((done, total, label)), jobs=2)
+    assert report.jobs == 2 and report.compiled == ()
+    assert [s[0] for s in seen] == list(range(report.steps + 1)) and seen[-1][2] == "done"
+    finished = [label for _, _, label in seen[1:-1]]
+    assert len(set(finished)) == len(finished) and all(label.startswith("float32: ") for label in finished)
+    assert report.steps == warmup(["float32"]).steps
+
+
 def test_warmup_rejects_other_dtypes():
     with pytest.raises(ValueError, match="int32"):
         warmup(["int32"])
@@ -58,6 +71,17 @@ def test_cli_warmup_plain_text_says_how_long():
     text = out.getvalue()
     assert code == 0
     assert "[1/" in text and "bnkit warmup: CPU kernels for float32" in text and " s (" in text
+
+
+def test_cli_warmup_bad_jobs_is_one_line():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with pytest.raises(SystemExit) as exc:
+            main(["warmup", "--jobs", "-2"])
+    assert exc.value.code == 2
+    assert "--jobs" in err.getvalue() and "Traceback" not in err.getvalue()
+    with pytest.raises(ValueError, match="jobs"):
+        warmup(["float32"], jobs=-1)
 
 
 def test_cli_warmup_bad_dtype_is_one_line():

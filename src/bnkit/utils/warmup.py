@@ -9,13 +9,23 @@ BN+activation kernels) runs in each mode (training forward and backward, eval, e
 The calls go through the same plan functions as a user's, so the list follows the code: a new path is
 compiled as soon as one of these inputs reaches it. It lives in ``utils`` because it drives the ``nn``
 layers; the kernels package only announces a compile (:mod:`bnkit.kernels.compiling`).
+
+numba compiles on one core, under one lock per process. With ``jobs > 1`` the steps run in that many
+worker processes, in parts (a dtype's layer steps, its backend steps, its fused-activation steps) taken
+in turn, so two cores compile two parts at once. The workers share numba's cache directory; numba saves
+an entry by reading the index file, adding the entry and writing it back, so two processes saving entries
+of one kernel at once could each name the same data file. Each worker therefore holds an exclusive lock
+on a file in the cache directory (``fcntl.flock``) while it saves; where ``fcntl`` is missing the steps
+run in this process.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,12 +53,13 @@ _INPUTS: dict[str, tuple[tuple[int, ...], bool, bool]] = {
 
 @dataclass(frozen=True)
 class WarmupReport:
-    """What :func:`warmup` did: the dtypes, the number of steps run and the time it took."""
+    """What :func:`warmup` did: the dtypes, the number of steps run, the time it took and in how many processes."""
 
     dtypes: tuple[str, ...]
     steps: int
     seconds: float
     compiled: tuple[str, ...]  # dtypes whose kernels had to compile (the others came from numba's cache)
+    jobs: int = 1  # processes that ran the steps
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
@@ -127,51 +138,159 @@ def _act_steps(dtype: torch.dtype) -> None:
             m(x).sum().backward()
 
 
+_PARTS = ("layers", "backend", "activation")
+
+
+def _part_steps(dt: torch.dtype, part: str) -> list[tuple[str, Callable[[], None]]]:
+    """The steps of one part of the warm-up for one dtype (a worker's unit of work)."""
+    label = str(dt).replace("torch.", "")
+    if part == "layers":
+        return [(f"{label}: {n}", lambda n=n, d=dt: _layer_steps(_input(n, d))) for n in _INPUTS]
+    if part == "backend":
+        return [(f"{label}: {n}, backend", lambda n=n, d=dt: _backend_steps(_input(n, d))) for n in _INPUTS]
+    if dt in (torch.float32, torch.float64):
+        return [(f"{label}: batch norm + activation", lambda d=dt: _act_steps(d))]
+    return []
+
+
 def _steps(dtypes: Sequence[torch.dtype]) -> list[tuple[str, Callable[[], None]]]:
-    steps: list[tuple[str, Callable[[], None]]] = []
-    for dt in dtypes:
-        label = str(dt).replace("torch.", "")
-        for name in _INPUTS:
-            steps.append((f"{label}: {name}", lambda n=name, d=dt: _layer_steps(_input(n, d))))
-            steps.append((f"{label}: {name}, backend", lambda n=name, d=dt: _backend_steps(_input(n, d))))
-        if dt in (torch.float32, torch.float64):
-            steps.append((f"{label}: batch norm + activation", lambda d=dt: _act_steps(d)))
-    return steps
+    return [step for dt in dtypes for part in _PARTS for step in _part_steps(dt, part)]
+
+
+def _parts(dtypes: Sequence[torch.dtype]) -> list[tuple[str, str]]:
+    # parts of one kind for every dtype before the next kind: two workers rarely compile the same kernel
+    # for the same dtype at once (the layer and backend steps share kernels)
+    return [(str(dt).replace("torch.", ""), part) for part in _PARTS for dt in dtypes if _part_steps(dt, part)]
+
+
+def _run(steps: list[tuple[str, Callable[[], None]]], on_step: Callable[[int, int, str], None] | None,
+         first: int = 0, total: int | None = None) -> None:
+    import numba
+
+    from bnkit.kernels import compiling
+
+    threads = torch.get_num_threads()
+    try:
+        if threads < 2 <= numba.config.NUMBA_NUM_THREADS:
+            torch.set_num_threads(2)  # the parallel kernels' plans need two threads
+        with compiling.quiet(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            for i, (label, step) in enumerate(steps):
+                if on_step is not None:
+                    on_step(first + i, total or len(steps), label)
+                step()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lock_cache_saves(lock_path: str) -> None:
+    """Make numba's cache saves in this process hold an exclusive lock on ``lock_path`` (see the module
+    docstring: the read-modify-write of a kernel's index file)."""
+    import fcntl
+
+    from numba.core import caching
+
+    save = caching.IndexDataCacheFile.save
+    if getattr(save, "bnkit_lock", None) == lock_path:
+        return  # a worker runs several parts: wrapped once
+    depth = [0]  # re-entrant: a save nested in another of this process must not wait on its own lock
+
+    def locked_save(self, key, data):
+        if depth[0]:
+            return save(self, key, data)
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            depth[0] += 1
+            try:
+                return save(self, key, data)
+            finally:
+                depth[0] -= 1
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    locked_save.bnkit_lock = lock_path
+    caching.IndexDataCacheFile.save = locked_save
+
+
+def _run_part(dtype: str, part: str, lock_path: str) -> tuple[list[str], list[str]]:
+    """A worker's unit: run one part, return its step labels and the dtypes it had to compile."""
+    from bnkit.kernels import compiling
+
+    _lock_cache_saves(lock_path)
+    steps = _part_steps(_dtype(dtype), part)
+    _run(steps, None)
+    return [label for label, _ in steps], sorted(compiling.compiled_dtypes())
+
+
+def _default_jobs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _run_in_workers(dts: Sequence[torch.dtype], jobs: int, on_step: Callable[[int, int, str], None] | None,
+                    total: int) -> set[str]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from bnkit.kernels.cpu.cache import cache_dir, ensure_fresh
+
+    ensure_fresh()  # once, here: no worker may find the cache stale while another fills it
+    where = cache_dir()
+    lock_path = str((where if where is not None else Path(os.getcwd())) / "bnkit-warmup.lock")
+    compiled: set[str] = set()
+    done = 0
+    if on_step is not None:
+        on_step(0, total, f"starting {jobs} worker processes")
+    # spawn, not fork: forking a process whose OpenMP and numba thread pools may already run is unsafe
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_part, dtype, part, lock_path) for dtype, part in _parts(dts)]
+        for future in as_completed(futures):
+            labels, part_compiled = future.result()
+            compiled.update(part_compiled)
+            for label in labels:
+                done += 1
+                if on_step is not None and done < total:
+                    on_step(done, total, label)
+    return compiled
 
 
 def warmup(
     dtypes: Sequence[str | torch.dtype] = DTYPES,
     on_step: Callable[[int, int, str], None] | None = None,
+    jobs: int = 1,
 ) -> WarmupReport:
     """Compile (or load from numba's cache) every CPU kernel bnkit may run for ``dtypes`` on this machine.
 
-    ``on_step(done, total, label)`` is called before each step (``label`` says what compiles next) and once
-    at the end with ``done == total``. Kernels already in numba's cache only load; the report says which
-    dtypes had to compile. Torch's thread count is raised to 2 for the duration where numba has 2 threads,
-    so the parallel kernels compile even on a process set to one thread.
+    ``on_step(done, total, label)`` reports progress: ``done`` counts from 0 up to ``total``, ``label`` names
+    the step that starts (in this process) or that a worker just finished, and a last call has
+    ``done == total`` and ``label == "done"``. Kernels already in numba's cache only load; the report says
+    which dtypes had to compile. ``jobs`` worker processes share the steps (``0``: one per CPU this process
+    may run on; see the module docstring); with ``jobs=1`` everything runs in this process, whose
+    dispatchers are then compiled too. Torch's thread count is raised to 2 for the duration where numba has
+    2 threads, so the parallel kernels compile even on a process set to one thread.
     """
-    import numba
-
     from bnkit.kernels import compiling
 
     dts = [_dtype(d) for d in dtypes]
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 0:
+        raise ValueError(f"jobs must be a non-negative int (0: one per CPU), got {jobs!r}")
+    jobs = jobs or _default_jobs()
     steps = _steps(dts)
-    before = compiling.compiled_dtypes()
-    threads = torch.get_num_threads()
-    start = time.perf_counter()
     try:
-        if threads < 2 <= numba.config.NUMBA_NUM_THREADS:
-            torch.set_num_threads(2)
-        with compiling.quiet(), torch.random.fork_rng():
-            torch.manual_seed(0)
-            for i, (label, step) in enumerate(steps):
-                if on_step is not None:
-                    on_step(i, len(steps), label)
-                step()
-    finally:
-        torch.set_num_threads(threads)
+        import fcntl  # noqa: F401  (the workers' lock)
+    except ImportError:
+        jobs = 1
+    jobs = min(jobs, len(_parts(dts)))
+    before = compiling.compiled_dtypes()
+    start = time.perf_counter()
+    if jobs > 1:
+        compiled = _run_in_workers(dts, jobs, on_step, len(steps))
+    else:
+        _run(steps, on_step)
+        compiled = set(compiling.compiled_dtypes() - before)
     seconds = time.perf_counter() - start
     if on_step is not None:
         on_step(len(steps), len(steps), "done")
-    compiled = tuple(sorted(compiling.compiled_dtypes() - before))
-    return WarmupReport(tuple(str(d).replace("torch.", "") for d in dts), len(steps), seconds, compiled)
+    return WarmupReport(tuple(str(d).replace("torch.", "") for d in dts), len(steps), seconds,
+                        tuple(sorted(compiled)), jobs)
