@@ -28,8 +28,8 @@ GRAD: Table = {
 }
 
 # The hand-derived backward (the custom ops, reference.backward_*) against autograd through the same
-# forward and against torch's backward, float64, a few dozen values per channel: the same short sums in
-# another order, so OUTPUT's bound without GRAD's extra digit.
+# forward and against torch's backward, float64, tiny inputs (at most 15 values per channel): the same
+# short sums in another order, so OUTPUT's bound without GRAD's extra digit.
 BACKWARD_FORMULA: Table = {
     torch.float64: (1e-12, 1e-10),
 }
@@ -102,7 +102,8 @@ KERNEL: Table = {
 
 # The numba cpu backend (either road) against the reference backend, torch's CPU batch norm or float64 math,
 # with arbitrary coefficients and offset data: the same math, float32 blocks summed in float64, a few ulps
-# of the output dtype. Tighter than KERNEL in float64 and bfloat16: no GPU reduction order in between.
+# of the output dtype. Tighter than KERNEL's float64 and bfloat16 entries, which allow for the Triton
+# kernels' reduction order and fused multiply-adds.
 CPU_KERNEL: Table = {
     torch.float64: (1e-12, 1e-12),
     torch.float32: (2e-5, 2e-5),
