@@ -167,7 +167,11 @@ def blend_running(
     dt = torch.promote_types(batch.dtype, running.dtype)
     if keep is None:
         keep = 1 - momentum
-    return (running.to(dt) * keep + batch.to(dt) * momentum).to(running.dtype)
+    # (converted only where a dtype differs: a conversion to the same dtype still costs a microsecond)
+    r = running if running.dtype == dt else running.to(dt)
+    b = batch if batch.dtype == dt else batch.to(dt)
+    new = r * keep + b * momentum
+    return new if new.dtype == running.dtype else new.to(running.dtype)
 
 
 def update_running_stats(
