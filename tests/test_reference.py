@@ -36,6 +36,30 @@ def test_statistics_by_hand():
     torch.testing.assert_close(ref.invstd(var, 0.5), 1 / torch.sqrt(var + 0.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, 1 / 3, 0.01])
+def test_blend_running_is_torchs_update(dtype, momentum):
+    # two samples m -/+ d per channel: torch's batch statistics are exact (mean m, unbiased var 2 d^2), so
+    # its running statistics show its blend alone: in the statistics dtype, rounded once to the buffers'
+    g = torch.Generator().manual_seed(5)
+    m = torch.randint(-64, 64, (257,), generator=g).double() / 4
+    d = torch.randint(1, 16, (257,), generator=g).double() / 8
+    rm = (torch.randn(257, generator=g, dtype=torch.float64) * 3).to(dtype)
+    rv = (torch.rand(257, generator=g, dtype=torch.float64) * 3 + 0.1).to(dtype)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    F.batch_norm(torch.stack([m - d, m + d]).to(dtype), rm_t, rv_t, None, None, True, momentum, 1e-5)
+    sd = ref.stats_dtype(dtype)
+    new_mean, new_var = ref.blend_running(rm, m.to(sd), momentum), ref.blend_running(rv, (2 * d * d).to(sd), momentum)
+    assert torch.equal(new_mean, rm_t) and torch.equal(new_var, rv_t)
+    assert new_mean.dtype == dtype
+    # update_running_stats is the blend with the variance made unbiased; the weight 1 - momentum given by a
+    # caller that holds it (as a tensor of the statistics dtype) gives the same numbers
+    both = ref.update_running_stats(rm, rv, m.to(sd), (d * d).to(sd), 2, momentum)
+    assert torch.equal(both[0], new_mean) and torch.equal(both[1], new_var)
+    take, keep = torch.tensor(momentum, dtype=sd), torch.tensor(1 - momentum, dtype=sd)
+    assert torch.equal(ref.blend_running(rm, m.to(sd), take, keep), new_mean)
+
+
 def test_merge_stats_is_chans_formula():
     x = torch.randn(10, dtype=torch.float64) * 5 + 100
     a, b = x[:3], x[3:]

@@ -62,6 +62,7 @@ __all__ = [
     "backward_train",
     "batch_norm",
     "batch_stats",
+    "blend_running",
     "channel_shape",
     "invstd",
     "jvp_eval",
@@ -151,6 +152,28 @@ def unbiased_var(var: Tensor, count: int) -> Tensor:
     return var * (count / (count - 1))
 
 
+def blend_running(
+    running: Tensor, batch: Tensor, momentum: float | Tensor, keep: float | Tensor | None = None
+) -> Tensor:
+    """One step of the moving average, returned: ``(1 - momentum) * running + momentum * batch``.
+
+    torch's convention: ``momentum`` is the weight of the *new* batch (Keras and Flax call
+    ``1 - momentum`` their momentum/decay). ``keep`` is ``1 - momentum``, given by a caller that
+    holds both weights already (as scalar tensors that give the Python scalars' numbers); by
+    default it is computed here.
+    """
+    # Blend in the dtype of both promoted (the statistics dtype, float32 at least) and round once
+    # to the running statistic's dtype, as torch does for float16/bfloat16 running statistics.
+    dt = torch.promote_types(batch.dtype, running.dtype)
+    if keep is None:
+        keep = 1 - momentum
+    # (converted only where a dtype differs: a conversion to the same dtype still costs a microsecond)
+    r = running if running.dtype == dt else running.to(dt)
+    b = batch if batch.dtype == dt else batch.to(dt)
+    new = r * keep + b * momentum
+    return new if new.dtype == running.dtype else new.to(running.dtype)
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -161,17 +184,10 @@ def update_running_stats(
 ) -> tuple[Tensor, Tensor]:
     """New running statistics (returned, not written): an exponential moving average.
 
-    ``running <- (1 - momentum) * running + momentum * batch``, with the batch variance
-    made unbiased first. torch's convention: ``momentum`` is the weight of the *new*
-    batch (Keras and Flax call ``1 - momentum`` their momentum/decay).
+    :func:`blend_running` of each, ``running <- (1 - momentum) * running + momentum * batch``,
+    with the batch variance made unbiased first (:func:`unbiased_var`).
     """
-    # Blend in the statistics dtype (float32 at least) and round once to the buffers'
-    # dtype, as torch does for float16/bfloat16 running statistics.
-    batch_var = unbiased_var(var, count)
-    dt = torch.promote_types(mean.dtype, running_mean.dtype)
-    new_mean = running_mean.to(dt) * (1 - momentum) + mean.to(dt) * momentum
-    new_var = running_var.to(dt) * (1 - momentum) + batch_var.to(dt) * momentum
-    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+    return blend_running(running_mean, mean, momentum), blend_running(running_var, unbiased_var(var, count), momentum)
 
 
 def normalize(x: Tensor, mean: Tensor, inv: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

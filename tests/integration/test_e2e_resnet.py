@@ -3,7 +3,7 @@
 import copy
 
 import torch
-from bn_tolerances import TRAINING
+from bn_tolerances import TRAINING, assert_close
 from torch import nn
 
 import bnkit
@@ -58,18 +58,17 @@ def _train_twins(models, dtype_of, steps=20):
 
 
 def test_twenty_sgd_steps_match_torch_float64():
-    atol, rtol = TRAINING[torch.float64]
     torch.manual_seed(0)
     t = small_resnet().double()
     b = bnkit.convert(copy.deepcopy(t))
     assert sum(isinstance(m, bnkit.nn.BatchNorm2d) for m in b.modules()) == 6
     assert sum(isinstance(m, bnkit.nn.BatchNorm1d) for m in b.modules()) == 1
     (lt, lb), (st, sb), (ot, ob) = _train_twins([t, b], [torch.float64] * 2)
-    torch.testing.assert_close(lb, lt, atol=atol, rtol=rtol)
+    assert_close(lb, lt, table=TRAINING)
     assert list(sb) == list(st)
     for k in st:
-        torch.testing.assert_close(sb[k], st[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
-    torch.testing.assert_close(ob, ot, atol=atol, rtol=rtol)
+        assert_close(sb[k], st[k], table=TRAINING, msg=lambda m, k=k: f"{k}: {m}")
+    assert_close(ob, ot, table=TRAINING)
 
 
 def test_twenty_sgd_steps_float32_no_less_accurate_than_torch():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from bn_tolerances import CUDA
+from bn_tolerances import CUDA, CUDA_STEP, assert_close
 
 from bnkit.kernels.triton import Layout, _split_eps, layout_of
 
@@ -129,8 +129,6 @@ def test_cpu_tensors_need_the_interpreter():
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-GPU_TOL = CUDA  # against torch's CUDA batch norm
-
 GPU_SHAPES = [
     ((16, 32, 24, 24), False),
     ((16, 32, 24, 24), True),
@@ -151,7 +149,7 @@ def _gpu_input(shape, channels_last, dtype):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dtype", list(GPU_TOL), ids=str)
+@pytest.mark.parametrize("dtype", list(CUDA), ids=str)
 @pytest.mark.parametrize("shape, channels_last", GPU_SHAPES)
 def test_gpu_functional_matches_torch(shape, channels_last, dtype):
     pytest.importorskip("triton")
@@ -163,7 +161,6 @@ def test_gpu_functional_matches_torch(shape, channels_last, dtype):
     pd = torch.float64 if dtype == torch.float64 else torch.float32
     w0, b0 = torch.rand(c, device="cuda", dtype=pd) + 0.5, torch.randn(c, device="cuda", dtype=pd)
     dy = torch.randn_like(x0)
-    atol, rtol = GPU_TOL[dtype]
     for training in (True, False):
         out = []
         for fn in (batch_norm, F.batch_norm):
@@ -178,12 +175,12 @@ def test_gpu_functional_matches_torch(shape, channels_last, dtype):
             out.append((y, rm, rv, x.grad, w.grad, b.grad))
         assert out[0][0].stride() == x0.stride()
         for got, want in zip(*out, strict=True):
-            torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol * 10)
+            assert_close(got, want, dtype, table=CUDA_STEP)
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dtype", list(GPU_TOL), ids=str)
+@pytest.mark.parametrize("dtype", list(CUDA), ids=str)
 @pytest.mark.parametrize("shape, channels_last", GPU_SHAPES)
 @pytest.mark.parametrize("fused_max_bytes", [0, 1 << 30], ids=["split", "fused"])
 def test_gpu_plans_match_reference(shape, channels_last, dtype, fused_max_bytes):
@@ -196,14 +193,12 @@ def test_gpu_plans_match_reference(shape, channels_last, dtype, fused_max_bytes)
     sd = torch.float64 if dtype == torch.float64 else torch.float32
     w, b, a, k, cc = torch.randn(5, shape[1], device="cuda", dtype=sd)
     dy = torch.randn_like(x)
-    atol, rtol = GPU_TOL[dtype]
+    atol, rtol = CUDA[dtype]
     m = x.numel() // shape[1]
     for got, want in zip(be.forward_train(x, w, b, 1e-5), ref.forward_train(x, w, b, 1e-5), strict=True):
-        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+        assert_close(got, want, dtype, table=CUDA)
     mean = ref.forward_train(x, w, b, 1e-5)[1]
     for got, want in zip(be.backward_reduce(dy, x, mean), ref.backward_reduce(dy, x, mean), strict=True):
-        torch.testing.assert_close(got, want, atol=atol * m, rtol=rtol)
-    torch.testing.assert_close(be.forward_eval(x, mean, a, b), ref.forward_eval(x, mean, a, b), atol=atol, rtol=rtol)
-    torch.testing.assert_close(
-        be.backward_input(dy, x, mean, a, k, cc), ref.backward_input(dy, x, mean, a, k, cc), atol=atol, rtol=rtol
-    )
+        torch.testing.assert_close(got, want, atol=atol * m, rtol=rtol)  # sums of m terms: atol scales with m
+    assert_close(be.forward_eval(x, mean, a, b), ref.forward_eval(x, mean, a, b), dtype, table=CUDA)
+    assert_close(be.backward_input(dy, x, mean, a, k, cc), ref.backward_input(dy, x, mean, a, k, cc), dtype, table=CUDA)

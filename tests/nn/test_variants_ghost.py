@@ -3,11 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from bn_tolerances import SHORT, TRAINING, VARIANT, assert_close
+from bn_tolerances import OUTPUT, SHORT, TRAINING, VARIANT, assert_close
 from torch import nn
 
 import bnkit
 import bnkit.functional as bf
+from bnkit import autograd
+from bnkit import reference as ref
 
 EPS = 1e-5
 
@@ -78,6 +80,46 @@ def test_running_stats_take_one_step_per_virtual_batch():
     # step 1: rm = 0.125, rv = 0.625; step 2: rm = 1.0625, rv = 0.3125
     torch.testing.assert_close(rm, torch.tensor([1.0625], dtype=torch.float64))
     torch.testing.assert_close(rv, torch.tensor([0.3125], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "dtype, buffers",
+    [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float16),
+     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("update", ["averaged", "per_virtual_batch"])
+def test_running_update_is_the_references(dtype, buffers, update):
+    # bnkit.reference's moving average, bit for bit, from the statistics each virtual batch is normalized
+    # with, for every buffer dtype the variant takes: blended in the statistics dtype and rounded once to
+    # the buffers' dtype (torch's rule for float16/bfloat16 running statistics); one virtual batch is
+    # torch's batch norm update
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(10, 16, 4, 5, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+    rm = torch.randn(16, generator=g, dtype=torch.float64).to(buffers)
+    rv = (torch.rand(16, generator=g, dtype=torch.float64) + 0.5).to(buffers)
+    _, new_mean, new_var = bf.ghost_batch_norm_pure(
+        x, rm, rv, None, None, True, 0.1, EPS, virtual_batch_size=4, running_stats_update=update
+    )
+    chunks = torch.split(x, 4)
+    stats = [autograd.train(c, None, None, EPS)[1:] for c in chunks]
+    unbiased = [ref.unbiased_var(var, ref.count_per_channel(c)) for (_, var), c in zip(stats, chunks, strict=True)]
+    want_mean, want_var = rm, rv
+    if update == "averaged":
+        want_mean = ref.blend_running(rm, torch.stack([mean for mean, _ in stats]).mean(0), 0.1)
+        want_var = ref.blend_running(rv, torch.stack(unbiased).mean(0), 0.1)
+    else:
+        for (mean, _), u in zip(stats, unbiased, strict=True):
+            want_mean, want_var = ref.blend_running(want_mean, mean, 0.1), ref.blend_running(want_var, u, 0.1)
+    assert new_mean.dtype == new_var.dtype == buffers
+    assert torch.equal(new_mean, want_mean) and torch.equal(new_var, want_var)
+    _, one_mean, one_var = bf.ghost_batch_norm_pure(
+        x, rm, rv, None, None, True, 0.1, EPS, virtual_batch_size=10, running_stats_update=update
+    )
+    rm_t, rv_t = rm.clone(), rv.clone()
+    F.batch_norm(x, rm_t, rv_t, None, None, True, 0.1, EPS)
+    assert_close(one_mean, rm_t, table=OUTPUT)
+    assert_close(one_var, rv_t, table=OUTPUT)
 
 
 def test_gradcheck_uneven():

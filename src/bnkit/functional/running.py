@@ -44,17 +44,16 @@ def updated_running_stats(
         and not (running_mean.requires_grad or running_var.requires_grad)
         and autograd._eager(running_mean)
     ):
-        # The everyday case, with the numbers of reference.update_running_stats (whose dtype
-        # conversions are no-ops here): the Python scalars come as cached 0-d tensors of the
-        # statistics dtype, which torch rounds to exactly as it rounds a Python scalar, without
-        # the cost of wrapping a new scalar per op (several microseconds on a small vector).
+        # The everyday case: reference.update_running_stats with its Python scalars as cached 0-d
+        # tensors of the statistics dtype, which torch rounds to exactly as it rounds a Python
+        # scalar, without the cost of wrapping a new scalar per op (several microseconds on a small
+        # vector); the blend's dtype conversions are no-ops here.
         dt = mean.dtype
         scalar = autograd.cached_scalar
-        ratio, keep, take = scalar(count / (count - 1), dt), scalar(1 - momentum, dt), scalar(momentum, dt)
-        batch_var = var.detach() * ratio
-        new_mean = running_mean * keep + mean.detach() * take
-        new_var = running_var * keep + batch_var * take
-        return new_mean, new_var
+        take, keep = scalar(momentum, dt), scalar(1 - momentum, dt)
+        batch_var = var.detach() * scalar(count / (count - 1), dt)  # reference.unbiased_var
+        return (ref.blend_running(running_mean, mean.detach(), take, keep),
+                ref.blend_running(running_var, batch_var, take, keep))
     rm = running_mean if running_mean is not None else mean.detach()
     rv = running_var if running_var is not None else var.detach()
     new_mean, new_var = ref.update_running_stats(rm, rv, mean.detach(), var.detach(), count, momentum)

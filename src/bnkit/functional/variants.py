@@ -310,21 +310,12 @@ def ghost_batch_norm_pure(
     elif running_mean is not None or running_var is not None:
         mean = torch.stack([s[0] for s in stats]).mean(0)
         unbiased = torch.stack([ref.unbiased_var(s[1], s[2]) for s in stats]).mean(0)
-        new_mean, new_var = _update_with_unbiased(running_mean, running_var, mean, unbiased, momentum)
+        # one step of bnkit.reference's moving average, the variance already unbiased
+        if running_mean is not None:
+            new_mean = ref.blend_running(running_mean, mean, momentum)
+        if running_var is not None:
+            new_var = ref.blend_running(running_var, unbiased, momentum)
     return from_channels_first(y, channel_dim), new_mean, new_var
-
-
-def _update_with_unbiased(
-    running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, unbiased_var: Tensor,
-    momentum: float | Tensor,
-) -> tuple[Tensor | None, Tensor | None]:
-    # the moving average of bnkit.reference.update_running_stats, with the variance already unbiased
-    new_mean = new_var = None
-    if running_mean is not None:
-        new_mean = running_mean * (1 - momentum) + mean.to(running_mean.dtype) * momentum
-    if running_var is not None:
-        new_var = running_var * (1 - momentum) + unbiased_var.to(running_var.dtype) * momentum
-    return new_mean, new_var
 
 
 def ghost_batch_norm(

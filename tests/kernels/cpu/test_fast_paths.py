@@ -7,11 +7,11 @@ is compared with the torch expression it replaces, which is what bnkit computed 
 
 import pytest
 import torch
+from bn_tolerances import ELEMENTWISE, assert_close
 
 import bnkit.functional as F
 from bnkit import autograd
 from bnkit import reference as ref
-from bnkit.functional import standard
 from bnkit.functional.args import _plain_args
 from bnkit.kernels import get_backend, use_backend
 
@@ -186,21 +186,31 @@ def test_module_steps_match_functional(bn_path):
     torch.testing.assert_close(m.running_var, t.running_var)
 
 
-def _torch_ops_update(monkeypatch):
-    """Make every call update the running statistics with torch ops (the path before the compiled update)."""
-    monkeypatch.setattr(standard, "_compiled_update", lambda *args: None)
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in every other element of a longer vector: running statistics that the compiled update
+    does not take (it writes contiguous vectors through raw memory), so the torch ops update them."""
+    out = torch.zeros(2 * t.numel(), dtype=t.dtype)[::2]
+    return out.copy_(t)
+
+
+def _spec_update(x, rm, rv, momentum):
+    """reference.update_running_stats from the batch statistics the checked road normalizes ``x`` with."""
+    _, mean, var = autograd.train(x.detach(), None, None, 1e-5)
+    return ref.update_running_stats(rm, rv, mean, var, ref.count_per_channel(x), momentum)
 
 
 @needs_cpu
+@pytest.mark.parametrize("bn_path", ["regular"], indirect=True)  # the checked road: one set of kernels for both
 @pytest.mark.parametrize("grad", [False, True], ids=["no-graph", "graph"])
 @pytest.mark.parametrize(
     "dtype,layout", [(torch.float32, "contiguous"), (torch.float64, "contiguous"), (torch.float32, "channels_last"),
                      (torch.bfloat16, "contiguous"), (torch.float16, "channels_last")],
 )  # fmt: skip
-def test_compiled_running_update_matches_the_torch_ops(monkeypatch, bn_path, dtype, layout, grad):
-    # batch_norm (in place), batch_norm_pure and a module step: the running statistics the backend
-    # writes in its compiled call are the torch ops' bits, and so are y and the gradients; the buffers'
-    # versions move as copy_ moves them, and batch_norm_pure mutates nothing
+def test_compiled_running_update_matches_the_torch_ops(bn_path, dtype, layout, grad):
+    # batch_norm (in place), batch_norm_pure and a module step, with contiguous running statistics (updated
+    # in the cpu backend's compiled call) and with the same values in strided vectors (updated by the torch
+    # ops): each road's running statistics are the spec's bits, y and the gradients are the same bits on
+    # both; the buffers' versions move as copy_ moves them, and batch_norm_pure mutates nothing
     from bnkit.nn import BatchNorm2d
 
     sd = ref.stats_dtype(dtype)
@@ -211,9 +221,9 @@ def test_compiled_running_update_matches_the_torch_ops(monkeypatch, bn_path, dty
     rm0, rv0 = torch.randn(67, dtype=sd), torch.rand(67, dtype=sd) + 0.5
     dy = torch.randn_like(x0)
 
-    def step(mode):
+    def step(mode, lay_out):
         x, w, b = (t.clone().requires_grad_(grad) for t in (x0, w0, b0))
-        rm, rv = rm0.clone(), rv0.clone()
+        rm, rv = lay_out(rm0.clone()), lay_out(rv0.clone())
         versions = rm._version, rv._version
         if mode == "inplace":
             y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
@@ -228,8 +238,7 @@ def test_compiled_running_update_matches_the_torch_ops(monkeypatch, bn_path, dty
             with torch.no_grad():
                 m.weight.copy_(w0)
                 m.bias.copy_(b0)
-                m.running_mean.copy_(rm0)
-                m.running_var.copy_(rv0)
+            m.running_mean, m.running_var = rm, rv
             y = m(x)
             out = (m.running_mean, m.running_var, m.num_batches_tracked)
         grads = ()
@@ -240,12 +249,14 @@ def test_compiled_running_update_matches_the_torch_ops(monkeypatch, bn_path, dty
 
     with use_backend("cpu"):
         for mode in ("inplace", "pure", "module"):
-            got = step(mode)
-            with monkeypatch.context() as mp:
-                _torch_ops_update(mp)
-                expected = step(mode)
-            assert len(got) == len(expected)
-            for a, e in zip(got, expected, strict=True):
+            spec = _spec_update(x0, rm0, rv0, 1 / 3 if mode == "pure" else 0.1)
+            compiled, torch_ops = step(mode, lambda t: t), step(mode, _strided)
+            if mode != "pure":  # the buffers themselves: still strided, so the torch ops wrote them
+                assert not torch_ops[1].is_contiguous()
+            for got in (compiled, torch_ops):
+                assert torch.equal(_bits(got[1]), _bits(spec[0])) and torch.equal(_bits(got[2]), _bits(spec[1])), mode
+            assert len(compiled) == len(torch_ops)
+            for a, e in zip(compiled, torch_ops, strict=True):
                 assert torch.equal(_bits(a), _bits(e)), mode
 
 
@@ -259,26 +270,28 @@ def test_one_buffer_as_both_running_statistics_gets_torchs_numbers(bn_path):
     torch.nn.functional.batch_norm(x, expected, expected, None, None, True, 0.1, 1e-5)
     with use_backend("cpu"):
         F.batch_norm(x, shared, shared, None, None, True, 0.1, 1e-5)
-    torch.testing.assert_close(shared, expected, rtol=1e-6, atol=1e-6)
+    assert_close(shared, expected, table=ELEMENTWISE)
 
 
 @needs_cpu
-def test_compiled_running_update_leaves_odd_statistics_to_torch_ops(monkeypatch, bn_path):
-    # a tensor momentum and 16-bit running statistics: the torch ops update them
-    calls = []
-    real = F.updated_running_stats
-    monkeypatch.setattr(standard, "updated_running_stats", lambda *a: calls.append(1) or real(*a))
+def test_compiled_running_update_leaves_odd_statistics_to_torch_ops(bn_path):
+    # a tensor momentum and 16-bit running statistics (the compiled update takes a float momentum and vectors
+    # of the statistics dtype): the torch ops update them, with the spec's bits and torch's numbers
     x = torch.randn(6, 5, 9, 8) + 2
     with use_backend("cpu"):
         rm, rv = torch.zeros(5), torch.ones(5)
-        F.batch_norm(x, rm, rv, None, None, True, torch.tensor(0.1), 1e-5)
+        momentum = torch.tensor(0.1)
+        F.batch_norm(x, rm, rv, None, None, True, momentum, 1e-5)
+        spec = _spec_update(x, torch.zeros(5), torch.ones(5), momentum)
+        assert torch.equal(rm, spec[0]) and torch.equal(rv, spec[1])
         rm_t, rv_t = torch.zeros(5), torch.ones(5)
         torch.nn.functional.batch_norm(x, rm_t, rv_t, None, None, True, 0.1, 1e-5)
         torch.testing.assert_close((rm, rv), (rm_t, rv_t))
         xb = x.bfloat16()
         rm, rv = torch.zeros(5, dtype=torch.bfloat16), torch.ones(5, dtype=torch.bfloat16)
         F.batch_norm(xb, rm, rv, None, None, True)
+        spec = _spec_update(xb, torch.zeros(5, dtype=torch.bfloat16), torch.ones(5, dtype=torch.bfloat16), 0.1)
+        assert torch.equal(rm, spec[0]) and torch.equal(rv, spec[1])
         rm_t, rv_t = rm.clone().zero_(), rv.clone().fill_(1)
         torch.nn.functional.batch_norm(xb, rm_t, rv_t, None, None, True)
         torch.testing.assert_close((rm, rv), (rm_t, rv_t))
-    assert len(calls) == 2

@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from bn_tolerances import CPU_KERNEL, ELEMENTWISE, FLOAT64_REFERENCE, UNIT_SCALE, assert_close
 
 import bnkit
 from bnkit import reference as ref
@@ -24,7 +25,6 @@ SHAPES = [(16, 16, 8, 8), (4, 8, 4, 4, 4), (64, 128), (2, 3), (5, 7, 1), (3, 1, 
 # above SERIAL_NUMEL: the parallel twins, with many rows, rows of channels (S = 1), and fewer rows than tasks
 PARALLEL_SHAPES = [(64, 16, 40), (1100, 40), (2, 2, 9001), (8, 33, 13, 11)]
 DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-12, 1e-12)}
 
 
 # the paths of the small kernels (serial and parallel twins) and of the 16-bit eval kernel; every other
@@ -87,8 +87,7 @@ def _inputs(shape, dtype, affine=True, seed=0, offset=0.0, scale=1.0):
 
 
 def _close(actual, expected, dtype):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    assert_close(actual, expected, dtype, table=CPU_KERNEL)
 
 
 @pytest.mark.parametrize("shape", SHAPES + PARALLEL_SHAPES)
@@ -213,7 +212,7 @@ def test_gradients_match_float64_reference(plans):
     x64, w64, b64 = (t.double().requires_grad_() for t in (x0, w0, b0))
     ref.batch_norm(x64, None, None, w64, b64, True, 0.1, 1e-5)[0].backward(dy.double())
     for got, want in zip((x.grad, w.grad, b.grad), (x64.grad, w64.grad, b64.grad), strict=True):
-        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+        assert_close(got.double(), want, torch.float32, table=FLOAT64_REFERENCE)
 
 
 @pytest.mark.parametrize("shape", [(16, 16, 8, 8), (32, 16, 12, 12), (64, 32, 7, 7)])  # serial, parallel twice
@@ -274,7 +273,7 @@ def test_module_takes_the_small_path_and_matches_torch(plans):
         _close(m_b(x), m_t(x), torch.float32)
     assert plans == {"train/small": 3}
     for key, value in m_t.state_dict().items():
-        torch.testing.assert_close(m_b.state_dict()[key], value, atol=2e-6, rtol=2e-6)
+        assert_close(m_b.state_dict()[key], value, table=ELEMENTWISE)
     m_b.eval(), m_t.eval()
     x = torch.randn(4, 5, 6, 6)
     with torch.no_grad():
@@ -531,8 +530,7 @@ def test_16bit_eval_is_the_cpu_backends_bit_for_bit(plans, shape, layout, dtype,
     assert plans == {"eval/half": 1} and last_backend() == "cpu"
     assert y.dtype == dtype and y.stride() == _torch_stride(x)
     _assert_same_bits([y], [get_backend("cpu").forward_eval_running(x, rm, rv, w, b, 1e-5)])
-    tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
-    torch.testing.assert_close(y.float(), F.batch_norm(x, rm, rv, w, b, training=False).float(), atol=tol, rtol=tol)
+    assert_close(y.float(), F.batch_norm(x, rm, rv, w, b, training=False).float(), dtype, table=CPU_KERNEL)
 
 
 def test_16bit_takes_the_path_only_with_float32_vectors(plans):
@@ -582,10 +580,11 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(plans, monkey
     _assert_same_bits(got, expected)
     rm_t, rv_t = rm.clone(), rv.clone()
     y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True, momentum=0.3)
-    tol = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}.get(dtype, 1e-5)
-    torch.testing.assert_close(got[0].double(), y_t.double(), atol=tol, rtol=tol)
-    torch.testing.assert_close(got[1].double(), rm_t.double(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[2].double(), rv_t.double(), atol=1e-5, rtol=1e-5)
+    # 16-bit outputs: one rounding of the result; float32/float64 on this unit-scale data: UNIT_SCALE
+    table = CPU_KERNEL if dtype in (torch.bfloat16, torch.float16) else UNIT_SCALE
+    assert_close(got[0].double(), y_t.double(), dtype, table=table)
+    assert_close(got[1].double(), rm_t.double(), rm_t.dtype, table=UNIT_SCALE)
+    assert_close(got[2].double(), rv_t.double(), rv_t.dtype, table=UNIT_SCALE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
@@ -672,8 +671,7 @@ def test_training_without_a_graph_and_without_running_statistics(plans):
     xb = x.bfloat16()
     y, m, v = bnkit.functional.batch_norm_pure(xb, None, None, w, b, training=True)
     assert plans == {"train/plan": 1} and m is None and v is None
-    torch.testing.assert_close(y.float(), F.batch_norm(xb, None, None, w, b, training=True).float(), atol=1.6e-2,
-                               rtol=1.6e-2)  # fmt: skip
+    assert_close(y.float(), F.batch_norm(xb, None, None, w, b, training=True).float(), xb.dtype, table=CPU_KERNEL)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bnkit.functional.batch_norm(torch.randn(1, 3).bfloat16(), None, None, training=True)
 
