@@ -247,10 +247,11 @@ def one_call_act(
 ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """``(z, new_running_mean, new_running_var)`` of a plain eager training call on the road of the plain
     batch norm (:func:`bnkit.autograd.one_call`): the cpu backend's one-call plan writes ``y``, the batch
-    statistics and the running statistics' update (into new tensors) in one compiled call, the activation
-    runs in place on ``y``, and the standard backward hands ``g = dz * act'(y)`` to the same plan's
-    backward. ``None``: :func:`batch_norm_act_forward` (anything :func:`bnkit.autograd.one_call` declines, or
-    ``x`` not contiguous ``(N, C, *)``, ``inplace`` without ``memory_saving``, whose error it raises)."""
+    statistics and the running statistics' update (into new tensors) in one compiled call, and the activation
+    runs in place on ``y``. The standard backward is the pair's (``g = dz * act'(y)`` from torch, then the
+    plan's backward) on the small kernels' sizes, else one kernel (:func:`_standard_backward`).
+    ``None``: :func:`batch_norm_act_forward` (anything :func:`bnkit.autograd.one_call` declines, or ``x`` not
+    contiguous ``(N, C, *)``, ``inplace`` without ``memory_saving``, whose error it raises)."""
     if inplace and not memory_saving:
         return None
     if not memory_saving and _grad_from_output(activation, activation_param) and _small_plan(x):
