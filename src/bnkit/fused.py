@@ -1,9 +1,12 @@
 r"""Batch norm fused with an activation, and the memory-saving (InPlace-ABN) mode.
 
 Forward: ``z = act(y)`` with ``y = w * xhat + b`` (the batch-norm output, see
-:mod:`bnkit.reference`), in the normalization pass itself when the numba kernels of
-:mod:`bnkit.kernels.cpu.act` apply (the ``cpu`` backend runs, contiguous float32/float64
-input); otherwise composed from the backend primitives plus one in-place activation pass.
+:mod:`bnkit.reference`). A plain eager training call on the ``cpu`` backend takes plain batch norm's
+road (:func:`one_call_act`): the one-call plan writes ``y``, the batch statistics and the running
+statistics' update in one compiled call, then the activation runs in place on ``y``; eval (with
+contiguous float32/float64 input) normalizes and applies the activation in one pass
+(:func:`bnkit.kernels.cpu.act.row_act`); otherwise the backend's primitives and one in-place activation
+pass compose it.
 
 Backward, with ``g = dz * act'(y)`` the gradient reaching the batch norm, is the batch-norm
 backward of :mod:`bnkit.reference` applied to ``g``::
@@ -11,8 +14,14 @@ backward of :mod:`bnkit.reference` applied to ``g``::
     dx = w * invstd * (g - c1 - xhat * c2),  c1 = sum(g)/M,  c2 = sum(g * xhat)/M
     dw = sum(g * xhat),                       db = sum(g)
 
-Standard mode saves only ``x`` and per-channel vectors: the backward rebuilds ``y`` (and
-``act'(y)``) from ``x`` inside its two passes (kernels) or with one extra pass (composed).
+Standard mode saves ``x`` and per-channel vectors. Where the one-pass kernel backward
+(:func:`bnkit.kernels.cpu.act.channel_backward_std`: ``g`` from ``dz`` and ``x``, reduced, then ``dx``
+while the channels are in cache) does not run, it also saves ``z`` when ``act'(y)`` reads off it
+(identity, relu, and leaky_relu or elu with a positive parameter), and the backward is torch's activation
+backward and then the batch norm's own backward on ``g`` (the forward's plan on the one-call road): the
+pair "batch norm, then torch's activation" keeps the same two tensors, and the layer after usually keeps
+``z`` anyway. On the small kernels' sizes the one-call road is that pair itself (:func:`one_call_act`).
+silu and gelu save only ``x`` and rebuild ``y`` with one extra pass.
 
 Memory-saving mode (Rota Bulò et al., "In-Place Activated BatchNorm", CVPR 2018) saves
 only ``z`` and per-channel vectors, and rebuilds everything in the backward::
@@ -46,10 +55,11 @@ third way: torch's vectorized ``log1p`` writes the inverse into ``dx`` itself (o
 ``dw``/``db`` are wanted, into a chunk-sized buffer), one kernel turns it into ``y`` while it
 reduces and a second one reads ``y`` back while it writes ``dx`` (numba's scalar ``log1p`` in the
 kernels, or eight torch ops per chunk in the composed path, made this backward several times slower).
-With ``inplace=True`` the forward writes ``z`` over ``x`` (also chunk by chunk; the
-statistics come from two ``backward_reduce`` passes first). Double backward (``create_graph=True``)
-recomputes the forward from the saved input in differentiable reference ops; memory-saving mode
-has none (it keeps only the output) and raises a clear error. Forward-mode AD (``jvp``) gives
+With ``inplace=True`` the forward writes ``z`` over ``x``: on the one-call road the plan's kernel writes
+``y`` over ``x``; elsewhere chunk by chunk, after two ``backward_reduce`` passes for the statistics.
+Double backward (``create_graph=True``) recomputes the forward from the saved input in
+differentiable reference ops; memory-saving mode has none (it keeps only the output) and raises a
+clear error. Forward-mode AD (``jvp``) gives
 ``tz = act'(y) * ty`` with the batch norm's tangent ``ty`` (``docs/math.md``) in plain ops from the
 input, which ``inplace=True`` overwrites (it raises there); batched gradients (``vmap`` over the
 backward) take plain-op twins of both backwards.
@@ -65,7 +75,7 @@ from torch.autograd import forward_ad as _fwAD
 
 from bnkit import autograd as bn_ops
 from bnkit import reference as ref
-from bnkit.kernels import backend_for, ran_plan
+from bnkit.kernels import backend_for, get_backend, ran_plan, runs_cpu_backend
 
 __all__ = [
     "ACTIVATIONS",
@@ -77,6 +87,7 @@ __all__ = [
     "apply_activation",
     "batch_norm_act_forward",
     "check_activation",
+    "one_call_act",
 ]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
@@ -132,14 +143,14 @@ def activation_grad(dz: Tensor, saved: Tensor, activation: str, param: float, fr
     if activation == "identity":
         return dz
     if activation == "relu":
-        return torch.ops.aten.threshold_backward(dz, saved, 0)
+        return torch.ops.aten.threshold_backward.default(dz, saved, 0)
     if activation == "leaky_relu":
-        return torch.ops.aten.leaky_relu_backward(dz, saved, param, from_output)
+        return torch.ops.aten.leaky_relu_backward.default(dz, saved, param, from_output)
     if activation == "elu":
-        return torch.ops.aten.elu_backward(dz, param, 1, 1, from_output, saved)
+        return torch.ops.aten.elu_backward.default(dz, param, 1, 1, from_output, saved)
     if activation == "silu":
-        return torch.ops.aten.silu_backward(dz, saved)
-    return torch.ops.aten.gelu_backward(dz, saved)
+        return torch.ops.aten.silu_backward.default(dz, saved)
+    return torch.ops.aten.gelu_backward.default(dz, saved)
 
 
 def activation_inverse(z: Tensor, activation: str, param: float) -> Tensor:
@@ -164,21 +175,28 @@ def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
     """Indices of the channels whose ``xhat`` cannot be divided out of ``y`` (or ``None``)."""
     if weight is None:
         return None
-    w = weight.detach()
-    floor = _RECOVERY_FLOOR[w.dtype]
-    if w.device.type == "cpu" and w.dtype in _NP_DTYPES and (bias is None or bias.dtype == w.dtype):
-        # numpy (and, with numba, one compiled call for the usual "none lost"): a handful of torch
-        # dispatches cost more than the layer's kernel on small inputs
+    scalars = _LOST_SCALARS.get(weight.dtype)
+    if scalars is not None and weight.is_cpu and (bias is None or bias.dtype is weight.dtype):
+        # one compiled call on the addresses for the usual "none lost" (numba), else numpy: a handful of
+        # torch dispatches cost more than the layer's kernel on small inputs
+        like, ratio, fl = scalars
+        kernels = _cpu_act()
+        if (
+            kernels is not None
+            and weight.is_contiguous()
+            and (bias is None or bias.is_contiguous())
+            and kernels[0].lost_channel_count(like, weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                              weight.shape[0], ratio, fl) == 0  # fmt: skip
+        ):
+            return None
+        w = weight.detach()
         wn = w.numpy()
         bn = np.zeros_like(wn) if bias is None else bias.detach().numpy()
-        ratio, fl = wn.dtype.type(RECOVERY_RATIO), wn.dtype.type(floor)
-        kernels = _cpu_act()
-        if kernels is not None and kernels[0].lost_channel_count(wn, bn, ratio, fl) == 0:
-            return None
         lost_np = np.abs(wn) <= ratio * np.abs(bn) + fl
         return torch.from_numpy(np.flatnonzero(lost_np)) if lost_np.any() else None
+    w = weight.detach()
     b = torch.zeros_like(w) if bias is None else bias.detach().to(w.dtype)
-    lost = w.abs() <= RECOVERY_RATIO * b.abs() + floor
+    lost = w.abs() <= RECOVERY_RATIO * b.abs() + _RECOVERY_FLOOR[w.dtype]
     if not bool(lost.any()):
         return None
     return lost.nonzero().flatten()
@@ -187,6 +205,13 @@ def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
 # dtype -> sqrt(smallest normal): the absolute part of the lost-channel test
 _RECOVERY_FLOOR = {
     dt: torch.finfo(dt).tiny ** 0.5 for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
+# float32/float64 -> (a zero, RECOVERY_RATIO, the floor) as numpy scalars of that dtype (the lost-channel kernel's)
+_LOST_SCALARS = {
+    dt: (npt(0.0), npt(RECOVERY_RATIO), npt(_RECOVERY_FLOOR[dt]))
+    for dt, npt in ((torch.float32, np.float32), (torch.float64, np.float64))
 }
 
 
@@ -205,6 +230,84 @@ def _stats_by_reduce(x: Tensor) -> tuple[Tensor, Tensor]:
     s1b, sxx = backend.backward_reduce(x, x, mean)
     var = (sxx - mean * (s1b - m * mean)) / m
     return mean, var.clamp_(min=0)
+
+
+def one_call_act(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    memory_saving: bool,
+    inplace: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """``(z, new_running_mean, new_running_var)`` of a plain eager training call on the road of the plain
+    batch norm (:func:`bnkit.autograd.one_call`): the cpu backend's one-call plan writes ``y``, the batch
+    statistics and the running statistics' update (into new tensors) in one compiled call, and the activation
+    runs in place on ``y``. The standard backward is the pair's (``g = dz * act'(y)`` from torch, then the
+    plan's backward) on the small kernels' sizes, else one kernel (:func:`_standard_backward`).
+    ``None``: :func:`batch_norm_act_forward` (anything :func:`bnkit.autograd.one_call` declines, or ``x`` not
+    contiguous ``(N, C, *)``, ``inplace`` without ``memory_saving``, whose error it raises)."""
+    if inplace and not memory_saving:
+        return None
+    if not memory_saving and _grad_from_output(activation, activation_param) and _small_plan(x):
+        # the activation's derivative reads off its output, and the input is small enough for the small kernels:
+        # plain batch norm's call, then torch's activation in place on y, recorded as such (its backward is
+        # torch's, then the plan's): the pair's own work and saves, without a Function's overhead. Larger
+        # inputs take the Function below, whose backward reads dz and x once (channel_backward_std) where
+        # the pair's reads dz, z, g and x.
+        out = bn_ops.one_call(x, running_mean, running_var, weight, bias, True, momentum, eps, False)
+        if out is None:
+            return None
+        return apply_activation(out[0], activation, activation_param, True), out[1], out[2]
+    if type(eps) is not float or type(momentum) is not float or not eps > 0.0:
+        return None
+    if _fwAD._current_level >= 0 or not bn_ops.plain_eager():
+        return None
+    if type(x) is not Tensor or not x.is_cpu or not x.is_contiguous() or not runs_cpu_backend():
+        return None
+    cpu = _cpu_backend()
+    dims = cpu.check(x, running_mean, running_var, weight, bias)
+    if dims is None:
+        return None
+    for_backward = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+    )
+    # (a memory-saving backward does not take the plan's: without a graph to record, the plan may pick the
+    # small kernels up to their larger forward-only size)
+    call = cpu.one_call_train_plan(x, dims, running_mean, running_var, momentum, False,
+                                   for_backward and not memory_saving)  # fmt: skip
+    if call is None:
+        return None
+    plan, new_mean, new_var = call
+    try:
+        z = _act_apply(x, weight, bias, running_mean, running_var, True, eps, activation, float(activation_param),
+                       memory_saving, inplace, for_backward, plan)  # fmt: skip
+    except bn_ops._Declined:
+        return None
+    return z, new_mean, new_var
+
+
+def _small_plan(x: Tensor) -> bool:
+    """Whether a recorded training call on ``x`` takes the cpu backend's small kernels (:func:`one_call_path`)."""
+    from bnkit.kernels.cpu.plan import one_call_path
+
+    return x.dtype in _NP_DTYPES and one_call_path(x.dtype, x.numel(), True) == "small"
+
+
+# the cpu backend once loaded (a CUDA tensor must not load it)
+_CPU = None
+
+
+def _cpu_backend():
+    global _CPU
+    if _CPU is None:
+        _CPU = get_backend("cpu")
+    return _CPU
 
 
 # --- the optional numba kernels ----------------------------------------------------------
@@ -327,6 +430,17 @@ def _per_channel(rows: Tensor, c: int) -> Tensor:
 
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# data dtype -> the clamp of ELU's inverse (``z / alpha`` at least -1 + eps, :func:`activation_inverse`), as
+# the kernels take it
+_INVERSE_FLOOR = {torch.float32: np.float32(-1.0 + torch.finfo(torch.float32).eps),
+                  torch.float64: -1.0 + torch.finfo(torch.float64).eps}  # fmt: skip
+
+
+def _vector_np(v: Tensor | None, c: int, dtype: torch.dtype, fill: float):
+    """A parameter as a numpy vector of ``dtype`` (``fill`` where absent)."""
+    if v is None:
+        return np.full(c, fill, dtype=_NP_DTYPES[dtype])
+    return _np(v, dtype)
 
 
 def _np(v: Tensor, dtype: torch.dtype):
@@ -345,90 +459,65 @@ def _kind_and_param(k, activation: str, param: float, dtype: torch.dtype):
 
 
 class _BatchNormAct(torch.autograd.Function):
-    """``(z, mean, var)``; mean/var are the batch statistics (empty in eval mode)."""
+    """``(z, mv)``; ``mv`` the ``(2*C,)`` batch mean and biased variance (empty in eval mode); ``z`` alone
+    with ``plan``.
+
+    ``plan`` (training on the cpu backend's one-call road, :func:`one_call_act`): the plain batch norm's
+    plan, whose kernel writes ``y`` (over ``x`` with ``inplace``), the statistics and the running
+    statistics' update; the activation then runs in place on ``y``. Saved for the backward: ``x`` (standard)
+    or ``z`` (memory saving), the parameters as given, and ``mv`` (the running statistics in eval mode);
+    :func:`_saved` makes the per-channel vectors from them.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation, param,
-                memory_saving, inplace, for_backward):
-        sd = ref.stats_dtype(x.dtype)
-        c = x.shape[1]
-        w = torch.ones(c, dtype=sd, device=x.device) if weight is None else _detached_as(weight, sd)
-        b = torch.zeros(c, dtype=sd, device=x.device) if bias is None else _detached_as(bias, sd)
-        k = _kernels_for(x, activation)
-        y = None
+                memory_saving, inplace, for_backward, plan=None):
         lost = _lost_channels(weight, bias) if memory_saving and for_backward else None
         x_lost = None if lost is None else x.index_select(1, lost)  # before x may be overwritten
-        z = None
-        if training:
-            if k is not None:
-                z = x if inplace else torch.empty_like(x)
-                n, s = x.shape[0], _rows(x)[2]
-                mean64, var64 = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-                k.channel_train_act(_flat(x), n, c, s, _channel_group(x, 1), _np(w, torch.float64),
-                                    _np(b, torch.float64), float(eps), *_kind_and_param(k, activation, param, x.dtype),
-                                    _flat(z), mean64.numpy(), var64.numpy(), np.empty(3 * c, dtype=_flat(x).dtype))
-                ran_plan("act_forward/channels")
-                mean, var = mean64.to(sd), var64.to(sd)
-            elif inplace:
-                mean, var = _stats_by_reduce(x)
-            else:
-                y, mean, var = backend_for(x).forward_train(x, weight, bias, eps)
-        else:
-            mean, var = running_mean.detach().to(sd).clone(), running_var.detach().to(sd).clone()
-        inv = ref.invstd(var, eps)
-        a = inv * w
-        xhat_lost = None
-        if lost is not None:
-            cs = [1, lost.numel(), *ref.channel_shape(x)[2:]]
-            xhat_lost = (x_lost.to(sd) - mean[lost].view(cs)) * inv[lost].view(cs)
-        if z is not None:
-            pass  # made in the statistics pass above
-        elif k is not None:
-            z = x if inplace else torch.empty_like(x)
-            r, _, s = _rows(x)
-            k.row_act(_flat(x), r, c, s, _np(mean, x.dtype), _np(a, x.dtype), _np(b, x.dtype),
-                      *_kind_and_param(k, activation, param, x.dtype), _flat(z))
-            ran_plan("act_forward/rows")
-        elif inplace:
-            backend = backend_for(x)
-            for n0, n1 in _batch_chunks(x):
-                xc = x[n0:n1]
-                xc.copy_(apply_activation(backend.forward_eval(xc, mean, a, b), activation, param, True))
-            z = x
-        else:
-            if y is None:
-                y = backend_for(x).forward_eval(x, mean, a, b)
+        if plan is not None:
+            out = _cpu_backend().one_call_train(plan, x, weight, bias, eps, True, out=x if inplace else None)
+            if out is None:
+                raise bn_ops._Declined
+            y, mv = out
             z = apply_activation(y, activation, param, True)
-        if inplace:
-            ctx.mark_dirty(x)
-        ctx.inplace = inplace
-        if _fwAD._current_level >= 0:  # a forward-mode AD level is open: jvp may follow (x intact unless inplace)
-            ctx.save_for_forward(x, weight, bias, mean, inv)
-            ctx.set_materialize_grads(False)  # jvp tells absent tangents (None) from zero ones
-
+        else:
+            z, mv = _forward_composed(x, weight, bias, running_mean, running_var, training, eps, activation, param,
+                                      inplace)
         ctx.training, ctx.eps, ctx.activation, ctx.param = training, eps, activation, param
-        ctx.memory_saving = memory_saving
+        ctx.memory_saving, ctx.inplace, ctx.plan = memory_saving, inplace, plan
         ctx.param_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else None)
         ctx.has_lost = lost is not None
+        if inplace:
+            ctx.mark_dirty(x)
+        fw_ad = _fwAD._current_level >= 0
+        if lost is not None or fw_ad:
+            _w, _b, mean, _var, inv = _vectors(x.shape[1], weight, bias, mv, eps)
+            if fw_ad:  # a forward-mode AD level is open: jvp may follow (x intact unless inplace)
+                ctx.save_for_forward(x, weight, bias, mean, inv)
+                ctx.set_materialize_grads(False)  # jvp tells absent tangents (None) from zero ones
         if memory_saving:
-            extra = (lost, xhat_lost) if lost is not None else ()
-            ctx.save_for_backward(z, w, b, inv, *extra)
+            extra = ()
+            if lost is not None:
+                cs = [1, lost.numel(), *ref.channel_shape(x)[2:]]
+                extra = (lost, (x_lost.to(mv.dtype) - mean[lost].view(cs)) * inv[lost].view(cs))
+            ctx.save_for_backward(z, weight, bias, mv, *extra)
         else:
-            # only the input: y (and act'(y)) is recomputed in the backward, in the same pass
-            # (bias is saved for the double backward only: a parameter, no memory)
-            ctx.save_for_backward(x, weight, w, b, mean, var, inv, bias)
-        if training:
-            ctx.mark_non_differentiable(mean, var)
-            return z, mean, var
-        empty = x.new_empty((0,), dtype=sd)
-        ctx.mark_non_differentiable(empty)
-        return z, empty, empty
+            # the input; and the output where act'(y) reads off it and the one-pass kernel backward does not run
+            # (its backward is torch's activation backward, then batch norm's): the unfused pair keeps both as
+            # well (torch's activation keeps its output), and the next layer usually keeps the output anyway
+            kernel = _kernels_for(x, activation) is not None and _channel_tasks(x)
+            keep_z = _grad_from_output(activation, param) and not kernel
+            ctx.save_for_backward(x, weight, bias, mv, *((z,) if keep_z else ()))
+        if plan is not None:
+            return z  # (the plan's kernel updated the running statistics: nobody reads mv)
+        ctx.mark_non_differentiable(mv)
+        return z, mv
 
     @staticmethod
-    def backward(ctx, dz, _dmean, _dvar):
+    def backward(ctx, dz, _dmv=None):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if dz is None:  # (grads not materialized under forward AD) no gradient reached the output
-            return (None,) * 12
+            return (None,) * 13
         if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
             dx, dw, db = _differentiable_backward(ctx, dz)
         elif bn_ops._wrapped(dz):  # vmap over the backward: no storage, plain ops
@@ -437,14 +526,72 @@ class _BatchNormAct(torch.autograd.Function):
             dx, dw, db = _memory_saving_backward(ctx, dz, need_x)
         else:
             dx, dw, db = _standard_backward(ctx, dz, need_x, need_w or need_b)
-        dw = dw.to(ctx.param_dtype) if need_w else None
-        db = db.to(ctx.param_dtype) if need_b else None
-        return (dx if need_x else None), dw, db, None, None, None, None, None, None, None, None, None
+        dw = bn_ops._to(dw, ctx.param_dtype) if need_w else None
+        db = bn_ops._to(db, ctx.param_dtype) if need_b else None
+        return (dx if need_x else None), dw, db, *(None,) * 10
 
     @staticmethod
     def jvp(ctx, tx, tw, tb, *_constants):
         # (running statistics reach the Function without tangents: batch_norm_act_forward applies torch's rule)
-        return _act_jvp(ctx, tx, tw, tb), None, None
+        return _act_jvp(ctx, tx, tw, tb), None
+
+
+# ``Function.apply`` minus its Python wrapper, as :mod:`bnkit.autograd` calls its Functions on the one-call road
+# (plain eager: the wrapper would only unwrap dead functorch wrappers, which the backend's check refuses)
+_act_apply = super(torch.autograd.Function, _BatchNormAct).apply
+
+
+def _forward_composed(x, weight, bias, running_mean, running_var, training, eps, activation, param, inplace):
+    """``(z, mv)`` of :class:`_BatchNormAct` off the one-call road: the backend's statistics (or the running
+    ones), then the eval normalize with the activation (:func:`bnkit.kernels.cpu.act.row_act`, or the
+    backend's pass and torch's activation)."""
+    sd = ref.stats_dtype(x.dtype)
+    c = x.shape[1]
+    y = None
+    if not training:
+        mean, var = running_mean.detach().to(sd), running_var.detach().to(sd)
+    elif inplace:
+        mean, var = _stats_by_reduce(x)
+    else:
+        y, mean, var = backend_for(x).forward_train(x, weight, bias, eps)
+    mv = torch.cat((mean, var))  # (a copy: the running statistics change after this call)
+    if y is not None:
+        return apply_activation(y, activation, param, True), mv
+    w, b, mean, _var, inv = _vectors(c, weight, bias, mv, eps)
+    a = inv * w
+    k = _kernels_for(x, activation)
+    if k is not None:
+        z = x if inplace else torch.empty_like(x)
+        r, _, s = _rows(x)
+        k.row_act(_flat(x), r, c, s, _np(mean, x.dtype), _np(a, x.dtype), _np(b, x.dtype),
+                  *_kind_and_param(k, activation, param, x.dtype), _flat(z))
+        ran_plan("act_forward/rows")
+        return z, mv
+    if inplace:
+        backend = backend_for(x)
+        for n0, n1 in _batch_chunks(x):
+            xc = x[n0:n1]
+            xc.copy_(apply_activation(backend.forward_eval(xc, mean, a, b), activation, param, True))
+        return x, mv
+    return apply_activation(backend_for(x).forward_eval(x, mean, a, b), activation, param, True), mv
+
+
+def _vectors(c: int, weight: Tensor | None, bias: Tensor | None, mv: Tensor, eps: float):
+    """``(w, b, mean, var, invstd)`` in the statistics dtype (``mv``'s) from the parameters (ones and zeros
+    where absent) and the ``(2*C,)`` statistics ``mv``."""
+    sd = mv.dtype
+    w = torch.ones(c, dtype=sd, device=mv.device) if weight is None else _detached_as(weight, sd)
+    b = torch.zeros(c, dtype=sd, device=mv.device) if bias is None else _detached_as(bias, sd)
+    mean, var = mv.view(2, c).unbind()
+    return w, b, mean, var, ref.invstd(var, eps)
+
+
+def _saved(ctx):
+    """``(t, weight, bias, w, b, mean, var, invstd, extra)``: the saved ``x`` (standard) or ``z`` (memory
+    saving), the parameters as given, their statistics-dtype vectors, the statistics, and the lost
+    channels' ``(indices, xhat)`` (memory saving, else empty)."""
+    t, weight, bias, mv, *extra = ctx.saved_tensors
+    return (t, weight, bias, *_vectors(t.shape[1], weight, bias, mv, ctx.eps), extra)
 
 
 def _act_jvp(ctx, tx, tw, tb) -> Tensor | None:
@@ -476,7 +623,7 @@ def _differentiable_backward(ctx, dz: Tensor) -> tuple[Tensor | None, Tensor | N
             "BatchNormAct with memory_saving=True has no double backward (it keeps only its output); "
             "use memory_saving=False to differentiate its gradients (create_graph=True)"
         )
-    x, weight, _w, _b, mean, _var, inv, bias = ctx.saved_tensors
+    x, weight, bias, _w, _b, mean, _var, inv, _extra = _saved(ctx)
     inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     with torch.enable_grad():
         if ctx.training:
@@ -493,7 +640,7 @@ def _differentiable_backward(ctx, dz: Tensor) -> tuple[Tensor | None, Tensor | N
 def _plain_backward(ctx, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The standard backward in plain torch ops (``dz`` may be functorch-batched): ``g = dz * act'(y)``, ``y``
     rebuilt from the saved input, then :func:`bnkit.reference.backward_train` / ``backward_eval`` of ``g``."""
-    x, weight, _w, _b, mean, _var, inv, bias = ctx.saved_tensors
+    x, weight, bias, _w, _b, mean, _var, inv, _extra = _saved(ctx)
     g = activation_grad(dz, ref.normalize(x, mean, inv, weight, bias), ctx.activation, ctx.param, from_output=False)
     bwd = ref.backward_train if ctx.training else ref.backward_eval
     return bwd(g, x, mean, inv, weight)
@@ -504,14 +651,13 @@ def _plain_memory_saving_backward(ctx, dz: Tensor) -> tuple[Tensor, Tensor, Tens
     with ``y = act^{-1}(z)``, the saved ``xhat`` of the lost channels in their place, then batch norm's
     backward of ``g = dz * act'(y)`` with ``dx = w * invstd * (g - mean(g) - xhat * mean(g * xhat))``
     (training) or ``w * invstd * g`` (eval)."""
-    saved = ctx.saved_tensors
-    z, w, b, inv = saved[:4]
+    z, _weight, _bias, w, b, _mean, _var, inv, extra = _saved(ctx)
     shape, dims = ref.channel_shape(z), ref.reduction_dims(z)
     sd = w.dtype
     y = activation_inverse(z.to(sd), ctx.activation, ctx.param)
     xhat = (y - b.view(shape)) / w.view(shape)
     if ctx.has_lost:
-        xhat = xhat.index_copy(1, saved[4], saved[5].to(sd))
+        xhat = xhat.index_copy(1, extra[0], extra[1].to(sd))
     g = activation_grad(dz.to(sd), z.to(sd), ctx.activation, ctx.param)
     a = (w * inv).view(shape)
     if ctx.training:
@@ -522,93 +668,80 @@ def _plain_memory_saving_backward(ctx, dz: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
-    """BN backward of ``g = dz * act'(y)``, ``y`` rebuilt from the saved ``x``."""
-    x, weight, w, b, mean, var, inv, _bias = ctx.saved_tensors
-    act, param = ctx.activation, ctx.param
-    a = inv * w
-    k = _kernels_for(x, act)
-    if k is None:
-        y = backend_for(x).forward_eval(x, mean, a, b)
-        g = activation_grad(bn_ops._like(dz, x), y, act, param, from_output=False)
+    """BN backward of ``g = dz * act'(y)``: ``g`` from the saved output in one torch op (or from ``y`` rebuilt
+    from the saved input, for silu, gelu and non-positive slopes), then the batch norm's own backward (the
+    forward's one-call plan when it had one: it needs no per-channel vectors made here)."""
+    saved = ctx.saved_tensors
+    x, weight, mv = saved[0], saved[1], saved[3]
+    dz = bn_ops._like(dz, x)
+    k = _kernels_for(x, ctx.activation)
+    if k is not None and _channel_tasks(x):
+        return _standard_backward_channels(ctx, k, dz, need_x)
+    g = activation_grad(dz, saved[4], ctx.activation, ctx.param) if len(saved) > 4 else None
+    if g is not None and ctx.plan is not None:
+        grads = _cpu_backend().one_call_train_backward(ctx.plan, g, x, weight, mv, ctx.eps, need_x)
+        if grads is not None:
+            return grads
+    _x, _weight, _bias, w, b, mean, var, inv, _extra = _saved(ctx)
+    if g is None:
+        y = backend_for(x).forward_eval(x, mean, inv * w, b)
+        g = activation_grad(dz, y, ctx.activation, ctx.param, from_output=False)
         del y
-        if ctx.training:
-            return bn_ops.backward_train(g, x, weight, mean, inv, need_x, need_p)
+    del dz
+    if not ctx.training:
         return bn_ops.backward_eval(g, x, mean, var, weight, ctx.eps, need_x, need_p)
-    dz = dz.contiguous()
-    if not _channel_tasks(x):
-        return _standard_backward_rows(ctx, k, dz, x, w, b, mean, inv, a, need_x)
+    return bn_ops.backward_train(g, x, weight, mean, inv, need_x, need_p)
+
+
+def _standard_backward_channels(ctx, k, dz: Tensor, need_x: bool):
+    """:func:`_standard_backward` in one kernel (:func:`bnkit.kernels.cpu.act.channel_backward_std`): per group
+    of channels, ``g`` from ``dz`` and ``x`` reduced, then ``dx`` written while the channels are in cache."""
+    x, _weight, _bias, w, b, mean, _var, inv, _extra = _saved(ctx)
     n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
     dt = x.dtype
+    a = inv * w
     sum_g, sum_g_xmu = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
     dx = torch.empty_like(x) if need_x else x
-    # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients)
-    k.channel_backward_std(_flat(dz), _flat(x), n, c, s, _channel_group(x, 2), _np(mean, dt), _np(a, dt), _np(b, dt),
-                           *_kind_and_param(k, act, param, dt), _np(w, torch.float64), _np(inv, torch.float64),
-                           float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(), sum_g_xmu.numpy(),
-                           np.empty(3 * c, dtype=_flat(x).dtype), _flat(dx))
+    k.channel_backward_std(_flat(dz.contiguous()), _flat(x), n, c, s, _channel_group(x, 2), _np(mean, dt), _np(a, dt),
+                           _np(b, dt), *_kind_and_param(k, ctx.activation, ctx.param, dt), _np(w, torch.float64),
+                           _np(inv, torch.float64), float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(),
+                           sum_g_xmu.numpy(), np.empty(3 * c, dtype=_NP_DTYPES[dt]), _flat(dx))  # fmt: skip
     ran_plan("act_backward/channels")
     sum_g_xhat = (sum_g_xmu * inv.double()).to(w.dtype)
-    sum_g = sum_g.to(w.dtype)
-    if not need_x:
-        return None, sum_g_xhat, sum_g
-    return dx, sum_g_xhat, sum_g
-
-
-def _standard_backward_rows(ctx, k, dz: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: Tensor, inv: Tensor,
-                            a: Tensor, need_x: bool):
-    """:func:`_standard_backward` with row-parallel kernels (few channels for the threads)."""
-    act, param = ctx.activation, ctx.param
-    r, c, s = _rows(x)
-    m = x.numel() // c
-    dt = x.dtype
-    row_g, row_gx = _row_sums(r)
-    args = (_flat(dz), _flat(x), r, c, s, _np(mean, dt), _np(a, dt), _np(b, dt), *_kind_and_param(k, act, param, dt))
-    k.row_reduce_std(*args, row_g.numpy(), row_gx.numpy())
-    ran_plan("act_backward/rows")
-    sum_g = _per_channel(row_g, c).to(w.dtype)
-    sum_g_xhat = (_per_channel(row_gx, c) * inv.double()).to(w.dtype)
-    if not need_x:
-        return None, sum_g_xhat, sum_g
-    if ctx.training:
-        kk, cc = -a * inv * (sum_g_xhat / m), -a * (sum_g / m)
-    else:
-        kk = cc = torch.zeros_like(a)
-    dx = torch.empty_like(x)
-    k.row_input_std(*args, _np(a, dt), _np(kk, dt), _np(cc, dt), _flat(dx))
-    return dx, sum_g_xhat, sum_g
+    return (dx if need_x else None), sum_g_xhat, sum_g.to(w.dtype)
 
 
 def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """Rebuild ``y`` and ``g`` from ``z`` (kernels, or torch ops chunk by chunk); see the module docstring."""
-    saved = ctx.saved_tensors
-    z, w, b, inv = saved[:4]
-    lost, xhat_lost = (saved[4], saved[5]) if ctx.has_lost else (None, None)
     act, param = ctx.activation, ctx.param
+    ek = _elu_kernels_for(ctx.saved_tensors[0], act)
+    k = None if ek is not None else _kernels_for(ctx.saved_tensors[0], act)
+    if k is not None and not ctx.has_lost and _channel_tasks(ctx.saved_tensors[0]):
+        # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients, made in
+        # the kernel from the saved vectors: torch ops on them cost more than the kernel on small layers)
+        z, weight, bias, mv = ctx.saved_tensors
+        dz = dz.contiguous()
+        n, c = z.shape[0], z.shape[1]
+        s = z.numel() // (n * c)
+        dt = z.dtype
+        dw, db = torch.empty(c, dtype=mv.dtype), torch.empty(c, dtype=mv.dtype)
+        dx = torch.empty_like(z) if need_x else z
+        k.channel_backward_ms(_flat(dz), _flat(z), n, c, s, _channel_group(z, 2), _vector_np(weight, c, dt, 1.0),
+                              _vector_np(bias, c, dt, 0.0), mv.numpy()[c:], float(ctx.eps),
+                              *_kind_and_param(k, act, param, dt), _INVERSE_FLOOR[dt], float(n * s),
+                              bool(ctx.training), bool(need_x), dw.numpy(), db.numpy(),
+                              np.empty(3 * c, dtype=_NP_DTYPES[dt]), _flat(dx))  # fmt: skip
+        ran_plan("act_backward/channels_ms")
+        return (dx if need_x else None), dw, db
+    z, _weight, _bias, w, b, _mean, _var, inv, extra = _saved(ctx)
+    lost, xhat_lost = extra if ctx.has_lost else (None, None)
     m = ref.count_per_channel(z)
     dims = ref.reduction_dims(z)
-    ek = _elu_kernels_for(z, act)
-    k = None if ek is not None else _kernels_for(z, act)
-    if k is not None and lost is None and _channel_tasks(z):
-        # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients)
-        dz = dz.contiguous()
-        n, c, s = z.shape[0], z.shape[1], _rows(z)[2]
-        dt = z.dtype
-        floor = np.float32(-1.0 + torch.finfo(dt).eps) if dt == torch.float32 else -1.0 + torch.finfo(dt).eps
-        sum_g, sum_g_ymb = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-        dx = torch.empty_like(z) if need_x else z
-        k.channel_backward_ms(_flat(dz), _flat(z), n, c, s, _channel_group(z, 2), _np(b, dt),
-                              *_kind_and_param(k, act, param, dt), floor, _np(w, torch.float64),
-                              _np(inv, torch.float64), float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(),
-                              sum_g_ymb.numpy(),
-                              np.empty(3 * c, dtype=_flat(z).dtype), _flat(dx))
-        ran_plan("act_backward/channels_ms")
-        sum_g_xhat = (sum_g_ymb / w.double()).to(w.dtype)
-        return (dx if need_x else None), sum_g_xhat, sum_g.to(w.dtype)
     if k is not None:
         dz = dz.contiguous()
         r, c, s = _rows(z)
         dt = z.dtype
-        floor = np.float32(-1.0 + torch.finfo(dt).eps) if dt == torch.float32 else -1.0 + torch.finfo(dt).eps
+        floor = _INVERSE_FLOOR[dt]
         row_g, row_gy = _row_sums(r)
         kargs = (_flat(dz), _flat(z), r, c, s, _np(b, dt), *_kind_and_param(k, act, param, dt), floor)
         k.row_reduce_ms(*kargs, row_g.numpy(), row_gy.numpy())
@@ -719,10 +852,11 @@ def batch_norm_act_forward(
             running_mean, running_var = _fwAD.unpack_dual(running_mean).primal, _fwAD.unpack_dual(running_var).primal
         else:
             running_mean, running_var = bn_ops.constant_running_stats(x, running_mean, running_var, weight, bias)
-    z, mean, var = _BatchNormAct.apply(
+    z, mv = _BatchNormAct.apply(
         x, weight, bias, running_mean, running_var, training, eps, activation, float(activation_param),
         memory_saving, inplace, for_backward,
     )
     if not training:
         return z, None, None
+    mean, var = mv.view(2, -1).unbind()
     return z, mean, var

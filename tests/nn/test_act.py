@@ -231,13 +231,20 @@ def test_memory_saving_saves_only_the_output():
                               inplace=True)
     big = [t for t in saved if t.numel() == x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == z.data_ptr()
-    assert all(t.numel() <= x.shape[1] for t in saved if t.numel() != x.numel())
+    # besides z only per-channel vectors: the parameters and the (2*C,) batch mean and variance
+    assert all(t.numel() <= 2 * x.shape[1] for t in saved if t.numel() != x.numel())
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         xin = x * 1
         bf.batch_norm_act(xin, None, None, w, b, True, activation="gelu")
     big = [t for t in saved if t.numel() == x.numel()]
-    assert len(big) == 1 and big[0].data_ptr() == xin.data_ptr()  # standard mode: the input only
+    assert len(big) == 1 and big[0].data_ptr() == xin.data_ptr()  # standard mode, gelu: the input only
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        xin = x * 1
+        z = bf.batch_norm_act(xin, None, None, w, b, True, activation="relu")
+    # relu: the input and the output (act'(y) reads off it), what batch norm followed by torch's relu keeps
+    assert sorted(t.data_ptr() for t in saved if t.numel() == x.numel()) == sorted([xin.data_ptr(), z.data_ptr()])
 
 
 def _ops(fn) -> set[str]:
@@ -417,33 +424,59 @@ def test_kernels_gradcheck(kernels, activation, memory_saving):
 @pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
 def test_kernels_row_fallback(kernels, activation, memory_saving):
     # Few channels for the threads (C < TASKS_PER_THREAD * threads on an input big enough to run
-    # threaded) -> the backward runs the row-parallel kernels instead of one task per channel.
+    # threaded) -> the memory-saving backward runs the row-parallel kernels instead of one task per
+    # channel; the standard backward has no kernel of its own (torch's activation backward, then the batch
+    # norm's backward).
     import numba
 
     if min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) < 2:
         pytest.fail("this test needs torch and numba to allow 2 threads (CI has 2 cores)")
     shape = (4, 3, 64, 64)  # 49152 elements >= SERIAL_NUMEL, 3 channels
-    suffix = "_ms" if memory_saving else ""
+    backward = ["act_backward/rows_ms"] if memory_saving else []
     for training in (True, False):
-        # float32 only: each dtype is another numba compilation of the four row kernels (~3 s each, cold)
+        # float32 only: each dtype is another numba compilation of the row kernels (~3 s each, cold)
         with recorded_plans() as ran:
             _compare(activation, memory_saving, training, shape, dtype=torch.float32)
-        assert [p for p in ran if p.startswith("act_backward/")] == [f"act_backward/rows{suffix}"], ran
+        assert [p for p in ran if p.startswith("act_backward/")] == backward, ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("memory_saving", [False, True])
 def test_channel_kernels_take_groups_of_short_rows(kernels, dtype, memory_saving):
-    # (5, 67, 12, 12): short rows -> groups of channels per task (the last one partial), both ways
+    # (5, 67, 12, 12): short rows -> the kernel backward takes groups of channels per task (the last one
+    # partial); a training call this small runs plain batch norm's and torch's activation's instead
     shape = (5, 67, 12, 12)
     x = torch.empty(shape, dtype=dtype)
-    for tensors in (1, 2):  # the forward reads x; the backward dz and x (or z)
-        g = fused._channel_group(x, tensors)
-        assert 1 < g < 67 and 67 % g, g
+    g = fused._channel_group(x, 2)  # the backward reads dz and z
+    assert 1 < g < 67 and 67 % g, g
     for training in (True, False):
         with recorded_plans() as ran:
             _compare("leaky_relu", memory_saving, training, shape, dtype=dtype)
-        backward = "act_backward/channels_ms" if memory_saving else "act_backward/channels"
-        # training: statistics and activation per group of channels; eval: one normalize pass
-        forward = "act_forward/channels" if training else "act_forward/rows"
-        assert [p for p in ran if p.startswith("act_")] == [forward, backward], ran
+        backward = ["act_backward/channels_ms"] if memory_saving else ([] if training else ["act_backward/channels"])
+        # training: the batch norm's own forward (train/*), the activation in place; eval: one normalize pass
+        forward = [] if training else ["act_forward/rows"]
+        assert [p for p in ran if p.startswith("act_")] == [*forward, *backward], ran
+        if training:
+            assert any(p.startswith("train/") for p in ran), ran
+        if training and not memory_saving:
+            assert any(p.startswith("backward/small") for p in ran), ran
+
+
+@pytest.mark.parametrize(
+    "shape,path",
+    [((5, 67, 12, 12), "train/groups"), ((4, 3, 40, 40), "train/long"), ((64, 5, 3, 3), "train/rows")],
+)
+@pytest.mark.parametrize("memory_saving,inplace", [(False, False), (True, False), (True, True)])
+def test_training_takes_the_planned_paths(monkeypatch, shape, path, memory_saving, inplace):
+    # plain eager training takes plain batch norm's one-call plan (the planned drivers once the small kernels
+    # are ruled out); with inplace=True the plan's kernel writes y over x. The standard backward: one kernel
+    # per group of channels where they keep the threads busy, else torch's activation backward and the plan's
+    from bnkit.kernels.cpu import plan
+
+    monkeypatch.setattr(plan, "SMALL_NUMEL", 0)
+    monkeypatch.setattr(plan, "SMALL_GRAD_NUMEL", 0)
+    with recorded_plans() as ran:
+        _compare("leaky_relu", memory_saving, True, shape, dtype=torch.float32, inplace=inplace)
+    assert path in ran, ran
+    if not memory_saving:
+        assert ("act_backward/channels" in ran) != any(p.startswith("backward/") for p in ran), ran

@@ -27,7 +27,7 @@ from bnkit.functional.args import _verify_batch_size, check_pure_args
 from bnkit.functional.layout import from_channels_first, to_channels_first
 from bnkit.functional.running import updated_running_stats, write_running_stats
 from bnkit.functional.standard import batch_norm_pure
-from bnkit.fused import apply_activation, batch_norm_act_forward, check_activation
+from bnkit.fused import apply_activation, batch_norm_act_forward, check_activation, one_call_act
 
 __all__ = [
     "GHOST_RUNNING_STATS_UPDATES",
@@ -83,6 +83,11 @@ def batch_norm_act_pure(
     those of batch norm followed by the activation.
     """
     check_activation(activation, activation_param, memory_saving)
+    if training is True and channel_dim == 1 and type(channel_dim) is int:
+        out = one_call_act(input, running_mean, running_var, weight, bias, momentum, eps, activation,
+                           activation_param, memory_saving, inplace)  # fmt: skip
+        if out is not None:
+            return out
     x, channel_dim = to_channels_first(input, channel_dim)
     check_pure_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if x.numel() == 0 or autograd.needs_plain_ops():

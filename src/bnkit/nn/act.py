@@ -29,9 +29,13 @@ class _BatchNormActForward(_BatchNormForward):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if (node := fx_leaf(self, input, mask)) is not None:
             return node
-        use_batch_stats, update = resolve_mode(self)
-        # "eval but keep updating" reads the input twice: never overwrite it there.
-        self._inplace_now = self.inplace and not (update and not use_batch_stats)
+        if self.inplace or self._inplace_now:
+            # "eval but keep updating" reads the input twice: never overwrite it there. (Asked and set only
+            # where it can change: nn.Module.__setattr__ costs microseconds on every forward.)
+            use_batch_stats, update = resolve_mode(self)
+            inplace_now = self.inplace and not (update and not use_batch_stats)
+            if inplace_now is not self._inplace_now:
+                self._inplace_now = inplace_now
         return super().forward(input, mask)
 
     def _batch_norm_pure(self, input: Tensor, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -20,8 +20,8 @@ import pytest
 import bnkit
 from bnkit.kernels.cpu import cache
 
-# row_reduce_std sums g = dz * relu'(y) per row in blocks of RBLOCK values, each block's sum starting
-# from to_acc(x, 0.0); the edit below makes that start 1000 for float64 data, so each row's sum grows by
+# row_reduce_ms sums g = dz * leaky_relu'(y) per row in blocks of RBLOCK values, each block's sum starting
+# from to_acc(z, 0.0); the edit below makes that start 1000 for float64 data, so each row's sum grows by
 # 1000 per block: 600 values are 3 blocks of at most 256.
 SCRIPT = """
 import json, sys
@@ -32,8 +32,8 @@ from bnkit.kernels.cpu import cache
 R, C, S = 2, 1, 600
 x = np.linspace(-1.0, 1.0, R * S)
 g, gx = np.zeros(R), np.zeros(R)
-zero, one = np.zeros(1), np.ones(1)
-cpu_act.row_reduce_std(np.ones(R * S), x, R, C, S, zero, one, zero, 1, 0.0, g, gx)
+zero = np.zeros(1)
+cpu_act.row_reduce_ms(np.ones(R * S), x, R, C, S, zero, 2, 0.5, -1.0, g, gx)
 print(json.dumps({{"file": cpu_act.__file__, "g": g.tolist(), "dir": str(cache.cache_dir())}}))
 """
 # numba takes the per-user directory when the package's __pycache__ cannot be written; tests run as root
@@ -73,23 +73,23 @@ def test_edited_helper_reaches_cached_kernel(tmp_path: Path, where: str) -> None
         root = pkg / "bnkit" / "kernels" / "cpu" / "__pycache__"
 
     first = _run(pkg, env, prelude)
-    assert first["g"] == [0.0, 600.0]
+    assert first["g"] == [300.0, 600.0]
     where_cached = Path(first["dir"])
     assert where_cached.is_relative_to(root)
-    cached = sorted(p.name for p in where_cached.glob("act.row_reduce_std-*.nb[ic]"))
+    cached = sorted(p.name for p in where_cached.glob("act.row_reduce_ms-*.nb[ic]"))
     assert len(cached) == 2  # numba put the kernel where the check looks
     assert json.loads((where_cached / cache.STAMP_NAME).read_text())["act"]
 
     if where == "in-tree":  # nothing changed: the cached kernel stays
         stamp = {p.name: p.stat().st_mtime_ns for p in where_cached.glob("act.*.nbc")}
-        assert _run(pkg, env, prelude)["g"] == [0.0, 600.0]
+        assert _run(pkg, env, prelude)["g"] == [300.0, 600.0]
         assert {p.name: p.stat().st_mtime_ns for p in where_cached.glob("act.*.nbc")} == stamp
 
     half = pkg / "bnkit" / "kernels" / "cpu" / "half.py"
     text = half.read_text()
     assert text.count(OLD) == 1
     half.write_text(text.replace(OLD, NEW))
-    assert _run(pkg, env, prelude)["g"] == [3000.0, 3600.0]
+    assert _run(pkg, env, prelude)["g"] == [3300.0, 3600.0]
 
 
 def test_hash_covers_imported_kernel_modules(tmp_path: Path) -> None:
@@ -115,4 +115,4 @@ def test_hash_covers_imported_kernel_modules(tmp_path: Path) -> None:
 def test_cache_dir_is_numbas() -> None:
     from bnkit.kernels.cpu import act as cpu_act
 
-    assert cache.cache_dir() == Path(cpu_act.row_reduce_std._cache.cache_path)
+    assert cache.cache_dir() == Path(cpu_act.row_reduce_ms._cache.cache_path)

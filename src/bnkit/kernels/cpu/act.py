@@ -1,20 +1,21 @@
 r"""numba kernels for batch norm fused with an activation (:mod:`bnkit.fused`), CPU only.
 
-The backend contract (:mod:`bnkit.kernels.base`) has no activation, so composing the
-fused op from it costs one extra pass per direction; these kernels apply the activation
-(and its derivative, and in the memory-saving mode its inverse) inside the normalization
-and gradient passes instead. They take contiguous (N, C, *) float32/float64 tensors seen
-as ``R = N * C`` rows of ``S`` contiguous values (row ``r`` is channel ``r % C``), run rows
-in parallel, and accumulate per-row sums in float64 (:mod:`bnkit.fused` sums the rows of
-each channel); the training forward (:func:`channel_train_act`) and the backward
-(:func:`channel_backward_std`, :func:`channel_backward_ms`) run one channel per task and
-write each channel right after reducing it, while it is in cache (the structure of
-:mod:`bnkit.kernels.cpu.passes`); the ``row_*`` kernels serve inputs with too few channels to keep
-every thread busy. Every inner loop runs over a row slice (``xs = x[base : base + S]``,
-``xs[i]``): indexing the flat array as ``x[base + i]`` makes numba handle negative
-indices on each element, which makes the loop compute-bound.
-These kernels inline helpers of :mod:`bnkit.kernels.cpu.passes` (:func:`~bnkit.kernels.cpu.passes._seg_stats`);
-:mod:`bnkit.kernels.cpu.cache` drops their cached code when those change.
+The training forward takes the batch norm's own road (the cpu backend's one-call plan, then the
+activation in place); these kernels cover what that road has no pass for: the eval normalize with the
+activation (:func:`row_act`), the standard backward in one pass over ``dz`` and ``x``
+(:func:`channel_backward_std`: the activation's derivative rebuilt from ``x``), and the memory-saving
+backward, which rebuilds ``y`` from ``z`` (the activation's inverse) inside its gradient passes.
+They take contiguous (N, C, *) float32/float64 tensors seen as ``R = N * C`` rows of ``S`` contiguous
+values (row ``r`` is channel ``r % C``), run rows in parallel, and accumulate per-row sums in float64
+(:mod:`bnkit.fused` sums the rows of each channel); the backward (:func:`channel_backward_std`,
+:func:`channel_backward_ms`) runs one channel per task and writes each channel right after reducing
+it, while it is in cache (the structure of :mod:`bnkit.kernels.cpu.passes`); the ``row_*`` kernels
+serve inputs with too few channels to keep every thread busy. Every inner loop runs over a row slice
+(``xs = x[base : base + S]``, ``xs[i]``): indexing the flat array as ``x[base + i]`` makes numba handle
+negative indices on each element, which makes the loop compute-bound.
+These kernels inline helpers of :mod:`bnkit.kernels.cpu.passes` (:data:`~bnkit.kernels.cpu.passes.RBLOCK`,
+:func:`~bnkit.kernels.cpu.passes.to_acc`) and :mod:`bnkit.kernels.cpu.drivers` (``_view``, an array on
+a raw address); :mod:`bnkit.kernels.cpu.cache` drops their cached code when those change.
 
 Activation ids (``kind``): 0 identity, 1 relu, 2 leaky_relu (``p`` = slope), 3 elu
 (``p`` = alpha), 4 silu, 5 gelu (erf form). Symbols as in :mod:`bnkit.fused`:
@@ -29,21 +30,19 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from bnkit.kernels.cpu.passes import RBLOCK, _seg_stats, to_acc
+from bnkit.kernels.cpu.drivers import _view
+from bnkit.kernels.cpu.passes import RBLOCK, to_acc
 
 __all__ = [
     "KINDS",
     "channel_backward_ms",
     "channel_backward_std",
-    "channel_train_act",
     "lost_channel_count",
     "row_act",
     "row_input_ms",
-    "row_input_std",
     "row_input_ms_elu",
     "row_reduce_ms",
     "row_reduce_ms_elu",
-    "row_reduce_std",
     "slope",
 ]
 
@@ -206,16 +205,20 @@ def _ms_dx(zs, gs, ds, S, bb, kind, p, floor, A_, K_, C_):
 
 
 @njit(cache=True)
-def lost_channel_count(w, b, ratio, floor):
+def lost_channel_count(like, wa, ba, C, ratio, floor):
     """How many channels have ``|w| <= ratio * |b| + floor`` (:func:`bnkit.fused._lost_channels`).
 
+    ``wa``/``ba``: the addresses of the contiguous weight and bias (``ba`` 0: no bias), of ``like``'s dtype.
     No fastmath: the same float32/float64 operations as the numpy expression it replaces
     (``ratio`` and ``floor`` come as scalars of ``w``'s dtype); a NaN weight is not lost. One
-    call instead of six numpy ufuncs: the check ran on every memory-saving forward.
+    call on raw addresses instead of six numpy ufuncs (or numpy views): the check runs on every
+    memory-saving training forward.
     """
+    w = _view(wa, C, like)
     n = 0
-    for c in range(w.shape[0]):
-        if abs(w[c]) <= ratio * abs(b[c]) + floor:
+    for c in range(C):
+        bc = _view(ba, C, like)[c] if ba != 0 else like
+        if abs(w[c]) <= ratio * abs(bc) + floor:
             n += 1
     return n
 
@@ -226,72 +229,12 @@ def slope(kind: int, p: float) -> float:
 
 
 @njit(parallel=True, **_JIT)
-def channel_train_act(x, N, C, S, G, w, b, eps, kind, p, out, out_mean, out_var, scratch):
-    """Training forward, one group of ``G`` channels per task: their statistics, then ``out = act(y)``.
-
-    The statistics read each value once (:func:`bnkit.kernels.cpu.passes._seg_stats`: shifted sums,
-    float64 across blocks and rows); the normalizing pass then finds the channels still in cache,
-    so memory is read about once. Long rows take ``G = 1``; short ones a group whose rows of one
-    sample are adjacent in memory (as :func:`bnkit.kernels.cpu.passes.ncs_train_groups`). ``out`` may be
-    ``x``. ``out_mean``/``out_var`` get the batch mean and biased variance (float64); ``scratch``
-    (3 * C values of the data dtype) holds the per-channel constants rounded to the data dtype, so
-    that float32 data is normalized in float32 (as the reference does) with twice the SIMD width.
-    """
-    M = N * S
-    for g in prange((C + G - 1) // G):
-        c0 = g * G
-        gc = min(G, C - c0)
-        cnt = np.zeros(gc)
-        mean = np.zeros(gc)
-        m2 = np.zeros(gc)
-        for n in range(N):
-            base = (n * C + c0) * S
-            for j in range(gc):
-                lo = base + j * S
-                cnt[j], mean[j], m2[j] = _seg_stats(x[lo : lo + S], S, cnt[j], mean[j], m2[j])
-        for j in range(gc):
-            c = c0 + j
-            var = m2[j] / M
-            out_mean[c] = mean[j]
-            out_var[c] = var
-            scratch[3 * c] = mean[j]
-            scratch[3 * c + 1] = w[c] / math.sqrt(var + eps)
-            scratch[3 * c + 2] = b[c]
-        for n in range(N):
-            base = (n * C + c0) * S
-            for j in range(gc):
-                c = c0 + j
-                lo = base + j * S
-                m, aa, bb = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
-                _act_row(x[lo : lo + S], out[lo : lo + S], S, m, aa, bb, kind, p)
-
-
-@njit(parallel=True, **_JIT)
 def row_act(x, R, C, S, mean, a, b, kind, p, out):
     """``out = act((x - mean) * a + b)``; ``out`` may be ``x`` (in place)."""
     for r in prange(R):
         c = r % C
         base = r * S
         _act_row(x[base : base + S], out[base : base + S], S, mean[c], a[c], b[c], kind, p)
-
-
-@njit(parallel=True, **_JIT)
-def row_reduce_std(dz, x, R, C, S, mean, a, b, kind, p, out_g, out_gx):
-    """Per row: ``sum(g)`` and ``sum(g * (x - mean))`` with ``g = dz * act'(y)``."""
-    for r in prange(R):
-        c = r % C
-        base = r * S
-        out_g[r], out_gx[r] = _std_sums(x[base : base + S], dz[base : base + S], S, mean[c], a[c], b[c], kind, p)
-
-
-@njit(parallel=True, **_JIT)
-def row_input_std(dz, x, R, C, S, mean, a, b, kind, p, A, K, Cc, dx):
-    """``dx = A * g + K * (x - mean) + Cc``."""
-    for r in prange(R):
-        c = r % C
-        base = r * S
-        _std_dx(x[base : base + S], dz[base : base + S], dx[base : base + S], S, mean[c], a[c], b[c], kind, p,
-                A[c], K[c], Cc[c])
 
 
 @njit(parallel=True, **_JIT)
@@ -413,12 +356,13 @@ def channel_backward_std(dz, x, N, C, S, G, mean, a, b, kind, p, w, inv, M, trai
 
 
 @njit(parallel=True, **_JIT)
-def channel_backward_ms(dz, z, N, C, S, G, b, kind, p, floor, w, inv, M, training, write, out_g, out_gy,
-                        scratch, dx):
-    """Memory-saving mode: ``out_g = sum(g)``, ``out_gy = sum(g * (y - b))`` with ``y = act^{-1}(z)``,
-    then ``dx = A * g + K * (y - b) + Cc`` with ``A = w * inv``, ``K = -inv * out_gy / (w * M)``,
-    ``Cc = -A * out_g / M`` (``K = Cc = 0`` when not ``training``); one group of ``G`` channels per task.
-    Needs ``w != 0`` where ``write``."""
+def channel_backward_ms(dz, z, N, C, S, G, w, b, var, eps, kind, p, floor, M, training, write, dw, db, scratch, dx):
+    """Memory-saving mode, one group of ``G`` channels per task: ``db = sum(g)`` and
+    ``dw = sum(g * xhat) = sum(g * (y - b)) / w`` with ``y = act^{-1}(z)`` (float64 sums), then
+    ``dx = A * g + K * (y - b) + Cc`` with ``A = w * inv``, ``K = -inv * sum(g * (y - b)) / (w * M)``,
+    ``Cc = -A * sum(g) / M`` (``K = Cc = 0`` when not ``training``), ``inv = 1 / sqrt(var + eps)`` in float64.
+    ``w``, ``b``, ``var``: per-channel vectors (the weight, bias and the variance the forward normalized
+    with); needs ``w != 0`` (no lost channel)."""
     for g in prange((C + G - 1) // G):
         c0 = g * G
         gc = min(G, C - c0)
@@ -432,15 +376,16 @@ def channel_backward_ms(dz, z, N, C, S, G, b, kind, p, floor, w, inv, M, trainin
                 sg[j] += rg
                 sgy[j] += rgy
         for j in range(gc):
-            out_g[c0 + j] = sg[j]
-            out_gy[c0 + j] = sgy[j]
+            db[c0 + j] = sg[j]
+            dw[c0 + j] = sgy[j] / w[c0 + j]
         if not write:
             continue
         for j in range(gc):
             c = c0 + j
-            a64 = w[c] * inv[c]
+            inv = 1.0 / math.sqrt(var[c] + eps)
+            a64 = w[c] * inv
             scratch[3 * c] = a64
-            scratch[3 * c + 1] = -inv[c] * (sgy[j] / w[c] / M) if training else 0.0
+            scratch[3 * c + 1] = -inv * (sgy[j] / w[c] / M) if training else 0.0
             scratch[3 * c + 2] = -a64 * (sg[j] / M) if training else 0.0
         for n in range(N):
             base = (n * C + c0) * S

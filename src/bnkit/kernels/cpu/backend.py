@@ -415,12 +415,15 @@ class CpuBackend:
         return plan, new_mean, new_var
 
     def one_call_train(
-        self, plan: tuple, x: Tensor, weight, bias, eps: float, keep: bool
+        self, plan: tuple, x: Tensor, weight, bias, eps: float, keep: bool, out: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None] | None:
         """``(y, mv)`` of the one-call training forward of :meth:`one_call_train_plan`'s plan, the running
         statistics updated; ``mv`` the ``(2*C,)`` vector of the batch mean and biased variance (what
         :meth:`one_call_train_backward` takes) with ``keep``, else ``None``. ``None``: nothing was written
-        (a tensor without storage, or a driver that failed to compile)."""
+        (a tensor without storage, or a driver that failed to compile). ``out`` (contiguous ``(N, C, *)``
+        ``x`` only) receives ``y`` and may be ``x`` itself: every path reads a channel's values for its
+        statistics before it writes any of them, and each value of the normalizing pass right before its
+        own write."""
         path, order, n, c, s, like, sd, params, length, stats, scalars = plan
         try:
             xa, wa, ba = x.data_ptr(), _addr(weight), _addr(bias)
@@ -434,13 +437,13 @@ class CpuBackend:
             mv, ma, va = None, 0, 0
         if path == "small":
             # the batch statistics leave the kernel only when a backward needs them (ma, va not 0)
-            y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
+            y = out if out is not None else torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
             k = _small_kernels()
             ratio, keep_, take = scalars
             args = (like, xa, y.data_ptr(), n, c, s, wa, ba, eps, ma, va, *stats, ratio, keep_, take, length)
             _launch(k.train_forward, k.train_forward_par, args, n, c, s, _TRAIN_SMALL)
             return y, mv
-        y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
+        y = out if out is not None else torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)
         args = (like, Data(xa, y.data_ptr()), Shape(n, c, s, length), params, TrainVectors(wa, ba, ma, va), eps,
                 Running(*stats, *scalars))  # fmt: skip
         if not _call_driver(_driver(_small_kernels().TRAIN_DRIVERS, path), args):
