@@ -114,3 +114,19 @@ def mobilenet_style(norm_act=torch_norm_act, width: int = 8, classes: int = 5) -
         InvertedResidual(2 * width, 2 * width, 1, 3, norm_act),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
     )
+
+
+def bn_batch_inputs(model: nn.Sequential, data, indices) -> dict[int, list[torch.Tensor]]:
+    """The oracle of the statistics tools: the input of each batch-norm layer of ``model`` at ``indices``,
+    batch by batch, with every one of them normalizing by its batch statistics (torch's ``F.batch_norm``)."""
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in indices}
+    with torch.no_grad():
+        for x, _ in data:
+            h = x
+            for i, layer in enumerate(model):
+                if i in seen:
+                    seen[i].append(h)
+                    h = F.batch_norm(h, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
+                else:
+                    h = layer(h)
+    return seen

@@ -55,6 +55,7 @@ __all__ = [
     "inductor_records",
     "inductor_train",
     "one_call",
+    "one_call_backend",
     "train",
     "train_updating",
 ]
@@ -420,31 +421,19 @@ class _InductorTrainFn(torch.autograd.Function):
     Inductor fuses these ops with the convolutions and activations around them. The statistics come from
     ``torch.var_mean`` (inductor's Welford reduction) in the computation dtype, float32 for float32 and
     16-bit data and float64 for float64, where :mod:`bnkit.reference` accumulates in float64: the
-    reference is the spec, this is the speed road, and both agree to the data's rounding. The backward is
-    the one of the kernels (``docs/math.md``), with ``M`` values per channel::
-
-        a = w * invstd,  k = -a * invstd**2 * sum(dy * (x - mean)) / M,  c = -a * sum(dy) / M
-        dx = a * dy + k * (x - mean) + c,   dw = invstd * sum(dy * (x - mean)),   db = sum(dy)
-
-    so inductor sees two reductions and one elementwise pass, instead of the autograd graph of the
-    forward's formulas. The returned ``mean`` and ``var`` (biased) feed the running statistics and carry
-    no gradient.
+    reference is the spec, this is the speed road, and both agree to the data's rounding. The output is
+    :func:`bnkit.reference.normalize` and the backward :func:`bnkit.reference.backward_train` in the
+    computation dtype, so inductor sees two reductions (``sum(dy)``, ``sum(dy * xhat)``) and one
+    elementwise pass instead of the autograd graph of the forward's formulas. The returned ``mean`` and
+    ``var`` (biased) feed the running statistics and carry no gradient.
     """
 
     generate_vmap_rule = True  # plain torch ops: functorch batches them itself
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        sd = ref.stats_dtype(x.dtype)
-        shape = ref.channel_shape(x)
-        xs = x.to(sd)
-        var, mean = torch.var_mean(xs, ref.reduction_dims(x), correction=0)
-        inv = torch.rsqrt(var + eps)
-        scale = inv if weight is None else inv * weight.to(sd)
-        y = (xs - mean.view(shape)) * scale.view(shape)
-        if bias is not None:
-            y = y + bias.to(sd).view(shape)
-        return y.to(x.dtype), mean, var
+        var, mean = torch.var_mean(x.to(ref.stats_dtype(x.dtype)), ref.reduction_dims(x), correction=0)
+        return ref.normalize(x, mean, ref.invstd(var, eps), weight, bias), mean, var
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -458,19 +447,9 @@ class _InductorTrainFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean, _dvar) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, weight, mean, var = ctx.saved_tensors
-        sd, shape, dims = mean.dtype, ref.channel_shape(x), ref.reduction_dims(x)
-        m = ref.count_per_channel(x)
-        inv = torch.rsqrt(var + ctx.eps)
-        g = dy.to(sd)
-        xc = x.to(sd) - mean.view(shape)
-        sum_dy = g.sum(dims)
-        sum_dy_xc = (g * xc).sum(dims)
-        a = inv if weight is None else inv * weight.to(sd)
-        k = -a * inv * inv * sum_dy_xc / m
-        c = -a * sum_dy / m
-        dx = (g * a.view(shape) + xc * k.view(shape) + c.view(shape)).to(x.dtype)
-        dw = (sum_dy_xc * inv).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        dx, dw, db = ref.backward_train(dy, x, mean, ref.invstd(var, ctx.eps), weight, acc=mean.dtype)
+        dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = db.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
 
@@ -679,6 +658,31 @@ _CPU = None  # the cpu backend, once a call has found it selected (bnkit.kernels
 _increment_version = torch._C._increment_version
 
 
+def one_call_backend(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+    bias: Tensor | None, eps: float,
+):
+    """``(cpu backend, dims, graph)`` when a plain eager call may take the cpu backend's one-call road (the
+    backend's :meth:`~bnkit.kernels.cpu.backend.CpuBackend.check` passed: ``dims`` is its answer; ``graph``:
+    autograd records the call), else ``None``. The one gate of :func:`one_call` and
+    :func:`bnkit.fused.one_call_act`."""
+    global _CPU
+    if type(eps) is not float or _fwAD._current_level >= 0 or not plain_eager():
+        return None
+    cpu = _CPU
+    if cpu is None:  # (a CUDA tensor must not load the cpu backend)
+        if type(x) is not Tensor or not x.is_cpu or not runs_cpu_backend():
+            return None
+        cpu = _CPU = get_backend("cpu")
+    dims = cpu.check(x, running_mean, running_var, weight, bias)
+    if dims is None:
+        return None
+    graph = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+    )
+    return cpu, dims, graph
+
+
 def one_call(
     x: Tensor,
     running_mean: Tensor | None,
@@ -702,20 +706,10 @@ def one_call(
     must be in dim 1. The numbers are the checked road's up to rounding on the small kernels, and its
     bits on the planned paths.
     """
-    global _CPU
-    if type(eps) is not float or _fwAD._current_level >= 0 or not plain_eager():
+    ready = one_call_backend(x, running_mean, running_var, weight, bias, eps)
+    if ready is None:
         return None
-    cpu = _CPU
-    if cpu is None:  # (a CUDA tensor must not load the cpu backend)
-        if type(x) is not Tensor or not x.is_cpu or not runs_cpu_backend():
-            return None
-        cpu = _CPU = get_backend("cpu")
-    dims = cpu.check(x, running_mean, running_var, weight, bias)
-    if dims is None:
-        return None
-    graph = torch.is_grad_enabled() and (
-        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
-    )
+    cpu, dims, graph = ready
     if training is True:
         if type(momentum) is not float or not eps > 0.0:
             return None

@@ -75,7 +75,7 @@ from torch.autograd import forward_ad as _fwAD
 
 from bnkit import autograd as bn_ops
 from bnkit import reference as ref
-from bnkit.kernels import backend_for, get_backend, ran_plan, runs_cpu_backend
+from bnkit.kernels import backend_for, get_backend, ran_plan
 
 __all__ = [
     "ACTIVATIONS",
@@ -264,19 +264,12 @@ def one_call_act(
         if out is None:
             return None
         return apply_activation(out[0], activation, activation_param, True), out[1], out[2]
-    if type(eps) is not float or type(momentum) is not float or not eps > 0.0:
+    if type(momentum) is not float or not (type(eps) is float and eps > 0.0):
         return None
-    if _fwAD._current_level >= 0 or not bn_ops.plain_eager():
+    ready = bn_ops.one_call_backend(x, running_mean, running_var, weight, bias, eps)
+    if ready is None or not x.is_contiguous():
         return None
-    if type(x) is not Tensor or not x.is_cpu or not x.is_contiguous() or not runs_cpu_backend():
-        return None
-    cpu = _cpu_backend()
-    dims = cpu.check(x, running_mean, running_var, weight, bias)
-    if dims is None:
-        return None
-    for_backward = torch.is_grad_enabled() and (
-        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
-    )
+    cpu, dims, for_backward = ready
     # (a memory-saving backward does not take the plan's: without a graph to record, the plan may pick the
     # small kernels up to their larger forward-only size)
     call = cpu.one_call_train_plan(x, dims, running_mean, running_var, momentum, False,
@@ -297,17 +290,6 @@ def _small_plan(x: Tensor) -> bool:
     from bnkit.kernels.cpu.plan import one_call_path
 
     return x.dtype in _NP_DTYPES and one_call_path(x.dtype, x.numel(), True) == "small"
-
-
-# the cpu backend once loaded (a CUDA tensor must not load it)
-_CPU = None
-
-
-def _cpu_backend():
-    global _CPU
-    if _CPU is None:
-        _CPU = get_backend("cpu")
-    return _CPU
 
 
 # --- the optional numba kernels ----------------------------------------------------------
@@ -475,7 +457,7 @@ class _BatchNormAct(torch.autograd.Function):
         lost = _lost_channels(weight, bias) if memory_saving and for_backward else None
         x_lost = None if lost is None else x.index_select(1, lost)  # before x may be overwritten
         if plan is not None:
-            out = _cpu_backend().one_call_train(plan, x, weight, bias, eps, True, out=x if inplace else None)
+            out = get_backend("cpu").one_call_train(plan, x, weight, bias, eps, True, out=x if inplace else None)
             if out is None:
                 raise bn_ops._Declined
             y, mv = out
@@ -679,7 +661,7 @@ def _standard_backward(ctx, dz: Tensor, need_x: bool, need_p: bool):
         return _standard_backward_channels(ctx, k, dz, need_x)
     g = activation_grad(dz, saved[4], ctx.activation, ctx.param) if len(saved) > 4 else None
     if g is not None and ctx.plan is not None:
-        grads = _cpu_backend().one_call_train_backward(ctx.plan, g, x, weight, mv, ctx.eps, need_x)
+        grads = get_backend("cpu").one_call_train_backward(ctx.plan, g, x, weight, mv, ctx.eps, need_x)
         if grads is not None:
             return grads
     _x, _weight, _bias, w, b, mean, var, inv, _extra = _saved(ctx)

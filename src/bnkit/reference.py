@@ -205,7 +205,7 @@ def normalize(x: Tensor, mean: Tensor, inv: Tensor, weight: Tensor | None, bias:
 
 
 def backward_train(
-    dy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, weight: Tensor | None
+    dy: Tensor, x: Tensor, mean: Tensor, inv: Tensor, weight: Tensor | None, acc: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Gradients of the training-mode forward, where mean and invstd depend on x.
 
@@ -216,13 +216,15 @@ def backward_train(
         dw = sum(dy * xhat) = M * c2,   db = sum(dy) = M * c1
 
     which is ``(w * invstd / M) * (M * dy - sum(dy) - xhat * sum(dy * xhat))``.
-    Returns ``(dx, dw, db)``; ``dw``/``db`` are per channel in the statistics dtype.
+    Returns ``(dx, dw, db)``; ``dw``/``db`` are per channel in the statistics dtype. ``acc`` is the dtype
+    everything is centered, reduced and combined in: by default the numerics policy's accumulation dtype
+    (:func:`bnkit.autograd.inductor_train` passes the statistics dtype, the speed road under ``torch.compile``).
     """
     dims = reduction_dims(x)
     shape = channel_shape(x)
     m = count_per_channel(x)
     dt = inv.dtype
-    acc = _accumulation_dtype(x)  # numerics policy: centered and reduced in the accumulation dtype
+    acc = acc or _accumulation_dtype(x)  # numerics policy: centered and reduced in the accumulation dtype
     inv_ = inv.to(acc)
     dy_ = dy.to(acc)
     xhat = (x.to(acc) - mean.to(acc).view(shape)) * inv_.view(shape)

@@ -102,6 +102,34 @@ def test_compiled_step_matches_bnkit_eager_in_every_mode(training, track, dtype)
         torch.testing.assert_close(bc, be, **tol, msg=name)
 
 
+@pytest.mark.parametrize("layer", [
+    lambda: bnkit.nn.BatchRenorm2d(3, r_max=1.5, d_max=0.5),
+    lambda: bnkit.nn.GhostBatchNorm2d(3, virtual_batch_size=2),
+])
+def test_compiled_variants_match_their_eager_step(layer):
+    # batch renorm and ghost BN take inductor_train too under torch.compile
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = layer().double()
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+        eager.bias.normal_()
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    atol, rtol = NETWORK[torch.float64]
+    for _ in range(2):
+        x = torch.randn(4, 3, 3, 3, dtype=torch.float64) * 2 + 1
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye, atol=atol, rtol=rtol)
+        g = torch.randn_like(ye)
+        ye.backward(g)
+        yc.backward(g)
+        for pe, pc in zip(eager.parameters(), compiled_layer.parameters(), strict=True):
+            torch.testing.assert_close(pc.grad, pe.grad, atol=atol, rtol=rtol)
+    for be, bc in zip(eager.buffers(), compiled_layer.buffers(), strict=True):
+        torch.testing.assert_close(bc, be, atol=atol, rtol=rtol)
+
+
 def test_compiled_training_records_the_fusable_statistics():
     # a training call under torch.compile records var_mean and the hand-derived backward in float32 ops
     # (inductor_train): no custom op, no float64 accumulation of float32 data, one pass of var_mean

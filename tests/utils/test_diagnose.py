@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from cli_calls import call
+from models import bn_batch_inputs
 from torch import nn
 
 import bnkit
@@ -41,17 +41,7 @@ def make_data(sizes=(16, 16, 16, 16), seed=1):
 
 def batch_inputs(model: nn.Sequential, data) -> dict[int, list[torch.Tensor]]:
     """The oracle: each BN layer's input batch by batch, every BN normalizing with its batch statistics."""
-    seen: dict[int, list[torch.Tensor]] = {i: [] for i in BN_INDICES}
-    with torch.no_grad():
-        for x, _ in data:
-            h = x
-            for i, layer in enumerate(model):
-                if i in seen:
-                    seen[i].append(h)
-                    h = F.batch_norm(h, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
-                else:
-                    h = layer(h)
-    return seen
+    return bn_batch_inputs(model, data, BN_INDICES)
 
 
 def per_channel(x: torch.Tensor) -> torch.Tensor:

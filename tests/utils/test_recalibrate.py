@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from bn_tolerances import assert_close
+from models import bn_batch_inputs
 from torch import nn
 
 import bnkit
@@ -36,16 +36,7 @@ def make_data(sizes=SIZES):
 def expected_stats(model: nn.Sequential, data) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The oracle: each BN layer's input batch by batch, with every BN normalizing by its batch
     statistics (torch's F.batch_norm in training mode), concatenated, then mean and unbiased var."""
-    seen: dict[int, list[torch.Tensor]] = {1: [], 4: [], 9: []}
-    with torch.no_grad():
-        for x, _ in data:
-            h = x
-            for i, layer in enumerate(model):
-                if i in seen:
-                    seen[i].append(h)
-                    h = F.batch_norm(h, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
-                else:
-                    h = layer(h)
+    seen = bn_batch_inputs(model, data, (1, 4, 9))
     out = {}
     for i, chunks in seen.items():
         allx = torch.cat(chunks).transpose(0, 1).reshape(chunks[0].shape[1], -1)

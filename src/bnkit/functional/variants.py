@@ -50,8 +50,10 @@ Stats = tuple[Tensor, Tensor | None, Tensor | None]
 
 def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, var)`` of a training batch norm: the eager fast path (backward and jvp of the kernels'
-    formulas), or where a tracer or transform records the call the reference's plain ops, as
-    :func:`batch_norm_pure` routes (:func:`bnkit.autograd.needs_plain_ops`)."""
+    formulas), or where a tracer or transform records the call plain ops (:func:`bnkit.autograd.inductor_train`
+    under ``torch.compile``, else the reference's), as :func:`batch_norm_pure` routes."""
+    if autograd.inductor_records():
+        return autograd.inductor_train(x, weight, bias, eps)
     if autograd.needs_plain_ops():
         mean, var = ref.batch_stats(x)
         return ref.normalize(x, mean, ref.invstd(var, eps), weight, bias), mean, var

@@ -193,18 +193,13 @@ def _lock_cache_saves(lock_path: str) -> None:
     save = caching.IndexDataCacheFile.save
     if getattr(save, "bnkit_lock", None) == lock_path:
         return  # a worker runs several parts: wrapped once
-    depth = [0]  # re-entrant: a save nested in another of this process must not wait on its own lock
 
     def locked_save(self, key, data):
-        if depth[0]:
-            return save(self, key, data)
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            depth[0] += 1
             try:
                 return save(self, key, data)
             finally:
-                depth[0] -= 1
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     locked_save.bnkit_lock = lock_path
