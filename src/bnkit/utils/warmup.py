@@ -10,13 +10,14 @@ The calls go through the same plan functions as a user's, so the list follows th
 compiled as soon as one of these inputs reaches it. It lives in ``utils`` because it drives the ``nn``
 layers; the kernels package only announces a compile (:mod:`bnkit.kernels.compiling`).
 
-numba compiles on one core, under one lock per process. With ``jobs > 1`` the steps run in that many
-worker processes, in parts (a dtype's layer steps, its backend steps, its fused-activation steps) taken
-in turn, so two cores compile two parts at once. The workers share numba's cache directory; numba saves
-an entry by reading the index file, adding the entry and writing it back, so two processes saving entries
-of one kernel at once could each name the same data file. Each worker therefore holds an exclusive lock
-on a file in the cache directory (``fcntl.flock``) while it saves; where ``fcntl`` is missing the steps
-run in this process.
+numba compiles on one core, under one lock per process. With ``jobs > 1`` the steps run in that many worker
+processes, in parts (a dtype's layer steps, its backend steps, its fused-activation steps), so two cores
+compile two parts at once. A dtype's backend and activation parts start after its layer part: they run
+drivers the layer steps compile, and two workers would otherwise each compile them. The workers share
+numba's cache directory; numba saves an entry by reading the index file, adding the entry and writing it
+back, so two processes saving entries of one kernel at once could each name the same data file. Each worker
+therefore holds an exclusive lock on a file in the cache directory (``fcntl.flock``) while it saves; where
+``fcntl`` is missing the steps run in this process.
 """
 
 from __future__ import annotations
@@ -158,9 +159,16 @@ def _steps(dtypes: Sequence[torch.dtype]) -> list[tuple[str, Callable[[], None]]
 
 
 def _parts(dtypes: Sequence[torch.dtype]) -> list[tuple[str, str]]:
-    # parts of one kind for every dtype before the next kind: two workers rarely compile the same kernel
-    # for the same dtype at once (the layer and backend steps share kernels)
+    # the order in which workers take the parts: every dtype's layer steps first (the longest parts,
+    # float32 before float64 before bfloat16), then the rest
     return [(str(dt).replace("torch.", ""), part) for part in _PARTS for dt in dtypes if _part_steps(dt, part)]
+
+
+def _ready(part: tuple[str, str], done: set[tuple[str, str]], parts: list[tuple[str, str]]) -> bool:
+    # a dtype's backend and activation steps run the drivers its layer steps compile (the planned paths,
+    # the small kernels): they wait until those are in the cache rather than compile them a second time
+    dtype, kind = part
+    return kind == "layers" or (dtype, "layers") in done or (dtype, "layers") not in parts
 
 
 def _run(steps: list[tuple[str, Callable[[], None]]], on_step: Callable[[int, int, str], None] | None,
@@ -226,7 +234,7 @@ def _default_jobs() -> int:
 def _run_in_workers(dts: Sequence[torch.dtype], jobs: int, on_step: Callable[[int, int, str], None] | None,
                     total: int) -> set[str]:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     from bnkit.kernels.cpu.cache import cache_dir, ensure_fresh
 
@@ -238,15 +246,22 @@ def _run_in_workers(dts: Sequence[torch.dtype], jobs: int, on_step: Callable[[in
     if on_step is not None:
         on_step(0, total, f"starting {jobs} worker processes")
     # spawn, not fork: forking a process whose OpenMP and numba thread pools may already run is unsafe
+    parts = _parts(dts)
+    waiting, running, finished = list(parts), {}, set()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_part, dtype, part, lock_path) for dtype, part in _parts(dts)]
-        for future in as_completed(futures):
-            labels, part_compiled = future.result()
-            compiled.update(part_compiled)
-            for label in labels:
-                done += 1
-                if on_step is not None and done < total:
-                    on_step(done, total, label)
+        while waiting or running:
+            for part in [p for p in waiting if _ready(p, finished, parts)][: jobs - len(running)]:
+                waiting.remove(part)
+                running[pool.submit(_run_part, *part, lock_path)] = part
+            ended, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in ended:
+                finished.add(running.pop(future))
+                labels, part_compiled = future.result()
+                compiled.update(part_compiled)
+                for label in labels:
+                    done += 1
+                    if on_step is not None and done < total:
+                        on_step(done, total, label)
     return compiled
 
 

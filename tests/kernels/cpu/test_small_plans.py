@@ -17,7 +17,7 @@ from bn_tolerances import CPU_KERNEL, ELEMENTWISE, FLOAT64_REFERENCE, UNIT_SCALE
 
 import bnkit
 from bnkit import reference as ref
-from bnkit.kernels import last_backend, recorded_plans, use_backend
+from bnkit.kernels import get_backend, last_backend, recorded_plans, use_backend
 from bnkit.kernels.cpu import backend
 from bnkit.kernels.cpu import plan as road
 
@@ -536,11 +536,16 @@ def test_16bit_eval_is_the_cpu_backends_bit_for_bit(plans, shape, layout, dtype,
 def test_16bit_takes_the_path_only_with_float32_vectors(plans):
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=7)
     xb = x.bfloat16()
-    bnkit.functional.batch_norm(xb, rm.bfloat16(), rv.bfloat16(), w.bfloat16(), b.bfloat16(), training=False)
+    cpu = get_backend("cpu")
+    vectors16 = (rm.bfloat16(), rv.bfloat16(), w.bfloat16(), b.bfloat16())
+    assert cpu.check(xb, *vectors16) is None and cpu.check(xb, rm, rv, w, b) is not None
+    # the checked road converts the vectors and runs the same eval kernel
+    y = bnkit.functional.batch_norm(xb, *vectors16, training=False)
+    assert plans == {"eval/half": 1}
+    assert_close(y.float(), F.batch_norm(xb, *vectors16, training=False).float(), xb.dtype, table=CPU_KERNEL)
     with pytest.raises(RuntimeError, match="mixed dtype"):  # torch's error, from the regular checks
         bnkit.functional.batch_norm(xb, rm, rv.double(), w, b, training=False)
-    assert plans.small() == {}
-    plans.clear()  # (the checked road's plan)
+    plans.clear()
     bnkit.functional.batch_norm(xb, rm, rv, w, b, training=False)
     bnkit.functional.batch_norm(xb.clone().requires_grad_(), rm, rv, w, b, training=False)
     assert plans == {"eval/half": 2}

@@ -131,7 +131,6 @@ def _running(running, c: int, count: int, sd: torch.dtype) -> Running:
 # _small_kernels, which a broken numba turns off without touching these)
 _TRAIN_DRIVER = {path: getattr(_drivers, name) for path, name in _drivers.TRAIN_DRIVERS.items()}
 _BACKWARD_DRIVER = {path: getattr(_drivers, name) for path, name in _drivers.BACKWARD_DRIVERS.items()}
-_EVAL_DRIVER = {order: getattr(_drivers, name) for order, name in _drivers.EVAL_DRIVERS.items()}
 _AFFINE_DRIVER = {order: getattr(_drivers, name) for order, name in _drivers.AFFINE_DRIVERS.items()}
 _REDUCE_DRIVER = {order: getattr(_drivers, name) for order, name in _drivers.REDUCE_DRIVERS.items()}
 
@@ -235,7 +234,9 @@ class CpuBackend:
         eps: float,
     ) -> Tensor:
         """Eval forward from the running statistics: :meth:`forward_eval` with ``scale`` and ``shift``
-        made inside the same compiled call (:func:`bnkit.kernels.cpu.drivers.eval_ncs`) instead of several torch ops.
+        made inside the same compiled call instead of several torch ops: the one-call road's eval kernels
+        (:func:`bnkit.kernels.cpu.drivers.eval_forward`, ``eval_forward16`` for 16-bit data) on vectors
+        converted to the statistics dtype.
 
         Same numbers as ``forward_eval(x, running_mean, rsqrt(running_var + eps) * weight, bias)``
         in the statistics dtype (what :mod:`bnkit.autograd` computes for other backends).
@@ -247,11 +248,11 @@ class CpuBackend:
         w = _vector("weight", weight, c, sd)
         b = _vector("bias", bias, c, sd)
         y = _empty_like(x)
-        args = (_LIKE[x.dtype], Data(x.data_ptr(), y.data_ptr()), Shape(n, c, s, 0), _affine_plan(order, n, c, s, sd),
-                EvalVectors(m.data_ptr(), v.data_ptr(), _addr(w), _addr(b)), _scalar(float(eps), sd))  # fmt: skip
-        ran_plan("eval/" + order)
-        _call(_EVAL_DRIVER[order], args)
-        return y
+        dims = (n * s, c, 1) if order == "nsc" else (n, c, s)  # channels innermost: rows of channels
+        if _eval_running(x, y, dims, 0, (m.data_ptr(), v.data_ptr(), _addr(w), _addr(b)), float(eps)):
+            return y
+        scale = (v + eps).rsqrt() if w is None else (v + eps).rsqrt() * w  # the kernels are unavailable
+        return self.forward_eval(x, m, scale, torch.zeros_like(scale) if b is None else b)
 
     def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
         order, n, c, s = self._layout(x)
@@ -491,27 +492,13 @@ class CpuBackend:
              eps: float) -> Tensor | None:  # fmt: skip
         """The one-call eval forward of :meth:`one_call_eval_plan`'s plan; ``None``: nothing was written."""
         try:
-            xa, rma, rva = x.data_ptr(), running_mean.data_ptr(), running_var.data_ptr()
-            wa, ba = _addr(weight), _addr(bias)
+            x.data_ptr()
+            rma, rva, wa, ba = running_mean.data_ptr(), running_var.data_ptr(), _addr(weight), _addr(bias)
         except RuntimeError:  # a tensor without storage (a leaked functorch wrapper)
             return None
-        n, c, s = plan[0]
-        if x.dtype in _RAW16:
-            y = torch.empty_like(x)
-            nt = threads(n * c * s)  # as the checked road sets numba's threads and cuts the work
-            params = (_nsc_parts(nt, n, c), 1, _NO_TABLE) if s == 1 else _ncs_affine_plan(nt, n, c, s, np.float32)
-            args = (_LIKE[x.dtype], Data(xa, y.data_ptr()), Shape(n, c, s, 0), EvalVectors(rma, rva, wa, ba), eps,
-                    AffinePlan(*params))  # fmt: skip
-            if not _call_driver(_small_kernels().eval_forward16, args):
-                return None
-            ran_plan("eval/half")
-            return y
         length = _ncl_length(x)
         y = torch.empty(x.shape, dtype=x.dtype) if length else torch.empty_like(x)  # else x's strides (x is dense)
-        k = _small_kernels()
-        args = (_ZERO[x.dtype], xa, y.data_ptr(), n, c, s, rma, rva, wa, ba, eps, length)
-        _launch(k.eval_forward, k.eval_forward_par, args, n, c, s, _EVAL_SMALL)
-        return y
+        return y if _eval_running(x, y, plan[0], length, (rma, rva, wa, ba), eps) else None
 
     def one_call_eval_backward(
         self, plan: tuple, gy: Tensor, x: Tensor, running_mean: Tensor, running_var: Tensor, weight, eps: float,
@@ -558,6 +545,30 @@ _BACKWARD_SMALL = ("backward/small", "backward/small_parallel")
 _EVAL_SMALL = ("eval/small", "eval/small_parallel")
 _EVAL_BACKWARD_SMALL = ("eval_backward/small", "eval_backward/small_parallel")
 _K = None  # bnkit.kernels.cpu.drivers once loaded; False if it failed to (then the one-call road is off)
+
+
+def _eval_running(x: Tensor, y: Tensor, dims: tuple[int, int, int], length: int, vectors: tuple, eps: float) -> bool:
+    """The eval forward from the running statistics in one compiled call. ``vectors``: the addresses of the
+    running mean and variance, weight and bias (0: absent), contiguous vectors of the statistics dtype;
+    ``dims``: ``(N, C, S)``, channels-innermost memory as ``(N*S, C, 1)``; ``length``: the ``L`` of an
+    ``(N, C, L)`` view written contiguous (:func:`_ncl_length`), else 0. ``False``: nothing was written (the
+    one-call kernels failed to load, or the 16-bit driver to compile)."""
+    n, c, s = dims
+    k = _small_kernels()
+    if not k:
+        return False
+    if x.dtype in _RAW16:
+        nt = threads(n * c * s)  # as the checked road sets numba's threads and cuts the work
+        params = (_nsc_parts(nt, n, c), 1, _NO_TABLE) if s == 1 else _ncs_affine_plan(nt, n, c, s, np.float32)
+        args = (_LIKE[x.dtype], Data(x.data_ptr(), y.data_ptr()), Shape(n, c, s, 0), EvalVectors(*vectors), eps,
+                AffinePlan(*params))  # fmt: skip
+        if not _call_driver(k.eval_forward16, args):
+            return False
+        ran_plan("eval/half")
+        return True
+    args = (_ZERO[x.dtype], x.data_ptr(), y.data_ptr(), n, c, s, *vectors, eps, length)
+    _launch(k.eval_forward, k.eval_forward_par, args, n, c, s, _EVAL_SMALL)
+    return True
 
 
 def _small_kernels():

@@ -27,7 +27,7 @@ per-channel vector contiguous in the data's dtype.
 
 The drivers of the planned paths (:data:`TRAIN_DRIVERS`, :data:`BACKWARD_DRIVERS`,
 :data:`EVAL_BACKWARD_DRIVERS`, :func:`eval_forward16` for 16-bit eval) and of the checked road's other
-passes (:data:`EVAL_DRIVERS`, :data:`AFFINE_DRIVERS`, :data:`REDUCE_DRIVERS`) run the kernels of
+passes (:data:`AFFINE_DRIVERS`, :data:`REDUCE_DRIVERS`) run the kernels of
 :mod:`bnkit.kernels.cpu.passes` in one call each, the same kernels on both roads, so both give the same
 numbers and each kernel compiles once per dtype; their arguments come as named tuples (:class:`Shape`,
 :class:`TrainPlan`, :class:`Running`, ...).
@@ -81,7 +81,6 @@ __all__ = [
     "TrainPlan",
     "TrainVectors",
     "EVAL_BACKWARD_DRIVERS",
-    "EVAL_DRIVERS",
     "REDUCE_DRIVERS",
     "ReduceVectors",
     "TRAIN_DRIVERS",
@@ -97,8 +96,6 @@ __all__ = [
     "eval_forward",
     "eval_forward16",
     "eval_forward_par",
-    "eval_ncs",
-    "eval_nsc",
     "probe",
     "reduce_ncs",
     "reduce_nsc",
@@ -616,9 +613,10 @@ def eval_backward_nsc(like, grads, shape, T, vectors, eps):
     _scale_by(s1, inv)
 
 
-# The checked road's elementwise and reduction passes (CpuBackend.forward_eval, forward_eval_running,
-# backward_input, backward_reduce, backward_eval), one driver per memory order: the kernels they call are
-# the ones the planned paths call, so a driver adds no kernel specialization of its own.
+# The checked road's elementwise and reduction passes (CpuBackend.forward_eval, backward_input,
+# backward_reduce, backward_eval), one driver per memory order, on the planned paths' kernels. Their vectors
+# are of the statistics dtype, so for float32 data the affine kernels compile a second time (float32
+# coefficients; the training paths pass float64 ones): float32 arithmetic, as the eval forward's.
 
 
 @njit(inline="always")
@@ -649,32 +647,6 @@ def affine_nsc(like, data, shape, plan, vectors, zero):
     ranges)."""
     u, x, out, a, m, k, sh = _affine_views(like, data, shape, vectors, zero)
     nsc_affine(u, x, out, shape.N * shape.S, shape.C, plan.T, run_time(data.u != 0), a, m, k, sh)
-
-
-@njit(inline="always")
-def _eval_views(like, data, shape, vectors, eps):
-    # views and coefficients of the checked road's eval forward: passes.eval_coeffs' numbers
-    total = shape.N * shape.C * shape.S
-    one = _as_like(eps, 1.0)
-    C = shape.C
-    k, sh = _eval_scale_shift(_view(vectors.var, C, one), vectors.weight, vectors.bias, C, eps, one)
-    return _view(data.x, total, like), _view(data.y, total, like), _view(vectors.mean, C, one), k, sh
-
-
-@njit(cache=True)
-def eval_ncs(like, data, shape, plan, vectors, eps):
-    """Eval forward from the running statistics on channel-major memory: the ``cpu`` backend's
-    ``forward_eval_running`` (``eps`` a scalar of the statistics dtype; :class:`EvalVectors`, weight and bias
-    0 when absent), :func:`affine_ncs` with the scale and shift of :func:`bnkit.kernels.cpu.passes.eval_coeffs`."""
-    x, y, rm, k, sh = _eval_views(like, data, shape, vectors, eps)
-    ncs_affine_any(x, x, y, shape.N, shape.C, shape.S, plan.T, plan.Q, run_time(False), k, rm, k, sh, plan.tab)
-
-
-@njit(cache=True)
-def eval_nsc(like, data, shape, plan, vectors, eps):
-    """:func:`eval_ncs` for channels-innermost memory."""
-    x, y, rm, k, sh = _eval_views(like, data, shape, vectors, eps)
-    nsc_affine(x, x, y, shape.N * shape.S, shape.C, plan.T, run_time(False), k, rm, k, sh)
 
 
 @njit(inline="always")
@@ -712,7 +684,6 @@ BACKWARD_DRIVERS = {"fused": "backward_fused", "rows": "backward_rows", "nsc": "
 # memory order (bnkit.kernels.cpu.plan.layout_of) -> the eval backward's driver's name
 EVAL_BACKWARD_DRIVERS = {"ncs": "eval_backward_ncs", "nsc": "eval_backward_nsc"}
 # memory order -> the checked road's eval forward, elementwise pass and reduction drivers' names
-EVAL_DRIVERS = {"ncs": "eval_ncs", "nsc": "eval_nsc"}
 AFFINE_DRIVERS = {"ncs": "affine_ncs", "nsc": "affine_nsc"}
 REDUCE_DRIVERS = {"ncs": "reduce_ncs", "nsc": "reduce_nsc"}
 
