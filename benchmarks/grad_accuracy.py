@@ -19,26 +19,15 @@ import torch
 import torch.nn.functional as F
 
 import bnkit.functional as BF
-from bnkit.kernels import use_backend
-from bnkit.kernels.cpu import plan as road
+from bnkit.kernels import forced_road, use_backend
 
 SHAPES = [(4, 3), (8, 4, 5), (2, 3, 4, 4), (16, 8, 3, 3), (64, 16, 7, 7), (256, 64)]
 OFFSETS = [(1000.0, 1.0), (3.0, 0.01)]
 
 
-@contextlib.contextmanager
-def regular_path():
-    saved = road.SMALL_NUMEL, road.ONE_CALL_NUMEL
-    road.SMALL_NUMEL = road.ONE_CALL_NUMEL = 0
-    try:
-        yield
-    finally:
-        road.SMALL_NUMEL, road.ONE_CALL_NUMEL = saved
-
-
 PATHS = {
     "small kernels": (contextlib.nullcontext, BF.batch_norm, {}),
-    "cpu backend": (regular_path, BF.batch_norm, {}),
+    "cpu backend": (lambda: forced_road("checked"), BF.batch_norm, {}),
     "fused act": (contextlib.nullcontext, BF.batch_norm_act, {"activation": "identity"}),
     "fused act (memory saving)": (contextlib.nullcontext, BF.batch_norm_act,
                                   {"activation": "identity", "memory_saving": True}),

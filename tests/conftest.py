@@ -20,13 +20,12 @@ def _seed():
 
 
 @pytest.fixture(params=["regular", "small"])
-def bn_path(request, monkeypatch):
+def bn_path(request):
     """Run a functional-level test on both CPU roads: the ``cpu`` backend's checked methods behind the
-    autograd layer ("regular"), and the one-call road, whose small kernels take inputs up to
-    ``bnkit.kernels.cpu.plan.SMALL_NUMEL`` (every call up to ``ONE_CALL_NUMEL``)."""
-    if request.param == "regular":
-        from bnkit.kernels.cpu import plan
+    autograd layer ("regular", ``bnkit.kernels.forced_road("checked")``), and the road the plan picks,
+    the one-call road for the usual tensors (the small kernels on a test's sizes)."""
+    # (imported here, not at the top: tests/kernels/triton_interpret_cases.py checks what importing bnkit imports)
+    from bnkit.kernels import forced_road
 
-        monkeypatch.setattr(plan, "SMALL_NUMEL", 0)
-        monkeypatch.setattr(plan, "ONE_CALL_NUMEL", 0)
-    return request.param
+    with forced_road("checked" if request.param == "regular" else None):
+        yield request.param

@@ -50,10 +50,10 @@ just those channels in a side tensor of shape (N, n_lost, *) and computes their 
 
 The memory-saving backward allocates nothing full-size besides ``dx``: the kernels work
 element by element, and the composed path runs over batch chunks of at most
-:data:`CHUNK_ELEMENTS` elements (at least one sample). ELU under the ``cpu`` backend takes a
-third way: torch's vectorized ``log1p`` writes the inverse into ``dx`` itself (or, when only
-``dw``/``db`` are wanted, into a chunk-sized buffer), one kernel turns it into ``y`` while it
-reduces and a second one reads ``y`` back while it writes ``dx`` (numba's scalar ``log1p`` in the
+:data:`CHUNK_ELEMENTS` elements (at least one sample; :func:`forced_act_road` sets another size). ELU
+under the ``cpu`` backend takes a third way: torch's vectorized ``log1p`` writes the inverse into ``dx``
+itself (or, when only ``dw``/``db`` are wanted, into a chunk-sized buffer), one kernel turns it into ``y``
+while it reduces and a second one reads ``y`` back while it writes ``dx`` (numba's scalar ``log1p`` in the
 kernels, or eight torch ops per chunk in the composed path, made this backward several times slower).
 With ``inplace=True`` the forward writes ``z`` over ``x``: on the one-call road the plan's kernel writes
 ``y`` over ``x``; elsewhere chunk by chunk, after two ``backward_reduce`` passes for the statistics.
@@ -67,6 +67,9 @@ backward) take plain-op twins of both backwards.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,7 @@ from bnkit.kernels import backend_for, get_backend, ran_plan
 
 __all__ = [
     "ACTIVATIONS",
+    "ACT_ROADS",
     "CHUNK_ELEMENTS",
     "INVERTIBLE_ACTIVATIONS",
     "RECOVERY_RATIO",
@@ -87,6 +91,7 @@ __all__ = [
     "apply_activation",
     "batch_norm_act_forward",
     "check_activation",
+    "forced_act_road",
     "one_call_act",
 ]
 
@@ -96,6 +101,44 @@ INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
 RECOVERY_RATIO = 1e-3
 # Memory-saving backward/in-place forward: elements per batch chunk (at least one sample).
 CHUNK_ELEMENTS = 1 << 20
+# the ways forced_act_road may force: bnkit.kernels.cpu.act's kernels, or the backend's primitives composed
+ACT_ROADS = ("kernels", "composed")
+# what forced_act_road holds (None: the default): read by _act_kernels_wanted and _batch_chunks
+_act_road: str | None = None
+_chunk_elements: int | None = None
+
+
+@contextlib.contextmanager
+def forced_act_road(road: str | None = None, *, chunk_elements: int | None = None) -> Iterator[None]:
+    """Run a block of fused batch norm + activation calls on one road, whatever the default would pick.
+
+    * ``"kernels"``: the numba kernels of :mod:`bnkit.kernels.cpu.act` wherever they apply (contiguous
+      CPU float32/float64), also for the activations and backends where the default composes;
+    * ``"composed"``: the backend's primitives and torch's activation ops, never those kernels;
+    * ``None``: the road around the block; outside any ``forced_act_road`` the default: the kernels for
+      identity, relu and leaky_relu, and for the memory-saving ELU backward, when the ``cpu`` backend runs.
+
+    ``chunk_elements`` (at least 1) sets the elements per batch chunk of the memory-saving backward's
+    composed and ELU passes and of the composed in-place forward (``None``: the size around the block;
+    outside any, :data:`CHUNK_ELEMENTS`). Neither chooses between plain batch norm's roads, which training
+    calls take first (:func:`bnkit.kernels.forced_road`). Blocks nest, and each restores the settings
+    before it on exit, also when the block raises. Not thread-safe: the settings are process-wide, as
+    :func:`bnkit.kernels.forced_road`'s. Raises ``ValueError`` for another road or size.
+    """
+    global _act_road, _chunk_elements
+    if road is not None and road not in ACT_ROADS:
+        raise ValueError(f"road must be one of {', '.join(ACT_ROADS)} or None, got {road!r}")
+    if chunk_elements is not None and not (type(chunk_elements) is int and chunk_elements >= 1):
+        raise ValueError(f"chunk_elements must be a positive int or None, got {chunk_elements!r}")
+    previous = _act_road, _chunk_elements
+    if road is not None:
+        _act_road = road
+    if chunk_elements is not None:
+        _chunk_elements = chunk_elements
+    try:
+        yield
+    finally:
+        _act_road, _chunk_elements = previous
 
 
 def check_activation(activation: str, activation_param: float, memory_saving: bool) -> None:
@@ -167,7 +210,7 @@ def activation_inverse(z: Tensor, activation: str, param: float) -> Tensor:
 def _batch_chunks(x: Tensor) -> list[tuple[int, int]]:
     n = x.shape[0]
     per_sample = max(1, x[0].numel()) if n else 1
-    step = max(1, CHUNK_ELEMENTS // per_sample)
+    step = max(1, (CHUNK_ELEMENTS if _chunk_elements is None else _chunk_elements) // per_sample)
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
@@ -294,9 +337,6 @@ def _small_plan(x: Tensor) -> bool:
 
 # --- the optional numba kernels ----------------------------------------------------------
 
-# None: use bnkit.kernels.cpu.act when the dispatcher picks the "cpu" backend for a tensor;
-# True/False force it on/off (tests compare both paths).
-FORCE_KERNELS: bool | None = None
 # (cpu.act module, cpu.plan.threads) once imported; False when numba is unusable
 _CPU_ACT = None
 
@@ -310,11 +350,17 @@ def _kernels_for(x: Tensor, activation: str):
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous():
         return None
-    if FORCE_KERNELS is False:
-        return None
-    if FORCE_KERNELS is None and (activation not in ("identity", "relu", "leaky_relu") or backend_for(x).name != "cpu"):
+    if not _act_kernels_wanted(x, activation in ("identity", "relu", "leaky_relu")):
         return None
     return _cpu_act_for(x.numel())
+
+
+def _act_kernels_wanted(x: Tensor, by_default: bool) -> bool:
+    """Whether the act kernels run on ``x`` (which they apply to): as :func:`forced_act_road` says, else
+    when the kernels are the default for the call (``by_default``) and the ``cpu`` backend runs ``x``."""
+    if _act_road is not None:
+        return _act_road == "kernels"
+    return by_default and backend_for(x).name == "cpu"
 
 
 def _cpu_act_for(numel: int):
@@ -346,15 +392,15 @@ def _cpu_act():
 def _elu_kernels_for(z: Tensor, activation: str):
     """:mod:`bnkit.kernels.cpu.act` for the memory-saving ELU backward on ``z``, else None.
 
-    Used whenever the kernels may run (``FORCE_KERNELS`` not False, the ``cpu`` backend picked
-    unless forced, contiguous CPU float32/64): ``log1p`` comes from torch in batch chunks and
-    the kernels only select and reduce (:func:`bnkit.kernels.cpu.act.row_reduce_ms_elu`).
+    Used whenever the kernels may run (contiguous CPU float32/64, the ``cpu`` backend picked unless
+    :func:`forced_act_road` says otherwise): ``log1p`` comes from torch in batch chunks and the kernels
+    only select and reduce (:func:`bnkit.kernels.cpu.act.row_reduce_ms_elu`).
     """
-    if activation != "elu" or FORCE_KERNELS is False:
+    if activation != "elu":
         return None
     if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or not z.is_contiguous():
         return None
-    if FORCE_KERNELS is None and backend_for(z).name != "cpu":
+    if not _act_kernels_wanted(z, True):
         return None
     return _cpu_act_for(z.numel())
 

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from bn_tolerances import assert_close
 
 import bnkit
-from bnkit.kernels import get_backend, last_plan
-from bnkit.kernels.cpu import plan as road
+from bnkit.kernels import forced_road, get_backend, last_plan
+
+# the paths these tests name -> the road forced for them (None: the one the plan picks)
+ROADS = {"small": None, "small kernels": None, "one-call driver": "planned", "regular": "checked"}
 
 
 def _layouts(shape: tuple[int, ...]):
@@ -56,9 +58,7 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> None:
                                          (torch.float32, "regular"), (torch.bfloat16, "regular")])  # fmt: skip
 @pytest.mark.parametrize("mode", ["train", "eval", "train, graph", "eval, graph"])
 @pytest.mark.parametrize("shape, name, x0", CASES, ids=[f"{s}-{n}" for s, n, _ in CASES])
-def test_functional_output_has_torchs_layout(shape, name, x0, mode, dtype, path, monkeypatch):
-    if path == "regular":
-        monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)
+def test_functional_output_has_torchs_layout(shape, name, x0, mode, dtype, path):
     c = shape[1]
     training, graph = mode.startswith("train"), mode.endswith("graph")
     out = {}
@@ -68,11 +68,12 @@ def test_functional_output_has_torchs_layout(shape, name, x0, mode, dtype, path,
         w = torch.linspace(0.5, 1.5, c, dtype=pd).requires_grad_(graph)
         b = torch.linspace(-1, 1, c, dtype=pd).requires_grad_(graph)
         rm, rv = torch.zeros(c, dtype=pd), torch.ones(c, dtype=pd)
-        y = bn(x, rm, rv, w, b, training=training)
-        grads = None
-        if graph:
-            (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape).sin()).sum().backward()
-            grads = (x.grad, w.grad, b.grad)
+        with forced_road(ROADS[path]):
+            y = bn(x, rm, rv, w, b, training=training)
+            grads = None
+            if graph:
+                (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape).sin()).sum().backward()
+                grads = (x.grad, w.grad, b.grad)
         out[impl] = y, rm, rv, grads
     (yt, rmt, rvt, gt), (yb, rmb, rvb, gb) = out["torch"], out["bnkit"]
     _same_layout(yb, yt)
@@ -98,22 +99,19 @@ def test_pure_and_module_outputs_have_torchs_layout(shape, name, x0):
     _same_layout(cls[len(shape)](c)(x), torch_cls[len(shape)](c)(x))
 
 
-@pytest.mark.parametrize("path", ["small kernels", "one-call drivers", "regular"])
-def test_ncl_view_gradient_is_read_in_the_inputs_layout(path, monkeypatch):
+@pytest.mark.parametrize("path", ["small kernels", "one-call driver", "regular"])
+def test_ncl_view_gradient_is_read_in_the_inputs_layout(path):
     # the output of an (N, C, L) view is contiguous, so its gradient usually is: each backward copies
     # it into x's layout for its kernels (not the reference's formulas); the numbers are torch's
-    if path != "small kernels":
-        monkeypatch.setattr(road, "SMALL_GRAD_NUMEL", 0)
-    if path == "regular":
-        monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)
     x0 = torch.randn(8, 40, 6).transpose(1, 2)
     out = {}
     for impl, bn in (("torch", F.batch_norm), ("bnkit", bnkit.functional.batch_norm)):
         x = x0.clone().requires_grad_()
         w, b = torch.linspace(0.5, 1.5, 6).requires_grad_(), torch.linspace(-1, 1, 6).requires_grad_()
-        y = bn(x, None, None, w, b, training=True)
-        assert y.is_contiguous()
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+        with forced_road(ROADS[path]):
+            y = bn(x, None, None, w, b, training=True)
+            assert y.is_contiguous()
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
         out[impl] = (x.grad, w.grad, b.grad)
         if impl == "bnkit":  # the backward ran on the kernels, in x's channels-innermost layout
             assert last_plan() == ("backward/small" if path == "small kernels" else "backward/nsc")
@@ -149,13 +147,10 @@ def test_ncl_view_training_kernels_write_torchs_layout_themselves(path, shape, d
     x = (torch.randn(n, length, c, dtype=dtype) * 2 + 3).transpose(1, 2)
     w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
     rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
-    if path == "one-call driver":
-        monkeypatch.setattr(road, "SMALL_NUMEL", 0)
-    if path == "regular":
-        monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)
-    else:
+    if path != "regular":
         monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copied after the kernel"))
-    y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
+    with forced_road(ROADS[path]):
+        y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=True)
     monkeypatch.undo()
     assert y.is_contiguous() and y.shape == x.shape
     assert_close(y, F.batch_norm(x, None, None, w, b, training=True), dtype)

@@ -9,7 +9,7 @@ from torch import nn
 import bnkit
 import bnkit.functional as bf
 from bnkit import fused
-from bnkit.kernels import recorded_plans
+from bnkit.kernels import forced_road, recorded_plans
 
 EPS = 1e-5
 ACTS = ["identity", "relu", "leaky_relu", "elu", "silu", "gelu"]
@@ -87,9 +87,10 @@ def _compare(activation, memory_saving, training, shape, dtype=torch.float64, w_
 
 
 @pytest.fixture
-def composed(monkeypatch):
+def composed():
     """The path composed from the backend primitives, whatever backend runs (kernels are tested below)."""
-    monkeypatch.setattr(fused, "FORCE_KERNELS", False)
+    with fused.forced_act_road("composed"):
+        yield
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -121,20 +122,19 @@ def test_memory_saving_zero_and_tiny_weight_channels(composed, activation):
         _compare(activation, True, training, (4, 3, 5, 6), w_override=w, inplace=True)
 
 
-def test_memory_saving_chunks(composed, monkeypatch):
+def test_memory_saving_chunks(composed):
     # several batch chunks, with a remainder, give the same gradients
     x, *_ = _data((5, 3, 4, 4))
-    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2 * x[0].numel())
-    _compare("leaky_relu", True, True, (5, 3, 4, 4))
-    _compare("elu", True, True, (5, 3, 4, 4), w_override=torch.tensor([0.0, 1.0, 2.0]))
+    with fused.forced_act_road(chunk_elements=2 * x[0].numel()):
+        _compare("leaky_relu", True, True, (5, 3, 4, 4))
+        _compare("elu", True, True, (5, 3, 4, 4), w_override=torch.tensor([0.0, 1.0, 2.0]))
 
 
-def test_memory_saving_elu_kernels(monkeypatch):
+@fused.forced_act_road("kernels", chunk_elements=2 * 3 * 16)  # chunks of 2, 2 and 1 samples
+def test_memory_saving_elu_kernels():
     # ELU's memory-saving backward: log1p from torch into dx (one pass) or, for dw/db alone, into a
     # chunk buffer (several chunks with a remainder); zero and tiny weight channels; float64, float32
-    monkeypatch.setattr(fused, "FORCE_KERNELS", True)
     shape = (5, 3, 4, 4)
-    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2 * 3 * 16)  # chunks of 2, 2 and 1 samples
     for training in (True, False):
         for dtype in (torch.float64, torch.float32):
             with recorded_plans() as ran:
@@ -156,7 +156,7 @@ def test_memory_saving_elu_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_memory_saving_elu_saturated_kernels_match_composed(monkeypatch, dtype):
+def test_memory_saving_elu_saturated_kernels_match_composed(dtype):
     # outputs saturated at -alpha (y < log(eps)) cannot be inverted; the kernels must clamp the way
     # the composed path does (finite gradients, the same ones), alpha == 1 (no division) and not
     x, _, b, *_ = _data((4, 3, 5, 6), dtype)
@@ -164,13 +164,13 @@ def test_memory_saving_elu_saturated_kernels_match_composed(monkeypatch, dtype):
     gz = torch.randn(x.shape, dtype=dtype)
     for alpha in (1.0, 0.7):
         grads = []
-        for force in (True, False):
-            monkeypatch.setattr(fused, "FORCE_KERNELS", force)
+        for road in ("kernels", "composed"):
             xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-            z = bf.batch_norm_act(xs, None, None, ws, bs, True, activation="elu", activation_param=alpha,
-                                  memory_saving=True)
-            assert (z == -alpha).any()
-            z.backward(gz)
+            with fused.forced_act_road(road):
+                z = bf.batch_norm_act(xs, None, None, ws, bs, True, activation="elu", activation_param=alpha,
+                                      memory_saving=True)
+                assert (z == -alpha).any()
+                z.backward(gz)
             grads.append((xs.grad, ws.grad, bs.grad))
         for kern, comp in zip(*grads, strict=True):
             assert torch.isfinite(kern).all()
@@ -300,7 +300,7 @@ def _peak_bytes(fn):
 
 
 @pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
-def test_memory_saving_backward_is_chunked(monkeypatch, activation):
+def test_memory_saving_backward_is_chunked(activation):
     # Besides dx, the backward allocates only chunk-sized temporaries: with 16 chunks the
     # peak above the start stays well under two full-size tensors (dx + a little), while an
     # unchunked backward would need dx plus several full-size temporaries.
@@ -308,11 +308,11 @@ def test_memory_saving_backward_is_chunked(monkeypatch, activation):
     x = torch.randn(shape).requires_grad_()
     w = torch.rand(8).add_(0.5).requires_grad_()
     b = torch.randn(8).requires_grad_()
-    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", x[0].numel())
-    z = bf.batch_norm_act(x, None, None, w, b, True, activation=activation, memory_saving=True)
-    g = torch.randn(shape)
-    full = x.numel() * x.element_size()
-    peak = _peak_bytes(lambda: z.backward(g))
+    with fused.forced_act_road(chunk_elements=x[0].numel()):
+        z = bf.batch_norm_act(x, None, None, w, b, True, activation=activation, memory_saving=True)
+        g = torch.randn(shape)
+        full = x.numel() * x.element_size()
+        peak = _peak_bytes(lambda: z.backward(g))
     assert peak < 1.75 * full, (peak, full)
     ref = torch.randn(shape).requires_grad_()
     zr = getattr(F, activation)(F.batch_norm(ref, None, None, w, b, True))
@@ -389,9 +389,10 @@ def test_freeze_keeps_activation():
 
 
 @pytest.fixture
-def kernels(monkeypatch):
+def kernels():
     """Force the numba kernels of bnkit.kernels.cpu.act (used by default under the cpu backend)."""
-    monkeypatch.setattr(fused, "FORCE_KERNELS", True)
+    with fused.forced_act_road("kernels"):
+        yield
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -467,16 +468,67 @@ def test_channel_kernels_take_groups_of_short_rows(kernels, dtype, memory_saving
     [((5, 67, 12, 12), "train/groups"), ((4, 3, 40, 40), "train/long"), ((64, 5, 3, 3), "train/rows")],
 )
 @pytest.mark.parametrize("memory_saving,inplace", [(False, False), (True, False), (True, True)])
-def test_training_takes_the_planned_paths(monkeypatch, shape, path, memory_saving, inplace):
+def test_training_takes_the_planned_paths(shape, path, memory_saving, inplace):
     # plain eager training takes plain batch norm's one-call plan (the planned drivers once the small kernels
     # are ruled out); with inplace=True the plan's kernel writes y over x. The standard backward: one kernel
     # per group of channels where they keep the threads busy, else torch's activation backward and the plan's
-    from bnkit.kernels.cpu import plan
-
-    monkeypatch.setattr(plan, "SMALL_NUMEL", 0)
-    monkeypatch.setattr(plan, "SMALL_GRAD_NUMEL", 0)
-    with recorded_plans() as ran:
+    with forced_road("planned"), recorded_plans() as ran:
         _compare("leaky_relu", memory_saving, True, shape, dtype=torch.float32, inplace=inplace)
     assert path in ran, ran
     if not memory_saving:
         assert ("act_backward/channels" in ran) != any(p.startswith("backward/") for p in ran), ran
+
+
+# --- bnkit.fused.forced_act_road -----------------------------------------------------------------------
+
+
+def _act_kernels_ran(activation: str) -> bool:
+    """Whether an eval call with ``activation`` took the act kernels' normalize (``act_forward/rows``), its
+    output checked against the equations."""
+    x, w, b, rm, rv = _data((4, 3, 5, 6))
+    p = PARAM.get(activation, 0.01)
+    with recorded_plans() as ran:
+        z = bf.batch_norm_act(x, rm, rv, w, b, False, activation=activation, activation_param=p)
+    assert_close(z, bn_act_ref(x, rm, rv, w, b, False, 0.1, activation, p)[0], table=OUTPUT)
+    return "act_forward/rows" in ran
+
+
+@pytest.mark.parametrize(
+    "road,activation,kernels",
+    [(None, "relu", True), (None, "silu", False), ("kernels", "silu", True), ("composed", "relu", False)],
+)
+def test_forced_act_road_runs_the_road_it_names(road, activation, kernels):
+    # by default the kernels run for the piecewise-linear activations only
+    with fused.forced_act_road(road):
+        assert _act_kernels_ran(activation) == kernels
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"road": "fused"}, "road must be one of kernels, composed or None, got 'fused'"),
+     ({"chunk_elements": 0}, "chunk_elements must be a positive int or None, got 0"),
+     ({"chunk_elements": 2.0}, "chunk_elements must be a positive int or None, got 2.0"),
+     ({"chunk_elements": True}, "chunk_elements must be a positive int or None, got True")],
+)  # fmt: skip
+def test_forced_act_road_rejects_other_values(kwargs, message):
+    with fused.forced_act_road("composed"):
+        with pytest.raises(ValueError, match=message):
+            with fused.forced_act_road(**kwargs):
+                pass
+        assert not _act_kernels_ran("relu")  # the outer road holds
+
+
+def test_forced_act_roads_nest_and_restore_after_an_error():
+    with pytest.raises(RuntimeError, match="raised inside"):
+        with fused.forced_act_road("composed", chunk_elements=7):
+            assert not _act_kernels_ran("relu")
+            raise RuntimeError("raised inside")
+    assert _act_kernels_ran("relu")
+    with fused.forced_act_road("composed"):
+        with fused.forced_act_road(chunk_elements=7):  # a size alone keeps the road around the block
+            assert not _act_kernels_ran("relu")
+            with fused.forced_act_road("kernels"):
+                assert _act_kernels_ran("silu")
+            assert not _act_kernels_ran("relu")
+        assert not _act_kernels_ran("relu")
+    assert _act_kernels_ran("relu") and not _act_kernels_ran("silu")

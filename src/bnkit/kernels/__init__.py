@@ -9,7 +9,10 @@ The choice is explicit and visible:
   support the tensor (dtype, layout);
 * :func:`last_backend` tells which backend ran most recently, and :func:`last_plan` which plan
   (named path: ``"train/small"``, ``"train/rows"``, ``"backward/fused"``, ``"eval/small"``, ...) the
-  ``cpu`` backend ran; :func:`recorded_plans` collects every plan run inside a block.
+  ``cpu`` backend ran; :func:`recorded_plans` collects every plan run inside a block;
+* :func:`forced_road` runs a block on one road of the ``cpu`` backend whatever the plan would pick
+  (the checked methods, or the one-call road without the small kernels), for tests and benchmarks
+  that compare the roads.
 
 A backend that fails to load (numba or triton missing, compile error) falls back to the
 reference with a single warning.
@@ -30,9 +33,11 @@ from bnkit.kernels.reference import ReferenceBackend
 
 __all__ = [
     "BACKENDS",
+    "ROADS",
     "Backend",
     "available_backends",
     "backend_for",
+    "forced_road",
     "get_backend",
     "last_backend",
     "last_plan",
@@ -43,6 +48,8 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
+# the roads forced_road may force (docs/design.md, "The road of a tensor")
+ROADS = ("checked", "planned")
 
 # name -> "module:factory" for the lazily loaded fast backends.
 _LOADERS: dict[str, str] = {
@@ -56,6 +63,9 @@ _override: str | None = None
 _last: str | None = None
 _plan: str | None = None
 _plan_log: list[str] | None = None
+# the road forced_road holds (None: the plan picks); read by the cpu backend's check and its plan's
+# one_call_path, so that a call pays one module attribute read for it
+_road: str | None = None
 
 
 # os.environ's own dict (bytes keys on POSIX): a lookup there costs 0.05 us, os.environ.get 0.9,
@@ -177,6 +187,37 @@ def recorded_plans() -> Iterator[list[str]]:
         _plan_log = previous
         if previous is not None:
             previous.extend(log)
+
+
+@contextlib.contextmanager
+def forced_road(road: str | None) -> Iterator[None]:
+    """Run a block on one road of the ``cpu`` backend, whatever the plan would pick for its inputs.
+
+    * ``"checked"``: the one-call road declines every call; each takes the checked methods
+      (``forward_train``, ``backward_train``, ...) behind the autograd Functions.
+    * ``"planned"``: the one-call road takes the calls it accepts at every size, never on the small
+      kernels, with a graph or without: training runs a planned path (``train/rows``, ``backward/fused``,
+      ...), the eval forward its one kernel (``eval/small``, ``eval/half``) and the eval backward
+      the backend's (``eval_backward/ncs``, ...).
+    * ``None``: the road around the block (outside any ``forced_road``, the one the plan picks), so that a
+      parametrized test may pass its default as a value.
+
+    The numbers of each road are the ones it gives when the plan picks it; :func:`last_plan` and
+    :func:`recorded_plans` name what ran. Blocks nest, and each restores the road before it on exit,
+    also when the block raises. Not thread-safe: the setting is process-wide, so calls that other threads
+    make during the block take its road too, and blocks that two threads open at once may restore each
+    other's road. Raises ``ValueError`` for another value.
+    """
+    global _road
+    if road is not None and road not in ROADS:
+        raise ValueError(f"road must be one of {', '.join(ROADS)} or None, got {road!r}")
+    previous = _road
+    if road is not None:
+        _road = road
+    try:
+        yield
+    finally:
+        _road = previous
 
 
 def ran_plan(name: str) -> None:

@@ -17,7 +17,7 @@ from bn_tolerances import CPU_KERNEL, ELEMENTWISE, FLOAT64_REFERENCE, UNIT_SCALE
 
 import bnkit
 from bnkit import reference as ref
-from bnkit.kernels import get_backend, last_backend, recorded_plans, use_backend
+from bnkit.kernels import forced_road, get_backend, last_backend, last_plan, recorded_plans, use_backend
 from bnkit.kernels.cpu import backend
 from bnkit.kernels.cpu import plan as road
 
@@ -561,9 +561,9 @@ REGULAR_CASES = [((64, 67, 12, 12), "contiguous"), ((3, 2000, 3, 3), "contiguous
 @pytest.mark.parametrize("inplace", [True, False], ids=["batch_norm", "batch_norm_pure"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape, layout", REGULAR_CASES)
-def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, shape, layout, dtype, inplace):
+def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(plans, shape, layout, dtype, inplace):
     # one compiled call (train_regular) with the cpu backend's kernels and plan: the checked road's
-    # output and running statistics, bit for bit (SMALL_NUMEL = 0: float32/float64 take it at any size)
+    # output and running statistics, bit for bit (forced "planned": float32/float64 take it at any size)
     x, w, b, rm, rv, _ = _case(shape, layout, dtype, seed=12)
 
     def run():
@@ -575,12 +575,12 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(plans, monkey
         assert torch.equal(run_m, rm) and torch.equal(run_v, rv)
         return y, new_m, new_v
 
-    monkeypatch.setattr(road, "SMALL_NUMEL", 0)
-    got = run()
+    with forced_road("planned"):
+        got = run()
     assert plans == {"train/plan": 1} and last_backend() == "cpu"
     assert got[0].dtype == dtype and got[0].stride() == _torch_stride(x)
-    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the checked road
-    expected = run()
+    with forced_road("checked"):
+        expected = run()
     assert plans == {"train/plan": 2}  # the same plan, by the regular road
     _assert_same_bits(got, expected)
     rm_t, rv_t = rm.clone(), rv.clone()
@@ -594,9 +594,10 @@ def test_training_without_a_graph_is_the_regular_paths_bit_for_bit(plans, monkey
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape, layout", REGULAR_CASES)
-def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, shape, layout, dtype):
+def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(plans, shape, layout, dtype):
     # forward and backward in one compiled call each (train_regular, backward_regular) above
-    # SMALL_GRAD_NUMEL (here 0) and in 16-bit: the checked road's y, running statistics and gradients
+    # SMALL_GRAD_NUMEL (here forced "planned") and in 16-bit: the checked road's y, running statistics and
+    # gradients
     x0, w0, b0, rm, rv, dy = _case(shape, layout, dtype, seed=15)
 
     def run():
@@ -606,12 +607,12 @@ def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypat
         y.backward(dy)
         return y, run_m, run_v, x.grad, w.grad, b.grad
 
-    monkeypatch.setattr(road, "SMALL_GRAD_NUMEL", 0)
-    got = run()
+    with forced_road("planned"):
+        got = run()
     assert plans == {"train/plan": 1, "backward/plan": 1}
     assert got[0].stride() == _torch_stride(x0) and got[3].stride() == x0.stride()
-    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the checked road
-    expected = run()
+    with forced_road("checked"):
+        expected = run()
     assert plans == {"train/plan": 2, "backward/plan": 2}  # the same plans, by the regular road
     _assert_same_bits(got, expected)
 
@@ -621,8 +622,8 @@ def test_training_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypat
 @pytest.mark.parametrize("shape, layout", [((3, 2000, 3, 3), "contiguous"), ((4, 64, 300), "contiguous"),
                                            ((16, 3, 31, 29), "channels_last"), ((8, 13, 401), "ncl"),
                                            ((11003, 3), "contiguous")])  # fmt: skip
-def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, shape, layout, dtype, needs):
-    # above SMALL_GRAD_NUMEL (here 0) and in 16-bit: the eval forward on the one-call kernels, its
+def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(plans, shape, layout, dtype, needs):
+    # above SMALL_GRAD_NUMEL (here forced "planned") and in 16-bit: the eval forward on the one-call kernels, its
     # backward the cpu backend's in one call when both dx and a parameter's gradient are needed (else
     # the regular backward), with the checked road's bits
     x0, w0, b0, rm, rv, dy = _case(shape, layout, dtype, seed=17)
@@ -634,21 +635,21 @@ def test_eval_with_a_graph_is_the_regular_paths_bit_for_bit(plans, monkeypatch, 
         y.backward(dy)
         return y, x.grad, w.grad, b.grad
 
-    monkeypatch.setattr(road, "SMALL_GRAD_NUMEL", 0)
-    got = run()
+    with forced_road("planned"):
+        got = run()
     fwd = "eval/half" if dtype in (torch.bfloat16, torch.float16) else "eval/small"
     # (without dx and a parameter's gradient both, the checked methods' affine or reduction kernel)
     backward = {"all": "eval_backward/plan", "input": "affine/plan", "weight": "reduce/plan"}[needs]
     assert plans == {fwd: 1, backward: 1}
-    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)  # the checked road
-    expected = run()
+    with forced_road("checked"):
+        expected = run()
     _assert_same_bits(got, expected)
 
 
-def test_graph_backwards_the_one_call_kernel_does_not_take_go_the_regular_way(plans, monkeypatch):
+@forced_road("planned")
+def test_graph_backwards_the_one_call_kernel_does_not_take_go_the_regular_way(plans):
     # a gradient laid out unlike x: copied into x's layout for the one-call backward; no input gradient
     # and a double backward: the regular formulas; all checked against torch
-    monkeypatch.setattr(road, "SMALL_GRAD_NUMEL", 0)
     x0, w0, b0, rm, rv = _inputs((6, 5, 4, 3), torch.float64, seed=16)
     dy = torch.randn(6, 5, 3, 4, dtype=torch.float64).transpose(2, 3)  # not x's strides
     for case in ("strides", "no-input-grad", "double"):
@@ -681,6 +682,73 @@ def test_training_without_a_graph_and_without_running_statistics(plans):
         bnkit.functional.batch_norm(torch.randn(1, 3).bfloat16(), None, None, training=True)
 
 
+
+# --- bnkit.kernels.forced_road: one road, whatever the plan would pick -------------------------------------
+
+# road -> the plans of a (4, 3, 5, 5) float32 training call with a graph (forward, backward) and an eval call
+# without one: the plan's small kernels; the one-call road's planned paths (the eval forward has one kernel);
+# the checked methods (the same planned paths for training, the eval driver of the memory order)
+# (counted as _Plans), and last_plan() after the eval call
+FORCED = {
+    None: ({"train/small": 1, "backward/small": 1, "eval/small": 1}, "eval/small"),
+    "planned": ({"train/plan": 1, "backward/plan": 1, "eval/small": 1}, "eval/small"),
+    "checked": ({"train/plan": 1, "backward/plan": 1, "eval/plan": 1}, "eval/ncs"),
+}
+
+
+def _roads_taken() -> tuple[_Plans, str | None]:
+    """The plans of one training call without a graph and one eval call (counted as :class:`_Plans`), and
+    :func:`bnkit.kernels.last_plan` after the eval call; both outputs checked against torch."""
+    x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=21)
+    with recorded_plans() as log:
+        y = bnkit.functional.batch_norm(x, None, None, w, b, training=True)
+        _close(y, F.batch_norm(x, None, None, w, b, training=True), torch.float32)
+        y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
+        _close(y, F.batch_norm(x, rm, rv, w, b, training=False), torch.float32)
+    return _Plans(log), last_plan()
+
+
+@pytest.mark.parametrize("forced", list(FORCED), ids=str)
+def test_forced_road_runs_the_road_it_names(plans, forced):
+    x0, w0, b0, rm, rv, dy = _case((4, 3, 5, 5), "contiguous", torch.float32, seed=22)
+    out = {}
+    for name, bn in (("bnkit", bnkit.functional.batch_norm), ("torch", F.batch_norm)):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        run_m, run_v = rm.clone(), rv.clone()
+        with forced_road(forced):
+            y = bn(x, run_m, run_v, w, b, training=True, momentum=0.3)
+            y.backward(dy)
+            y_eval = bn(x0, rm, rv, w0, b0, training=False)
+        out[name] = (y, run_m, run_v, x.grad, w.grad, b.grad, y_eval)
+        if name == "bnkit":
+            assert last_plan() == FORCED[forced][1]
+    assert plans == FORCED[forced][0]
+    for got, want in zip(out["bnkit"], out["torch"], strict=True):
+        _close(got, want, torch.float32)
+
+
+def test_forced_road_rejects_another_road_and_restores_the_road_after_an_error():
+    with forced_road("checked"):
+        with pytest.raises(ValueError, match="road must be one of checked, planned or None, got 'small'"):
+            with forced_road("small"):
+                pass
+        assert _roads_taken() == ({"train/plan": 1, "eval/plan": 1}, "eval/ncs")  # the outer road holds
+    with pytest.raises(RuntimeError, match="raised inside"):
+        with forced_road("planned"):
+            raise RuntimeError("raised inside")
+    assert _roads_taken() == ({"train/small": 1, "eval/small": 1}, "eval/small")  # the plan picks again
+
+
+def test_forced_roads_nest():
+    with forced_road("checked"):
+        assert _roads_taken() == ({"train/plan": 1, "eval/plan": 1}, "eval/ncs")
+        with forced_road("planned"):
+            assert _roads_taken() == ({"train/plan": 1, "eval/small": 1}, "eval/small")
+            with forced_road(None):  # the road around the block
+                assert _roads_taken() == ({"train/plan": 1, "eval/small": 1}, "eval/small")
+        assert _roads_taken() == ({"train/plan": 1, "eval/plan": 1}, "eval/ncs")
+    assert _roads_taken() == ({"train/small": 1, "eval/small": 1}, "eval/small")
+
 def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkeypatch, recwarn):
     kernels = backend._small_kernels()
 
@@ -699,10 +767,10 @@ def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkey
     xb = x.bfloat16()
     outs = [bnkit.functional.batch_norm_pure(xb, rm, rv, w, b, training=t)[0] for t in (True, True, False, False)]
     assert len([w for w in recwarn if "one-call kernel" in str(w.message)]) == 2
-    monkeypatch.setattr(road, "ONE_CALL_NUMEL", 0)
-    for t, y in zip((True, True, False, False), outs, strict=True):
-        expected = bnkit.functional.batch_norm_pure(xb, rm, rv, w, b, training=t)[0]
-        _assert_same_bits([y], [expected])
+    with forced_road("checked"):
+        for t, y in zip((True, True, False, False), outs, strict=True):
+            expected = bnkit.functional.batch_norm_pure(xb, rm, rv, w, b, training=t)[0]
+            _assert_same_bits([y], [expected])
 
 
 def test_kernels_that_fail_to_load_turn_the_path_off_with_one_warning(monkeypatch):

@@ -1,6 +1,6 @@
 """The ``cpu`` backend: numba kernels, in modules split by role.
 
-* :mod:`~bnkit.kernels.cpu.plan`: thread counts, memory layouts, the plan of a call and its knobs;
+* :mod:`~bnkit.kernels.cpu.plan`: thread counts, memory layouts, the plan of a call and its thresholds;
 * :mod:`~bnkit.kernels.cpu.backend`: :class:`~bnkit.kernels.cpu.backend.CpuBackend`, the launcher
   (the checked road and the one-call road);
 * :mod:`~bnkit.kernels.cpu.passes`: the kernels of every pass (statistics, normalize, reductions,

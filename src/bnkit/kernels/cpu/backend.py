@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
+from bnkit import kernels as _dispatch
 from bnkit import reference as ref
 from bnkit.kernels import base as _base
 from bnkit.kernels import ran_plan
@@ -337,7 +338,8 @@ class CpuBackend:
 
     def check(self, x: Tensor, running_mean, running_var, weight, bias) -> tuple[int, int, int] | None:
         """``(N, C, S)`` of ``x``'s memory for the one-call kernels when they may run on these tensors (at
-        most ``ONE_CALL_NUMEL`` elements) and the cpu backend is the one selected, else ``None``.
+        most ``ONE_CALL_NUMEL`` elements, no :func:`bnkit.kernels.forced_road` ``"checked"`` block open) and
+        the cpu backend is the one selected, else ``None``.
         float32/float64 data takes vectors of its dtype, bfloat16/float16 data float32 vectors.
 
         Contiguous ``(N, C, *)`` memory is ``(N, C, S)`` as it is; channels-innermost memory (channels_last,
@@ -359,7 +361,7 @@ class CpuBackend:
         if len(shape) < 2 or (running_mean is None) != (running_var is None):
             return None
         numel = x.numel()
-        if numel == 0 or numel > _plan.ONE_CALL_NUMEL:
+        if numel == 0 or numel > _plan.ONE_CALL_NUMEL or _dispatch._road == "checked":
             return None
         n, c = shape[0], shape[1]
         s = numel // (n * c)

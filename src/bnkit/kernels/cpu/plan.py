@@ -4,8 +4,9 @@ A plan names the path the kernels take (``bnkit.kernels.last_plan()`` reports it
 the small kernels (:func:`one_call_path`) or, for larger inputs and 16-bit data, a planned path of
 :func:`train_plan` / :func:`backward_plan` (``groups``, ``rows``, ``long``, ``nsc``, ``fused``), with the
 parameters its kernels take (tasks, parts, groups, normalize tables). The thresholds are module
-constants: the documented knobs that tests set to force a path. Pure Python, no kernels: editing a
-plan never invalidates numba's cache. ``docs/design.md`` lists the plans and what picks them.
+constants, the plan's decisions; :func:`bnkit.kernels.forced_road` forces a road without them. Pure
+Python, no kernels: editing a plan never invalidates numba's cache. ``docs/design.md`` lists the plans
+and what picks them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numba
 import numpy as np
 import torch
 from torch import Tensor
+
+from bnkit import kernels as _dispatch
 
 __all__ = [
     "BACKWARD_FUSED_MIN_S",
@@ -254,7 +257,7 @@ def _nsc_parts(nt: int, r: int, c: int) -> int:
 # follows) only up to SMALL_GRAD_NUMEL: above it the planned paths' in-cache fused backward wins. Up to
 # ONE_CALL_NUMEL elements (every size) calls take the one-call road at all (check). Up to SMALL_SERIAL_NUMEL
 # elements the small kernels run serially (waking a second thread costs more than it saves); above, their
-# parallel twins take TASKS_PER_THREAD ranges of rows per thread. Tests force a path through these knobs.
+# parallel twins take TASKS_PER_THREAD ranges of rows per thread.
 SMALL_NUMEL = 1 << 20
 SMALL_GRAD_NUMEL = 1 << 19
 ONE_CALL_NUMEL = 1 << 62
@@ -264,8 +267,9 @@ SMALL_SERIAL_NUMEL = 1 << 15
 def one_call_path(dtype: torch.dtype, numel: int, graph: bool) -> str:
     """``"small"`` when a one-call pass on ``numel`` elements of ``dtype`` takes the small kernels, else
     ``"planned"`` (the path of :func:`train_plan` / :func:`backward_plan`): 16-bit data, or more than
-    ``SMALL_NUMEL`` elements (``SMALL_GRAD_NUMEL`` when a graph is recorded)."""
-    if dtype in _RAW16 or numel > (SMALL_GRAD_NUMEL if graph else SMALL_NUMEL):
+    ``SMALL_NUMEL`` elements (``SMALL_GRAD_NUMEL`` when a graph is recorded), or inside
+    ``bnkit.kernels.forced_road("planned")``."""
+    if dtype in _RAW16 or _dispatch._road == "planned" or numel > (SMALL_GRAD_NUMEL if graph else SMALL_NUMEL):
         return "planned"
     return "small"
 
