@@ -687,25 +687,27 @@ def test_training_without_a_graph_and_without_running_statistics(plans):
 
 # road -> the plans of a (4, 3, 5, 5) float32 training call with a graph (forward, backward) and an eval call
 # without one: the plan's small kernels; the one-call road's planned paths (the eval forward has one kernel);
-# the checked methods (the same planned paths for training, the eval driver of the memory order)
+# the checked methods (the same planned paths for training, the same eval kernel)
 # (counted as _Plans), and last_plan() after the eval call
 FORCED = {
     None: ({"train/small": 1, "backward/small": 1, "eval/small": 1}, "eval/small"),
     "planned": ({"train/plan": 1, "backward/plan": 1, "eval/small": 1}, "eval/small"),
-    "checked": ({"train/plan": 1, "backward/plan": 1, "eval/plan": 1}, "eval/ncs"),
+    "checked": ({"train/plan": 1, "backward/plan": 1, "eval/small": 1}, "eval/small"),
 }
 
 
-def _roads_taken() -> tuple[_Plans, str | None]:
-    """The plans of one training call without a graph and one eval call (counted as :class:`_Plans`), and
-    :func:`bnkit.kernels.last_plan` after the eval call; both outputs checked against torch."""
+def _roads_taken() -> tuple[_Plans, str | None, bool]:
+    """The plans of one training call without a graph and one eval call (counted as :class:`_Plans`),
+    :func:`bnkit.kernels.last_plan` after the eval call, and whether the one-call road takes these tensors
+    (the checked road runs the same eval kernel); both outputs checked against torch."""
     x, w, b, rm, rv = _inputs((4, 3, 5, 5), torch.float32, seed=21)
+    one_call = get_backend("cpu").check(x, rm, rv, w, b) is not None
     with recorded_plans() as log:
         y = bnkit.functional.batch_norm(x, None, None, w, b, training=True)
         _close(y, F.batch_norm(x, None, None, w, b, training=True), torch.float32)
         y = bnkit.functional.batch_norm(x, rm, rv, w, b, training=False)
         _close(y, F.batch_norm(x, rm, rv, w, b, training=False), torch.float32)
-    return _Plans(log), last_plan()
+    return _Plans(log), last_plan(), one_call
 
 
 @pytest.mark.parametrize("forced", list(FORCED), ids=str)
@@ -722,6 +724,8 @@ def test_forced_road_runs_the_road_it_names(plans, forced):
         out[name] = (y, run_m, run_v, x.grad, w.grad, b.grad, y_eval)
         if name == "bnkit":
             assert last_plan() == FORCED[forced][1]
+            with forced_road(forced):
+                assert (get_backend("cpu").check(x0, rm, rv, w0, b0) is None) == (forced == "checked")
     assert plans == FORCED[forced][0]
     for got, want in zip(out["bnkit"], out["torch"], strict=True):
         _close(got, want, torch.float32)
@@ -732,22 +736,22 @@ def test_forced_road_rejects_another_road_and_restores_the_road_after_an_error()
         with pytest.raises(ValueError, match="road must be one of checked, planned or None, got 'small'"):
             with forced_road("small"):
                 pass
-        assert _roads_taken() == ({"train/plan": 1, "eval/plan": 1}, "eval/ncs")  # the outer road holds
+        assert _roads_taken() == ({"train/plan": 1, "eval/small": 1}, "eval/small", False)  # the outer road holds
     with pytest.raises(RuntimeError, match="raised inside"):
         with forced_road("planned"):
             raise RuntimeError("raised inside")
-    assert _roads_taken() == ({"train/small": 1, "eval/small": 1}, "eval/small")  # the plan picks again
+    assert _roads_taken() == ({"train/small": 1, "eval/small": 1}, "eval/small", True)  # the plan picks again
 
 
 def test_forced_roads_nest():
     with forced_road("checked"):
-        assert _roads_taken() == ({"train/plan": 1, "eval/plan": 1}, "eval/ncs")
+        assert _roads_taken() == ({"train/plan": 1, "eval/small": 1}, "eval/small", False)
         with forced_road("planned"):
-            assert _roads_taken() == ({"train/plan": 1, "eval/small": 1}, "eval/small")
+            assert _roads_taken() == ({"train/plan": 1, "eval/small": 1}, "eval/small", True)
             with forced_road(None):  # the road around the block
-                assert _roads_taken() == ({"train/plan": 1, "eval/small": 1}, "eval/small")
-        assert _roads_taken() == ({"train/plan": 1, "eval/plan": 1}, "eval/ncs")
-    assert _roads_taken() == ({"train/small": 1, "eval/small": 1}, "eval/small")
+                assert _roads_taken() == ({"train/plan": 1, "eval/small": 1}, "eval/small", True)
+        assert _roads_taken() == ({"train/plan": 1, "eval/small": 1}, "eval/small", False)
+    assert _roads_taken() == ({"train/small": 1, "eval/small": 1}, "eval/small", True)
 
 def test_drivers_that_fail_to_compile_warn_once_and_take_the_regular_path(monkeypatch, recwarn):
     kernels = backend._small_kernels()
