@@ -49,6 +49,20 @@ def test_warmup_in_worker_processes_reports_every_step():
     assert report.steps == warmup(["float32"]).steps
 
 
+def test_a_dtypes_backend_and_activation_parts_wait_for_its_layer_part():
+    # they run drivers the layer steps compile: started at once, two workers would compile them twice
+    from bnkit.utils.warmup import _parts, _ready
+
+    parts = _parts([torch.float32, torch.bfloat16])
+    assert parts[:2] == [("float32", "layers"), ("bfloat16", "layers")]  # the longest parts first
+    assert ("bfloat16", "activation") not in parts  # no fused-activation kernels for 16-bit data
+    waiting = [p for p in parts if p[1] != "layers"]
+    assert not any(_ready(p, set(), parts) for p in waiting)
+    assert [p for p in waiting if _ready(p, {("float32", "layers")}, parts)] == [
+        ("float32", "backend"), ("float32", "activation")]  # fmt: skip
+    assert all(_ready(p, {("float32", "layers"), ("bfloat16", "layers")}, parts) for p in waiting)
+
+
 def test_warmup_rejects_other_dtypes():
     with pytest.raises(ValueError, match="int32"):
         warmup(["int32"])
