@@ -505,10 +505,31 @@ def train_nsc(like, data, shape, plan, vectors, eps, running):
     N, C, S, P = shape.N, shape.C, shape.S, plan.P
     parts = np.empty((3, P, C))
     if shape.L > 0:
-        nsc_train_to_ncs(x, y, N, S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1],
-                         norm[2], upd)  # fmt: skip
+        _train_to_ncs(like, x, y, N, S, C, P, parts, w, b, eps, mean, var, norm, upd)
         return
     nsc_train(x, y, N * S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1], norm[2], upd)
+
+
+def _train_to_ncs(like, x, y, N, S, C, P, parts, w, b, eps, mean, var, norm, upd):
+    """:func:`bnkit.kernels.cpu.passes.nsc_train_to_ncs` for float32/float64 data; raw 16-bit data never has
+    ``L > 0`` (the launcher passes 0), so its drivers do not compile that kernel (a compile-time choice)."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(_train_to_ncs, inline="always")
+def _train_to_ncs_impl(like, x, y, N, S, C, P, parts, w, b, eps, mean, var, norm, upd):
+    if isinstance(like, types.Integer):
+
+        def refuse(like, x, y, N, S, C, P, parts, w, b, eps, mean, var, norm, upd):
+            raise ValueError("an (N, C, L) view takes float32/float64 data")
+
+        return refuse
+
+    def run(like, x, y, N, S, C, P, parts, w, b, eps, mean, var, norm, upd):
+        nsc_train_to_ncs(x, y, N, S, C, P, parts[0], parts[1], parts[2], w, b, eps, mean, var, norm[0], norm[1],
+                         norm[2], upd)  # fmt: skip
+
+    return run
 
 
 @njit(cache=True)

@@ -46,7 +46,9 @@ __all__ = [
     "has_row_lanes",
     "nsc_tile",
     "row_lanes",
+    "row_lanes_type",
     "simd16",
+    "simd16_type",
     "store",
     "to_acc",
 ]
@@ -254,9 +256,13 @@ def _vt(t):
     return ir.VectorType(t, _W)
 
 
-def _simd16(a) -> bool:
-    """Whether 16-bit data array ``a`` takes the SIMD intrinsics on this CPU."""
+def simd16_type(a) -> bool:
+    """Whether an array of numba type ``a`` takes the SIMD intrinsics on this CPU (16-bit data only): the
+    test an ``@overload`` makes to compile only the code its data takes (:func:`simd16` inside jitted code)."""
     return (a.dtype == types.uint16 and SIMD_BF16) or (a.dtype == types.int16 and SIMD_F16)
+
+
+_simd16 = simd16_type
 
 
 def _simd_sums(a) -> bool:
@@ -697,9 +703,14 @@ def has_row_lanes(gs, means):
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 
+def row_lanes_type(gs, means) -> bool:
+    """:func:`has_row_lanes` on numba types (for an ``@overload`` that compiles only the code its data takes)."""
+    return _simd_sums(gs) and isinstance(means, types.Array) and means.dtype == types.float32
+
+
 @overload(has_row_lanes, inline="always")
 def _has_row_lanes_impl(gs, means):
-    v = _simd_sums(gs) and isinstance(means, types.Array) and means.dtype == types.float32
+    v = row_lanes_type(gs, means)
     return lambda gs, means: v
 
 

@@ -53,7 +53,9 @@ from bnkit.kernels.cpu.half import (
     load,
     nsc_tile,
     row_lanes,
+    row_lanes_type,
     simd16,
+    simd16_type,
     store,
     to_acc,
 )
@@ -508,7 +510,7 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     ``ROW_LANES_MAX_S`` values on the SIMD path take :func:`_ncs_reduce_lanes` instead.
     """
     if not write and _takes_lanes(dy, mean, S):
-        _ncs_reduce_lanes(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu)
+        _lanes_only(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu)
         return
     R = N * C
     acc0 = np.zeros((T, C))
@@ -564,6 +566,22 @@ def _ncs_reduce_lanes(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
         for ch in range(C):
             _flush_lanes(l0, l1, ch, a0, a1)
     _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
+
+
+def _lanes_only(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
+    """:func:`_ncs_reduce_lanes` where the data takes the lanes (:func:`bnkit.kernels.cpu.half.has_row_lanes`),
+    else nothing: a compile-time choice, so data without lanes (float64) does not compile that kernel
+    (:func:`ncs_reduce` calls it only where :func:`_takes_lanes` holds)."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(_lanes_only, inline="always")
+def _lanes_only_impl(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
+    if row_lanes_type(dy, mean):
+        return lambda dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu: _ncs_reduce_lanes(
+            dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu
+        )
+    return lambda dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu: None
 
 
 @njit(inline="always", **_JIT)
@@ -786,26 +804,47 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
     coefficients, twice the bytes, compute-heavier lanes) ran slower with tables, and keeps one loop per row.
     """
     q = max(1, nsc_tile(x) // C)
-    if q == 1:
-        fold, sh2 = _folded_shift(folds_mean(x, k) and not has_u, mean, k, shift)
-        for t in prange(T):
-            r0, r1 = _part(R, T, t)
-            for r in range(r0, r1):
-                xr = x[r * C : (r + 1) * C]
-                orow = out[r * C : (r + 1) * C]
-                if simd16(out):
-                    affine(u[r * C : (r + 1) * C], xr, orow, C, has_u, a, mean, k, shift)
-                elif has_u:
-                    ur = u[r * C : (r + 1) * C]
-                    for c in range(C):
-                        store(orow, c, a[c] * load(ur, c) + k[c] * (load(xr, c) - mean[c]) + shift[c])
-                elif fold:
-                    for c in range(C):
-                        store(orow, c, load(xr, c) * k[c] + sh2[c])
-                else:
-                    for c in range(C):
-                        store(orow, c, (load(xr, c) - mean[c]) * k[c] + shift[c])
+    if q > 1:
+        _tables16(u, x, out, R, C, T, has_u, a, mean, k, shift, q)
         return
+    fold, sh2 = _folded_shift(folds_mean(x, k) and not has_u, mean, k, shift)
+    for t in prange(T):
+        r0, r1 = _part(R, T, t)
+        for r in range(r0, r1):
+            xr = x[r * C : (r + 1) * C]
+            orow = out[r * C : (r + 1) * C]
+            if simd16(out):
+                affine(u[r * C : (r + 1) * C], xr, orow, C, has_u, a, mean, k, shift)
+            elif has_u:
+                ur = u[r * C : (r + 1) * C]
+                for c in range(C):
+                    store(orow, c, a[c] * load(ur, c) + k[c] * (load(xr, c) - mean[c]) + shift[c])
+            elif fold:
+                for c in range(C):
+                    store(orow, c, load(xr, c) * k[c] + sh2[c])
+            else:
+                for c in range(C):
+                    store(orow, c, (load(xr, c) - mean[c]) * k[c] + shift[c])
+
+
+def _tables16(u, x, out, R, C, T, has_u, a, mean, k, shift, q):
+    """:func:`_nsc_affine_tables` where ``x`` takes the 16-wide SIMD code, else nothing (a compile-time
+    choice: :func:`nsc_affine` reaches it only there, and float data then does not compile its tables)."""
+    raise NotImplementedError  # replaced by the overload inside jitted code
+
+
+@overload(_tables16, inline="always")
+def _tables16_impl(u, x, out, R, C, T, has_u, a, mean, k, shift, q):
+    if simd16_type(x):
+        return lambda u, x, out, R, C, T, has_u, a, mean, k, shift, q: _nsc_affine_tables(
+            u, x, out, R, C, T, has_u, a, mean, k, shift, q
+        )
+    return lambda u, x, out, R, C, T, has_u, a, mean, k, shift, q: None
+
+
+@njit(parallel=True, **_JIT)
+def _nsc_affine_tables(u, x, out, R, C, T, has_u, a, mean, k, shift, q):
+    # nsc_affine of 16-bit data on the SIMD path: coefficients repeated over q rows, one loop per q rows
     tab = np.empty((4, q * C), a.dtype)
     for j in range(q):
         for c in range(C):
@@ -820,6 +859,7 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
             i0 = r * C
             m = (min(r + q, r1) - r) * C
             affine(u[i0 : i0 + m], x[i0 : i0 + m], out[i0 : i0 + m], m, has_u, ta[:m], tm[:m], tk[:m], tsh[:m])
+
 
 
 @njit(inline="always", **_JIT)
