@@ -224,12 +224,13 @@ def _lost_channels(weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
         # torch dispatches cost more than the layer's kernel on small inputs
         like, ratio, fl = scalars
         kernels = _cpu_act()
+        c = weight.numel()
         if (
             kernels is not None
-            and weight.is_contiguous()
-            and (bias is None or bias.is_contiguous())
-            and kernels[0].lost_channel_count(like, weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                              weight.shape[0], ratio, fl) == 0  # fmt: skip
+            and _is_vec(weight, c, weight.dtype)
+            and (bias is None or _is_vec(bias, c, weight.dtype))
+            and kernels[0].lost_channel_count(like, weight.data_ptr(), 0 if bias is None else bias.data_ptr(), c, ratio,
+                                              fl) == 0  # fmt: skip
         ):
             return None
         w = weight.detach()
@@ -332,10 +333,13 @@ def _small_plan(x: Tensor) -> bool:
     """Whether a recorded training call on ``x`` takes the cpu backend's small kernels (:func:`one_call_path`)."""
     from bnkit.kernels.cpu.plan import one_call_path
 
-    return x.dtype in _NP_DTYPES and one_call_path(x.dtype, x.numel(), True) == "small"
+    return x.dtype in _LIKE and one_call_path(x.dtype, x.numel(), True) == "small"
 
 
 # --- the optional numba kernels ----------------------------------------------------------
+# They take raw addresses (``data_ptr()``), which carry no type or size: every tensor handed to them is
+# checked first (``_kernel_data`` for the data, ``_data_like`` for gradients, ``_vec`` for per-channel
+# vectors, which converts one of another dtype or layout once with torch) or allocated here.
 
 # (cpu.act module, cpu.plan.threads) once imported; False when numba is unusable
 _CPU_ACT = None
@@ -348,11 +352,16 @@ def _kernels_for(x: Tensor, activation: str):
     kernel loops vectorize; elu/silu/gelu call libm per element there, slower than torch's
     vectorized activation ops that the composed path uses.
     """
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous():
+    if not _kernel_data(x):
         return None
     if not _act_kernels_wanted(x, activation in ("identity", "relu", "leaky_relu")):
         return None
     return _cpu_act_for(x.numel())
+
+
+def _kernel_data(x: Tensor) -> bool:
+    """Whether the act kernels may read ``x`` at its ``data_ptr()``: dense contiguous CPU float32/float64."""
+    return x.dtype in _LIKE and x.is_cpu and x.layout is _STRIDED and x.is_contiguous()
 
 
 def _act_kernels_wanted(x: Tensor, by_default: bool) -> bool:
@@ -398,7 +407,7 @@ def _elu_kernels_for(z: Tensor, activation: str):
     """
     if activation != "elu":
         return None
-    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or not z.is_contiguous():
+    if not _kernel_data(z):
         return None
     if not _act_kernels_wanted(z, True):
         return None
@@ -434,11 +443,6 @@ def _channel_tasks(x: Tensor) -> bool:
     return nt == 1 or x.shape[1] >= TASKS_PER_THREAD * nt
 
 
-def _flat(t: Tensor):
-    # (no detach when nothing requires grad: each small dispatch shows on small layers)
-    return (t.detach() if t.requires_grad else t).reshape(-1).numpy()
-
-
 def _detached_as(t: Tensor, dtype: torch.dtype) -> Tensor:
     t = t.detach()
     return t if t.dtype == dtype else t.to(dtype)
@@ -457,26 +461,44 @@ def _per_channel(rows: Tensor, c: int) -> Tensor:
     return rows.view(-1, c).sum(0)
 
 
-_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# data dtype -> a zero of it: the first argument of the act kernels, which picks their specialization
+_LIKE = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
 # data dtype -> the clamp of ELU's inverse (``z / alpha`` at least -1 + eps, :func:`activation_inverse`), as
 # the kernels take it
 _INVERSE_FLOOR = {torch.float32: np.float32(-1.0 + torch.finfo(torch.float32).eps),
                   torch.float64: -1.0 + torch.finfo(torch.float64).eps}  # fmt: skip
+# data dtype -> log1p of that clamp, torch's (as activation_inverse computes it), as a scalar of that dtype
+_LOG_INVERSE_FLOOR = {
+    dt: npt(torch.tensor(_INVERSE_FLOOR[dt], dtype=dt).log1p().item())
+    for dt, npt in ((torch.float32, np.float32), (torch.float64, np.float64))
+}
+_STRIDED = torch.strided
 
 
-def _vector_np(v: Tensor | None, c: int, dtype: torch.dtype, fill: float):
-    """A parameter as a numpy vector of ``dtype`` (``fill`` where absent)."""
-    if v is None:
-        return np.full(c, fill, dtype=_NP_DTYPES[dtype])
-    return _np(v, dtype)
+def _is_vec(v: Tensor, c: int, dtype: torch.dtype) -> bool:
+    """Whether a kernel may read ``c`` values of ``dtype`` at ``v.data_ptr()``: dense contiguous CPU memory."""
+    return v.dtype is dtype and v.is_cpu and v.layout is _STRIDED and v.numel() == c and v.is_contiguous()
 
 
-def _np(v: Tensor, dtype: torch.dtype):
-    """A per-channel CPU vector as a contiguous numpy array of ``dtype`` (numpy's cast: a few
-    small ``Tensor.to`` dispatches per call were a visible share of a layer's time)."""
-    if v.dtype in _NP_DTYPES:
-        return np.ascontiguousarray(v.detach().numpy(), dtype=_NP_DTYPES[dtype])
-    return v.detach().to(dtype).contiguous().numpy()
+def _vec(v: Tensor, c: int, dtype: torch.dtype) -> Tensor:
+    """A per-channel vector as ``c`` contiguous CPU values of ``dtype``, which a kernel may read at its
+    ``data_ptr()``: ``v`` itself when it is one (the usual case), else a copy converted once with torch.
+    Keep the result in a name until the kernel returns: a converted temporary freed before the call would
+    leave the kernel an address of freed memory."""
+    if _is_vec(v, c, dtype):
+        return v
+    if v.numel() != c:
+        raise ValueError(f"bnkit: a per-channel vector of {c} values was expected, got shape {tuple(v.shape)}")
+    return v.detach().to(device="cpu", dtype=dtype).contiguous().view(c)
+
+
+def _data_like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (a gradient of the shape of the contiguous CPU ``x``) as contiguous CPU memory of ``x``'s dtype and
+    shape, which a kernel may read at its ``data_ptr()`` as it reads ``x``'s: ``t`` itself when it is (autograd
+    hands the output's dtype and shape), else a copy."""
+    if t.dtype is x.dtype and t.is_cpu and t.layout is _STRIDED and t.shape == x.shape and t.is_contiguous():
+        return t
+    return torch.empty_like(x, memory_format=torch.contiguous_format).copy_(t)
 
 
 def _kind_and_param(k, activation: str, param: float, dtype: torch.dtype):
@@ -589,10 +611,12 @@ def _forward_composed(x, weight, bias, running_mean, running_var, training, eps,
     a = inv * w
     k = _kernels_for(x, activation)
     if k is not None:
+        dt = x.dtype
         z = x if inplace else torch.empty_like(x)
         r, _, s = _rows(x)
-        k.row_act(_flat(x), r, c, s, _np(mean, x.dtype), _np(a, x.dtype), _np(b, x.dtype),
-                  *_kind_and_param(k, activation, param, x.dtype), _flat(z))
+        mean, a, b = _vec(mean, c, dt), _vec(a, c, dt), _vec(b, c, dt)
+        k.row_act(_LIKE[dt], x.data_ptr(), z.data_ptr(), r, c, s, mean.data_ptr(), a.data_ptr(), b.data_ptr(),
+                  *_kind_and_param(k, activation, param, dt))  # fmt: skip
         ran_plan("act_forward/rows")
         return z, mv
     if inplace:
@@ -728,12 +752,14 @@ def _standard_backward_channels(ctx, k, dz: Tensor, need_x: bool):
     n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
     dt = x.dtype
     a = inv * w
+    dz = _data_like(dz, x)
+    mean, a, b, w, inv = _vec(mean, c, dt), _vec(a, c, dt), _vec(b, c, dt), _vec(w, c, dt), _vec(inv, c, dt)
     sum_g, sum_g_xmu = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-    dx = torch.empty_like(x) if need_x else x
-    k.channel_backward_std(_flat(dz.contiguous()), _flat(x), n, c, s, _channel_group(x, 2), _np(mean, dt), _np(a, dt),
-                           _np(b, dt), *_kind_and_param(k, ctx.activation, ctx.param, dt), _np(w, torch.float64),
-                           _np(inv, torch.float64), float(n * s), bool(ctx.training), bool(need_x), sum_g.numpy(),
-                           sum_g_xmu.numpy(), np.empty(3 * c, dtype=_NP_DTYPES[dt]), _flat(dx))  # fmt: skip
+    dx = torch.empty_like(x) if need_x else x  # (not written without need_x)
+    k.channel_backward_std(_LIKE[dt], dz.data_ptr(), x.data_ptr(), n, c, s, _channel_group(x, 2), mean.data_ptr(),
+                           a.data_ptr(), b.data_ptr(), *_kind_and_param(k, ctx.activation, ctx.param, dt),
+                           w.data_ptr(), inv.data_ptr(), float(n * s), bool(ctx.training), bool(need_x),
+                           sum_g.data_ptr(), sum_g_xmu.data_ptr(), dx.data_ptr())  # fmt: skip
     ran_plan("act_backward/channels")
     sum_g_xhat = (sum_g_xmu * inv.double()).to(w.dtype)
     return (dx if need_x else None), sum_g_xhat, sum_g.to(w.dtype)
@@ -748,17 +774,22 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
         # one task per channel: reduce, then dx while the channel is in cache (float64 coefficients, made in
         # the kernel from the saved vectors: torch ops on them cost more than the kernel on small layers)
         z, weight, bias, mv = ctx.saved_tensors
-        dz = dz.contiguous()
         n, c = z.shape[0], z.shape[1]
         s = z.numel() // (n * c)
         dt = z.dtype
-        dw, db = torch.empty(c, dtype=mv.dtype), torch.empty(c, dtype=mv.dtype)
-        dx = torch.empty_like(z) if need_x else z
-        k.channel_backward_ms(_flat(dz), _flat(z), n, c, s, _channel_group(z, 2), _vector_np(weight, c, dt, 1.0),
-                              _vector_np(bias, c, dt, 0.0), mv.numpy()[c:], float(ctx.eps),
+        dz = _data_like(dz, z)
+        # absent parameters: address 0, the kernel's ones and zeros; the variance is the second half of mv
+        wv = None if weight is None else _vec(weight, c, dt)
+        bv = None if bias is None else _vec(bias, c, dt)
+        mv = _vec(mv, 2 * c, dt)
+        dw, db = torch.empty(c, dtype=dt), torch.empty(c, dtype=dt)
+        dx = torch.empty_like(z) if need_x else z  # (not written without need_x)
+        k.channel_backward_ms(_LIKE[dt], dz.data_ptr(), z.data_ptr(), n, c, s, _channel_group(z, 2),
+                              0 if wv is None else wv.data_ptr(), 0 if bv is None else bv.data_ptr(),
+                              mv.data_ptr() + c * z.element_size(), float(ctx.eps),
                               *_kind_and_param(k, act, param, dt), _INVERSE_FLOOR[dt], float(n * s),
-                              bool(ctx.training), bool(need_x), dw.numpy(), db.numpy(),
-                              np.empty(3 * c, dtype=_NP_DTYPES[dt]), _flat(dx))  # fmt: skip
+                              bool(ctx.training), bool(need_x), dw.data_ptr(), db.data_ptr(),
+                              dx.data_ptr())  # fmt: skip
         ran_plan("act_backward/channels_ms")
         return (dx if need_x else None), dw, db
     z, _weight, _bias, w, b, _mean, _var, inv, extra = _saved(ctx)
@@ -766,37 +797,38 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
     m = ref.count_per_channel(z)
     dims = ref.reduction_dims(z)
     if k is not None:
-        dz = dz.contiguous()
         r, c, s = _rows(z)
         dt = z.dtype
-        floor = _INVERSE_FLOOR[dt]
+        dz = _data_like(dz, z)
+        bk = _vec(b, c, dt)
         row_g, row_gy = _row_sums(r)
-        kargs = (_flat(dz), _flat(z), r, c, s, _np(b, dt), *_kind_and_param(k, act, param, dt), floor)
-        k.row_reduce_ms(*kargs, row_g.numpy(), row_gy.numpy())
+        kargs = (_LIKE[dt], dz.data_ptr(), z.data_ptr(), r, c, s, bk.data_ptr(), *_kind_and_param(k, act, param, dt),
+                 _INVERSE_FLOOR[dt])  # fmt: skip
+        k.row_reduce_ms(*kargs, row_g.data_ptr(), row_gy.data_ptr())
         ran_plan("act_backward/rows_ms")
         sum_g, sum_g_ymb = _per_channel(row_g, c).to(w.dtype), _per_channel(row_gy, c).to(w.dtype)
         chunks = [(0, z.shape[0])]
     elif ek is not None:
         # ELU: torch's log1p into dx (the buffer it needs anyway) or, without dx, a chunk-sized buffer;
         # the reducing kernel turns it into y in place, the writing kernel reads y back
-        dz = dz.contiguous()
         dt = z.dtype
         c, s = z.shape[1], _rows(z)[2]
+        dz = _data_like(dz, z)
+        bk = _vec(b, c, dt)
         alpha = _kind_and_param(ek, act, param, dt)[1]
-        floor_t = torch.tensor(-1.0 + torch.finfo(dt).eps, dtype=dt)
-        floors = (floor_t.numpy()[()], floor_t.log1p().numpy()[()])  # data-dtype scalars
         chunks = [(0, z.shape[0])] if need_x else _batch_chunks(z)
         most = max(n1 - n0 for n0, n1 in chunks)
         dx = torch.empty_like(z) if need_x else None
         y_buf = dx.view(-1) if need_x else torch.empty(most * c * s, dtype=dt)
         row_g, row_gy = _row_sums(most * c)
         sum_g64, sum_gy64 = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
-        b_np = _np(b, dt)
+        sample = c * s * z.element_size()  # bytes per sample of dz and z: a chunk's address is an offset
         for n0, n1 in chunks:
             zc, r = z[n0:n1], (n1 - n0) * c
-            yc = _elu_log(zc, param, y_buf)
-            ek.row_reduce_ms_elu(_flat(dz[n0:n1]), _flat(zc), _flat(yc), r, c, s, b_np, alpha, *floors,
-                                 row_g.numpy(), row_gy.numpy())
+            yc = _elu_log(zc, param, y_buf)  # (at the start of y_buf, which holds most * c * s >= r * s values)
+            ek.row_reduce_ms_elu(_LIKE[dt], dz.data_ptr() + n0 * sample, z.data_ptr() + n0 * sample, yc.data_ptr(),
+                                 r, c, s, bk.data_ptr(), alpha, _INVERSE_FLOOR[dt], _LOG_INVERSE_FLOOR[dt],
+                                 row_g.data_ptr(), row_gy.data_ptr())  # fmt: skip
             sum_g64 += _per_channel(row_g[:r], c)
             sum_gy64 += _per_channel(row_gy[:r], c)
         sum_g, sum_g_ymb = sum_g64.to(w.dtype), sum_gy64.to(w.dtype)
@@ -830,13 +862,16 @@ def _memory_saving_backward(ctx, dz: Tensor, need_x: bool) -> tuple[Tensor | Non
     if lost is not None:
         kk = kk.clone()
         kk[lost] = 0
+    if k is not None or ek is not None:
+        ak, kk, cc = _vec(a, c, dt), _vec(kk, c, dt), _vec(cc, c, dt)
     if k is not None:
         dx = torch.empty_like(z)
-        k.row_input_ms(*kargs, _np(a, dt), _np(kk, dt), _np(cc, dt), _flat(dx))
+        k.row_input_ms(*kargs, ak.data_ptr(), kk.data_ptr(), cc.data_ptr(), dx.data_ptr())
     elif ek is not None:
         # dx holds y (see above); each element is read before it is overwritten
-        ek.row_input_ms_elu(_flat(dz), _flat(z), _flat(dx), z.shape[0] * c, c, s, b_np, alpha, _np(a, dt),
-                            _np(kk, dt), _np(cc, dt), _flat(dx))
+        ek.row_input_ms_elu(_LIKE[dt], dz.data_ptr(), z.data_ptr(), dx.data_ptr(), z.shape[0] * c, c, s,
+                            bk.data_ptr(), alpha, ak.data_ptr(), kk.data_ptr(), cc.data_ptr(),
+                            dx.data_ptr())  # fmt: skip
     else:
         dx = torch.empty_like(z)
         for n0, n1 in chunks:

@@ -463,6 +463,34 @@ def test_channel_kernels_take_groups_of_short_rows(kernels, dtype, memory_saving
             assert any(p.startswith("backward/small") for p in ran), ran
 
 
+@pytest.mark.parametrize("memory_saving", [False, True])
+def test_kernels_copy_strided_parameters_and_gradients(kernels, memory_saving):
+    # the kernels read raw addresses: a strided weight and bias, and a gradient with other strides, reach them
+    # as contiguous copies, with the numbers of contiguous ones bit for bit (both on the checked road: plain
+    # batch norm's one-call road declines strided parameters)
+    shape = (5, 67, 12, 12)
+    x, w, b, rm, rv = _data(shape, torch.float32)
+    gz = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    gz_strided = gz.transpose(2, 3).contiguous().transpose(2, 3)
+
+    def run(strided, training):
+        wb, bb = (torch.stack((t, torch.zeros_like(t)), 1).requires_grad_() for t in (w, b))  # (C, 2)
+        weight, bias = (wb[:, 0], bb[:, 0]) if strided else (wb[:, 0].contiguous(), bb[:, 0].contiguous())
+        xb = x.clone().requires_grad_()
+        with forced_road("checked"), recorded_plans() as ran:
+            z = bf.batch_norm_act(xb, rm.clone(), rv.clone(), weight, bias, training, activation="leaky_relu",
+                                  activation_param=0.1, memory_saving=memory_saving)
+            z.backward(gz_strided if strided else gz)
+        return [z, xb.grad, wb.grad[:, 0], bb.grad[:, 0]], [p for p in ran if p.startswith("act_backward/")]
+
+    for training in (True, False):
+        want, ran = run(False, training)
+        got, ran_strided = run(True, training)
+        assert ran_strided == ran == ["act_backward/channels_ms" if memory_saving else "act_backward/channels"]
+        for g, e in zip(got, want, strict=True):
+            assert torch.equal(g, e)
+
+
 @pytest.mark.parametrize(
     "shape,path",
     [((5, 67, 12, 12), "train/groups"), ((4, 3, 40, 40), "train/long"), ((64, 5, 3, 3), "train/rows")],

@@ -31,9 +31,11 @@ from bnkit.kernels.cpu import act as cpu_act
 from bnkit.kernels.cpu import cache
 R, C, S = 2, 1, 600
 x = np.linspace(-1.0, 1.0, R * S)
+dz = np.ones(R * S)
 g, gx = np.zeros(R), np.zeros(R)
 zero = np.zeros(1)
-cpu_act.row_reduce_ms(np.ones(R * S), x, R, C, S, zero, 2, 0.5, -1.0, g, gx)
+cpu_act.row_reduce_ms(np.float64(0.0), dz.ctypes.data, x.ctypes.data, R, C, S, zero.ctypes.data, 2, 0.5, -1.0,
+                      g.ctypes.data, gx.ctypes.data)
 print(json.dumps({{"file": cpu_act.__file__, "g": g.tolist(), "dir": str(cache.cache_dir())}}))
 """
 # numba takes the per-user directory when the package's __pycache__ cannot be written; tests run as root

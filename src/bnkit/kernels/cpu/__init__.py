@@ -7,7 +7,7 @@
   the running-statistics update) on numpy arrays;
 * :mod:`~bnkit.kernels.cpu.drivers`: the small kernels and the one-call drivers on raw addresses;
 * :mod:`~bnkit.kernels.cpu.half`: the bfloat16/float16 loads, stores and 16-wide loops;
-* :mod:`~bnkit.kernels.cpu.act`: fused batch norm + activation kernels;
+* :mod:`~bnkit.kernels.cpu.act`: fused batch norm + activation kernels on raw addresses;
 * :mod:`~bnkit.kernels.cpu.cache`: the check that keeps numba's on-disk cache of these modules fresh.
 
 Importing a kernel module does not load the backend; :func:`load_backend` does (for

@@ -5,7 +5,7 @@ activation in place); these kernels cover what that road has no pass for: the ev
 activation (:func:`row_act`), the standard backward in one pass over ``dz`` and ``x``
 (:func:`channel_backward_std`: the activation's derivative rebuilt from ``x``), and the memory-saving
 backward, which rebuilds ``y`` from ``z`` (the activation's inverse) inside its gradient passes.
-They take contiguous (N, C, *) float32/float64 tensors seen as ``R = N * C`` rows of ``S`` contiguous
+They take contiguous (N, C, *) float32/float64 data seen as ``R = N * C`` rows of ``S`` contiguous
 values (row ``r`` is channel ``r % C``), run rows in parallel, and accumulate per-row sums in float64
 (:mod:`bnkit.fused` sums the rows of each channel); the backward (:func:`channel_backward_std`,
 :func:`channel_backward_ms`) runs one channel per task and writes each channel right after reducing
@@ -13,6 +13,14 @@ it, while it is in cache (the structure of :mod:`bnkit.kernels.cpu.passes`); the
 serve inputs with too few channels to keep every thread busy. Every inner loop runs over a row slice
 (``xs = x[base : base + S]``, ``xs[i]``): indexing the flat array as ``x[base + i]`` makes numba handle
 negative indices on each element, which makes the loop compute-bound.
+
+Every tensor comes as a raw address (``Tensor.data_ptr()``, as the drivers of
+:mod:`bnkit.kernels.cpu.drivers` take them: a numpy view of every tensor costs a microsecond or two on
+each call), seen inside through ``_view``; the first argument, ``like`` (a zero of the data's dtype),
+only selects the specialization. Data and per-channel vectors (``*a`` arguments) are of the data's
+dtype, the per-row and per-channel sums (``out_*``) float64 unless said otherwise. An address carries
+no type or size: :mod:`bnkit.fused` checks every tensor (CPU, dense, contiguous, dtype, size) or
+allocates it before a call.
 These kernels inline helpers of :mod:`bnkit.kernels.cpu.passes` (:data:`~bnkit.kernels.cpu.passes.RBLOCK`,
 :func:`~bnkit.kernels.cpu.passes.to_acc`) and :mod:`bnkit.kernels.cpu.drivers` (``_view``, an array on
 a raw address); :mod:`bnkit.kernels.cpu.cache` drops their cached code when those change.
@@ -229,25 +237,51 @@ def slope(kind: int, p: float) -> float:
 
 
 @njit(parallel=True, **_JIT)
-def row_act(x, R, C, S, mean, a, b, kind, p, out):
-    """``out = act((x - mean) * a + b)``; ``out`` may be ``x`` (in place)."""
+def row_act(like, xa, outa, R, C, S, meana, aa, ba, kind, p):
+    """``out = act((x - mean) * a + b)`` over ``R`` rows of ``S`` values; ``outa`` may be ``xa`` (in place)."""
+    x = _view(xa, R * S, like)
+    out = _view(outa, R * S, like)
+    mean = _view(meana, C, like)
+    a = _view(aa, C, like)
+    b = _view(ba, C, like)
     for r in prange(R):
         c = r % C
         base = r * S
         _act_row(x[base : base + S], out[base : base + S], S, mean[c], a[c], b[c], kind, p)
 
 
+# The row kernels' sums go to ``sums`` in the parallel loop and are copied out after it: numba's parfor
+# pass drops a store at the loop's index into an array the function made itself and does not read after
+# the loop, and a view of an address is such an array.
+
+
 @njit(parallel=True, **_JIT)
-def row_reduce_ms(dz, z, R, C, S, b, kind, p, floor, out_g, out_gy):
-    """Per row: ``sum(g)`` and ``sum(g * (y - b))`` with ``y = act^{-1}(z)``."""
+def row_reduce_ms(like, dza, za, R, C, S, ba, kind, p, floor, out_ga, out_gya):
+    """Per row: ``out_g = sum(g)`` and ``out_gy = sum(g * (y - b))`` with ``y = act^{-1}(z)`` (``R`` values each)."""
+    dz = _view(dza, R * S, like)
+    z = _view(za, R * S, like)
+    b = _view(ba, C, like)
+    sums = np.empty((R, 2))
     for r in prange(R):
         base = r * S
-        out_g[r], out_gy[r] = _ms_sums(z[base : base + S], dz[base : base + S], S, b[r % C], kind, p, floor)
+        sums[r, 0], sums[r, 1] = _ms_sums(z[base : base + S], dz[base : base + S], S, b[r % C], kind, p, floor)
+    out_g = _view(out_ga, R, 0.0)
+    out_gy = _view(out_gya, R, 0.0)
+    for r in range(R):
+        out_g[r] = sums[r, 0]
+        out_gy[r] = sums[r, 1]
 
 
 @njit(parallel=True, **_JIT)
-def row_input_ms(dz, z, R, C, S, b, kind, p, floor, A, K, Cc, dx):
+def row_input_ms(like, dza, za, R, C, S, ba, kind, p, floor, Aa, Ka, Cca, dxa):
     """``dx = A * g + K * (y - b) + Cc`` with ``y = act^{-1}(z)``."""
+    dz = _view(dza, R * S, like)
+    z = _view(za, R * S, like)
+    dx = _view(dxa, R * S, like)
+    b = _view(ba, C, like)
+    A = _view(Aa, C, like)
+    K = _view(Ka, C, like)
+    Cc = _view(Cca, C, like)
     for r in prange(R):
         c = r % C
         base = r * S
@@ -263,12 +297,17 @@ def row_input_ms(dz, z, R, C, S, b, kind, p, floor, A, K, Cc, dx):
 # (``y = z if z > 0 else L``, ``log1p(floor)`` where ``z / alpha <= floor``, as
 # :func:`bnkit.fused.activation_inverse` clamps) while it reduces, and :func:`row_input_ms_elu`
 # reads ``y`` back. ``g = dz if z > 0 else dz * (z + alpha)``. Branch-free bodies that LLVM
-# vectorizes; the buffer covers the same rows as ``z``.
+# vectorizes; the buffer (``Ya``) covers the same rows as ``z``.
 
 
 @njit(parallel=True, **_JIT)
-def row_reduce_ms_elu(dz, z, Y, R, C, S, b, p, floor, log_floor, out_g, out_gy):
-    """Per row: ``sum(g)`` and ``sum(g * (y - b))``; ``Y`` holds ``L`` on entry and ``y`` on exit."""
+def row_reduce_ms_elu(like, dza, za, Ya, R, C, S, ba, p, floor, log_floor, out_ga, out_gya):
+    """Per row: ``out_g = sum(g)`` and ``out_gy = sum(g * (y - b))``; ``Y`` holds ``L`` on entry and ``y`` on exit."""
+    dz = _view(dza, R * S, like)
+    z = _view(za, R * S, like)
+    Y = _view(Ya, R * S, like)
+    b = _view(ba, C, like)
+    sums = np.empty((R, 2))
     for r in prange(R):
         bb = b[r % C]
         base = r * S
@@ -287,13 +326,26 @@ def row_reduce_ms_elu(dz, z, Y, R, C, S, b, p, floor, log_floor, out_g, out_gy):
             y_s[i] = y
             sg += g
             sgy += g * (y - bb)
-        out_g[r] = sg
-        out_gy[r] = sgy
+        sums[r, 0] = sg
+        sums[r, 1] = sgy
+    out_g = _view(out_ga, R, 0.0)
+    out_gy = _view(out_gya, R, 0.0)
+    for r in range(R):
+        out_g[r] = sums[r, 0]
+        out_gy[r] = sums[r, 1]
 
 
 @njit(parallel=True, **_JIT)
-def row_input_ms_elu(dz, z, Y, R, C, S, b, p, A, K, Cc, dx):
-    """``dx = A * g + K * (y - b) + Cc`` with ``y`` read from ``Y`` (which may be ``dx``)."""
+def row_input_ms_elu(like, dza, za, Ya, R, C, S, ba, p, Aa, Ka, Cca, dxa):
+    """``dx = A * g + K * (y - b) + Cc`` with ``y`` read from ``Y`` (``Ya`` may be ``dxa``)."""
+    dz = _view(dza, R * S, like)
+    z = _view(za, R * S, like)
+    Y = _view(Ya, R * S, like)
+    dx = _view(dxa, R * S, like)
+    b = _view(ba, C, like)
+    A = _view(Aa, C, like)
+    K = _view(Ka, C, like)
+    Cc = _view(Cca, C, like)
     for r in prange(R):
         c = r % C
         bb, A_, K_, C_ = b[c], A[c], K[c], Cc[c]
@@ -313,15 +365,29 @@ def row_input_ms_elu(dz, z, Y, R, C, S, b, p, A, K, Cc, dx):
 # Each task reduces its channel, forms the coefficients of ``dx``, then writes ``dx`` while the
 # channel's ``dz`` and ``x`` (or ``z``) are still in cache, so memory is read about once (the
 # structure of :func:`bnkit.kernels.cpu.passes.ncs_backward_train`). ``scratch`` (3 * C values of the
-# data dtype) holds ``A, K, Cc`` rounded to the data dtype; ``write`` False only reduces.
+# data dtype, allocated here) holds ``A, K, Cc`` rounded to the data dtype; ``write`` False only reduces
+# (``dxa`` is then never touched).
 
 
 @njit(parallel=True, **_JIT)
-def channel_backward_std(dz, x, N, C, S, G, mean, a, b, kind, p, w, inv, M, training, write, out_g, out_gx,
-                         scratch, dx):
+def channel_backward_std(like, dza, xa, N, C, S, G, meana, aa, ba, kind, p, wa, inva, M, training, write, out_ga,
+                         out_gxa, dxa):
     """Standard mode: ``out_g = sum(g)``, ``out_gx = sum(g * (x - mean))`` per channel (float64),
     then ``dx = A * g + K * (x - mean) + Cc`` with ``A = w * inv``, ``K = -A * inv**2 * out_gx / M``,
-    ``Cc = -a * out_g / M`` (``K = Cc = 0`` when not ``training``); one group of ``G`` channels per task."""
+    ``Cc = -a * out_g / M`` (``K = Cc = 0`` when not ``training``); one group of ``G`` channels per task.
+    ``w`` and ``inv`` (the weight and invstd) are of the data's dtype and enter the coefficients in float64."""
+    total = N * C * S
+    dz = _view(dza, total, like)
+    x = _view(xa, total, like)
+    dx = _view(dxa, total, like)
+    mean = _view(meana, C, like)
+    a = _view(aa, C, like)
+    b = _view(ba, C, like)
+    w = _view(wa, C, like)
+    inv = _view(inva, C, like)
+    out_g = _view(out_ga, C, 0.0)
+    out_gx = _view(out_gxa, C, 0.0)
+    scratch = np.empty(3 * C, x.dtype)
     for g in prange((C + G - 1) // G):
         c0 = g * G
         gc = min(G, C - c0)
@@ -342,9 +408,10 @@ def channel_backward_std(dz, x, N, C, S, G, mean, a, b, kind, p, w, inv, M, trai
             continue
         for j in range(gc):
             c = c0 + j
-            a64 = w[c] * inv[c]
+            inv_c = np.float64(inv[c])
+            a64 = np.float64(w[c]) * inv_c
             scratch[3 * c] = a64
-            scratch[3 * c + 1] = -a64 * inv[c] * (sgx[j] * inv[c] / M) if training else 0.0
+            scratch[3 * c + 1] = -a64 * inv_c * (sgx[j] * inv_c / M) if training else 0.0
             scratch[3 * c + 2] = -a64 * (sg[j] / M) if training else 0.0
         for n in range(N):
             base = (n * C + c0) * S
@@ -356,13 +423,24 @@ def channel_backward_std(dz, x, N, C, S, G, mean, a, b, kind, p, w, inv, M, trai
 
 
 @njit(parallel=True, **_JIT)
-def channel_backward_ms(dz, z, N, C, S, G, w, b, var, eps, kind, p, floor, M, training, write, dw, db, scratch, dx):
+def channel_backward_ms(like, dza, za, N, C, S, G, wa, ba, vara, eps, kind, p, floor, M, training, write, dwa, dba,
+                        dxa):
     """Memory-saving mode, one group of ``G`` channels per task: ``db = sum(g)`` and
-    ``dw = sum(g * xhat) = sum(g * (y - b)) / w`` with ``y = act^{-1}(z)`` (float64 sums), then
-    ``dx = A * g + K * (y - b) + Cc`` with ``A = w * inv``, ``K = -inv * sum(g * (y - b)) / (w * M)``,
+    ``dw = sum(g * xhat) = sum(g * (y - b)) / w`` with ``y = act^{-1}(z)`` (float64 sums, stored in the data's
+    dtype), then ``dx = A * g + K * (y - b) + Cc`` with ``A = w * inv``, ``K = -inv * sum(g * (y - b)) / (w * M)``,
     ``Cc = -A * sum(g) / M`` (``K = Cc = 0`` when not ``training``), ``inv = 1 / sqrt(var + eps)`` in float64.
-    ``w``, ``b``, ``var``: per-channel vectors (the weight, bias and the variance the forward normalized
-    with); needs ``w != 0`` (no lost channel)."""
+    ``wa``, ``ba``, ``vara``: the weight, bias (address 0: ones, zeros) and the variance the forward normalized
+    with; needs ``w != 0`` (no lost channel)."""
+    total = N * C * S
+    dz = _view(dza, total, like)
+    z = _view(za, total, like)
+    dx = _view(dxa, total, like)
+    w = _view(wa, C, like)  # read only when wa != 0 (else ones), as b (else zeros)
+    b = _view(ba, C, like)
+    var = _view(vara, C, like)
+    dw = _view(dwa, C, like)
+    db = _view(dba, C, like)
+    scratch = np.empty(3 * C, z.dtype)
     for g in prange((C + G - 1) // G):
         c0 = g * G
         gc = min(G, C - c0)
@@ -371,26 +449,32 @@ def channel_backward_ms(dz, z, N, C, S, G, w, b, var, eps, kind, p, floor, M, tr
         for n in range(N):
             base = (n * C + c0) * S
             for j in range(gc):
+                c = c0 + j
                 lo = base + j * S
-                rg, rgy = _ms_sums(z[lo : lo + S], dz[lo : lo + S], S, b[c0 + j], kind, p, floor)
+                bc = b[c] if ba != 0 else like
+                rg, rgy = _ms_sums(z[lo : lo + S], dz[lo : lo + S], S, bc, kind, p, floor)
                 sg[j] += rg
                 sgy[j] += rgy
         for j in range(gc):
-            db[c0 + j] = sg[j]
-            dw[c0 + j] = sgy[j] / w[c0 + j]
+            c = c0 + j
+            wc = np.float64(w[c]) if wa != 0 else 1.0
+            db[c] = sg[j]
+            dw[c] = sgy[j] / wc
         if not write:
             continue
         for j in range(gc):
             c = c0 + j
+            wc = np.float64(w[c]) if wa != 0 else 1.0
             inv = 1.0 / math.sqrt(var[c] + eps)
-            a64 = w[c] * inv
+            a64 = wc * inv
             scratch[3 * c] = a64
-            scratch[3 * c + 1] = -inv * (sgy[j] / w[c] / M) if training else 0.0
+            scratch[3 * c + 1] = -inv * (sgy[j] / wc / M) if training else 0.0
             scratch[3 * c + 2] = -a64 * (sg[j] / M) if training else 0.0
         for n in range(N):
             base = (n * C + c0) * S
             for j in range(gc):
                 c = c0 + j
                 lo = base + j * S
+                bc = b[c] if ba != 0 else like
                 A_, K_, C_ = scratch[3 * c], scratch[3 * c + 1], scratch[3 * c + 2]
-                _ms_dx(z[lo : lo + S], dz[lo : lo + S], dx[lo : lo + S], S, b[c], kind, p, floor, A_, K_, C_)
+                _ms_dx(z[lo : lo + S], dz[lo : lo + S], dx[lo : lo + S], S, bc, kind, p, floor, A_, K_, C_)
