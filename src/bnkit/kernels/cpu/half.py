@@ -262,13 +262,10 @@ def simd16_type(a) -> bool:
     return (a.dtype == types.uint16 and SIMD_BF16) or (a.dtype == types.int16 and SIMD_F16)
 
 
-_simd16 = simd16_type
-
-
 def _simd_sums(a) -> bool:
     """Whether the block sums of data array ``a`` take the 16-wide intrinsics: 16-bit data on the SIMD
     path, and float32 data on the same CPUs (it needs only the features float16's code does)."""
-    return _simd16(a) or (a.dtype == types.float32 and SIMD_F16)
+    return simd16_type(a) or (a.dtype == types.float32 and SIMD_F16)
 
 
 def _splat(builder, v):
@@ -426,7 +423,7 @@ def affine(us, xs, os, n, has_u, a, m, k, sh):
 def _affine_impl(us, xs, os, n, has_u, a, m, k, sh):
     lanes = isinstance(m, types.Array)
     coeff = m.dtype if lanes else m
-    if _simd16(os) and coeff == types.float32:
+    if simd16_type(os) and coeff == types.float32:
 
         def simd(us, xs, os, n, has_u, a, m, k, sh):
             if has_u:
@@ -575,7 +572,7 @@ def dot_block(gb, xb, m):
 
 @overload(dot_block, inline="always", jit_options={"fastmath": _FAST})
 def _dot_block_impl(gb, xb, m):
-    if _simd16(gb) and m == types.float32:
+    if simd16_type(gb) and m == types.float32:
         return lambda gb, xb, m: _dot_sums16(gb, xb, gb.shape[0], m)
 
     def plain(gb, xb, m):
@@ -734,7 +731,7 @@ def simd16(a):
 
 @overload(simd16, inline="always")
 def _simd16_flag_impl(a):
-    v = _simd16(a)
+    v = simd16_type(a)
     return lambda a: v
 
 
@@ -745,5 +742,5 @@ def nsc_tile(xs):
 
 @overload(nsc_tile)
 def _nsc_tile_impl(xs):
-    n = NSC_TILE if _simd16(xs) else 1
+    n = NSC_TILE if simd16_type(xs) else 1
     return lambda xs: n
