@@ -496,7 +496,7 @@ def _data_like(t: Tensor, x: Tensor) -> Tensor:
     """``t`` (a gradient of the shape of the contiguous CPU ``x``) as contiguous CPU memory of ``x``'s dtype and
     shape, which a kernel may read at its ``data_ptr()`` as it reads ``x``'s: ``t`` itself when it is (autograd
     hands the output's dtype and shape), else a copy."""
-    if t.dtype is x.dtype and t.is_cpu and t.layout is _STRIDED and t.shape == x.shape and t.is_contiguous():
+    if t.dtype is x.dtype and t.shape == x.shape and _kernel_data(t):
         return t
     return torch.empty_like(x, memory_format=torch.contiguous_format).copy_(t)
 

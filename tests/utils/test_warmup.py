@@ -57,10 +57,10 @@ def test_a_dtypes_backend_and_activation_parts_wait_for_its_layer_part():
     assert parts[:2] == [("float32", "layers"), ("bfloat16", "layers")]  # the longest parts first
     assert ("bfloat16", "activation") not in parts  # no fused-activation kernels for 16-bit data
     waiting = [p for p in parts if p[1] != "layers"]
-    assert not any(_ready(p, set(), parts) for p in waiting)
-    assert [p for p in waiting if _ready(p, {("float32", "layers")}, parts)] == [
+    assert not any(_ready(p, set()) for p in waiting)
+    assert [p for p in waiting if _ready(p, {("float32", "layers")})] == [
         ("float32", "backend"), ("float32", "activation")]  # fmt: skip
-    assert all(_ready(p, {("float32", "layers"), ("bfloat16", "layers")}, parts) for p in waiting)
+    assert all(_ready(p, {("float32", "layers"), ("bfloat16", "layers")}) for p in waiting)
 
 
 def test_warmup_rejects_other_dtypes():

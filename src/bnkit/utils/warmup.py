@@ -164,11 +164,11 @@ def _parts(dtypes: Sequence[torch.dtype]) -> list[tuple[str, str]]:
     return [(str(dt).replace("torch.", ""), part) for part in _PARTS for dt in dtypes if _part_steps(dt, part)]
 
 
-def _ready(part: tuple[str, str], done: set[tuple[str, str]], parts: list[tuple[str, str]]) -> bool:
+def _ready(part: tuple[str, str], done: set[tuple[str, str]]) -> bool:
     # a dtype's backend and activation steps run the drivers its layer steps compile (the planned paths,
     # the small kernels): they wait until those are in the cache rather than compile them a second time
     dtype, kind = part
-    return kind == "layers" or (dtype, "layers") in done or (dtype, "layers") not in parts
+    return kind == "layers" or (dtype, "layers") in done
 
 
 def _run(steps: list[tuple[str, Callable[[], None]]], on_step: Callable[[int, int, str], None] | None,
@@ -245,12 +245,11 @@ def _run_in_workers(dts: Sequence[torch.dtype], jobs: int, on_step: Callable[[in
     done = 0
     if on_step is not None:
         on_step(0, total, f"starting {jobs} worker processes")
+    waiting, running, finished = _parts(dts), {}, set()
     # spawn, not fork: forking a process whose OpenMP and numba thread pools may already run is unsafe
-    parts = _parts(dts)
-    waiting, running, finished = list(parts), {}, set()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         while waiting or running:
-            for part in [p for p in waiting if _ready(p, finished, parts)][: jobs - len(running)]:
+            for part in [p for p in waiting if _ready(p, finished)][: jobs - len(running)]:
                 waiting.remove(part)
                 running[pool.submit(_run_part, *part, lock_path)] = part
             ended, _ = wait(running, return_when=FIRST_COMPLETED)

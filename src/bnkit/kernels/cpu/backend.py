@@ -252,7 +252,8 @@ class CpuBackend:
         dims = (n * s, c, 1) if order == "nsc" else (n, c, s)  # channels innermost: rows of channels
         if _eval_running(x, y, dims, 0, (m.data_ptr(), v.data_ptr(), _addr(w), _addr(b)), float(eps)):
             return y
-        scale = (v + eps).rsqrt() if w is None else (v + eps).rsqrt() * w  # the kernels are unavailable
+        inv = (v + eps).rsqrt()  # the kernels are unavailable: forward_eval with torch's coefficients
+        scale = inv if w is None else inv * w
         return self.forward_eval(x, m, scale, torch.zeros_like(scale) if b is None else b)
 
     def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
