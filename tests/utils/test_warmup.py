@@ -59,7 +59,8 @@ def test_a_dtypes_backend_and_activation_parts_wait_for_its_layer_part():
     waiting = [p for p in parts if p[1] != "layers"]
     assert not any(_ready(p, set()) for p in waiting)
     assert [p for p in waiting if _ready(p, {("float32", "layers")})] == [
-        ("float32", "backend"), ("float32", "activation")]  # fmt: skip
+        ("float32", "activation"), ("float32", "backend")]  # fmt: skip
+    assert waiting[-1][1] == "backend"  # the shortest parts (drivers already compiled) last
     assert all(_ready(p, {("float32", "layers"), ("bfloat16", "layers")}) for p in waiting)
 
 

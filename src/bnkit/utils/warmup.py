@@ -139,7 +139,7 @@ def _act_steps(dtype: torch.dtype) -> None:
             m(x).sum().backward()
 
 
-_PARTS = ("layers", "backend", "activation")
+_PARTS = ("layers", "activation", "backend")
 
 
 def _part_steps(dt: torch.dtype, part: str) -> list[tuple[str, Callable[[], None]]]:
@@ -159,8 +159,9 @@ def _steps(dtypes: Sequence[torch.dtype]) -> list[tuple[str, Callable[[], None]]
 
 
 def _parts(dtypes: Sequence[torch.dtype]) -> list[tuple[str, str]]:
-    # the order in which workers take the parts: every dtype's layer steps first (the longest parts,
-    # float32 before float64 before bfloat16), then the rest
+    # the order in which workers take the parts, longest first: every dtype's layer steps (float32 before
+    # float64 before bfloat16), then the fused-activation steps, then the backend steps (their drivers are
+    # compiled by then: a second or so each), which fill the end of the worker that is done first
     return [(str(dt).replace("torch.", ""), part) for part in _PARTS for dt in dtypes if _part_steps(dt, part)]
 
 

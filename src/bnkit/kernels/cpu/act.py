@@ -39,7 +39,7 @@ import numpy as np
 from numba import njit, prange
 
 from bnkit.kernels.cpu.drivers import _view
-from bnkit.kernels.cpu.passes import RBLOCK, to_acc
+from bnkit.kernels.cpu.passes import PRANGE_ONLY, RBLOCK, to_acc
 
 __all__ = [
     "KINDS",
@@ -236,7 +236,7 @@ def slope(kind: int, p: float) -> float:
     return 1.0 if kind == 0 else (0.0 if kind == 1 else p)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def row_act(like, xa, outa, R, C, S, meana, aa, ba, kind, p):
     """``out = act((x - mean) * a + b)`` over ``R`` rows of ``S`` values; ``outa`` may be ``xa`` (in place)."""
     x = _view(xa, R * S, like)
@@ -255,7 +255,7 @@ def row_act(like, xa, outa, R, C, S, meana, aa, ba, kind, p):
 # the loop, and a view of an address is such an array.
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def row_reduce_ms(like, dza, za, R, C, S, ba, kind, p, floor, out_ga, out_gya):
     """Per row: ``out_g = sum(g)`` and ``out_gy = sum(g * (y - b))`` with ``y = act^{-1}(z)`` (``R`` values each)."""
     dz = _view(dza, R * S, like)
@@ -272,7 +272,7 @@ def row_reduce_ms(like, dza, za, R, C, S, ba, kind, p, floor, out_ga, out_gya):
         out_gy[r] = sums[r, 1]
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def row_input_ms(like, dza, za, R, C, S, ba, kind, p, floor, Aa, Ka, Cca, dxa):
     """``dx = A * g + K * (y - b) + Cc`` with ``y = act^{-1}(z)``."""
     dz = _view(dza, R * S, like)
@@ -300,7 +300,7 @@ def row_input_ms(like, dza, za, R, C, S, ba, kind, p, floor, Aa, Ka, Cca, dxa):
 # vectorizes; the buffer (``Ya``) covers the same rows as ``z``.
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def row_reduce_ms_elu(like, dza, za, Ya, R, C, S, ba, p, floor, log_floor, out_ga, out_gya):
     """Per row: ``out_g = sum(g)`` and ``out_gy = sum(g * (y - b))``; ``Y`` holds ``L`` on entry and ``y`` on exit."""
     dz = _view(dza, R * S, like)
@@ -335,7 +335,7 @@ def row_reduce_ms_elu(like, dza, za, Ya, R, C, S, ba, p, floor, log_floor, out_g
         out_gy[r] = sums[r, 1]
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def row_input_ms_elu(like, dza, za, Ya, R, C, S, ba, p, Aa, Ka, Cca, dxa):
     """``dx = A * g + K * (y - b) + Cc`` with ``y`` read from ``Y`` (``Ya`` may be ``dxa``)."""
     dz = _view(dza, R * S, like)
@@ -369,7 +369,7 @@ def row_input_ms_elu(like, dza, za, Ya, R, C, S, ba, p, Aa, Ka, Cca, dxa):
 # (``dxa`` is then never touched).
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def channel_backward_std(like, dza, xa, N, C, S, G, meana, aa, ba, kind, p, wa, inva, M, training, write, out_ga,
                          out_gxa, dxa):
     """Standard mode: ``out_g = sum(g)``, ``out_gx = sum(g * (x - mean))`` per channel (float64),
@@ -422,7 +422,7 @@ def channel_backward_std(like, dza, xa, N, C, S, G, meana, aa, ba, kind, p, wa, 
                 _std_dx(x[lo : lo + S], dz[lo : lo + S], dx[lo : lo + S], S, mean[c], a[c], b[c], kind, p, A_, K_, C_)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def channel_backward_ms(like, dza, za, N, C, S, G, wa, ba, vara, eps, kind, p, floor, M, training, write, dwa, dba,
                         dxa):
     """Memory-saving mode, one group of ``G`` channels per task: ``db = sum(g)`` and

@@ -47,6 +47,7 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
 from bnkit.kernels.cpu.passes import (
+    PRANGE_ONLY,
     ncs_affine_any,
     ncs_backward_rows,
     ncs_backward_train,
@@ -274,14 +275,14 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
         sc[c] = (_view(wa, C, like)[c] if wa != 0 else 1.0) / np.sqrt(v + eps)
         if ba != 0:
             sh[c] = _view(ba, C, like)[c]
-    if L > 0:  # rows of channels of (N // L, L, C) memory, y (N // L, C, L), as _eval_forward
-        RT = nsc_to_ncs_tiles(N // L, L)
-        for t in prange(T):
-            t0, t1 = _span(RT, T, t)
-            _normalize_transposed(x, y, C, L, t0, t1, mu, sc, sh)
-    else:
-        for t in prange(T):
-            r0, r1 = _span(R, T, t)
+    # L > 0: tiles of rows of channels of (N // L, L, C) memory, y (N // L, C, L), as _eval_forward (one
+    # prange loop for both: each compiles into a parallel function of its own)
+    RN = nsc_to_ncs_tiles(N // L, L) if L > 0 else R
+    for t in prange(T):
+        r0, r1 = _span(RN, T, t)
+        if L > 0:
+            _normalize_transposed(x, y, C, L, r0, r1, mu, sc, sh)
+        else:
             _normalize(x, y, C, S, r0, r1, mu, sc, sh)
     if rma != 0:
         rm, rv, nm, nv = _view(rma, C, like), _view(rva, C, like), _view(nma, C, like), _view(nva, C, like)
@@ -303,7 +304,7 @@ def train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma
     _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, L, 1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PRANGE_ONLY)
 def train_forward_par(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nma, nva, ratio, keep, take, L,
                       T):
     """:func:`train_forward` with its two passes cut into ``T`` parallel ranges of rows."""
@@ -358,16 +359,14 @@ def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T):
     y = _view(ya, total, like)
     rm = _view(rma, C, like)
     k, sh = _eval_scale_shift(_view(rva, C, like), wa, ba, C, eps, one)
-    if L > 0:  # rows of channels of (N // L, L, C) memory, y (N // L, C, L)
-        R = nsc_to_ncs_tiles(N // L, L)
-        for t in prange(T):
-            t0, t1 = _span(R, T, t)
-            _normalize_transposed(x, y, C, L, t0, t1, rm, k, sh)
-        return
-    R = _rows(N, C, S)
+    # L > 0: tiles of rows of channels of (N // L, L, C) memory, y (N // L, C, L)
+    R = nsc_to_ncs_tiles(N // L, L) if L > 0 else _rows(N, C, S)
     for t in prange(T):
         r0, r1 = _span(R, T, t)
-        _normalize(x, y, C, S, r0, r1, rm, k, sh)
+        if L > 0:
+            _normalize_transposed(x, y, C, L, r0, r1, rm, k, sh)
+        else:
+            _normalize(x, y, C, S, r0, r1, rm, k, sh)
 
 
 @njit(cache=True)
@@ -381,7 +380,7 @@ def eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L):
     _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, 1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PRANGE_ONLY)
 def eval_forward_par(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T):
     """:func:`eval_forward` cut into ``T`` parallel ranges of rows (of tiles with ``L > 0``)."""
     _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T)
@@ -837,7 +836,7 @@ def train_backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba):
     _backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, True, 1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PRANGE_ONLY)
 def train_backward_par(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, T):
     """:func:`train_backward` with its two passes cut into ``T`` parallel ranges of rows."""
     _backward(like, ga, xa, dxa, N, C, S, meana, vara, wa, eps, dwa, dba, True, T)
@@ -853,7 +852,7 @@ def eval_backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba):
     _backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, False, 1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PRANGE_ONLY)
 def eval_backward_par(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, T):
     """:func:`eval_backward` with its two passes cut into ``T`` parallel ranges of rows."""
     _backward(like, ga, xa, dxa, N, C, S, rma, rva, wa, eps, dwa, dba, False, T)

@@ -11,10 +11,9 @@ Where the CPU has AVX-512 (``SIMD_BF16``/``SIMD_F16``) the normalize-type loops 
 written here through numba intrinsics, rounding with the CPU's conversion instructions to the scalar
 codec's bits. :func:`block_sums` and :func:`dot_block` serve every dtype (plain loops elsewhere), and
 :func:`block_sums` runs float32 data's blocks in the same vector code on these CPUs (faster than LLVM's
-own float32 lanes there); :mod:`bnkit.kernels.cpu.passes` calls
-:func:`affine` only where :func:`simd16` holds (a compile-time constant) and keeps its own loops for
-everything else; :func:`column_sums` also takes float32 data on these CPUs and says whether it ran
-(else the caller's loop runs).
+own float32 lanes there); every normalize loop of :mod:`bnkit.kernels.cpu.passes` is an :func:`affine`
+call (the 16-wide code where :func:`simd16` holds, a plain loop otherwise); :func:`column_sums` also
+takes float32 data on these CPUs and says whether it ran (else the caller's loop runs).
 """
 
 from __future__ import annotations
@@ -411,10 +410,10 @@ def _at_impl(v, i):
 def affine(us, xs, os, n, has_u, a, m, k, sh):
     """``os[i] = a*us[i] + k*(xs[i] - m) + sh`` for ``i < n`` (the ``us`` term only with ``has_u``).
 
-    The coefficients are float32 scalars, or float32 arrays of one value per element (channels
-    innermost, per-position tables: ``a[i]``, ...). 16-bit data on the SIMD path runs
-    :func:`_affine16`; the plain loop below serves any other dtype, but :mod:`bnkit.kernels.cpu.passes`
-    keeps its own loops there (through this helper its float32 short rows ran slower).
+    The coefficients are scalars, or arrays of one value per element (channels innermost, per-position
+    tables: ``a[i]``, ...). 16-bit data on the SIMD path with float32 coefficients runs :func:`_affine16`;
+    every other case the plain loop below, in the caller's fastmath flags (inlined), with the
+    coefficients' precision.
     """
     raise NotImplementedError  # replaced by the overload inside jitted code
 
@@ -724,8 +723,8 @@ def _row_lanes_impl(gs, xs, n, m, acc0, acc1, off):
 
 
 def simd16(a):
-    """Whether array ``a`` takes the 16-wide SIMD code (a compile-time constant in jitted code): where it
-    does not, :mod:`bnkit.kernels.cpu.passes` runs its own normalize loops (see :func:`affine`)."""
+    """Whether array ``a`` takes the 16-wide SIMD code (a compile-time constant in jitted code): the block
+    sizes of :mod:`bnkit.kernels.cpu.passes` follow it."""
     raise NotImplementedError  # replaced by the overload inside jitted code
 
 

@@ -16,8 +16,9 @@ dtypes. Data arrays arrive as float32, float64, uint16 (the bits of bfloat16) or
 bits of float16); :func:`load` widens an element to the compute dtype (float64 for float64,
 float32 otherwise) and :func:`store` rounds back to nearest-even exactly as torch does (both in
 :mod:`bnkit.kernels.cpu.half`). Per-channel vectors (``mean``, ``scale``, ...) come in the statistics
-dtype. On CPUs with AVX-512 the loops of 16-bit data go to the 16-wide vector code of
-:mod:`bnkit.kernels.cpu.half` wherever :func:`simd16` holds; float32/float64 keep the loops written here.
+dtype. Every normalize loop is one :func:`bnkit.kernels.cpu.half.affine` call (the 16-wide vector code
+for 16-bit data on CPUs with AVX-512, a plain loop otherwise); the sums of 16-bit data take the 16-wide
+code wherever :func:`simd16` holds.
 
 Numerics policy (the same as :mod:`bnkit.reference`): statistics are accumulated in float64 and
 ``E[x^2] - E[x]^2`` of the raw data never appears. Memory is read once, with the "shifted data"
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange, types
+from numba.core.cpu import ParallelOptions
 from numba.extending import overload
 
 from bnkit.kernels.cpu.half import (
@@ -107,6 +109,10 @@ ROW_LANES_VALUES = 64
 LANES = 16
 
 _JIT = {"cache": True, "fastmath": _FAST}
+# parallel kernels: their explicit prange loops only (numba's conversion of numpy calls, array
+# expressions and setitems into parfors is off: it only adds analysis and inner loops to compile)
+PRANGE_ONLY = ParallelOptions({"comprehension": False, "reduction": False, "inplace_binop": False, "setitem": False,
+                               "numpy": False, "stencil": False, "fusion": True, "prange": True})
 # Largest |mean * scale| of a channel for the folded normalize (see folds_mean).
 FOLD_MAX = float(2**24)
 
@@ -184,15 +190,7 @@ def _ncs_chunk_affine(u, x, out, c, C, S, j0, j1, has_u, a, m, k, sh):
         hi = min(j1 - n * S, S)
         xs = x[base + lo : base + hi]
         os = out[base + lo : base + hi]
-        if simd16(out):
-            affine(u[base + lo : base + hi], xs, os, hi - lo, has_u, a, m, k, sh)
-        elif has_u:
-            us = u[base + lo : base + hi]
-            for i in range(hi - lo):
-                store(os, i, a * load(us, i) + k * (load(xs, i) - m) + sh)
-        else:
-            for i in range(hi - lo):
-                store(os, i, (load(xs, i) - m) * k + sh)
+        affine(u[base + lo : base + hi], xs, os, hi - lo, has_u, a, m, k, sh)
 
 
 def folds_mean(x, k):
@@ -239,7 +237,7 @@ def _part(total, parts, p):
 # --- channel-major (N, C, S) kernels ------------------------------------------------------------------
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def ncs_train(
     x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, nmean, scale, shift, part_n, part_mu, part_m2
 ):
@@ -309,7 +307,7 @@ def finish_stats(part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out,
         shift[c] = bias[c]
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def ncs_row_stats(x, N, C, S, T, part_n, part_mu, part_m2):
     """Per-part statistics of ``(N, C, S)`` memory read in memory order (for short rows ``S``).
 
@@ -374,7 +372,7 @@ def _shifted_moments(n, kc, s1, s2):
     return kc + s1 / n, (m2 if not m2 < 0.0 else 0.0)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def ncs_train_groups(x, y, N, C, S, G, weight, bias, eps, mean_out, var_out, nmean, scale, shift):
     """Training forward on ``(N, C, S)`` memory with short rows, one task per group of ``G`` channels.
 
@@ -416,7 +414,7 @@ def ncs_train_groups(x, y, N, C, S, G, weight, bias, eps, mean_out, var_out, nme
                 _affine_run(x, x, y, base + j * S, base + (j + 1) * S, False, scale[c], nmean[c], scale[c], shift[c])
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def ncs_affine(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift):
     """``out = a[c]*u + k[c]*(x - mean[c]) + shift[c]`` on ``(N, C, S)`` memory, one pass.
 
@@ -426,18 +424,19 @@ def ncs_affine(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift):
     ``Q > 1`` (too few rows to fill the threads) each task is one of the ``Q`` segments of a row.
     Not one task per row: on short rows the per-task scheduling and divisions cost more than the values.
     """
-    if Q > 1:
-        for t in prange(N * C * Q):
-            r = t // Q
-            s0, s1 = _part(S, Q, t % Q)
-            _affine_run(u, x, out, r * S + s0, r * S + s1, has_u, a[r % C], mean[r % C], k[r % C], shift[r % C])
-        return
     R = N * C
-    for t in prange(T):
-        r0, r1 = _part(R, T, t)
+    # one prange loop for both kinds of task (each loop compiles into a parallel function of its own)
+    for t in prange(R * Q if Q > 1 else T):
+        if Q > 1:  # segment t % Q of row t // Q
+            r0 = t // Q
+            r1 = r0 + 1
+            s0, s1 = _part(S, Q, t % Q)
+        else:  # a range of whole rows
+            r0, r1 = _part(R, T, t)
+            s0, s1 = 0, S
         c = r0 % C
         for r in range(r0, r1):
-            _affine_run(u, x, out, r * S, (r + 1) * S, has_u, a[c], mean[c], k[c], shift[c])
+            _affine_run(u, x, out, r * S + s0, r * S + s1, has_u, a[c], mean[c], k[c], shift[c])
             c += 1
             if c == C:
                 c = 0
@@ -446,20 +445,10 @@ def ncs_affine(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift):
 @njit(inline="always", **_JIT)
 def _affine_run(u, x, out, i0, i1, has_u, ac, m, kc, sh):
     # out[i] = ac*u[i] + kc*(x[i] - m) + sh on [i0, i1), over slices indexed from 0
-    xs = x[i0:i1]
-    os = out[i0:i1]
-    if simd16(out):
-        affine(u[i0:i1], xs, os, i1 - i0, has_u, ac, m, kc, sh)
-    elif has_u:
-        us = u[i0:i1]
-        for i in range(i1 - i0):
-            store(os, i, ac * load(us, i) + kc * (load(xs, i) - m) + sh)
-    else:
-        for i in range(i1 - i0):
-            store(os, i, (load(xs, i) - m) * kc + sh)
+    affine(u[i0:i1], x[i0:i1], out[i0:i1], i1 - i0, has_u, ac, m, kc, sh)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def ncs_affine_short(u, x, out, N, C, S, Q, has_u, a, mean, k, shift, tab):
     """:func:`ncs_affine` for very short rows (``S <= SHORT_ROW_S`` of the launcher, e.g. 4x4):
     one loop over a sample's ``C*S`` values.
@@ -485,18 +474,10 @@ def ncs_affine_short(u, x, out, N, C, S, Q, has_u, a, mean, k, shift, tab):
         xs = x[n * CS + j0 : n * CS + j1]
         os = out[n * CS + j0 : n * CS + j1]
         ma, mm, mk, msh = ta[j0:j1], tm[j0:j1], tk[j0:j1], tsh[j0:j1]
-        if simd16(out):
-            affine(u[n * CS + j0 : n * CS + j1], xs, os, j1 - j0, has_u, ma, mm, mk, msh)
-        elif has_u:
-            us = u[n * CS + j0 : n * CS + j1]
-            for i in range(j1 - j0):
-                store(os, i, ma[i] * load(us, i) + mk[i] * (load(xs, i) - mm[i]) + msh[i])
-        else:
-            for i in range(j1 - j0):
-                store(os, i, (load(xs, i) - mm[i]) * mk[i] + msh[i])
+        affine(u[n * CS + j0 : n * CS + j1], xs, os, j1 - j0, has_u, ma, mm, mk, msh)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on ``(N, C, S)`` memory, one pass.
 
@@ -535,7 +516,7 @@ def ncs_reduce(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     _sum_tasks(acc0, acc1, sum_dy, sum_dy_xmu)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def _ncs_reduce_lanes(dy, x, N, C, S, T, mean, sum_dy, sum_dy_xmu):
     """:func:`ncs_reduce` (without ``write``) for short rows on the SIMD path: each row adds into its
     channel's 16 float32 lanes (:func:`row_lanes`), with no horizontal sum per row; a channel's lanes go
@@ -676,7 +657,7 @@ def _coeffs_channel(c, s0, s1, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc)
     cc[c] = -a[c] * (sum_dy[c] / M)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def ncs_backward_train(dy, x, dx, N, C, S, G, mean, invstd, weight, sum_dy, sum_dy_xhat, a, k, cc):
     """Fused training backward on ``(N, C, S)`` memory, one task per group of ``G`` channels.
 
@@ -727,7 +708,7 @@ def ncs_backward_train(dy, x, dx, N, C, S, G, mean, invstd, weight, sum_dy, sum_
 # --- channel-minor (R, C) kernels ---------------------------------------------------------------------
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def nsc_stats(x, R, C, T, part_n, part_mu, part_m2):
     """Per-part statistics of ``(R, C)`` memory (channels innermost): ``T`` row ranges in parallel.
 
@@ -794,7 +775,7 @@ def nsc_stats(x, R, C, T, part_n, part_mu, part_m2):
             part_m2[t, c] = m2[c]
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
     """``out = a[c]*u + k[c]*(x - mean[c]) + shift[c]`` on ``(R, C)`` memory, one pass.
 
@@ -813,18 +794,11 @@ def nsc_affine(u, x, out, R, C, T, has_u, a, mean, k, shift):
         for r in range(r0, r1):
             xr = x[r * C : (r + 1) * C]
             orow = out[r * C : (r + 1) * C]
-            if simd16(out):
-                affine(u[r * C : (r + 1) * C], xr, orow, C, has_u, a, mean, k, shift)
-            elif has_u:
-                ur = u[r * C : (r + 1) * C]
-                for c in range(C):
-                    store(orow, c, a[c] * load(ur, c) + k[c] * (load(xr, c) - mean[c]) + shift[c])
-            elif fold:
+            if fold:
                 for c in range(C):
                     store(orow, c, load(xr, c) * k[c] + sh2[c])
             else:
-                for c in range(C):
-                    store(orow, c, (load(xr, c) - mean[c]) * k[c] + shift[c])
+                affine(u[r * C : (r + 1) * C], xr, orow, C, has_u, a, mean, k, shift)
 
 
 def _tables16(u, x, out, R, C, T, has_u, a, mean, k, shift, q):
@@ -842,7 +816,7 @@ def _tables16_impl(u, x, out, R, C, T, has_u, a, mean, k, shift, q):
     return lambda u, x, out, R, C, T, has_u, a, mean, k, shift, q: None
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def _nsc_affine_tables(u, x, out, R, C, T, has_u, a, mean, k, shift, q):
     # nsc_affine of 16-bit data on the SIMD path: coefficients repeated over q rows, one loop per q rows
     tab = np.empty((4, q * C), a.dtype)
@@ -913,7 +887,7 @@ def nsc_tile_to_ncs(x, out, L, C, tt, fold, mean, k, shift):
                 os[i] = (xs[i, c] - mc) * kc + shc
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def nsc_affine_to_ncs(x, out, B, L, C, T, mean, k, shift):
     """:func:`nsc_affine`'s normalize of float32/float64 data (no ``u`` term, the same arithmetic: folded as
     there) of an ``(N, C, L)`` view of ``(B, L, C)`` memory, written contiguous ``(B, C, L)``
@@ -926,7 +900,7 @@ def nsc_affine_to_ncs(x, out, B, L, C, T, mean, k, shift):
             nsc_tile_to_ncs(x, out, L, C, tt, fold, mean, k, sh)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=PRANGE_ONLY, **_JIT)
 def nsc_reduce(dy, x, R, C, T, mean, sum_dy, sum_dy_xmu, write, dx, scale):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel on ``(R, C)`` memory, one pass.
 
@@ -987,7 +961,7 @@ def run_time(flag):
 # out, with the same numbers bit for bit.
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def ncs_affine_any(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift, tab):
     """:func:`ncs_affine_short` when ``tab`` has columns (``4 x C*S``), else :func:`ncs_affine`."""
     if tab.shape[1] > 0:
@@ -1016,7 +990,7 @@ def update_running(mean, var, running):
         nv[c] = rv[c] * keep + (var[c] * ratio) * take
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def ncs_train_rows(x, y, N, C, S, T, part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale,
                    shift, TA, Q, tab, running):
     """Training forward on ``(N, C, S)`` memory in two streaming passes: :func:`ncs_row_stats` (``T``
@@ -1028,7 +1002,7 @@ def ncs_train_rows(x, y, N, C, S, T, part_n, part_mu, part_m2, weight, bias, eps
     update_running(mean_out, var_out, running)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def ncs_train_all(x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, nmean, scale, shift, part_n, part_mu,
                   part_m2, TA, Q, tab, running):
     """Training forward on ``(N, C, S)`` memory with long rows: :func:`ncs_train` (``fuse``: each channel
@@ -1042,14 +1016,14 @@ def ncs_train_all(x, y, N, C, S, P, fuse, weight, bias, eps, mean_out, var_out, 
     update_running(mean_out, var_out, running)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def ncs_train_groups_all(x, y, N, C, S, G, weight, bias, eps, mean_out, var_out, nmean, scale, shift, running):
     """:func:`ncs_train_groups`, then :func:`update_running`."""
     ncs_train_groups(x, y, N, C, S, G, weight, bias, eps, mean_out, var_out, nmean, scale, shift)
     update_running(mean_out, var_out, running)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def ncs_backward_rows(dy, x, dx, N, C, S, T, mean, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc, TA, Q, tab):
     """Training backward on ``(N, C, S)`` memory in two streaming passes: :func:`ncs_reduce`,
     :func:`backward_coeffs`, then ``dx`` (:func:`ncs_affine_any`)."""
@@ -1058,7 +1032,7 @@ def ncs_backward_rows(dy, x, dx, N, C, S, T, mean, invstd, weight, M, sum_dy, su
     ncs_affine_any(dy, x, dx, N, C, S, TA, Q, run_time(True), a, mean, k, cc, tab)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def nsc_train(x, y, R, C, T, part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale, shift,
               running):
     """Training forward on ``(R, C)`` memory: :func:`nsc_stats`, :func:`finish_stats`, :func:`nsc_affine`,
@@ -1069,7 +1043,7 @@ def nsc_train(x, y, R, C, T, part_n, part_mu, part_m2, weight, bias, eps, mean_o
     update_running(mean_out, var_out, running)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def nsc_train_to_ncs(x, y, B, L, C, T, part_n, part_mu, part_m2, weight, bias, eps, mean_out, var_out, nmean, scale,
                      shift, running):
     """:func:`nsc_train` of an ``(N, C, L)`` view of ``(B, L, C)`` float32/float64 memory, ``y`` written
@@ -1080,7 +1054,7 @@ def nsc_train_to_ncs(x, y, B, L, C, T, part_n, part_mu, part_m2, weight, bias, e
     update_running(mean_out, var_out, running)
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def nsc_backward_train(dy, x, dx, R, C, T, mean, invstd, weight, M, sum_dy, sum_dy_xhat, a, k, cc):
     """Training backward on ``(R, C)`` memory: :func:`nsc_reduce`, :func:`backward_coeffs`, then
     ``dx = a*dy + k*(x - mean) + cc`` (:func:`nsc_affine`)."""
@@ -1090,7 +1064,7 @@ def nsc_backward_train(dy, x, dx, R, C, T, mean, invstd, weight, M, sum_dy, sum_
     nsc_affine(dy, x, dx, R, C, T, run_time(True), a, mean, k, cc)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE_ONLY, cache=True)
 def probe(a):
     """``a += 1`` in a parallel loop: the least kernel that needs a working numba and its threading layer."""
     for i in prange(a.shape[0]):
