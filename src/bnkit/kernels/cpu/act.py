@@ -255,6 +255,16 @@ def row_act(like, xa, outa, R, C, S, meana, aa, ba, kind, p):
 # the loop, and a view of an address is such an array.
 
 
+@njit(inline="always", **_JIT)
+def _copy_row_sums(sums, R, out_ga, out_gya):
+    # a row kernel's (R, 2) sums to its outputs, after its parallel loop
+    out_g = _view(out_ga, R, 0.0)
+    out_gy = _view(out_gya, R, 0.0)
+    for r in range(R):
+        out_g[r] = sums[r, 0]
+        out_gy[r] = sums[r, 1]
+
+
 @njit(parallel=PRANGE_ONLY, **_JIT)
 def row_reduce_ms(like, dza, za, R, C, S, ba, kind, p, floor, out_ga, out_gya):
     """Per row: ``out_g = sum(g)`` and ``out_gy = sum(g * (y - b))`` with ``y = act^{-1}(z)`` (``R`` values each)."""
@@ -265,11 +275,7 @@ def row_reduce_ms(like, dza, za, R, C, S, ba, kind, p, floor, out_ga, out_gya):
     for r in prange(R):
         base = r * S
         sums[r, 0], sums[r, 1] = _ms_sums(z[base : base + S], dz[base : base + S], S, b[r % C], kind, p, floor)
-    out_g = _view(out_ga, R, 0.0)
-    out_gy = _view(out_gya, R, 0.0)
-    for r in range(R):
-        out_g[r] = sums[r, 0]
-        out_gy[r] = sums[r, 1]
+    _copy_row_sums(sums, R, out_ga, out_gya)
 
 
 @njit(parallel=PRANGE_ONLY, **_JIT)
@@ -328,11 +334,7 @@ def row_reduce_ms_elu(like, dza, za, Ya, R, C, S, ba, p, floor, log_floor, out_g
             sgy += g * (y - bb)
         sums[r, 0] = sg
         sums[r, 1] = sgy
-    out_g = _view(out_ga, R, 0.0)
-    out_gy = _view(out_gya, R, 0.0)
-    for r in range(R):
-        out_g[r] = sums[r, 0]
-        out_gy[r] = sums[r, 1]
+    _copy_row_sums(sums, R, out_ga, out_gya)
 
 
 @njit(parallel=PRANGE_ONLY, **_JIT)

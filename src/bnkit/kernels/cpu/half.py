@@ -11,9 +11,10 @@ Where the CPU has AVX-512 (``SIMD_BF16``/``SIMD_F16``) the normalize-type loops 
 written here through numba intrinsics, rounding with the CPU's conversion instructions to the scalar
 codec's bits. :func:`block_sums` and :func:`dot_block` serve every dtype (plain loops elsewhere), and
 :func:`block_sums` runs float32 data's blocks in the same vector code on these CPUs (faster than LLVM's
-own float32 lanes there); every normalize loop of :mod:`bnkit.kernels.cpu.passes` is an :func:`affine`
-call (the 16-wide code where :func:`simd16` holds, a plain loop otherwise); :func:`column_sums` also
-takes float32 data on these CPUs and says whether it ran (else the caller's loop runs).
+own float32 lanes there); every normalize loop of :mod:`bnkit.kernels.cpu.passes` that 16-bit data can
+take is an :func:`affine` call (the 16-wide code where :func:`simd16` holds, a plain loop otherwise);
+:func:`column_sums` also takes float32 data on these CPUs and says whether it ran (else the caller's loop
+runs).
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ dtypes. Data arrays arrive as float32, float64, uint16 (the bits of bfloat16) or
 bits of float16); :func:`load` widens an element to the compute dtype (float64 for float64,
 float32 otherwise) and :func:`store` rounds back to nearest-even exactly as torch does (both in
 :mod:`bnkit.kernels.cpu.half`). Per-channel vectors (``mean``, ``scale``, ...) come in the statistics
-dtype. Every normalize loop is one :func:`bnkit.kernels.cpu.half.affine` call (the 16-wide vector code
-for 16-bit data on CPUs with AVX-512, a plain loop otherwise); the sums of 16-bit data take the 16-wide
-code wherever :func:`simd16` holds.
+dtype. Every normalize loop that 16-bit data can take is one :func:`bnkit.kernels.cpu.half.affine` call
+(the 16-wide vector code for 16-bit data on CPUs with AVX-512, a plain loop otherwise; the float-only forms,
+folded or transposed, keep their own loops); the sums of 16-bit data take the 16-wide code wherever
+:func:`simd16` holds.
 
 Numerics policy (the same as :mod:`bnkit.reference`): statistics are accumulated in float64 and
 ``E[x^2] - E[x]^2`` of the raw data never appears. Memory is read once, with the "shifted data"
