@@ -330,10 +330,10 @@ def one_call_act(
 
 
 def _small_plan(x: Tensor) -> bool:
-    """Whether a recorded training call on ``x`` takes the cpu backend's small kernels (:func:`one_call_path`)."""
-    from bnkit.kernels.cpu.plan import one_call_path
-
-    return x.dtype in _LIKE and one_call_path(x.dtype, x.numel(), True) == "small"
+    """Whether a recorded training call on ``x`` takes the cpu backend's small kernels
+    (:func:`bnkit.kernels.cpu.plan.one_call_path`)."""
+    kernels = _cpu_act()
+    return kernels is not None and x.dtype in _LIKE and kernels[1].one_call_path(x.dtype, x.numel(), True) == "small"
 
 
 # --- the optional numba kernels ----------------------------------------------------------
@@ -341,7 +341,7 @@ def _small_plan(x: Tensor) -> bool:
 # checked first (``_kernel_data`` for the data, ``_data_like`` for gradients, ``_vec`` for per-channel
 # vectors, which converts one of another dtype or layout once with torch) or allocated here.
 
-# (cpu.act module, cpu.plan.threads) once imported; False when numba is unusable
+# (cpu.act module, cpu.plan module) once imported; False when numba is unusable
 _CPU_ACT = None
 
 
@@ -378,23 +378,23 @@ def _cpu_act_for(numel: int):
     kernels = _cpu_act()
     if kernels is None:
         return None
-    cpu_act, threads = kernels
-    threads(numel)
+    cpu_act, cpu_plan = kernels
+    cpu_plan.threads(numel)
     return cpu_act
 
 
 def _cpu_act():
-    """``(bnkit.kernels.cpu.act, bnkit.kernels.cpu.plan.threads)``, imported once; None when numba is unusable
+    """``(bnkit.kernels.cpu.act, bnkit.kernels.cpu.plan)``, imported once; None when numba is unusable
     (every caller then has an exact composed or numpy path, only slower)."""
     global _CPU_ACT
     if _CPU_ACT is None:
         try:
             from bnkit.kernels.cpu import act as cpu_act
-            from bnkit.kernels.cpu.plan import threads
+            from bnkit.kernels.cpu import plan as cpu_plan
         except Exception:
             _CPU_ACT = False
         else:
-            _CPU_ACT = (cpu_act, threads)
+            _CPU_ACT = (cpu_act, cpu_plan)
     return _CPU_ACT or None
 
 
@@ -427,20 +427,20 @@ def _elu_log(zc: Tensor, alpha: float, buf: Tensor) -> Tensor:
 
 def _channel_group(x: Tensor, tensors: int) -> int:
     """Channels per task of the channel kernels: a group of short rows where the ``cpu`` backend takes
-    one for ``tensors`` tensors of ``x``'s size (:func:`bnkit.kernels.cpu.plan.channel_group`), else 1."""
-    from bnkit.kernels.cpu.plan import channel_group, threads
-
+    one for ``tensors`` tensors of ``x``'s size (:func:`bnkit.kernels.cpu.plan.channel_group`), else 1.
+    (Called with the act kernels in use: :func:`_cpu_act` has imported the plan module.)"""
+    plan = _CPU_ACT[1]
     n, c, s = x.shape[0], x.shape[1], _rows(x)[2]
-    return max(1, channel_group(threads(x.numel()), n, c, s, tensors * x.element_size()))
+    return max(1, plan.channel_group(plan.threads(x.numel()), n, c, s, tensors * x.element_size()))
 
 
 def _channel_tasks(x: Tensor) -> bool:
     """One task per channel (reduce, then write while the channel is in cache) when the channels
-    alone keep every thread busy, as :mod:`bnkit.kernels.cpu.backend` decides; else row-parallel passes."""
-    from bnkit.kernels.cpu.plan import TASKS_PER_THREAD, threads
-
-    nt = threads(x.numel())
-    return nt == 1 or x.shape[1] >= TASKS_PER_THREAD * nt
+    alone keep every thread busy, as :mod:`bnkit.kernels.cpu.backend` decides; else row-parallel passes.
+    (Called with the act kernels in use, as :func:`_channel_group`.)"""
+    plan = _CPU_ACT[1]
+    nt = plan.threads(x.numel())
+    return nt == 1 or x.shape[1] >= plan.TASKS_PER_THREAD * nt
 
 
 def _detached_as(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -275,13 +275,13 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
         sc[c] = (_view(wa, C, like)[c] if wa != 0 else 1.0) / np.sqrt(v + eps)
         if ba != 0:
             sh[c] = _view(ba, C, like)[c]
-    if L > 0:  # rows of channels of (N // L, L, C) memory, y (N // L, C, L), as _eval_forward
-        RT = nsc_to_ncs_tiles(N // L, L)
-        for t in prange(T):
+    # L > 0: rows of channels of (N // L, L, C) memory, y (N // L, C, L), as _eval_forward
+    RT = nsc_to_ncs_tiles(N // L, L) if L > 0 else 0
+    for t in prange(T):
+        if L > 0:
             t0, t1 = _span(RT, T, t)
             _normalize_transposed(x, y, C, L, t0, t1, mu, sc, sh)
-    else:
-        for t in prange(T):
+        else:
             r0, r1 = _span(R, T, t)
             _normalize(x, y, C, S, r0, r1, mu, sc, sh)
     if rma != 0:
@@ -359,16 +359,16 @@ def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T):
     y = _view(ya, total, like)
     rm = _view(rma, C, like)
     k, sh = _eval_scale_shift(_view(rva, C, like), wa, ba, C, eps, one)
-    if L > 0:  # rows of channels of (N // L, L, C) memory, y (N // L, C, L)
-        R = nsc_to_ncs_tiles(N // L, L)
-        for t in prange(T):
+    # one parallel loop (each compiles into a function of its own); L > 0: rows of channels of
+    # (N // L, L, C) memory, y (N // L, C, L)
+    R = nsc_to_ncs_tiles(N // L, L) if L > 0 else _rows(N, C, S)
+    for t in prange(T):
+        if L > 0:
             t0, t1 = _span(R, T, t)
             _normalize_transposed(x, y, C, L, t0, t1, rm, k, sh)
-        return
-    R = _rows(N, C, S)
-    for t in prange(T):
-        r0, r1 = _span(R, T, t)
-        _normalize(x, y, C, S, r0, r1, rm, k, sh)
+        else:
+            r0, r1 = _span(R, T, t)
+            _normalize(x, y, C, S, r0, r1, rm, k, sh)
 
 
 @njit(cache=True)

@@ -425,18 +425,21 @@ def ncs_affine(u, x, out, N, C, S, T, Q, has_u, a, mean, k, shift):
     ``Q > 1`` (too few rows to fill the threads) each task is one of the ``Q`` segments of a row.
     Not one task per row: on short rows the per-task scheduling and divisions cost more than the values.
     """
-    if Q > 1:
-        for t in prange(N * C * Q):
-            r = t // Q
-            s0, s1 = _part(S, Q, t % Q)
-            _affine_run(u, x, out, r * S + s0, r * S + s1, has_u, a[r % C], mean[r % C], k[r % C], shift[r % C])
-        return
     R = N * C
-    for t in prange(T):
-        r0, r1 = _part(R, T, t)
+    # one loop for both kinds of task: each prange loop compiles into a parallel function of its own. Its
+    # count is a variable: numba makes no parallel loop of a prange over a conditional expression.
+    tasks = R * Q if Q > 1 else T
+    for t in prange(tasks):
+        if Q > 1:  # segment t % Q of row t // Q
+            r0 = t // Q
+            r1 = r0 + 1
+            s0, s1 = _part(S, Q, t % Q)
+        else:  # a range of whole rows
+            r0, r1 = _part(R, T, t)
+            s0, s1 = 0, S
         c = r0 % C
         for r in range(r0, r1):
-            _affine_run(u, x, out, r * S, (r + 1) * S, has_u, a[c], mean[c], k[c], shift[c])
+            _affine_run(u, x, out, r * S + s0, r * S + s1, has_u, a[c], mean[c], k[c], shift[c])
             c += 1
             if c == C:
                 c = 0
