@@ -824,7 +824,7 @@ def _backward(like, ga, xa, dxa, N, C, S, ma, va, wa, eps, dwa, dba, training, T
         dx = _view(dxa, total, like)
         for t in prange(T):
             r0, r1 = _span(R, T, t)
-            _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc, training)
+            _grad_input(g, x, dx, C, S, r0, r1, a, m, k, cc, run_time(training))
 
 
 @njit(cache=True)
