@@ -275,7 +275,8 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
         sc[c] = (_view(wa, C, like)[c] if wa != 0 else 1.0) / np.sqrt(v + eps)
         if ba != 0:
             sh[c] = _view(ba, C, like)[c]
-    # L > 0: rows of channels of (N // L, L, C) memory, y (N // L, C, L), as _eval_forward
+    # one parallel loop for both forms, as _eval_forward; L > 0: rows of channels of (N // L, L, C) memory,
+    # y (N // L, C, L)
     RT = nsc_to_ncs_tiles(N // L, L) if L > 0 else 0
     for t in prange(T):
         if L > 0:
