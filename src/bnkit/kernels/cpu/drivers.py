@@ -275,16 +275,7 @@ def _train_forward(like, xa, ya, N, C, S, wa, ba, eps, meana, vara, rma, rva, nm
         sc[c] = (_view(wa, C, like)[c] if wa != 0 else 1.0) / np.sqrt(v + eps)
         if ba != 0:
             sh[c] = _view(ba, C, like)[c]
-    # one parallel loop for both forms, as _eval_forward; L > 0: rows of channels of (N // L, L, C) memory,
-    # y (N // L, C, L)
-    RT = nsc_to_ncs_tiles(N // L, L) if L > 0 else 0
-    for t in prange(T):
-        if L > 0:
-            t0, t1 = _span(RT, T, t)
-            _normalize_transposed(x, y, C, L, t0, t1, mu, sc, sh)
-        else:
-            r0, r1 = _span(R, T, t)
-            _normalize(x, y, C, S, r0, r1, mu, sc, sh)
+    _normalize_tasks(x, y, N, C, S, L, T, mu, sc, sh)
     if rma != 0:
         rm, rv, nm, nv = _view(rma, C, like), _view(rva, C, like), _view(nma, C, like), _view(nva, C, like)
         update_running(mean, var, (rm, rv, nm, nv, ratio, keep, take))
@@ -352,6 +343,21 @@ def _normalize_transposed(x, y, C, L, t0, t1, mu, k, sh):
 
 
 @njit(inline="always")
+def _normalize_tasks(x, y, N, C, S, L, T, mu, k, sh):
+    # y = (x - mu) * k + sh in T tasks, both forms in one parallel loop (each prange loop compiles into a
+    # function of its own): rows of (N, C, S) memory, or with L > 0 tiles of the rows of channels of
+    # (N // L, L, C) memory, y written (N // L, C, L)
+    R = nsc_to_ncs_tiles(N // L, L) if L > 0 else _rows(N, C, S)
+    for t in prange(T):
+        if L > 0:
+            t0, t1 = _span(R, T, t)
+            _normalize_transposed(x, y, C, L, t0, t1, mu, k, sh)
+        else:
+            r0, r1 = _span(R, T, t)
+            _normalize(x, y, C, S, r0, r1, mu, k, sh)
+
+
+@njit(inline="always")
 def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T):
     eps = _as_like(like, eps)
     one = _as_like(like, 1.0)
@@ -360,16 +366,7 @@ def _eval_forward(like, xa, ya, N, C, S, rma, rva, wa, ba, eps, L, T):
     y = _view(ya, total, like)
     rm = _view(rma, C, like)
     k, sh = _eval_scale_shift(_view(rva, C, like), wa, ba, C, eps, one)
-    # one parallel loop (each compiles into a function of its own); L > 0: rows of channels of
-    # (N // L, L, C) memory, y (N // L, C, L)
-    R = nsc_to_ncs_tiles(N // L, L) if L > 0 else _rows(N, C, S)
-    for t in prange(T):
-        if L > 0:
-            t0, t1 = _span(R, T, t)
-            _normalize_transposed(x, y, C, L, t0, t1, rm, k, sh)
-        else:
-            r0, r1 = _span(R, T, t)
-            _normalize(x, y, C, S, r0, r1, rm, k, sh)
+    _normalize_tasks(x, y, N, C, S, L, T, rm, k, sh)
 
 
 @njit(cache=True)

@@ -189,9 +189,7 @@ def _ncs_chunk_affine(u, x, out, c, C, S, j0, j1, has_u, a, m, k, sh):
         base = (n * C + c) * S
         lo = max(j0 - n * S, 0)
         hi = min(j1 - n * S, S)
-        xs = x[base + lo : base + hi]
-        os = out[base + lo : base + hi]
-        affine(u[base + lo : base + hi], xs, os, hi - lo, has_u, a, m, k, sh)
+        _affine_run(u, x, out, base + lo, base + hi, has_u, a, m, k, sh)
 
 
 def folds_mean(x, k):
